@@ -1,0 +1,314 @@
+//! The shoal guest SDK: safe Rust over the `shoal_v1` host functions.
+//!
+//! Build guests for `wasm32-wasip1`. Slices go in and out; the SDK passes their
+//! offsets and lengths in the guest's own memory, and the host works on those bytes
+//! in place (no copy out of the sandbox). Guest code needs no `unsafe`.
+//!
+//! ```ignore
+//! use shoal_guest::Gemm;
+//! let (m, n, k) = (2, 2, 2);
+//! let a = [1.0f32, 2.0, 3.0, 4.0];
+//! let b = [1.0f32, 0.0, 0.0, 1.0];
+//! let mut c = [0.0f32; 4];
+//! Gemm::new(m, n, k).run(&a, &b, &mut c).unwrap();
+//! assert_eq!(c, a);
+//! ```
+//!
+//! The layouts and status codes are those of `docs/abi.md`.
+
+#![no_std]
+
+extern crate alloc;
+
+use alloc::string::String;
+use alloc::vec;
+use core::fmt;
+use core::marker::PhantomData;
+
+mod sys {
+    #[link(wasm_import_module = "shoal_v1")]
+    unsafe extern "C" {
+        pub fn abi_version() -> i32;
+        pub fn device_info(out: *mut u8) -> i32;
+        pub fn gemm(desc: *const u8) -> i32;
+        pub fn gemm_submit(desc: *const u8, fence_out: *mut u32) -> i32;
+        pub fn fence_wait(fence: u32) -> i32;
+        pub fn scal(x: *mut f32, len: u32, alpha: f32) -> i32;
+        pub fn last_op(out: *mut u8) -> i32;
+        pub fn last_error(buf: *mut u8, cap: u32, len_out: *mut u32) -> i32;
+    }
+}
+
+/// A status code other than success, with the host's message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Error {
+    /// The stable status code (see [`Error::name`]).
+    pub code: i32,
+    /// The host's explanation.
+    pub message: String,
+}
+
+impl Error {
+    fn from_code(code: i32) -> Error {
+        Error { code, message: last_error() }
+    }
+
+    /// The status code's name.
+    pub fn name(&self) -> &'static str {
+        match self.code {
+            1 => "invalid argument",
+            2 => "out of bounds",
+            3 => "misaligned",
+            4 => "overlap",
+            5 => "too large",
+            6 => "bad handle",
+            7 => "unsupported",
+            8 => "device error",
+            9 => "busy",
+            10 => "no memory export",
+            _ => "unknown status",
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (status {}): {}", self.name(), self.code, self.message)
+    }
+}
+
+/// Results of SDK calls.
+pub type Result<T> = core::result::Result<T, Error>;
+
+fn check(code: i32) -> Result<()> {
+    if code == 0 { Ok(()) } else { Err(Error::from_code(code)) }
+}
+
+/// The ABI version the host implements.
+pub fn abi_version() -> u32 {
+    // SAFETY: takes no arguments.
+    unsafe { sys::abi_version() as u32 }
+}
+
+/// The host's explanation of the last failed call ("" if none).
+pub fn last_error() -> String {
+    let mut buf = vec![0u8; 512];
+    let mut len = 0u32;
+    // SAFETY: `buf` has `buf.len()` writable bytes and `len` is a writable u32.
+    let st = unsafe { sys::last_error(buf.as_mut_ptr(), buf.len() as u32, &mut len) };
+    if st != 0 {
+        return String::new();
+    }
+    buf.truncate((len as usize).min(buf.len()));
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Which backend the host computes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The CPU.
+    Cpu,
+    /// Vulkan.
+    Vulkan,
+    /// CUDA.
+    Cuda,
+    /// Metal.
+    Metal,
+    /// A backend this SDK does not know.
+    Other(u32),
+}
+
+/// What the host's device is.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    /// The ABI version.
+    pub abi_version: u32,
+    /// The backend.
+    pub backend: Backend,
+    /// Whether the device works on guest memory in place.
+    pub in_place: bool,
+    /// The adapter's name.
+    pub name: String,
+}
+
+/// Asks the host what it computes on.
+pub fn device_info() -> Result<DeviceInfo> {
+    let mut b = [0u8; 64];
+    // SAFETY: `b` is 64 writable bytes, the size of the record.
+    check(unsafe { sys::device_info(b.as_mut_ptr()) })?;
+    let u = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let len = (u(12) as usize).min(48);
+    Ok(DeviceInfo {
+        abi_version: u(0),
+        backend: match u(4) {
+            0 => Backend::Cpu,
+            1 => Backend::Vulkan,
+            2 => Backend::Cuda,
+            3 => Backend::Metal,
+            x => Backend::Other(x),
+        },
+        in_place: u(8) & 1 != 0,
+        name: String::from_utf8_lossy(&b[16..16 + len]).into_owned(),
+    })
+}
+
+/// How the last operation reached the data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// On the guest's own pages.
+    InPlace,
+    /// Through one explicit copy.
+    Copy,
+    /// Through one DMA from registered guest pages.
+    Dma,
+    /// A path this SDK does not know.
+    Other(u32),
+}
+
+/// What the last operation did.
+#[derive(Clone, Copy, Debug)]
+pub struct OpInfo {
+    /// The path taken.
+    pub path: Path,
+    /// Kernel dispatches.
+    pub dispatches: u32,
+    /// Bytes copied between host and device.
+    pub bytes_copied: u64,
+    /// Growth of the host's resident memory across the call.
+    pub rss_delta_bytes: i64,
+}
+
+/// Reports the last operation.
+pub fn last_op() -> Result<OpInfo> {
+    let mut b = [0u8; 24];
+    // SAFETY: `b` is 24 writable bytes, the size of the record.
+    check(unsafe { sys::last_op(b.as_mut_ptr()) })?;
+    let u32_ = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap_or([0; 4]));
+    let u64_ = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+    Ok(OpInfo {
+        path: match u32_(0) {
+            0 => Path::InPlace,
+            1 => Path::Copy,
+            2 => Path::Dma,
+            x => Path::Other(x),
+        },
+        dispatches: u32_(4),
+        bytes_copied: u64_(8),
+        rss_delta_bytes: u64_(16) as i64,
+    })
+}
+
+/// `C = alpha·op(A)·op(B) + beta·C` on row-major f32 matrices.
+///
+/// `op(A)` is `m×k`, `op(B)` is `k×n`, C is `m×n`. Row strides default to the
+/// packed ones.
+#[derive(Clone, Copy, Debug)]
+pub struct Gemm {
+    m: u32,
+    n: u32,
+    k: u32,
+    trans_a: bool,
+    trans_b: bool,
+    lda: Option<u32>,
+    ldb: Option<u32>,
+    ldc: Option<u32>,
+    alpha: f32,
+    beta: f32,
+}
+
+impl Gemm {
+    /// A product of an `m×k` and a `k×n` matrix, `alpha = 1`, `beta = 0`.
+    pub fn new(m: u32, n: u32, k: u32) -> Gemm {
+        Gemm { m, n, k, trans_a: false, trans_b: false, lda: None, ldb: None, ldc: None, alpha: 1.0, beta: 0.0 }
+    }
+    /// Use Aᵀ (A stored `k×m`).
+    pub fn trans_a(mut self, t: bool) -> Self {
+        self.trans_a = t;
+        self
+    }
+    /// Use Bᵀ (B stored `n×k`).
+    pub fn trans_b(mut self, t: bool) -> Self {
+        self.trans_b = t;
+        self
+    }
+    /// Row strides of the stored A, B and C, in elements.
+    pub fn strides(mut self, lda: u32, ldb: u32, ldc: u32) -> Self {
+        (self.lda, self.ldb, self.ldc) = (Some(lda), Some(ldb), Some(ldc));
+        self
+    }
+    /// The scales.
+    pub fn scale(mut self, alpha: f32, beta: f32) -> Self {
+        (self.alpha, self.beta) = (alpha, beta);
+        self
+    }
+
+    fn desc(&self, a: &[f32], b: &[f32], c: &[f32]) -> [u8; 88] {
+        let lda = self.lda.unwrap_or(if self.trans_a { self.m } else { self.k });
+        let ldb = self.ldb.unwrap_or(if self.trans_b { self.k } else { self.n });
+        let ldc = self.ldc.unwrap_or(self.n);
+        let flags = u32::from(self.trans_a) | (u32::from(self.trans_b) << 1);
+        let mut d = [0u8; 88];
+        let words = [0, flags, self.m, self.n, self.k, lda, ldb, ldc, self.alpha.to_bits(), self.beta.to_bits()];
+        for (i, w) in words.iter().enumerate() {
+            d[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        let views = [(a.as_ptr() as u64, a.len()), (b.as_ptr() as u64, b.len()), (c.as_ptr() as u64, c.len())];
+        for (i, (off, len)) in views.iter().enumerate() {
+            d[40 + i * 16..48 + i * 16].copy_from_slice(&off.to_le_bytes());
+            d[48 + i * 16..56 + i * 16].copy_from_slice(&((*len as u64) * 4).to_le_bytes());
+        }
+        d
+    }
+
+    /// Runs the product; returns when C holds the result.
+    pub fn run(&self, a: &[f32], b: &[f32], c: &mut [f32]) -> Result<()> {
+        let d = self.desc(a, b, c);
+        // SAFETY: the descriptor names only these slices, by their own pointers and
+        // lengths; the host checks every view before use and writes only C, which
+        // we borrow mutably for the call.
+        check(unsafe { sys::gemm(d.as_ptr()) })
+    }
+
+    /// Starts the product and returns at once; A, B and C stay borrowed until the
+    /// returned [`Pending`] is waited for (or dropped, which waits).
+    pub fn submit<'a>(&self, a: &'a [f32], b: &'a [f32], c: &'a mut [f32]) -> Result<Pending<'a>> {
+        let d = self.desc(a, b, c);
+        let mut fence = 0u32;
+        // SAFETY: as in `run`; the borrows in `Pending` keep the slices untouched by
+        // safe code until the host is done.
+        check(unsafe { sys::gemm_submit(d.as_ptr(), &mut fence) })?;
+        Ok(Pending { fence, done: false, _borrow: PhantomData })
+    }
+}
+
+/// An operation in flight. Waits on drop if not waited for.
+#[derive(Debug)]
+pub struct Pending<'a> {
+    fence: u32,
+    done: bool,
+    _borrow: PhantomData<&'a mut [f32]>,
+}
+
+impl Pending<'_> {
+    /// Blocks until the result is in guest memory.
+    pub fn wait(mut self) -> Result<()> {
+        self.done = true;
+        // SAFETY: takes a handle only.
+        check(unsafe { sys::fence_wait(self.fence) })
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            // SAFETY: takes a handle only.
+            let _ = unsafe { sys::fence_wait(self.fence) };
+        }
+    }
+}
+
+/// `x = alpha·x` on the device.
+pub fn scal(x: &mut [f32], alpha: f32) -> Result<()> {
+    // SAFETY: names exactly `x`, borrowed mutably for the call.
+    check(unsafe { sys::scal(x.as_mut_ptr(), (x.len() * 4) as u32, alpha) })
+}

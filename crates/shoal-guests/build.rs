@@ -1,0 +1,47 @@
+//! Builds the guests of `guests/` for wasm32-wasip1 with a nested cargo, like
+//! Wasmtime's test-programs, so that tests and the CLI embed fresh guest binaries
+//! and none is checked in.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+const GUESTS: &[&str] = &["gemm"];
+
+fn main() {
+    let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
+    let root =
+        manifest_dir.parent().and_then(|p| p.parent()).expect("crates/shoal-guests is two levels down").to_path_buf();
+    let guests = root.join("guests");
+    let target_dir = root.join("target").join("guests");
+    println!("cargo:rerun-if-changed={}", guests.display());
+    println!("cargo:rerun-if-changed={}", root.join("crates/shoal-guest").display());
+
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&guests).args(["build", "--release", "--target", "wasm32-wasip1", "--target-dir"]).arg(&target_dir);
+    // The outer build's settings (rustflags, wrappers such as clippy-driver, the
+    // target directory, the jobserver) must not leak into the guest build.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        let leaky = (key.starts_with("CARGO_") && key != "CARGO_HOME" && !key.starts_with("CARGO_REGISTRIES"))
+            || key.starts_with("RUSTC")
+            || key == "RUSTFLAGS"
+            || key == "RUSTDOCFLAGS";
+        if leaky {
+            cmd.env_remove(&key);
+        }
+    }
+    let status = cmd.status().expect("cannot run cargo to build the guests");
+    if !status.success() {
+        panic!(
+            "building the guests in {} failed; is the wasm32-wasip1 target installed? (`rustup target add wasm32-wasip1`, which `make test` does)",
+            guests.display()
+        );
+    }
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("set by cargo"));
+    for name in GUESTS {
+        let built = target_dir.join("wasm32-wasip1/release").join(format!("{name}.wasm"));
+        std::fs::copy(&built, out.join(format!("{name}.wasm")))
+            .unwrap_or_else(|e| panic!("cannot copy {}: {e}", built.display()));
+    }
+}

@@ -1,0 +1,6 @@
+//! The guests of `guests/`, compiled to `wasm32-wasip1` by this crate's build
+//! script and embedded here, so that the CLI and the tests always run guests built
+//! from the sources beside them.
+
+/// `guests/gemm`: the GEMM reference check (`gemm [--size N]... [--async] [--json]`).
+pub const GEMM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm.wasm"));

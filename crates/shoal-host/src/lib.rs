@@ -1,0 +1,163 @@
+//! The Wasmtime embedding of shoal: engine configuration, the linker, and the
+//! `shoal_v1` host functions (the ABI, documented in `docs/abi.md`).
+//!
+//! A [`Runtime`] owns one Wasmtime engine whose memories are created by
+//! `shoal-memory` and announced to one compute [`Device`]; it runs `wasm32-wasip1`
+//! guests that import WASI and `shoal_v1`.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use shoal_gpu::{BackendKind, Device};
+//! use shoal_host::{RunOptions, Runtime};
+//! let device = Arc::new(Device::open(BackendKind::Cpu).unwrap());
+//! let runtime = Runtime::new(device).unwrap();
+//! let wasm = std::fs::read("guest.wasm").unwrap();
+//! let outcome = runtime.run(&wasm, &RunOptions::default()).unwrap();
+//! println!("exit code {}", outcome.exit_code);
+//! ```
+
+mod abi;
+
+use std::sync::Arc;
+
+pub use abi::{ABI_VERSION, GuestStats, MODULE, Status};
+use shoal_gpu::Device;
+use shoal_memory::GuestMemoryCreator;
+use wasmtime::{Config, Engine, Linker, Module, Store};
+use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+
+/// Errors of the runtime itself (guest errors are status codes, not these).
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The module could not be compiled.
+    #[error("cannot compile the module: {0:#}")]
+    Compile(wasmtime::Error),
+    /// The module could not be instantiated (a missing import, a memory too large…).
+    #[error("cannot instantiate the module: {0:#}")]
+    Instantiate(wasmtime::Error),
+    /// The guest trapped.
+    #[error("the guest trapped: {0:#}")]
+    Trap(wasmtime::Error),
+    /// The module has no `_start` (not a WASI command).
+    #[error("the module exports no `_start` function; shoal runs WASI commands (wasm32-wasip1 binaries)")]
+    NoStart,
+    /// Setting up the engine failed.
+    #[error("cannot set up the engine: {0:#}")]
+    Engine(wasmtime::Error),
+}
+
+/// How to run a guest.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Arguments after the program name.
+    pub args: Vec<String>,
+    /// Capture the guest's stdout instead of passing it through.
+    pub capture_stdout: bool,
+    /// The program name the guest sees as `argv[0]`.
+    pub program_name: Option<String>,
+}
+
+/// What a run ended with.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// The guest's exit code (0 when `_start` returned).
+    pub exit_code: i32,
+    /// What the guest did through the shoal ABI.
+    pub stats: GuestStats,
+    /// The guest's stdout, when captured.
+    pub stdout: Option<Vec<u8>>,
+}
+
+/// Per-instance state: WASI and the shoal ABI's tables.
+pub struct HostState {
+    wasi: WasiP1Ctx,
+    shoal: abi::ShoalCtx,
+}
+
+/// One engine, one device, the linker with WASI and `shoal_v1`.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    device: Arc<Device>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").field("device", &self.device).finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// A runtime whose guest memories are registered with `device`.
+    pub fn new(device: Arc<Device>) -> Result<Runtime, HostError> {
+        let mut config = Config::new();
+        GuestMemoryCreator::configure(&mut config, device.clone());
+        let engine = Engine::new(&config).map_err(HostError::Engine)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut HostState| &mut s.wasi)
+            .map_err(HostError::Engine)?;
+        abi::add_to_linker(&mut linker).map_err(HostError::Engine)?;
+        Ok(Runtime { engine, linker, device })
+    }
+
+    /// The device guests compute on.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.device
+    }
+
+    /// Compiles a module (binary or text).
+    pub fn compile(&self, wasm: &[u8]) -> Result<Module, HostError> {
+        Module::new(&self.engine, wasm).map_err(HostError::Compile)
+    }
+
+    /// Compiles and runs a WASI command to completion.
+    pub fn run(&self, wasm: &[u8], opts: &RunOptions) -> Result<RunOutcome, HostError> {
+        let module = self.compile(wasm)?;
+        self.run_module(&module, opts)
+    }
+
+    /// Runs a compiled WASI command to completion.
+    pub fn run_module(&self, module: &Module, opts: &RunOptions) -> Result<RunOutcome, HostError> {
+        let mut wasi = WasiCtxBuilder::new();
+        let mut argv = vec![opts.program_name.clone().unwrap_or_else(|| "guest.wasm".into())];
+        argv.extend(opts.args.iter().cloned());
+        wasi.args(&argv).inherit_stderr();
+        let pipe = opts.capture_stdout.then(|| MemoryOutputPipe::new(64 << 20));
+        match &pipe {
+            Some(p) => {
+                wasi.stdout(p.clone());
+            }
+            None => {
+                wasi.inherit_stdout();
+            }
+        }
+        let state = HostState { wasi: wasi.build_p1(), shoal: abi::ShoalCtx::new(self.device.clone()) };
+        let mut store = Store::new(&self.engine, state);
+        let instance = self.linker.instantiate(&mut store, module).map_err(HostError::Instantiate)?;
+        let start = instance.get_typed_func::<(), ()>(&mut store, "_start").map_err(|_| HostError::NoStart)?;
+        let exit_code = match start.call(&mut store, ()) {
+            Ok(()) => 0,
+            Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+                Some(exit) => exit.0,
+                None => return Err(HostError::Trap(e)),
+            },
+        };
+        let stats = store.data_mut().shoal.finish();
+        drop(store);
+        Ok(RunOutcome { exit_code, stats, stdout: pipe.map(|p| p.contents().to_vec()) })
+    }
+
+    /// Instantiates a module and calls one export `() -> ()` (tests, reactors).
+    pub fn call_export(&self, wasm: &[u8], name: &str) -> Result<GuestStats, HostError> {
+        let module = self.compile(wasm)?;
+        let state =
+            HostState { wasi: WasiCtxBuilder::new().build_p1(), shoal: abi::ShoalCtx::new(self.device.clone()) };
+        let mut store = Store::new(&self.engine, state);
+        let instance = self.linker.instantiate(&mut store, &module).map_err(HostError::Instantiate)?;
+        let f = instance.get_typed_func::<(), ()>(&mut store, name).map_err(HostError::Instantiate)?;
+        f.call(&mut store, ()).map_err(HostError::Trap)?;
+        Ok(store.data_mut().shoal.finish())
+    }
+}
