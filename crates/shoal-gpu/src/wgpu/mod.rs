@@ -17,12 +17,12 @@ mod metal;
 #[cfg(not(target_vendor = "apple"))]
 mod vulkan;
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use shoal_memory::{CommittedRange, MemoryId};
 use wgpu::util::DeviceExt;
 
-use crate::cpu::InFlight;
 use crate::{BackendKind, DType, DeviceInfo, Gemm, GuestSpan, OpError, OpReport, OpenError, OperandMapping, Scal};
 
 /// The largest chunk of guest memory imported as one buffer.
@@ -48,7 +48,8 @@ pub struct WgpuBackend {
     scal: Kernel,
     offset_align: u64,
     max_binding: u64,
-    inflight: std::sync::Arc<InFlight>,
+    /// Live memories (base → committed bytes): copies back skip released ones.
+    live: std::sync::Arc<Mutex<HashMap<usize, usize>>>,
 }
 
 struct Kernel {
@@ -178,7 +179,7 @@ impl WgpuBackend {
             scal,
             offset_align,
             max_binding,
-            inflight: Default::default(),
+            live: Default::default(),
         })
     }
 
@@ -187,24 +188,34 @@ impl WgpuBackend {
         &self.info
     }
 
-    /// Imports a newly committed range of guest memory (a no-op where import is
+    /// Imports a memory's committed pages after they grew (a no-op where import is
     /// unavailable: operations then copy).
+    ///
+    /// The whole committed range `base..base+offset+len` is imported again, in
+    /// chunks of at most 1 GiB, replacing the memory's earlier chunks: a guest's heap
+    /// grows in small steps, and views that straddle two growth steps must still fall
+    /// inside one buffer. Growth is rare and importing is cheap next to a copy, but
+    /// it is paid once per `memory.grow`; see docs/architecture.md.
     pub fn import(&self, range: CommittedRange) -> Result<(), String> {
+        let committed = range.offset + range.len;
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(range.base, committed);
         let Some(importer) = &self.importer else { return Ok(()) };
         let align = importer.alignment();
-        let (start, len) = (range.start_addr(), range.len);
+        let (start, len) = (range.base, committed);
         if start % align != 0 || len % align != 0 {
             log::warn!("{:?}: range {start:#x}+{len} is not {align}-byte aligned; it will be copied", range.memory);
             return Ok(());
         }
+        // The device must be done with the old chunks before the pages are imported again.
+        self.forget_chunks(range.memory);
         let chunk_max = (MAX_CHUNK.min(self.device.limits().max_buffer_size) as usize) / align * align;
         let mut new = Vec::new();
         let mut at = 0;
         while at < len {
             let n = (len - at).min(chunk_max);
-            // SAFETY: the range was just committed by shoal-memory and stays mapped
-            // until `release` for this memory returns, which destroys these buffers
-            // after waiting for the device.
+            // SAFETY: the range is committed guest memory (shoal-memory) and stays
+            // mapped until `release` for this memory returns, which destroys these
+            // buffers after waiting for the device.
             let buffer = unsafe { importer.import(&self.device, start + at, n) }
                 .map_err(|e| format!("importing {n} bytes at {:#x}: {e}", start + at))?;
             new.push(Chunk { memory: range.memory, addr: start + at, len: n, buffer });
@@ -218,7 +229,12 @@ impl WgpuBackend {
 
     /// Forgets every chunk of a memory, after the device has finished with it.
     pub fn release(&self, memory: MemoryId, base: usize, _len: usize) {
-        self.inflight.wait_idle(base);
+        self.forget_chunks(memory);
+        // Pending copies back into this memory are skipped from now on.
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&base);
+    }
+
+    fn forget_chunks(&self, memory: MemoryId) {
         let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
         let gone: Vec<Chunk> = {
             let mut chunks = self.chunks.lock().unwrap_or_else(|e| e.into_inner());
@@ -226,11 +242,14 @@ impl WgpuBackend {
             *chunks = keep;
             gone
         };
+        if gone.is_empty() {
+            return;
+        }
         for c in &gone {
             c.buffer.destroy();
         }
         drop(gone);
-        // Let wgpu free the imported allocations before the pages are unmapped.
+        // Let wgpu free the imported allocations before the pages are reused or unmapped.
         let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
     }
 
@@ -353,9 +372,8 @@ impl WgpuBackend {
                 readbacks.push(rb);
             }
         }
-        let guard = self.inflight.begin(span.base());
         let index = self.queue.submit([encoder.finish()]);
-        Ok(WgpuPending { device: self.device.clone(), index, readbacks, report, _guard: guard })
+        Ok(self.pending(span, index, readbacks, report))
     }
 
     /// `x = alpha·x`, in chunks that fit one binding.
@@ -386,9 +404,25 @@ impl WgpuBackend {
             }
             at += len;
         }
-        let guard = self.inflight.begin(span.base());
         let index = self.queue.submit([encoder.finish()]);
-        WgpuPending { device: self.device.clone(), index, readbacks, report, _guard: guard }.wait()
+        self.pending(span, index, readbacks, report).wait()
+    }
+
+    fn pending(
+        &self,
+        span: &GuestSpan,
+        index: wgpu::SubmissionIndex,
+        readbacks: Vec<Readback>,
+        report: OpReport,
+    ) -> WgpuPending {
+        WgpuPending {
+            device: self.device.clone(),
+            index,
+            readbacks,
+            report,
+            base: span.base(),
+            live: self.live.clone(),
+        }
     }
 
     fn alias(&self, b: &Binding) -> Binding {
@@ -478,7 +512,9 @@ pub struct WgpuPending {
     index: wgpu::SubmissionIndex,
     readbacks: Vec<Readback>,
     report: OpReport,
-    _guard: crate::cpu::InFlightGuard,
+    /// The guest memory the copies go back to, and the live-memory table to check it in.
+    base: usize,
+    live: std::sync::Arc<Mutex<HashMap<usize, usize>>>,
 }
 
 impl WgpuPending {
@@ -495,15 +531,30 @@ impl WgpuPending {
                 .poll(wgpu::PollType::wait_indefinitely())
                 .map_err(|e| OpError::Device(format!("mapping results: {e}")))?;
         }
+        if self.readbacks.is_empty() {
+            return Ok(self.report);
+        }
+        // Holding the lock keeps the memory from being released (and unmapped) while
+        // we write into it; a memory already released gets nothing.
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(&committed) = live.get(&self.base) else {
+            return Err(OpError::Device("the guest memory was released before the result was read back".into()));
+        };
         for rb in &self.readbacks {
             let data = rb
                 .staging
                 .slice(..)
                 .get_mapped_range()
                 .map_err(|e| OpError::Device(format!("reading results back: {e}")))?;
-            // SAFETY: `guest_addr..+len` is the checked output window; the memory
-            // stays mapped while this op is in flight (its InFlight guard is alive,
-            // so the memory's release waits for us).
+            if rb.guest_addr < self.base || rb.guest_addr + rb.len > self.base + committed {
+                return Err(OpError::Device(format!(
+                    "internal: a result window {:#x}+{} lies outside its memory",
+                    rb.guest_addr, rb.len
+                )));
+            }
+            // SAFETY: `guest_addr..+len` is the checked output window, inside the
+            // memory's committed pages (asserted above); the memory is live and cannot
+            // be released while we hold `live`.
             let dst = unsafe { std::slice::from_raw_parts_mut(rb.guest_addr as *mut u8, rb.len) };
             dst.copy_from_slice(&data[..rb.len]);
             drop(data);
@@ -511,6 +562,40 @@ impl WgpuPending {
         }
         Ok(self.report)
     }
+}
+
+/// Runs each kernel once on a scratch buffer, so that drivers that compile shaders
+/// at first dispatch (lavapipe's JIT) do it at open, not inside a guest's first call.
+fn warm_up(device: &wgpu::Device, queue: &wgpu::Queue, gemm: &Kernel, scal: &Kernel) {
+    let scratch = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("shoal warm-up"),
+        size: 256,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let bind = |size| Binding {
+        buffer: scratch.clone(),
+        offset: 0,
+        size,
+        elem_off: 0,
+        mapping: OperandMapping { guest_addr: 0, device_host_addr: None },
+        readback: None,
+    };
+    let b = bind(64);
+    let mut encoder = device.create_command_encoder(&Default::default());
+    let g = gemm.bind(device, &[&b, &b, &b], &[1, 1, 1, 0, 1, 1, 1, 0, 0, 0, 0, 0, 1f32.to_bits(), 0, 0, 0]);
+    let x = scal.bind(device, &[&b], &[1, 0, 1f32.to_bits(), 0]);
+    {
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&gemm.pipeline);
+        pass.set_bind_group(0, &g, &[]);
+        pass.dispatch_workgroups(1, 1, 1);
+        pass.set_pipeline(&scal.pipeline);
+        pass.set_bind_group(0, &x, &[]);
+        pass.dispatch_workgroups(1, 1, 1);
+    }
+    queue.submit([encoder.finish()]);
+    let _ = device.poll(wgpu::PollType::wait_indefinitely());
 }
 
 /// Opens the wgpu device, enabling host-memory import where the adapter has it.

@@ -1,0 +1,150 @@
+//! `shoal demo [gemm] [--backend B] [--size N]... [--json]`
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use shoal_host::{RunOptions, Runtime};
+
+use super::{BackendChoice, open_device};
+
+/// Flags of `shoal demo`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Which demo (only `gemm` for now; the default runs all).
+    #[arg(value_enum)]
+    which: Option<Which>,
+    /// The compute backend.
+    #[arg(long, value_enum, default_value_t)]
+    backend: BackendChoice,
+    /// Matrix size N (N×N·N×N); repeat for several. Default 128.
+    #[arg(long = "size")]
+    sizes: Vec<u32>,
+    /// Use the asynchronous submit + fence path.
+    #[arg(long = "async")]
+    asynchronous: bool,
+    /// Print one JSON object per size instead of a report.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Which {
+    /// The GEMM reference check.
+    Gemm,
+}
+
+/// One size's result as the guest prints it.
+#[derive(Deserialize)]
+struct GuestLine {
+    size: u32,
+    elements: u64,
+    correct: u64,
+    path: String,
+    dispatches: u32,
+    bytes_copied: u64,
+    rss_delta_bytes: i64,
+    gemm_ms: f64,
+    gflops: f64,
+}
+
+/// What `--json` prints.
+#[derive(Serialize)]
+struct Report<'a> {
+    demo: &'static str,
+    backend: &'a str,
+    adapter: &'a str,
+    size: u32,
+    elements: u64,
+    correct: u64,
+    ok: bool,
+    in_place: bool,
+    path: &'a str,
+    dispatches: u32,
+    bytes_copied: u64,
+    rss_delta_bytes: i64,
+    gemm_ms: f64,
+    gflops: f64,
+}
+
+pub fn run(a: Args) -> anyhow::Result<i32> {
+    let _ = a.which;
+    let device = open_device(a.backend)?;
+    let info = device.info().clone();
+    let runtime = Runtime::new(device)?;
+    let sizes = if a.sizes.is_empty() { vec![128] } else { a.sizes.clone() };
+    let mut args = vec!["--json".to_string()];
+    for s in &sizes {
+        args.extend(["--size".to_string(), s.to_string()]);
+    }
+    if a.asynchronous {
+        args.push("--async".into());
+    }
+    if !a.json {
+        println!("shoal demo: a Wasm guest asks the host for C = A·B on its own memory, then checks every element");
+        println!("  backend  {} — {}", info.backend, info.name);
+        let import = if info.imports_guest_memory { "imported in place" } else { "copied (no import on this device)" };
+        println!("  memory   guest pages {import}");
+    }
+    let outcome = runtime
+        .run(shoal_guests::GEMM, &RunOptions { args, capture_stdout: true, program_name: Some("gemm.wasm".into()) })
+        .context("running the gemm guest")?;
+    let stdout = String::from_utf8_lossy(outcome.stdout.as_deref().unwrap_or_default()).into_owned();
+    let lines: Vec<GuestLine> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("the guest printed something unexpected:\n{stdout}"))?;
+    if lines.len() != sizes.len() {
+        bail!(
+            "the guest exited with code {} after {} of {} sizes:\n{stdout}",
+            outcome.exit_code,
+            lines.len(),
+            sizes.len()
+        );
+    }
+    let mut all_ok = outcome.exit_code == 0;
+    for l in &lines {
+        let ok = l.correct == l.elements;
+        all_ok &= ok;
+        let report = Report {
+            demo: "gemm",
+            backend: info.backend.name(),
+            adapter: &info.name,
+            size: l.size,
+            elements: l.elements,
+            correct: l.correct,
+            ok,
+            in_place: l.path == "in_place",
+            path: &l.path,
+            dispatches: l.dispatches,
+            bytes_copied: l.bytes_copied,
+            rss_delta_bytes: l.rss_delta_bytes,
+            gemm_ms: l.gemm_ms,
+            gflops: l.gflops,
+        };
+        if a.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            println!(
+                "  {n}×{n}×{n}  {}/{} correct  path {}  {:.2} ms ({:.1} GFLOP/s)  resident memory {:+} bytes  {}",
+                l.correct,
+                l.elements,
+                l.path,
+                l.gemm_ms,
+                l.gflops,
+                l.rss_delta_bytes,
+                if ok { "OK" } else { "WRONG" },
+                n = l.size,
+            );
+        }
+    }
+    if !a.json {
+        let s = &outcome.stats;
+        println!(
+            "  host     {} device ops, {} on the guest's own pages, {} bytes copied",
+            s.ops, s.in_place_ops, s.bytes_copied
+        );
+        println!("{}", if all_ok { "demo passed" } else { "demo FAILED" });
+    }
+    Ok(if all_ok { 0 } else { 1 })
+}
