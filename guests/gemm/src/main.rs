@@ -77,6 +77,15 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // Warm-up: the first operation pays the driver's one-time allocations (descriptor
+    // pools, shader caches); the measured calls below show the per-call cost.
+    {
+        let (a, b, mut c) = ([1.0f32; 64], [1.0f32; 64], [0.0f32; 64]);
+        if let Err(e) = Gemm::new(8, 8, 8).run(&a, &b, &mut c) {
+            eprintln!("gemm: warm-up refused: {e}");
+            std::process::exit(1);
+        }
+    }
     let mut all_ok = true;
     for &size in &sizes {
         let n = size as usize;
