@@ -33,6 +33,12 @@ enum Command {
 }
 
 fn main() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        // Mesa's Vulkan drivers complain on every device open without it, though
+        // shoal opens no window; point it at the temporary directory.
+        // SAFETY: first thing in main, before any other thread exists.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
+    }
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("warn,wgpu_hal=error,wgpu_core=error,naga=error"),
     )

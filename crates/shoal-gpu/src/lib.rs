@@ -316,6 +316,9 @@ impl Device {
     /// `C = alpha·op(A)·op(B) + beta·C` on the guest memory `span`, synchronously.
     pub fn gemm(&self, span: &GuestSpan, op: &Gemm) -> Result<OpReport, OpError> {
         self.check_dtype(op.dtype)?;
+        if op.m == 0 || op.n == 0 {
+            return Ok(OpReport::default());
+        }
         match self {
             Device::Cpu(b) => b.gemm(span, op),
             #[cfg(feature = "wgpu")]
@@ -327,6 +330,9 @@ impl Device {
     /// [`Pending::wait`] returns.
     pub fn submit_gemm(&self, span: &GuestSpan, op: &Gemm) -> Result<Pending, OpError> {
         self.check_dtype(op.dtype)?;
+        if op.m == 0 || op.n == 0 {
+            return Ok(Device::ready(Ok(OpReport::default())));
+        }
         let inner = match self {
             Device::Cpu(b) => PendingInner::Cpu(b.submit_gemm(span, op)),
             #[cfg(feature = "wgpu")]
@@ -337,6 +343,9 @@ impl Device {
 
     /// `x = alpha·x` on the guest memory, synchronously.
     pub fn scal(&self, span: &GuestSpan, op: &Scal) -> Result<OpReport, OpError> {
+        if op.x.is_empty() {
+            return Ok(OpReport::default());
+        }
         match self {
             Device::Cpu(b) => Ok(b.scal(span, op)),
             #[cfg(feature = "wgpu")]

@@ -116,6 +116,8 @@ pub struct Gemm {
     pub b: Range<usize>,
     /// Bytes that C's elements occupy.
     pub c: Range<usize>,
+    /// Only `GemmSpec::check` makes one.
+    _checked: (),
 }
 
 /// Elements from the first to the last of a `rows×cols` matrix with row stride `ld`.
@@ -170,6 +172,7 @@ impl GemmSpec {
             a,
             b,
             c,
+            _checked: (),
         })
     }
 
@@ -208,6 +211,8 @@ pub struct Scal {
     pub alpha: f32,
     /// Bytes of x.
     pub x: Range<usize>,
+    /// Only `Scal::check` makes one.
+    _checked: (),
 }
 
 impl Scal {
@@ -217,7 +222,7 @@ impl Scal {
             return Err(OpError::InvalidArgument(format!("x has {len} bytes, not a whole number of f32")));
         }
         let x = check_view(span.size(), offset, len, 4).map_err(|e| OpError::view("x", e))?;
-        Ok(Scal { alpha, x })
+        Ok(Scal { alpha, x, _checked: () })
     }
 }
 

@@ -74,7 +74,9 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
             let j = col0 + lid.x * 4u + c;
             if (j >= P.n) { continue; }
             let idx = P.c_off + i * P.ldc + j;
-            var v = P.alpha * acc[r * 4u + c];
+            // With no product (k == 0) alpha is not applied, as on the CPU (BLAS).
+            var v = 0.0;
+            if (P.k > 0u) { v = P.alpha * acc[r * 4u + c]; }
             if ((P.flags & 4u) != 0u) { v = v + P.beta * C[idx]; }
             C[idx] = v;
         }

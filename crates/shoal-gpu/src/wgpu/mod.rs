@@ -160,6 +160,8 @@ impl WgpuBackend {
         let offset_align = u64::from(limits.min_storage_buffer_offset_alignment).max(4);
         let gemm = Kernel::new(&device, include_str!("gemm.wgsl"), "gemm", 3);
         let scal = Kernel::new(&device, include_str!("scal.wgsl"), "scal", 1);
+        device.on_uncaptured_error(std::sync::Arc::new(|e: wgpu::Error| log::error!("wgpu: {e}")));
+        warm_up(&device, &queue, &gemm, &scal);
         let name =
             if ainfo.driver.is_empty() { ainfo.name.clone() } else { format!("{} ({})", ainfo.name, ainfo.driver) };
         Ok(WgpuBackend {
@@ -309,8 +311,11 @@ impl WgpuBackend {
         })
     }
 
-    /// Records and submits a GEMM; the result is complete once the pending op is waited for.
+    /// Records and submits a GEMM; the result is complete once the pending op is waited
+    /// for. (A GEMM whose copied output needs several tiles runs them one by one
+    /// before this returns.)
     pub fn submit_gemm(&self, span: &GuestSpan, op: &Gemm) -> Result<WgpuPending, OpError> {
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let max_elems = ((self.max_binding - self.offset_align) / 4) as usize;
         let tiles = plan::plan(op, max_elems);
         let mut encoder = self.device.create_command_encoder(&Default::default());
@@ -370,14 +375,24 @@ impl WgpuBackend {
                 encoder.copy_buffer_to_buffer(&c.buffer, 0, &rb.staging, 0, c.size);
                 report.bytes_copied += c.size;
                 readbacks.push(rb);
+                if tiles.len() > 1 {
+                    // A copied C must be back in the guest before the next tile copies its
+                    // window in (tiles along k accumulate; windows along n interleave).
+                    let index = self.queue.submit([encoder.finish()]);
+                    let done = self.pending(span, index, std::mem::take(&mut readbacks), OpReport::default());
+                    done.wait()?;
+                    encoder = self.device.create_command_encoder(&Default::default());
+                }
             }
         }
         let index = self.queue.submit([encoder.finish()]);
+        check_scope(scope)?;
         Ok(self.pending(span, index, readbacks, report))
     }
 
     /// `x = alpha·x`, in chunks that fit one binding.
     pub fn scal(&self, span: &GuestSpan, op: &Scal) -> Result<OpReport, OpError> {
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let max = ((self.max_binding - self.offset_align) / 4 * 4) as usize;
         let mut encoder = self.device.create_command_encoder(&Default::default());
         let mut report = OpReport::default();
@@ -405,6 +420,7 @@ impl WgpuBackend {
             at += len;
         }
         let index = self.queue.submit([encoder.finish()]);
+        check_scope(scope)?;
         self.pending(span, index, readbacks, report).wait()
     }
 
@@ -561,6 +577,14 @@ impl WgpuPending {
             rb.staging.unmap();
         }
         Ok(self.report)
+    }
+}
+
+/// Turns a validation error wgpu caught into an operation error (instead of a panic).
+fn check_scope(scope: wgpu::ErrorScopeGuard) -> Result<(), OpError> {
+    match pollster::block_on(scope.pop()) {
+        Some(e) => Err(OpError::Device(format!("wgpu rejected the work: {e}"))),
+        None => Ok(()),
     }
 }
 

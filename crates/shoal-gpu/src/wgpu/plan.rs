@@ -48,6 +48,9 @@ impl Tile {
     }
 }
 
+/// The most rows or columns one dispatch covers (65535 workgroups of 64).
+pub const MAX_TILE_SIDE: usize = 65535 * 64;
+
 /// Splits `op` into tiles whose every window has at most `max_elems` elements.
 /// Tiles that share a C block come in increasing `p` order.
 pub fn plan(op: &Gemm, max_elems: usize) -> Vec<Tile> {
@@ -67,7 +70,13 @@ fn split(op: &Gemm, max: usize, t: Tile, out: &mut Vec<Tile>) {
         J,
         P,
     }
-    let choice = if c.len > max {
+    // A dispatch has at most 65535 workgroups of 64 rows or columns per dimension.
+    let too_wide = |n: usize| n > MAX_TILE_SIDE;
+    let choice = if too_wide(t.i1 - t.i0) {
+        Some((Dim::I, Dim::I))
+    } else if too_wide(t.j1 - t.j0) {
+        Some((Dim::J, Dim::J))
+    } else if c.len > max {
         Some((Dim::I, Dim::J))
     } else if has_k && a.len > max {
         Some(if op.trans_a { (Dim::P, Dim::I) } else { (Dim::I, Dim::P) })

@@ -1,0 +1,39 @@
+# The two commands that matter on a fresh machine:
+#   make demo   build shoal and run its demo (best backend; lavapipe where there is no GPU)
+#   make test   the whole test suite, as CI runs it
+# Both install what they need first (scripts/setup.sh).
+
+CARGO ?= cargo
+SHOAL := target/release/shoal
+export XDG_RUNTIME_DIR ?= /tmp
+
+.PHONY: demo test setup setup-test build lint check-metal bench
+
+setup:
+	@scripts/setup.sh
+
+setup-test:
+	@scripts/setup.sh --test
+
+build: setup
+	$(CARGO) build --release -p shoal-cli
+
+demo: build
+	$(SHOAL) demo
+
+# One profile (release) for everything, so Wasmtime and wgpu are compiled once.
+test: setup-test
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	cd guests && $(CARGO) clippy --release -- -D warnings
+	$(MAKE) --no-print-directory check-metal
+	$(CARGO) build --release -p shoal-cli
+	scripts/check-demo.sh $(SHOAL)
+	$(CARGO) test --release --workspace
+
+# The Metal import compiles for Apple Silicon; nothing here can run it.
+check-metal:
+	$(CARGO) check --release -p shoal-gpu --target aarch64-apple-darwin
+
+bench: setup
+	$(CARGO) bench -p shoal-gpu --bench roundtrip
