@@ -6,6 +6,8 @@
 CARGO ?= cargo
 SHOAL := target/release/shoal
 export XDG_RUNTIME_DIR ?= /tmp
+# NVRTC from PyPI (scripts/setup.sh --test), for the kernel compile test.
+NVRTC_LIB := $(CURDIR)/.cache/nvrtc/nvidia/cu13/lib
 
 .PHONY: demo test setup setup-test build lint check-metal bench
 
@@ -29,7 +31,7 @@ test: setup-test
 	$(MAKE) --no-print-directory check-metal
 	$(CARGO) build --release -p shoal-cli
 	scripts/check-demo.sh $(SHOAL)
-	$(CARGO) test --release --workspace
+	LD_LIBRARY_PATH=$(NVRTC_LIB)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH} $(CARGO) test --release --workspace
 
 # The Metal import compiles for Apple Silicon; nothing here can run it.
 check-metal:

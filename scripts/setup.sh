@@ -37,3 +37,21 @@ if ! have_vulkan; then
     say "warning: no apt-get; install a Vulkan loader and driver yourself, or use --backend cpu"
   fi
 fi
+
+# NVRTC from PyPI, so that the CUDA kernels compile in the tests on machines with
+# no GPU and no CUDA toolkit (only for --test; the GPU machines have their own).
+if (( want_test )); then
+  nvrtc_dir=.cache/nvrtc
+  if [[ ! -e $nvrtc_dir/nvidia/cu13/lib/libnvrtc.so.13 ]]; then
+    if command -v python3 >/dev/null 2>&1; then
+      say "fetching NVRTC for CUDA 13 (pip download nvidia-cuda-nvrtc==13.0.88)"
+      mkdir -p "$nvrtc_dir"
+      if python3 -m pip download -q --no-deps --only-binary=:all: nvidia-cuda-nvrtc==13.0.88 -d "$nvrtc_dir" &&
+        python3 -m zipfile -e "$nvrtc_dir"/nvidia_cuda_nvrtc-13.0.88-*.whl "$nvrtc_dir"; then
+        rm -f "$nvrtc_dir"/*.whl
+      else
+        say "warning: could not fetch NVRTC; the kernel compile test will skip"
+      fi
+    fi
+  fi
+fi

@@ -3,8 +3,9 @@
 //! A [`Device`] is a closed enum over the backends: [`cpu`] (the reference, always
 //! there), [`wgpu`](mod@crate::wgpu) (Vulkan on Linux and Windows, Metal on Apple,
 //! importing guest pages with `VK_EXT_external_memory_host` /
-//! `newBufferWithBytesNoCopy`) and `cuda` (its own issue; today a clear "not built"
-//! error). Every backend receives operations already checked against the guest
+//! `newBufferWithBytesNoCopy`) and [`cuda`](mod@crate::cuda) (guest memory
+//! registered with `cuMemHostRegister`, cuBLAS, NVRTC kernels; CUDA is loaded at run
+//! time, so it builds everywhere and says why it is unavailable where it is). Every backend receives operations already checked against the guest
 //! memory ([`GemmSpec::check`]) and a [`GuestSpan`] naming that memory; it reports the
 //! path it took ([`OpReport`]): on the guest's own pages, or through one explicit copy.
 //!
@@ -20,9 +21,19 @@
 //!
 //! # Cargo features
 //! - `wgpu` (default): the Vulkan / Metal backend.
+//! - `cuda` (default): the CUDA backend (dynamically loaded; no toolkit needed to build).
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(not(feature = "cuda"))]
+mod cuda {
+    //! Built without the `cuda` feature.
+    use crate::{BackendKind, OpenError};
+    pub fn open_error() -> OpenError {
+        OpenError::NotCompiled(BackendKind::Cuda, "built without the `cuda` feature")
+    }
+}
 mod op;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
@@ -218,6 +229,8 @@ pub struct OpReport {
     pub bytes_copied: u64,
     /// Kernel dispatches (tiles) it took.
     pub dispatches: u32,
+    /// The operands went by DMA from registered guest pages to device memory and back.
+    pub dma: bool,
 }
 
 impl OpReport {
@@ -227,7 +240,13 @@ impl OpReport {
     }
     /// The path taken, from the pointer identities.
     pub fn path(&self) -> DataPath {
-        if self.in_place() { DataPath::InPlace } else { DataPath::Copy }
+        if self.in_place() {
+            DataPath::InPlace
+        } else if self.dma {
+            DataPath::Dma
+        } else {
+            DataPath::Copy
+        }
     }
 }
 
@@ -239,6 +258,8 @@ pub struct Pending {
 enum PendingInner {
     Done(Result<OpReport, OpError>),
     Cpu(cpu::CpuPending),
+    #[cfg(feature = "cuda")]
+    Cuda(cuda::CudaPending),
     #[cfg(feature = "wgpu")]
     Wgpu(wgpu::WgpuPending),
 }
@@ -255,6 +276,8 @@ impl Pending {
         match self.inner {
             PendingInner::Done(r) => r,
             PendingInner::Cpu(p) => p.wait(),
+            #[cfg(feature = "cuda")]
+            PendingInner::Cuda(p) => p.wait(),
             #[cfg(feature = "wgpu")]
             PendingInner::Wgpu(p) => p.wait(),
         }
@@ -268,6 +291,9 @@ pub enum Device {
     /// Vulkan or Metal through wgpu.
     #[cfg(feature = "wgpu")]
     Wgpu(wgpu::WgpuBackend),
+    /// NVIDIA CUDA.
+    #[cfg(feature = "cuda")]
+    Cuda(cuda::CudaBackend),
 }
 
 impl fmt::Debug for Device {
@@ -287,6 +313,9 @@ impl Device {
             BackendKind::Vulkan | BackendKind::Metal => {
                 Err(OpenError::NotCompiled(kind, "built without the `wgpu` feature"))
             }
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => Ok(Device::Cuda(cuda::CudaBackend::open()?)),
+            #[cfg(not(feature = "cuda"))]
             BackendKind::Cuda => Err(cuda::open_error()),
         }
     }
@@ -310,6 +339,8 @@ impl Device {
             Device::Cpu(b) => b.info(),
             #[cfg(feature = "wgpu")]
             Device::Wgpu(b) => b.info(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(b) => b.info(),
         }
     }
 
@@ -323,6 +354,8 @@ impl Device {
             Device::Cpu(b) => b.gemm(span, op),
             #[cfg(feature = "wgpu")]
             Device::Wgpu(b) => b.submit_gemm(span, op)?.wait(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(b) => b.submit_gemm(span, op)?.wait(),
         }
     }
 
@@ -337,6 +370,8 @@ impl Device {
             Device::Cpu(b) => PendingInner::Cpu(b.submit_gemm(span, op)),
             #[cfg(feature = "wgpu")]
             Device::Wgpu(b) => PendingInner::Wgpu(b.submit_gemm(span, op)?),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(b) => PendingInner::Cuda(b.submit_gemm(span, op)?),
         };
         Ok(Pending { inner })
     }
@@ -350,6 +385,8 @@ impl Device {
             Device::Cpu(b) => Ok(b.scal(span, op)),
             #[cfg(feature = "wgpu")]
             Device::Wgpu(b) => b.scal(span, op),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(b) => b.scal(span, op),
         }
     }
 
@@ -373,6 +410,8 @@ impl MemoryObserver for Device {
             Device::Cpu(_) => Ok(()),
             #[cfg(feature = "wgpu")]
             Device::Wgpu(b) => b.import(range),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(b) => b.register(range),
         }
     }
 
@@ -381,6 +420,8 @@ impl MemoryObserver for Device {
             Device::Cpu(b) => b.release(base),
             #[cfg(feature = "wgpu")]
             Device::Wgpu(b) => b.release(memory, base, len),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(b) => b.release(base),
         }
         let _ = (memory, len);
     }

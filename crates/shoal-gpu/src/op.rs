@@ -87,6 +87,7 @@ pub struct GemmSpec {
 /// every element it indexes by the formulas below lies inside the guest memory;
 /// C's touched bytes overlap neither A's nor B's; offsets are element-aligned.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Gemm {
     /// The spec as given (dimensions as `usize` below).
     pub dtype: DType,
@@ -116,8 +117,6 @@ pub struct Gemm {
     pub b: Range<usize>,
     /// Bytes that C's elements occupy.
     pub c: Range<usize>,
-    /// Only `GemmSpec::check` makes one.
-    _checked: (),
 }
 
 /// Elements from the first to the last of a `rows×cols` matrix with row stride `ld`.
@@ -172,7 +171,6 @@ impl GemmSpec {
             a,
             b,
             c,
-            _checked: (),
         })
     }
 
@@ -206,23 +204,22 @@ impl GemmSpec {
 
 /// `x = alpha * x` over `n` f32 elements at byte offset `x`.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Scal {
     /// The scale.
     pub alpha: f32,
     /// Bytes of x.
     pub x: Range<usize>,
-    /// Only `Scal::check` makes one.
-    _checked: (),
 }
 
 impl Scal {
     /// Checks an f32 view `offset..offset+len` against `span`.
     pub fn check(span: &GuestSpan, offset: u64, len: u64, alpha: f32) -> Result<Scal, OpError> {
-        if len % 4 != 0 {
+        if !len.is_multiple_of(4) {
             return Err(OpError::InvalidArgument(format!("x has {len} bytes, not a whole number of f32")));
         }
         let x = check_view(span.size(), offset, len, 4).map_err(|e| OpError::view("x", e))?;
-        Ok(Scal { alpha, x, _checked: () })
+        Ok(Scal { alpha, x })
     }
 }
 

@@ -40,7 +40,7 @@ pub enum ViewError {
 /// with overflow detection, so no input can wrap around.
 pub fn check_view(size: usize, offset: u64, len: u64, align: u64) -> Result<Range<usize>, ViewError> {
     debug_assert!(align.is_power_of_two());
-    if offset % align != 0 {
+    if !offset.is_multiple_of(align) {
         return Err(ViewError::Misaligned { offset, align });
     }
     let end = offset.checked_add(len).ok_or(ViewError::Overflow { offset, len })?;

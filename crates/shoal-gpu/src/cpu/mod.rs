@@ -81,6 +81,7 @@ impl CpuBackend {
             }],
             bytes_copied: 0,
             dispatches: 1,
+            dma: false,
         }
     }
 
@@ -96,7 +97,7 @@ fn report(span: &GuestSpan, op: &Gemm) -> OpReport {
         .filter(|r| !r.is_empty())
         .map(|r| OperandMapping { guest_addr: span.base() + r.start, device_host_addr: Some(span.base() + r.start) })
         .collect();
-    OpReport { operands, bytes_copied: 0, dispatches: 1 }
+    OpReport { operands, bytes_copied: 0, dispatches: 1, dma: false }
 }
 
 /// A GEMM running on a worker thread.

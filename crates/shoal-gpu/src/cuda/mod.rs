@@ -1,9 +1,539 @@
-//! The CUDA backend. It is the subject of its own piece of work (cudarc, registered
-//! guest memory, cuBLAS, NVRTC); until it lands, opening it says so.
+//! The CUDA backend: guest memory registered with the GPU, cuBLAS for GEMM, NVRTC
+//! kernels compiled at run time.
+//!
+//! CUDA is loaded dynamically (cudarc): a machine without a driver builds and runs
+//! shoal on the other backends, and opening CUDA there says why it cannot. Every
+//! committed range of guest memory is registered (`cuMemHostRegister` with
+//! `DEVICEMAP`) once, when it is committed; with unified addressing the device
+//! pointer of a guest byte is its host address. An operation then takes one of two
+//! paths, and reports which:
+//!
+//! - **in place**: kernels (and small GEMMs) read and write the mapped guest pages
+//!   directly — right for streaming, single-pass or small data;
+//! - **DMA**: one copy engine transfer from the registered guest pages to device
+//!   memory and back (`cuMemcpy2DAsync`), for data read many times (GEMM operands).
+//!
+//! Either way there is no CPU copy and no staging buffer.
 
-use crate::{BackendKind, OpenError};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Mutex;
 
-/// Why CUDA cannot be opened in this build.
-pub fn open_error() -> OpenError {
-    OpenError::NotCompiled(BackendKind::Cuda, "the CUDA backend is not implemented in this version")
+use cudarc::cublas::sys as blas;
+use cudarc::driver::sys;
+use shoal_memory::{CommittedRange, MemoryId};
+
+use crate::{BackendKind, DType, DeviceInfo, Gemm, GuestSpan, OpError, OpReport, OpenError, OperandMapping, Scal};
+
+mod kernels;
+
+pub use kernels::{KERNELS_SOURCE, compile_kernels, compile_ptx, nvrtc_available};
+
+/// GEMMs whose operands add up to at most this many bytes run in place on mapped
+/// guest memory; larger ones are DMA'd to device memory (operands are read many times).
+const INPLACE_GEMM_MAX_BYTES: usize = 1 << 20;
+
+/// Which GEMM path to take (`SHOAL_CUDA_GEMM_PATH=inplace|dma|auto` overrides).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GemmPath {
+    Auto,
+    InPlace,
+    Dma,
+}
+
+/// The ranges of one memory registered with the GPU.
+struct Registered {
+    _memory: MemoryId,
+    ranges: Vec<(usize, usize)>,
+}
+
+/// Raw CUDA handles used under the backend's lock.
+struct Stream {
+    stream: sys::CUstream,
+    blas: blas::cublasHandle_t,
+}
+
+/// The CUDA backend.
+pub struct CudaBackend {
+    info: DeviceInfo,
+    ctx: sys::CUcontext,
+    device: sys::CUdevice,
+    _module: sys::CUmodule,
+    scal_fn: sys::CUfunction,
+    sms: u32,
+    stream: Mutex<Stream>,
+    /// Registered ranges `(addr, len)` per memory, by base address.
+    registered: Mutex<HashMap<usize, Registered>>,
+    path: GemmPath,
+}
+
+// SAFETY: the CUDA driver API and cuBLAS are thread-safe for distinct handles; the
+// stream and cuBLAS handle are only used under `stream`'s mutex, the context is made
+// current on each calling thread before use, and the module/function handles are
+// immutable after load.
+unsafe impl Send for CudaBackend {}
+// SAFETY: as above.
+unsafe impl Sync for CudaBackend {}
+
+fn cu(r: sys::CUresult, what: &str) -> Result<(), String> {
+    if r == sys::CUresult::CUDA_SUCCESS { Ok(()) } else { Err(format!("{what}: {r:?}")) }
+}
+
+fn op_err(e: String) -> OpError {
+    OpError::Device(e)
+}
+
+impl CudaBackend {
+    /// Opens GPU 0 (or `SHOAL_CUDA_DEVICE`), or says why CUDA is unavailable.
+    pub fn open() -> Result<CudaBackend, OpenError> {
+        let unavailable = |m: String| OpenError::Unavailable(BackendKind::Cuda, m);
+        // SAFETY: only tries to dlopen the driver library.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(unavailable("no NVIDIA driver (libcuda.so) found on this machine".into()));
+        }
+        // SAFETY: as above, for the cuBLAS library.
+        if !unsafe { blas::is_culib_present() } {
+            return Err(unavailable("the NVIDIA driver is here but cuBLAS (libcublas.so.13) is not".into()));
+        }
+        let ordinal: i32 = std::env::var("SHOAL_CUDA_DEVICE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let path = match std::env::var("SHOAL_CUDA_GEMM_PATH").as_deref() {
+            Ok("inplace") => GemmPath::InPlace,
+            Ok("dma") => GemmPath::Dma,
+            _ => GemmPath::Auto,
+        };
+        // SAFETY: plain driver calls on handles they return; errors are checked.
+        unsafe {
+            cu(sys::cuInit(0), "cuInit").map_err(unavailable)?;
+            let mut count = 0;
+            cu(sys::cuDeviceGetCount(&mut count), "cuDeviceGetCount").map_err(unavailable)?;
+            if ordinal >= count {
+                return Err(unavailable(format!("no CUDA device {ordinal}: this machine has {count}")));
+            }
+            let mut device = 0;
+            cu(sys::cuDeviceGet(&mut device, ordinal), "cuDeviceGet").map_err(unavailable)?;
+            let mut ctx = std::ptr::null_mut();
+            cu(sys::cuDevicePrimaryCtxRetain(&mut ctx, device), "cuDevicePrimaryCtxRetain").map_err(unavailable)?;
+            cu(sys::cuCtxSetCurrent(ctx), "cuCtxSetCurrent").map_err(unavailable)?;
+            let attr = |a| {
+                let mut v = 0;
+                sys::cuDeviceGetAttribute(&mut v, a, device);
+                v
+            };
+            let unified = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING);
+            let map_host = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY);
+            let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).max(1) as u32;
+            let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR);
+            let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR);
+            if unified == 0 || map_host == 0 {
+                return Err(unavailable("the GPU cannot map host memory with unified addressing".into()));
+            }
+            let mut name = [0i8; 128];
+            sys::cuDeviceGetName(name.as_mut_ptr(), 128, device);
+            let name = std::ffi::CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned();
+            let ptx = compile_kernels(major, minor).map_err(unavailable)?;
+            let mut module = std::ptr::null_mut();
+            let ptx_c = std::ffi::CString::new(ptx).map_err(|_| unavailable("PTX with a NUL byte".into()))?;
+            cu(sys::cuModuleLoadData(&mut module, ptx_c.as_ptr() as *const c_void), "cuModuleLoadData")
+                .map_err(unavailable)?;
+            let mut scal_fn = std::ptr::null_mut();
+            cu(sys::cuModuleGetFunction(&mut scal_fn, module, c"shoal_scal_f32".as_ptr()), "cuModuleGetFunction")
+                .map_err(unavailable)?;
+            let mut stream = std::ptr::null_mut();
+            cu(sys::cuStreamCreate(&mut stream, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32), "cuStreamCreate")
+                .map_err(unavailable)?;
+            let handle =
+                cudarc::cublas::result::create_handle().map_err(|e| unavailable(format!("cublasCreate: {e:?}")))?;
+            cudarc::cublas::result::set_stream(handle, stream as _)
+                .map_err(|e| unavailable(format!("cublasSetStream: {e:?}")))?;
+            // Full f32 (no TF32) unless asked: GEMM results match the CPU reference.
+            let math = if std::env::var("SHOAL_CUDA_TF32").is_ok_and(|v| v == "1") {
+                blas::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+            } else {
+                blas::cublasMath_t::CUBLAS_DEFAULT_MATH
+            };
+            blas::cublasSetMathMode(handle, math);
+            let (mut free, mut total) = (0usize, 0usize);
+            sys::cuMemGetInfo_v2(&mut free, &mut total);
+            Ok(CudaBackend {
+                info: DeviceInfo {
+                    backend: BackendKind::Cuda,
+                    name: format!("{name} (sm_{major}{minor}, {} GiB)", total >> 30),
+                    imports_guest_memory: true,
+                    import_note: Some("guest memory is registered (cuMemHostRegister, mapped)".into()),
+                    max_binding_bytes: u64::MAX,
+                    gemm_dtypes: vec![DType::F32, DType::F16, DType::Bf16],
+                },
+                ctx,
+                device,
+                _module: module,
+                scal_fn,
+                sms,
+                stream: Mutex::new(Stream { stream, blas: handle }),
+                registered: Mutex::new(HashMap::new()),
+                path,
+            })
+        }
+    }
+
+    /// What this backend is.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn current(&self) -> Result<(), OpError> {
+        // SAFETY: the context is retained for the backend's life.
+        cu(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent").map_err(op_err)
+    }
+
+    /// Registers a newly committed range with the GPU (pinned and mapped).
+    pub fn register(&self, range: CommittedRange) -> Result<(), String> {
+        self.current().map_err(|e| e.to_string())?;
+        let addr = range.start_addr();
+        // SAFETY: the range is committed guest memory that stays mapped until this
+        // memory's release, which unregisters it first.
+        unsafe {
+            cu(
+                sys::cuMemHostRegister_v2(
+                    addr as *mut c_void,
+                    range.len,
+                    sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_PORTABLE,
+                ),
+                "cuMemHostRegister",
+            )?;
+            let mut dptr: sys::CUdeviceptr = 0;
+            cu(sys::cuMemHostGetDevicePointer_v2(&mut dptr, addr as *mut c_void, 0), "cuMemHostGetDevicePointer")?;
+            if dptr as usize != addr {
+                sys::cuMemHostUnregister(addr as *mut c_void);
+                return Err(format!("device pointer {dptr:#x} differs from the host address {addr:#x}"));
+            }
+        }
+        let mut reg = self.registered.lock().unwrap_or_else(|e| e.into_inner());
+        reg.entry(range.base)
+            .or_insert_with(|| Registered { _memory: range.memory, ranges: Vec::new() })
+            .ranges
+            .push((addr, range.len));
+        Ok(())
+    }
+
+    /// Waits for the GPU, then unregisters every range of a memory.
+    pub fn release(&self, base: usize) {
+        let _ = self.current();
+        {
+            let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+            // SAFETY: a stream of this backend.
+            unsafe { sys::cuStreamSynchronize(s.stream) };
+        }
+        let ranges = self.registered.lock().unwrap_or_else(|e| e.into_inner()).remove(&base);
+        for (addr, _) in ranges.map(|r| r.ranges).unwrap_or_default() {
+            // SAFETY: registered by `register`; the GPU is idle on it (synchronized above).
+            unsafe { sys::cuMemHostUnregister(addr as *mut c_void) };
+        }
+    }
+
+    /// Whether `addr..addr+len` lies in registered pages of the memory at `base`.
+    fn is_registered(&self, base: usize, addr: usize, len: usize) -> bool {
+        let reg = self.registered.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(r) = reg.get(&base) else { return false };
+        // Ranges are contiguous from the base: committed = their total.
+        let committed: usize = r.ranges.iter().map(|r| r.1).sum();
+        addr >= base && addr + len <= base + committed
+    }
+
+    /// `x = alpha·x`, in place on the mapped guest pages.
+    pub fn scal(&self, span: &GuestSpan, op: &Scal) -> Result<OpReport, OpError> {
+        let p = self.submit_scal(span, op)?;
+        p.wait()
+    }
+
+    fn submit_scal(&self, span: &GuestSpan, op: &Scal) -> Result<CudaPending, OpError> {
+        self.current()?;
+        let addr = span.base() + op.x.start;
+        let n = (op.x.len() / 4) as u64;
+        let in_place = self.is_registered(span.base(), addr, op.x.len());
+        if !in_place {
+            return Err(OpError::Device(format!(
+                "guest range {addr:#x}+{} is not registered with the GPU",
+                op.x.len()
+            )));
+        }
+        let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let threads = 256u32;
+        let blocks = (n.div_ceil(4 * threads as u64) as u32).clamp(1, self.sms * 8);
+        let mut ptr = addr as u64;
+        let mut n_arg = n;
+        let mut alpha = op.alpha;
+        let mut params = [
+            &mut ptr as *mut u64 as *mut c_void,
+            &mut n_arg as *mut u64 as *mut c_void,
+            &mut alpha as *mut f32 as *mut c_void,
+        ];
+        // SAFETY: the kernel touches exactly x[0..n] at `addr`, checked and registered
+        // (mapped) guest memory; the params match the kernel's signature.
+        unsafe {
+            cu(
+                sys::cuLaunchKernel(
+                    self.scal_fn,
+                    blocks,
+                    1,
+                    1,
+                    threads,
+                    1,
+                    1,
+                    0,
+                    s.stream,
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                ),
+                "cuLaunchKernel(scal)",
+            )
+            .map_err(op_err)?;
+        }
+        let report = OpReport {
+            operands: vec![OperandMapping { guest_addr: addr, device_host_addr: Some(addr) }],
+            bytes_copied: 0,
+            dispatches: 1,
+            dma: false,
+        };
+        CudaPending::record(self.ctx, s.stream, report)
+    }
+
+    /// Enqueues a GEMM on the stream; complete once the pending op is waited for.
+    pub fn submit_gemm(&self, span: &GuestSpan, op: &Gemm) -> Result<CudaPending, OpError> {
+        self.current()?;
+        let es = op.dtype.size();
+        let base = span.base();
+        let bytes = op.a.len() + op.b.len() + op.c.len();
+        let registered =
+            [&op.a, &op.b, &op.c].iter().all(|r| r.is_empty() || self.is_registered(base, base + r.start, r.len()));
+        if !registered {
+            return Err(OpError::Device("a GEMM operand is not in registered guest memory".into()));
+        }
+        let in_place = match self.path {
+            GemmPath::InPlace => true,
+            GemmPath::Dma => false,
+            GemmPath::Auto => bytes <= INPLACE_GEMM_MAX_BYTES,
+        };
+        let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let k = if op.alpha == 0.0 { 0 } else { op.k };
+        let mut report = OpReport { dispatches: 1, dma: !in_place, ..Default::default() };
+        // Device-side operands: (pointer, leading dimension).
+        let (mut a, mut b, mut c) =
+            ((base + op.a.start) as u64, (base + op.b.start) as u64, (base + op.c.start) as u64);
+        let (mut lda, mut ldb, mut ldc) = (op.lda, op.ldb, op.ldc);
+        let (ar, ac) = if op.trans_a { (op.k, op.m) } else { (op.m, op.k) };
+        let (br, bc) = if op.trans_b { (op.n, op.k) } else { (op.k, op.n) };
+        let mut scratch: Vec<sys::CUdeviceptr> = Vec::new();
+        let result = (|| -> Result<(), OpError> {
+            if !in_place {
+                // One DMA each way from/to the registered guest pages, packed on the device.
+                let mut upload = |host: u64, rows: usize, cols: usize, ld: usize, copy: bool| -> Result<u64, OpError> {
+                    let size = (rows * cols * es).max(es);
+                    let mut d: sys::CUdeviceptr = 0;
+                    // SAFETY: allocation on our stream; freed after use, stream-ordered.
+                    unsafe { cu(sys::cuMemAllocAsync(&mut d, size, s.stream), "cuMemAllocAsync").map_err(op_err)? };
+                    scratch.push(d);
+                    if copy && rows > 0 && cols > 0 {
+                        // SAFETY: the source is the checked, registered guest matrix.
+                        unsafe { copy_2d(host, ld * es, Dir::ToDevice, d, cols * es, cols * es, rows, s.stream)? };
+                    }
+                    Ok(d)
+                };
+                if k > 0 {
+                    a = upload(a, ar, ac, op.lda, true)?;
+                    b = upload(b, br, bc, op.ldb, true)?;
+                    (lda, ldb) = (ac, bc);
+                }
+                let host_c = c;
+                c = upload(c, op.m, op.n, op.ldc, op.beta != 0.0)?;
+                ldc = op.n;
+                report.bytes_copied = ((if k > 0 { ar * ac + br * bc } else { 0 }
+                    + op.m * op.n * (1 + usize::from(op.beta != 0.0)))
+                    * es) as u64;
+                self.blas_gemm(&s, op, k, a, lda, b, ldb, c, ldc)?;
+                // SAFETY: the destination is the checked, registered guest C.
+                unsafe { copy_2d(host_c, op.ldc * es, Dir::ToHost, c, op.n * es, op.n * es, op.m, s.stream)? };
+            } else {
+                self.blas_gemm(&s, op, k, a, lda, b, ldb, c, ldc)?;
+            }
+            Ok(())
+        })();
+        for d in scratch {
+            // SAFETY: allocated above on this stream; stream order frees it after use.
+            unsafe { sys::cuMemFreeAsync(d, s.stream) };
+        }
+        result?;
+        let ranges: Vec<_> = [&op.a, &op.b, &op.c].into_iter().filter(|r| !r.is_empty()).collect();
+        report.operands = ranges
+            .into_iter()
+            .map(|r| OperandMapping {
+                guest_addr: base + r.start,
+                device_host_addr: in_place.then_some(base + r.start),
+            })
+            .collect();
+        CudaPending::record(self.ctx, s.stream, report)
+    }
+
+    /// Row-major C = alpha·op(A)·op(B) + beta·C through column-major cuBLAS: it
+    /// computes Cᵀ = op(B)ᵀ·op(A)ᵀ, so B comes first.
+    #[allow(clippy::too_many_arguments)]
+    fn blas_gemm(
+        &self,
+        s: &Stream,
+        op: &Gemm,
+        k: usize,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        c: u64,
+        ldc: usize,
+    ) -> Result<(), OpError> {
+        let t = |x: bool| if x { blas::cublasOperation_t::CUBLAS_OP_T } else { blas::cublasOperation_t::CUBLAS_OP_N };
+        let dt = match op.dtype {
+            DType::F32 => blas::cudaDataType_t::CUDA_R_32F,
+            DType::F16 => blas::cudaDataType_t::CUDA_R_16F,
+            DType::Bf16 => blas::cudaDataType_t::CUDA_R_16BF,
+        };
+        let int = |v: usize, what: &str| {
+            i32::try_from(v.max(1)).map_err(|_| OpError::TooLarge(format!("{what} = {v} does not fit cuBLAS's int")))
+        };
+        let (alpha, beta) = (op.alpha, op.beta);
+        // With k == 0 cuBLAS scales C by beta (and leaves it when beta is 1).
+        // SAFETY: every pointer names checked memory (registered guest pages or our
+        // device scratch) with the strides given; alpha/beta are f32 as
+        // CUBLAS_COMPUTE_32F expects.
+        let st = unsafe {
+            blas::cublasGemmEx(
+                s.blas,
+                t(op.trans_b),
+                t(op.trans_a),
+                int(op.n, "n")?,
+                int(op.m, "m")?,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                b as *const c_void,
+                dt,
+                int(ldb, "ldb")?,
+                a as *const c_void,
+                dt,
+                int(lda, "lda")?,
+                &beta as *const f32 as *const c_void,
+                c as *mut c_void,
+                dt,
+                int(ldc, "ldc")?,
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+            )
+        };
+        if st != blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(OpError::Device(format!("cublasGemmEx: {st:?}")));
+        }
+        Ok(())
+    }
+}
+
+enum Dir {
+    ToDevice,
+    ToHost,
+}
+
+/// One 2D DMA between registered host memory and device memory, on `stream`.
+///
+/// # Safety
+/// The host side must be `height` rows of `width` bytes with `host_pitch`, inside
+/// registered memory that stays mapped until the stream has run the copy; the device
+/// side an allocation of at least `height * dev_pitch` bytes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn copy_2d(
+    host: u64,
+    host_pitch: usize,
+    dir: Dir,
+    dev: sys::CUdeviceptr,
+    dev_pitch: usize,
+    width: usize,
+    height: usize,
+    stream: sys::CUstream,
+) -> Result<(), OpError> {
+    // SAFETY: a zeroed CUDA_MEMCPY2D is the documented starting point.
+    let mut m: sys::CUDA_MEMCPY2D = unsafe { std::mem::zeroed() };
+    m.WidthInBytes = width;
+    m.Height = height;
+    match dir {
+        Dir::ToDevice => {
+            m.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
+            m.srcHost = host as *const c_void;
+            m.srcPitch = host_pitch;
+            m.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+            m.dstDevice = dev;
+            m.dstPitch = dev_pitch;
+        }
+        Dir::ToHost => {
+            m.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+            m.srcDevice = dev;
+            m.srcPitch = dev_pitch;
+            m.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
+            m.dstHost = host as *mut c_void;
+            m.dstPitch = host_pitch;
+        }
+    }
+    // SAFETY: the caller's contract.
+    cu(unsafe { sys::cuMemcpy2DAsync_v2(&m, stream) }, "cuMemcpy2DAsync").map_err(op_err)
+}
+
+/// Work enqueued on the stream, with an event to wait on.
+pub struct CudaPending {
+    ctx: sys::CUcontext,
+    event: sys::CUevent,
+    report: OpReport,
+}
+
+// SAFETY: a CUDA event may be waited on from any thread with the context current.
+unsafe impl Send for CudaPending {}
+
+impl CudaPending {
+    fn record(ctx: sys::CUcontext, stream: sys::CUstream, report: OpReport) -> Result<CudaPending, OpError> {
+        let mut event = std::ptr::null_mut();
+        // SAFETY: plain driver calls on live handles.
+        unsafe {
+            cu(sys::cuEventCreate(&mut event, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32), "cuEventCreate")
+                .map_err(op_err)?;
+            if let Err(e) = cu(sys::cuEventRecord(event, stream), "cuEventRecord") {
+                sys::cuEventDestroy_v2(event);
+                return Err(op_err(e));
+            }
+        }
+        Ok(CudaPending { ctx, event, report })
+    }
+
+    /// Blocks until the GPU has finished the operation.
+    pub fn wait(self) -> Result<OpReport, OpError> {
+        // SAFETY: the event was recorded on our stream; the context is retained.
+        let r = unsafe {
+            sys::cuCtxSetCurrent(self.ctx);
+            sys::cuEventSynchronize(self.event)
+        };
+        cu(r, "the GPU failed while running the operation").map_err(op_err)?;
+        Ok(self.report.clone())
+    }
+}
+
+impl Drop for CudaPending {
+    fn drop(&mut self) {
+        // SAFETY: our event; destroying a pending event is allowed (it is freed when done).
+        unsafe { sys::cuEventDestroy_v2(self.event) };
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        let s = self.stream.get_mut().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: our handles, not used after this.
+        unsafe {
+            sys::cuCtxSetCurrent(self.ctx);
+            sys::cuStreamSynchronize(s.stream);
+            blas::cublasDestroy_v2(s.blas);
+            sys::cuStreamDestroy_v2(s.stream);
+            sys::cuDevicePrimaryCtxRelease_v2(self.device);
+        }
+    }
 }

@@ -156,7 +156,7 @@ impl WgpuBackend {
         let ainfo = adapter.get_info();
         let limits = adapter.limits();
         let (device, queue, importer, note) = open_device(&adapter, &limits, kind)?;
-        let max_binding = u64::from(limits.max_storage_buffer_binding_size).min(limits.max_buffer_size);
+        let max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         let offset_align = u64::from(limits.min_storage_buffer_offset_alignment).max(4);
         let gemm = Kernel::new(&device, include_str!("gemm.wgsl"), "gemm", 3);
         let scal = Kernel::new(&device, include_str!("scal.wgsl"), "scal", 1);
