@@ -4,3 +4,6 @@
 
 /// `guests/gemm`: the GEMM reference check (`gemm [--size N]... [--async] [--json]`).
 pub const GEMM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm.wasm"));
+
+/// `guests/xfer`: round trips through `scal`, timed in the guest (`xfer [--bytes N]... [--repeat R]`).
+pub const XFER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/xfer.wasm"));

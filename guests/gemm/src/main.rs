@@ -5,7 +5,11 @@
 //! order of summation: the check is exact equality, element by element. C starts
 //! as NaN, so an element the host did not write cannot pass.
 //!
-//! Usage: gemm [--size N]... [--async] [--json]
+//! Usage: gemm [--size N]... [--async] [--json] [--bench R]
+//!
+//! With `--bench R` it times R products per size after a warm-up and prints the
+//! median (and checks the last result only for sizes up to 2048: our own product in
+//! wasm would take minutes beyond).
 
 use std::time::Instant;
 
@@ -45,6 +49,7 @@ fn reference(a: &[f32], b: &[f32], n: usize) -> Vec<f32> {
 fn main() {
     let mut sizes = Vec::new();
     let (mut json, mut asynchronous) = (false, false);
+    let mut bench = 0usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -56,6 +61,13 @@ fn main() {
                 }
             },
             "--json" => json = true,
+            "--bench" => match args.next().and_then(|s| s.parse::<usize>().ok()) {
+                Some(r) if r > 0 => bench = r,
+                _ => {
+                    eprintln!("gemm: --bench needs a positive count");
+                    std::process::exit(2);
+                }
+            },
             "--async" => asynchronous = true,
             "--help" | "-h" => {
                 println!("usage: gemm [--size N]... [--async] [--json]");
@@ -93,8 +105,41 @@ fn main() {
         let a: Vec<f32> = (0..n * n).map(|_| rng.small()).collect();
         let b: Vec<f32> = (0..n * n).map(|_| rng.small()).collect();
         let mut c = vec![f32::NAN; n * n];
-        let t0 = Instant::now();
         let gemm = Gemm::new(size, size, size);
+        if bench > 0 {
+            let mut times = Vec::with_capacity(bench);
+            for i in 0..bench + 2 {
+                let t = Instant::now();
+                if let Err(e) = gemm.run(&a, &b, &mut c) {
+                    eprintln!("gemm: the host refused {size}×{size}: {e}");
+                    std::process::exit(1);
+                }
+                if i >= 2 {
+                    times.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            times.sort_by(|x, y| x.total_cmp(y));
+            let median = times[times.len() / 2];
+            let correct = if n <= 2048 {
+                let want = reference(&a, &b, n);
+                c.iter().zip(&want).filter(|(x, y)| x == y).count().to_string()
+            } else {
+                "null".to_string()
+            };
+            let path = match shoal_guest::last_op().map(|o| o.path) {
+                Ok(Path::InPlace) => "in_place",
+                Ok(Path::Copy) => "copy",
+                Ok(Path::Dma) => "dma",
+                _ => "unknown",
+            };
+            println!(
+                "{{\"size\":{size},\"bench\":{bench},\"median_ms\":{median:.4},\"min_ms\":{:.4},\"tflops\":{:.3},\"path\":\"{path}\",\"correct\":{correct}}}",
+                times[0],
+                2.0 * (n as f64).powi(3) / (median * 1e-3) / 1e12
+            );
+            continue;
+        }
+        let t0 = Instant::now();
         let result =
             if asynchronous { gemm.submit(&a, &b, &mut c).and_then(|p| p.wait()) } else { gemm.run(&a, &b, &mut c) };
         let host_ms = t0.elapsed().as_secs_f64() * 1e3;

@@ -431,12 +431,15 @@ impl WgpuBackend {
         readbacks: Vec<Readback>,
         report: OpReport,
     ) -> WgpuPending {
+        let announced = self.live.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&span.base());
         WgpuPending {
             device: self.device.clone(),
             index,
             readbacks,
             report,
             base: span.base(),
+            size: span.size(),
+            announced,
             live: self.live.clone(),
         }
     }
@@ -530,6 +533,10 @@ pub struct WgpuPending {
     report: OpReport,
     /// The guest memory the copies go back to, and the live-memory table to check it in.
     base: usize,
+    /// The span's size when submitted.
+    size: usize,
+    /// Whether the memory was announced (then its release is announced too).
+    announced: bool,
     live: std::sync::Arc<Mutex<HashMap<usize, usize>>>,
 }
 
@@ -553,8 +560,14 @@ impl WgpuPending {
         // Holding the lock keeps the memory from being released (and unmapped) while
         // we write into it; a memory already released gets nothing.
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(&committed) = live.get(&self.base) else {
-            return Err(OpError::Device("the guest memory was released before the result was read back".into()));
+        // Memory never announced to this device is the caller's to keep mapped until
+        // this wait (GuestSpan's contract); an announced one may have been released.
+        let committed = match (live.get(&self.base), self.announced) {
+            (Some(&committed), _) => committed,
+            (None, false) => self.size,
+            (None, true) => {
+                return Err(OpError::Device("the guest memory was released before the result was read back".into()));
+            }
         };
         for rb in &self.readbacks {
             let data = rb

@@ -1,0 +1,103 @@
+// Raw CUDA reference for shoal's transfer table (docs/benchmarks.md): the same
+// x = alpha·x kernel on N bytes of "guest" memory, reached four ways:
+//   naive   : copy out of the sandbox into a host buffer, pageable cudaMemcpy to the
+//             device, kernel, pageable copy back, copy into the sandbox;
+//   pinned  : the guest memory registered, async copies to device memory and back;
+//   mapped  : the guest memory registered and mapped, the kernel works on it in place;
+//   device  : the kernel on device memory only (launch + sync floor).
+// Build: nvcc -O3 -arch=sm_90 -o xfer xfer.cu      Run: ./xfer [repeats]
+#include <cuda_runtime.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <algorithm>
+#include <vector>
+
+#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { \
+  fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); exit(1); } } while (0)
+
+// The same kernel as shoal's shoal_scal_f32.
+__global__ void scal(float* __restrict__ x, unsigned long long n, float alpha) {
+  unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+  unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+  if ((((unsigned long long)x) & 15ull) == 0ull) {
+    float4* x4 = reinterpret_cast<float4*>(x);
+    unsigned long long n4 = n / 4ull;
+    for (unsigned long long j = i; j < n4; j += stride) {
+      float4 v = x4[j]; v.x *= alpha; v.y *= alpha; v.z *= alpha; v.w *= alpha; x4[j] = v;
+    }
+    for (unsigned long long j = n4 * 4ull + i; j < n; j += stride) x[j] *= alpha;
+  } else {
+    for (unsigned long long j = i; j < n; j += stride) x[j] *= alpha;
+  }
+}
+
+static int sms;
+static void launch(float* p, size_t n, cudaStream_t s) {
+  unsigned long long blocks = (n + 4 * 256 - 1) / (4 * 256);
+  if (blocks < 1) blocks = 1;
+  if (blocks > (unsigned long long)sms * 8) blocks = sms * 8;
+  scal<<<(unsigned)blocks, 256, 0, s>>>(p, n, -1.0f);
+  CK(cudaGetLastError());
+}
+
+static double now_us() {
+  struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1e6 + t.tv_nsec / 1e3;
+}
+
+template <class F> static double median_us(int reps, F f) {
+  for (int i = 0; i < 3; i++) f();
+  std::vector<double> t;
+  for (int i = 0; i < reps; i++) { double a = now_us(); f(); t.push_back(now_us() - a); }
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+int main(int argc, char** argv) {
+  int reps = argc > 1 ? atoi(argv[1]) : 20;
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  cudaDeviceProp prop; CK(cudaGetDeviceProperties(&prop, 0));
+  cudaStream_t s; CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  printf("{\"device\":\"%s\"}\n", prop.name);
+  size_t sizes[] = {4096, 65536, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 256 << 20};
+  for (size_t bytes : sizes) {
+    size_t n = bytes / 4;
+    // "Guest" memory: page-aligned anonymous memory, like a Wasm linear memory.
+    float* guest = (float*)mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    for (size_t i = 0; i < n; i++) guest[i] = (float)(i % 1000) + 1.0f;
+    float* outside = (float*)malloc(bytes);
+    memset(outside, 0, bytes);
+    float* dev; CK(cudaMalloc(&dev, bytes));
+    int reps_here = bytes >= (64 << 20) ? std::max(5, reps / 4) : reps;
+
+    double naive = median_us(reps_here, [&] {
+      memcpy(outside, guest, bytes);
+      CK(cudaMemcpy(dev, outside, bytes, cudaMemcpyHostToDevice));
+      launch(dev, n, 0);
+      CK(cudaMemcpy(outside, dev, bytes, cudaMemcpyDeviceToHost));
+      memcpy(guest, outside, bytes);
+    });
+    double device = median_us(reps_here, [&] { launch(dev, n, s); CK(cudaStreamSynchronize(s)); });
+    double t0 = now_us();
+    CK(cudaHostRegister(guest, bytes, cudaHostRegisterMapped | cudaHostRegisterPortable));
+    double reg_us = now_us() - t0;
+    float* mapped; CK(cudaHostGetDevicePointer((void**)&mapped, guest, 0));
+    double pinned = median_us(reps_here, [&] {
+      CK(cudaMemcpyAsync(dev, guest, bytes, cudaMemcpyHostToDevice, s));
+      launch(dev, n, s);
+      CK(cudaMemcpyAsync(guest, dev, bytes, cudaMemcpyDeviceToHost, s));
+      CK(cudaStreamSynchronize(s));
+    });
+    double inplace = median_us(reps_here, [&] { launch(mapped, n, s); CK(cudaStreamSynchronize(s)); });
+    // Each timed variant scaled by -1 an even or odd number of times; check magnitudes.
+    bool ok = true;
+    for (size_t i = 0; i < n; i += 997) ok &= fabsf(guest[i]) == (float)(i % 1000) + 1.0f;
+    CK(cudaHostUnregister(guest));
+    printf("{\"bytes\":%zu,\"naive_us\":%.2f,\"pinned_async_us\":%.2f,\"mapped_inplace_us\":%.2f,\"device_floor_us\":%.2f,\"register_us\":%.1f,\"correct\":%s}\n",
+           bytes, naive, pinned, inplace, device, reg_us, ok ? "true" : "false");
+    CK(cudaFree(dev)); free(outside); munmap(guest, bytes);
+  }
+  return 0;
+}
