@@ -454,24 +454,38 @@ unsafe fn copy_2d(
     height: usize,
     stream: sys::CUstream,
 ) -> Result<(), OpError> {
-    // SAFETY: a zeroed CUDA_MEMCPY2D is the documented starting point.
-    let mut m: sys::CUDA_MEMCPY2D = unsafe { std::mem::zeroed() };
-    m.WidthInBytes = width;
-    m.Height = height;
+    use sys::CUmemorytype::{CU_MEMORYTYPE_DEVICE as DEVICE, CU_MEMORYTYPE_HOST as HOST};
+    // Built field by field: the memory-type enums have no zero value.
+    let mut m = sys::CUDA_MEMCPY2D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcMemoryType: HOST,
+        srcHost: std::ptr::null(),
+        srcDevice: 0,
+        srcArray: std::ptr::null_mut(),
+        srcPitch: 0,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstMemoryType: DEVICE,
+        dstHost: std::ptr::null_mut(),
+        dstDevice: 0,
+        dstArray: std::ptr::null_mut(),
+        dstPitch: 0,
+        WidthInBytes: width,
+        Height: height,
+    };
     match dir {
         Dir::ToDevice => {
-            m.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
             m.srcHost = host as *const c_void;
             m.srcPitch = host_pitch;
-            m.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
             m.dstDevice = dev;
             m.dstPitch = dev_pitch;
         }
         Dir::ToHost => {
-            m.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+            m.srcMemoryType = DEVICE;
             m.srcDevice = dev;
             m.srcPitch = dev_pitch;
-            m.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
+            m.dstMemoryType = HOST;
             m.dstHost = host as *mut c_void;
             m.dstPitch = host_pitch;
         }
