@@ -13,8 +13,11 @@ fn main() {
         manifest_dir.parent().and_then(|p| p.parent()).expect("crates/shoal-guests is two levels down").to_path_buf();
     let guests = root.join("guests");
     let target_dir = root.join("target").join("guests");
-    println!("cargo:rerun-if-changed={}", guests.display());
-    println!("cargo:rerun-if-changed={}", root.join("crates/shoal-guest").display());
+    // Every source file, not just the folders: a folder's own time does not change
+    // when a file in it is edited.
+    for dir in [guests.clone(), root.join("crates/shoal-guest")] {
+        watch(&dir);
+    }
 
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
@@ -43,5 +46,22 @@ fn main() {
         let built = target_dir.join("wasm32-wasip1/release").join(format!("{name}.wasm"));
         std::fs::copy(&built, out.join(format!("{name}.wasm")))
             .unwrap_or_else(|e| panic!("cannot copy {}: {e}", built.display()));
+    }
+}
+
+fn watch(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    println!("cargo:rerun-if-changed={}", dir.display());
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name();
+        if name == "target" || name.to_string_lossy().starts_with('.') && name != ".cargo" {
+            continue;
+        }
+        if path.is_dir() {
+            watch(&path);
+        } else {
+            println!("cargo:rerun-if-changed={}", path.display());
+        }
     }
 }

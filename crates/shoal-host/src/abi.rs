@@ -109,11 +109,19 @@ pub(crate) struct ShoalCtx {
     next_fence: u32,
     stats: GuestStats,
     last_rss_delta: i64,
+    measure_rss: bool,
 }
 
 impl ShoalCtx {
-    pub(crate) fn new(device: Arc<Device>) -> ShoalCtx {
-        ShoalCtx { device, fences: HashMap::new(), next_fence: 1, stats: GuestStats::default(), last_rss_delta: 0 }
+    pub(crate) fn new(device: Arc<Device>, measure_rss: bool) -> ShoalCtx {
+        ShoalCtx {
+            device,
+            fences: HashMap::new(),
+            next_fence: 1,
+            stats: GuestStats::default(),
+            last_rss_delta: 0,
+            measure_rss,
+        }
     }
 
     /// Waits for anything still in flight and returns the statistics.
@@ -216,8 +224,9 @@ fn decode_gemm(d: &[u8; GEMM_DESC_SIZE]) -> Result<GemmSpec, AbiError> {
     })
 }
 
-fn rss() -> i64 {
-    shoal_memory::resident_bytes().unwrap_or(0) as i64
+/// Resident bytes, when this instance measures them (else 0).
+fn rss(caller: &Caller<'_, HostState>) -> i64 {
+    if caller.data().shoal.measure_rss { shoal_memory::resident_bytes().unwrap_or(0) as i64 } else { 0 }
 }
 
 fn device_info(caller: &mut Caller<'_, HostState>, out: u32) -> Result<(), AbiError> {
@@ -254,9 +263,9 @@ fn gemm(caller: &mut Caller<'_, HostState>, desc: u32) -> Result<(), AbiError> {
     let span = span(caller, &mem);
     let op = spec.check(span.size())?;
     let device = caller.data().shoal.device.clone();
-    let (r0, t0) = (rss(), Instant::now());
+    let (r0, t0) = (rss(caller), Instant::now());
     let report = device.gemm(&span, &op)?;
-    let (dt, drss) = (t0.elapsed().as_secs_f64(), rss() - r0);
+    let (dt, drss) = (t0.elapsed().as_secs_f64(), rss(caller) - r0);
     caller.data_mut().shoal.record(report, dt, drss);
     Ok(())
 }
@@ -298,9 +307,9 @@ fn scal(caller: &mut Caller<'_, HostState>, x: u32, len: u32, alpha: f32) -> Res
     let span = span(caller, &mem);
     let op = Scal::check(&span, x.into(), len.into(), alpha)?;
     let device = caller.data().shoal.device.clone();
-    let (r0, t0) = (rss(), Instant::now());
+    let (r0, t0) = (rss(caller), Instant::now());
     let report = device.scal(&span, &op)?;
-    let (dt, drss) = (t0.elapsed().as_secs_f64(), rss() - r0);
+    let (dt, drss) = (t0.elapsed().as_secs_f64(), rss(caller) - r0);
     caller.data_mut().shoal.record(report, dt, drss);
     Ok(())
 }

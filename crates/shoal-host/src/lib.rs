@@ -57,6 +57,9 @@ pub struct RunOptions {
     pub capture_stdout: bool,
     /// The program name the guest sees as `argv[0]`.
     pub program_name: Option<String>,
+    /// Measure the growth of resident memory across each operation (reads
+    /// `/proc/self/statm` twice per call: a few microseconds; off for benchmarks).
+    pub measure_rss: bool,
 }
 
 /// What a run ended with.
@@ -133,7 +136,8 @@ impl Runtime {
                 wasi.inherit_stdout();
             }
         }
-        let state = HostState { wasi: wasi.build_p1(), shoal: abi::ShoalCtx::new(self.device.clone()) };
+        let state =
+            HostState { wasi: wasi.build_p1(), shoal: abi::ShoalCtx::new(self.device.clone(), opts.measure_rss) };
         let mut store = Store::new(&self.engine, state);
         let instance = self.linker.instantiate(&mut store, module).map_err(HostError::Instantiate)?;
         let start = instance.get_typed_func::<(), ()>(&mut store, "_start").map_err(|_| HostError::NoStart)?;
@@ -153,7 +157,7 @@ impl Runtime {
     pub fn call_export(&self, wasm: &[u8], name: &str) -> Result<GuestStats, HostError> {
         let module = self.compile(wasm)?;
         let state =
-            HostState { wasi: WasiCtxBuilder::new().build_p1(), shoal: abi::ShoalCtx::new(self.device.clone()) };
+            HostState { wasi: WasiCtxBuilder::new().build_p1(), shoal: abi::ShoalCtx::new(self.device.clone(), true) };
         let mut store = Store::new(&self.engine, state);
         let instance = self.linker.instantiate(&mut store, &module).map_err(HostError::Instantiate)?;
         let f = instance.get_typed_func::<(), ()>(&mut store, name).map_err(HostError::Instantiate)?;

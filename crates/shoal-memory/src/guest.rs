@@ -84,6 +84,7 @@ unsafe impl MemoryCreator for GuestMemoryCreator {
             .checked_add(guard_size_in_bytes)
             .ok_or_else(|| "reservation plus guard overflows".to_string())?;
         let base = sys::reserve(mapped).map_err(|e| format!("cannot reserve {mapped} bytes: {e}"))?;
+
         let mut memory = GuestMemory {
             id: MemoryId(NEXT_ID.fetch_add(1, Ordering::Relaxed)),
             base,

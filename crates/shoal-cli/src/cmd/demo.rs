@@ -85,7 +85,10 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         println!("  memory   guest pages {import}");
     }
     let outcome = runtime
-        .run(shoal_guests::GEMM, &RunOptions { args, capture_stdout: true, program_name: Some("gemm.wasm".into()) })
+        .run(
+            shoal_guests::GEMM,
+            &RunOptions { args, capture_stdout: true, program_name: Some("gemm.wasm".into()), measure_rss: true },
+        )
         .context("running the gemm guest")?;
     let stdout = String::from_utf8_lossy(outcome.stdout.as_deref().unwrap_or_default()).into_owned();
     let lines: Vec<GuestLine> = stdout

@@ -30,8 +30,10 @@ mod kernels;
 pub use kernels::{KERNELS_SOURCE, compile_kernels, compile_ptx, nvrtc_available};
 
 /// GEMMs whose operands add up to at most this many bytes run in place on mapped
-/// guest memory; larger ones are DMA'd to device memory (operands are read many times).
-const INPLACE_GEMM_MAX_BYTES: usize = 1 << 20;
+/// guest memory; larger ones are DMA'd to device memory, since a GEMM reads its
+/// operands many times. Measured on an H200 (docs/benchmarks.md): at 128×128 the DMA
+/// path already wins (28 µs vs 35 µs), so only tiny products stay in place.
+const INPLACE_GEMM_MAX_BYTES: usize = 48 << 10;
 
 /// Which GEMM path to take (`SHOAL_CUDA_GEMM_PATH=inplace|dma|auto` overrides).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +53,34 @@ struct Registered {
 struct Stream {
     stream: sys::CUstream,
     blas: blas::cublasHandle_t,
+    /// Device scratch for DMA'd operands, reused by every operation. All work is on
+    /// this one stream, so a later operation's copies wait for the earlier ones.
+    scratch: sys::CUdeviceptr,
+    scratch_len: usize,
+}
+
+impl Stream {
+    /// At least `len` bytes of device scratch, grown (stream-ordered) when needed.
+    fn scratch(&mut self, len: usize) -> Result<sys::CUdeviceptr, OpError> {
+        if len > self.scratch_len {
+            let want = len.next_power_of_two().max(1 << 20);
+            // SAFETY: our allocation, freed in stream order after the work that used it.
+            unsafe {
+                if self.scratch != 0 {
+                    sys::cuMemFreeAsync(self.scratch, self.stream);
+                    self.scratch = 0;
+                    self.scratch_len = 0;
+                }
+                let mut d = 0;
+                cu(sys::cuMemAllocAsync(&mut d, want, self.stream), "cuMemAllocAsync").map_err(|e| {
+                    OpError::Device(format!("{e}: cannot get {want} bytes of GPU memory for the operands"))
+                })?;
+                self.scratch = d;
+                self.scratch_len = want;
+            }
+        }
+        Ok(self.scratch)
+    }
 }
 
 /// The CUDA backend.
@@ -152,6 +182,34 @@ impl CudaBackend {
                 blas::cublasMath_t::CUBLAS_DEFAULT_MATH
             };
             blas::cublasSetMathMode(handle, math);
+            // Warm up: cuBLAS loads its kernels lazily; do it at open, not inside a
+            // guest's first call (where it shows as time and resident memory).
+            let mut d = 0;
+            if sys::cuMemAlloc_v2(&mut d, 3 * 64 * 64 * 4) == sys::CUresult::CUDA_SUCCESS {
+                sys::cuMemsetD8Async(d, 0, 3 * 64 * 64 * 4, stream);
+                let (one, zero) = (1.0f32, 0.0f32);
+                let p = |i: u64| (d + i * 64 * 64 * 4) as *mut f32;
+                for n in [8, 64] {
+                    let _ = cudarc::cublas::result::sgemm(
+                        handle,
+                        blas::cublasOperation_t::CUBLAS_OP_N,
+                        blas::cublasOperation_t::CUBLAS_OP_N,
+                        n,
+                        n,
+                        n,
+                        &one,
+                        p(0),
+                        n,
+                        p(1),
+                        n,
+                        &zero,
+                        p(2),
+                        n,
+                    );
+                }
+                sys::cuStreamSynchronize(stream);
+                sys::cuMemFree_v2(d);
+            }
             let (mut free, mut total) = (0usize, 0usize);
             sys::cuMemGetInfo_v2(&mut free, &mut total);
             Ok(CudaBackend {
@@ -168,7 +226,7 @@ impl CudaBackend {
                 _module: module,
                 scal_fn,
                 sms,
-                stream: Mutex::new(Stream { stream, blas: handle }),
+                stream: Mutex::new(Stream { stream, blas: handle, scratch: 0, scratch_len: 0 }),
                 registered: Mutex::new(HashMap::new()),
                 path,
             })
@@ -185,44 +243,60 @@ impl CudaBackend {
         cu(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent").map_err(op_err)
     }
 
-    /// Registers a newly committed range with the GPU (pinned and mapped).
+    /// Registers a memory's committed pages with the GPU (pinned and mapped) after
+    /// they grew.
+    ///
+    /// The whole committed range `base..base+offset+len` becomes one registration,
+    /// replacing the earlier one: the copy engine refuses a transfer that spans two
+    /// registrations (`CUDA_ERROR_INVALID_VALUE`), and a guest's allocations straddle
+    /// growth steps all the time. Registering costs about 40 µs per MiB on an H200
+    /// (docs/benchmarks.md), paid once per `memory.grow`.
     pub fn register(&self, range: CommittedRange) -> Result<(), String> {
         self.current().map_err(|e| e.to_string())?;
-        let addr = range.start_addr();
+        let (base, len) = (range.base, range.offset + range.len);
+        let old = self.registered.lock().unwrap_or_else(|e| e.into_inner()).remove(&base);
+        if let Some(old) = old {
+            self.sync();
+            for (addr, _) in old.ranges {
+                // SAFETY: registered by us; the GPU is idle on it (synchronized above).
+                unsafe { sys::cuMemHostUnregister(addr as *mut c_void) };
+            }
+        }
         // SAFETY: the range is committed guest memory that stays mapped until this
         // memory's release, which unregisters it first.
         unsafe {
             cu(
                 sys::cuMemHostRegister_v2(
-                    addr as *mut c_void,
-                    range.len,
+                    base as *mut c_void,
+                    len,
                     sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_PORTABLE,
                 ),
                 "cuMemHostRegister",
             )?;
             let mut dptr: sys::CUdeviceptr = 0;
-            cu(sys::cuMemHostGetDevicePointer_v2(&mut dptr, addr as *mut c_void, 0), "cuMemHostGetDevicePointer")?;
-            if dptr as usize != addr {
-                sys::cuMemHostUnregister(addr as *mut c_void);
-                return Err(format!("device pointer {dptr:#x} differs from the host address {addr:#x}"));
+            cu(sys::cuMemHostGetDevicePointer_v2(&mut dptr, base as *mut c_void, 0), "cuMemHostGetDevicePointer")?;
+            if dptr as usize != base {
+                sys::cuMemHostUnregister(base as *mut c_void);
+                return Err(format!("device pointer {dptr:#x} differs from the host address {base:#x}"));
             }
         }
-        let mut reg = self.registered.lock().unwrap_or_else(|e| e.into_inner());
-        reg.entry(range.base)
-            .or_insert_with(|| Registered { _memory: range.memory, ranges: Vec::new() })
-            .ranges
-            .push((addr, range.len));
+        self.registered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(base, Registered { _memory: range.memory, ranges: vec![(base, len)] });
         Ok(())
+    }
+
+    fn sync(&self) {
+        let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: a stream of this backend.
+        unsafe { sys::cuStreamSynchronize(s.stream) };
     }
 
     /// Waits for the GPU, then unregisters every range of a memory.
     pub fn release(&self, base: usize) {
         let _ = self.current();
-        {
-            let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-            // SAFETY: a stream of this backend.
-            unsafe { sys::cuStreamSynchronize(s.stream) };
-        }
+        self.sync();
         let ranges = self.registered.lock().unwrap_or_else(|e| e.into_inner()).remove(&base);
         for (addr, _) in ranges.map(|r| r.ranges).unwrap_or_default() {
             // SAFETY: registered by `register`; the GPU is idle on it (synchronized above).
@@ -241,11 +315,11 @@ impl CudaBackend {
 
     /// `x = alpha·x`, in place on the mapped guest pages.
     pub fn scal(&self, span: &GuestSpan, op: &Scal) -> Result<OpReport, OpError> {
-        let p = self.submit_scal(span, op)?;
-        p.wait()
+        // Synchronous: launch and wait on the stream itself (no event to create).
+        self.launch_scal(span, op, true)
     }
 
-    fn submit_scal(&self, span: &GuestSpan, op: &Scal) -> Result<CudaPending, OpError> {
+    fn launch_scal(&self, span: &GuestSpan, op: &Scal, wait: bool) -> Result<OpReport, OpError> {
         self.current()?;
         let addr = span.base() + op.x.start;
         let n = (op.x.len() / 4) as u64;
@@ -258,7 +332,9 @@ impl CudaBackend {
         }
         let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
         let threads = 256u32;
-        let blocks = (n.div_ceil(4 * threads as u64) as u32).clamp(1, self.sms * 8);
+        // One block of 256 threads per multiprocessor: the fastest launch for mapped
+        // memory measured on an H200 (docs/benchmarks.md, the launch sweep).
+        let blocks = (n.div_ceil(4 * threads as u64) as u32).clamp(1, self.sms);
         let mut ptr = addr as u64;
         let mut n_arg = n;
         let mut alpha = op.alpha;
@@ -294,7 +370,11 @@ impl CudaBackend {
             dispatches: 1,
             dma: false,
         };
-        CudaPending::record(self.ctx, s.stream, report)
+        if wait {
+            // SAFETY: our stream.
+            cu(unsafe { sys::cuStreamSynchronize(s.stream) }, "the GPU failed while running scal").map_err(op_err)?;
+        }
+        Ok(report)
     }
 
     /// Enqueues a GEMM on the stream; complete once the pending op is waited for.
@@ -313,7 +393,7 @@ impl CudaBackend {
             GemmPath::Dma => false,
             GemmPath::Auto => bytes <= INPLACE_GEMM_MAX_BYTES,
         };
-        let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
         let k = if op.alpha == 0.0 { 0 } else { op.k };
         let mut report = OpReport { dispatches: 1, dma: !in_place, ..Default::default() };
         // Device-side operands: (pointer, leading dimension).
@@ -322,46 +402,37 @@ impl CudaBackend {
         let (mut lda, mut ldb, mut ldc) = (op.lda, op.ldb, op.ldc);
         let (ar, ac) = if op.trans_a { (op.k, op.m) } else { (op.m, op.k) };
         let (br, bc) = if op.trans_b { (op.n, op.k) } else { (op.k, op.n) };
-        let mut scratch: Vec<sys::CUdeviceptr> = Vec::new();
-        let result = (|| -> Result<(), OpError> {
-            if !in_place {
-                // One DMA each way from/to the registered guest pages, packed on the device.
-                let mut upload = |host: u64, rows: usize, cols: usize, ld: usize, copy: bool| -> Result<u64, OpError> {
-                    let size = (rows * cols * es).max(es);
-                    let mut d: sys::CUdeviceptr = 0;
-                    // SAFETY: allocation on our stream; freed after use, stream-ordered.
-                    unsafe { cu(sys::cuMemAllocAsync(&mut d, size, s.stream), "cuMemAllocAsync").map_err(op_err)? };
-                    scratch.push(d);
-                    if copy && rows > 0 && cols > 0 {
-                        // SAFETY: the source is the checked, registered guest matrix.
-                        unsafe { copy_2d(host, ld * es, Dir::ToDevice, d, cols * es, cols * es, rows, s.stream)? };
-                    }
-                    Ok(d)
-                };
-                if k > 0 {
-                    a = upload(a, ar, ac, op.lda, true)?;
-                    b = upload(b, br, bc, op.ldb, true)?;
-                    (lda, ldb) = (ac, bc);
+        if in_place {
+            self.blas_gemm(&s, op, k, a, lda, b, ldb, c, ldc)?;
+        } else {
+            // One DMA each way between the registered guest pages and device scratch,
+            // where the operands are packed (leading dimension = columns).
+            let align = |n: usize| n.div_ceil(256) * 256;
+            let (a_bytes, b_bytes) = if k > 0 { (ar * ac * es, br * bc * es) } else { (0, 0) };
+            let (a_off, b_off) = (0, align(a_bytes));
+            let c_off = b_off + align(b_bytes);
+            let scratch = s.scratch(c_off + op.m * op.n * es)?;
+            if k > 0 {
+                // SAFETY: the sources are the checked, registered guest A and B; the
+                // destinations lie in the scratch allocation sized above.
+                unsafe {
+                    copy_matrix(a, op.lda * es, Dir::ToDevice, scratch + a_off as u64, ac * es, ar, s.stream)?;
+                    copy_matrix(b, op.ldb * es, Dir::ToDevice, scratch + b_off as u64, bc * es, br, s.stream)?;
                 }
-                let host_c = c;
-                c = upload(c, op.m, op.n, op.ldc, op.beta != 0.0)?;
-                ldc = op.n;
-                report.bytes_copied = ((if k > 0 { ar * ac + br * bc } else { 0 }
-                    + op.m * op.n * (1 + usize::from(op.beta != 0.0)))
-                    * es) as u64;
-                self.blas_gemm(&s, op, k, a, lda, b, ldb, c, ldc)?;
-                // SAFETY: the destination is the checked, registered guest C.
-                unsafe { copy_2d(host_c, op.ldc * es, Dir::ToHost, c, op.n * es, op.n * es, op.m, s.stream)? };
-            } else {
-                self.blas_gemm(&s, op, k, a, lda, b, ldb, c, ldc)?;
+                (a, b, lda, ldb) = (scratch + a_off as u64, scratch + b_off as u64, ac, bc);
             }
-            Ok(())
-        })();
-        for d in scratch {
-            // SAFETY: allocated above on this stream; stream order frees it after use.
-            unsafe { sys::cuMemFreeAsync(d, s.stream) };
+            let host_c = c;
+            c = scratch + c_off as u64;
+            if op.beta != 0.0 {
+                // SAFETY: as above, for C.
+                unsafe { copy_matrix(host_c, op.ldc * es, Dir::ToDevice, c, op.n * es, op.m, s.stream)? };
+            }
+            ldc = op.n;
+            report.bytes_copied = (a_bytes + b_bytes + op.m * op.n * es * (1 + usize::from(op.beta != 0.0))) as u64;
+            self.blas_gemm(&s, op, k, a, lda, b, ldb, c, ldc)?;
+            // SAFETY: the destination is the checked, registered guest C.
+            unsafe { copy_matrix(host_c, op.ldc * es, Dir::ToHost, c, op.n * es, op.m, s.stream)? };
         }
-        result?;
         let ranges: Vec<_> = [&op.a, &op.b, &op.c].into_iter().filter(|r| !r.is_empty()).collect();
         report.operands = ranges
             .into_iter()
@@ -435,6 +506,39 @@ impl CudaBackend {
 enum Dir {
     ToDevice,
     ToHost,
+}
+
+/// One DMA of a `rows`-row matrix (rows of `width` bytes, `host_pitch` apart in guest
+/// memory) to or from packed device memory: a plain copy when the rows are
+/// contiguous, a 2D copy otherwise.
+///
+/// # Safety
+/// As [`copy_2d`].
+unsafe fn copy_matrix(
+    host: u64,
+    host_pitch: usize,
+    dir: Dir,
+    dev: sys::CUdeviceptr,
+    width: usize,
+    rows: usize,
+    stream: sys::CUstream,
+) -> Result<(), OpError> {
+    if width == 0 || rows == 0 {
+        return Ok(());
+    }
+    if host_pitch == width || rows == 1 {
+        let bytes = width * rows;
+        // SAFETY: the caller's contract (contiguous rows: one range of `bytes`).
+        let r = unsafe {
+            match dir {
+                Dir::ToDevice => sys::cuMemcpyHtoDAsync_v2(dev, host as *const c_void, bytes, stream),
+                Dir::ToHost => sys::cuMemcpyDtoHAsync_v2(host as *mut c_void, dev, bytes, stream),
+            }
+        };
+        return cu(r, "cuMemcpyAsync").map_err(op_err);
+    }
+    // SAFETY: the caller's contract.
+    unsafe { copy_2d(host, host_pitch, dir, dev, width, width, rows, stream) }
 }
 
 /// One 2D DMA between registered host memory and device memory, on `stream`.
@@ -544,6 +648,9 @@ impl Drop for CudaBackend {
         // SAFETY: our handles, not used after this.
         unsafe {
             sys::cuCtxSetCurrent(self.ctx);
+            if s.scratch != 0 {
+                sys::cuMemFreeAsync(s.scratch, s.stream);
+            }
             sys::cuStreamSynchronize(s.stream);
             blas::cublasDestroy_v2(s.blas);
             sys::cuStreamDestroy_v2(s.stream);
