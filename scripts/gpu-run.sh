@@ -54,5 +54,10 @@ if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
   step "bench: GEMM from a Wasm guest"
   $B/shoal run --backend cuda $B/gemm.wasm -- --bench 10 \
     --size 128 --size 256 --size 512 --size 1024 --size 2048 --size 4096 --size 8192 | tee "$OUT/guest-gemm.jsonl"
+  step "bench: GEMM from a Wasm guest, operands in device buffers"
+  $B/shoal run --backend cuda $B/gemm.wasm -- --bench 10 --device \
+    --size 128 --size 256 --size 512 --size 1024 --size 2048 --size 4096 --size 8192 | tee "$OUT/guest-gemm-device.jsonl"
+  step "demo: device buffers, checked"
+  $B/shoal run --backend cuda $B/gemm.wasm -- --device --json --size 1000 --size 2048
 fi
 step done

@@ -39,8 +39,9 @@ mod op;
 pub mod wgpu;
 
 use std::fmt;
+use std::ops::Range;
 
-pub use op::{DType, Gemm, GemmSpec, MAX_DIM, Scal, extent};
+pub use op::{BufferId, DType, Gemm, GemmSpec, MAX_DIM, Scal, Space, extent};
 use shoal_memory::{CommittedRange, MemoryId, MemoryObserver};
 
 /// The backends shoal knows, available in this build or not.
@@ -150,6 +151,50 @@ pub enum OpError {
     /// The device failed.
     #[error("device error: {0}")]
     Device(String),
+    /// An unknown buffer.
+    #[error("bad handle: {0}")]
+    BadHandle(String),
+}
+
+/// The largest device buffer one call may create (1 TiB: larger is refused as absurd).
+pub const MAX_BUFFER_BYTES: u64 = 1 << 40;
+
+/// Device buffers of one backend: id → storage, shared with operations in flight (an
+/// operation holds its buffers until it completes, so freeing one never pulls memory
+/// from under the device).
+pub(crate) struct BufferTable<T> {
+    next: std::sync::atomic::AtomicU64,
+    map: std::sync::Mutex<std::collections::HashMap<BufferId, std::sync::Arc<T>>>,
+}
+
+impl<T> Default for BufferTable<T> {
+    fn default() -> Self {
+        BufferTable { next: std::sync::atomic::AtomicU64::new(1), map: Default::default() }
+    }
+}
+
+impl<T> BufferTable<T> {
+    pub(crate) fn insert(&self, t: T) -> BufferId {
+        let id = BufferId(self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).insert(id, std::sync::Arc::new(t));
+        id
+    }
+    pub(crate) fn get(&self, id: BufferId) -> Result<std::sync::Arc<T>, OpError> {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| OpError::BadHandle(format!("no device buffer {}", id.0)))
+    }
+    pub(crate) fn remove(&self, id: BufferId) -> Result<(), OpError> {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id)
+            .map(drop)
+            .ok_or_else(|| OpError::BadHandle(format!("no device buffer {}", id.0)))
+    }
 }
 
 /// A guest memory as an operation sees it: its base and its size at the time of the call.
@@ -367,7 +412,7 @@ impl Device {
             return Ok(Device::ready(Ok(OpReport::default())));
         }
         let inner = match self {
-            Device::Cpu(b) => PendingInner::Cpu(b.submit_gemm(span, op)),
+            Device::Cpu(b) => PendingInner::Cpu(b.submit_gemm(span, op)?),
             #[cfg(feature = "wgpu")]
             Device::Wgpu(b) => PendingInner::Wgpu(b.submit_gemm(span, op)?),
             #[cfg(feature = "cuda")]
@@ -388,6 +433,93 @@ impl Device {
             #[cfg(feature = "cuda")]
             Device::Cuda(b) => b.scal(span, op),
         }
+    }
+
+    /// Creates a device-resident buffer of `len` bytes (zeroed), for data that must
+    /// stay on the device between operations.
+    pub fn create_buffer(&self, len: u64) -> Result<BufferId, OpError> {
+        if len == 0 || len > MAX_BUFFER_BYTES {
+            return Err(OpError::TooLarge(format!("a device buffer of {len} bytes (1 ..= {MAX_BUFFER_BYTES})")));
+        }
+        let len = usize::try_from(len).map_err(|_| OpError::TooLarge(format!("{len} bytes")))?;
+        match self {
+            Device::Cpu(b) => b.create_buffer(len),
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(b) => b.create_buffer(len),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(b) => b.create_buffer(len),
+        }
+    }
+
+    /// Frees a buffer (operations still using it keep it until they complete).
+    pub fn free_buffer(&self, id: BufferId) -> Result<(), OpError> {
+        match self {
+            Device::Cpu(b) => b.buffers.remove(id),
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(b) => b.buffers.remove(id),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(b) => b.buffers.remove(id),
+        }
+    }
+
+    /// The size of a buffer in bytes.
+    pub fn buffer_size(&self, id: BufferId) -> Result<u64, OpError> {
+        Ok(match self {
+            Device::Cpu(b) => b.buffers.get(id)?.len as u64,
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(b) => b.buffers.get(id)?.size(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(b) => b.buffers.get(id)?.len as u64,
+        })
+    }
+
+    /// Copies guest bytes `src` into the buffer at `offset`, synchronously.
+    pub fn write_buffer(&self, id: BufferId, offset: u64, span: &GuestSpan, src: Range<usize>) -> Result<(), OpError> {
+        self.check_transfer(id, offset, span, &src)?;
+        match self {
+            Device::Cpu(b) => b.transfer(id, offset as usize, span, src, true),
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(b) => b.write_buffer(id, offset, span, src),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(b) => b.transfer(id, offset as usize, span, src, true),
+        }
+    }
+
+    /// Copies `dst.len()` bytes of the buffer at `offset` into guest bytes `dst`, synchronously.
+    pub fn read_buffer(&self, id: BufferId, offset: u64, span: &GuestSpan, dst: Range<usize>) -> Result<(), OpError> {
+        self.check_transfer(id, offset, span, &dst)?;
+        match self {
+            Device::Cpu(b) => b.transfer(id, offset as usize, span, dst, false),
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(b) => b.read_buffer(id, offset, span, dst),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(b) => b.transfer(id, offset as usize, span, dst, false),
+        }
+    }
+
+    fn check_transfer(&self, id: BufferId, offset: u64, span: &GuestSpan, guest: &Range<usize>) -> Result<(), OpError> {
+        let size = self.buffer_size(id)?;
+        if guest.end > span.size() || guest.start > guest.end {
+            return Err(OpError::OutOfBounds(format!(
+                "guest bytes {:#x}..{:#x} end past the memory's {} bytes",
+                guest.start,
+                guest.end,
+                span.size()
+            )));
+        }
+        let len = guest.len() as u64;
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(OpError::OutOfBounds(format!(
+                "{len} bytes at offset {offset} end past buffer {}'s {size} bytes",
+                id.0
+            )));
+        }
+        if !offset.is_multiple_of(4) || !len.is_multiple_of(4) {
+            return Err(OpError::Misaligned(format!(
+                "buffer transfers move whole 4-byte words (offset {offset}, {len} bytes)"
+            )));
+        }
+        Ok(())
     }
 
     /// A result that is already known, as a [`Pending`].

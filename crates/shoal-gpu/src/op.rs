@@ -111,12 +111,15 @@ pub struct Gemm {
     pub alpha: f32,
     /// Scale of the old C.
     pub beta: f32,
-    /// Bytes of the guest memory that A's elements occupy (first to last touched).
+    /// Bytes of A's space that its elements occupy (first to last touched).
     pub a: Range<usize>,
     /// Bytes that B's elements occupy.
     pub b: Range<usize>,
     /// Bytes that C's elements occupy.
     pub c: Range<usize>,
+    /// The buffer each of A, B, C lives in (`None`: the guest's memory; the ranges
+    /// above are then guest offsets, else offsets in the buffer).
+    pub spaces: [Option<BufferId>; 3],
 }
 
 /// Elements from the first to the last of a `rows×cols` matrix with row stride `ld`.
@@ -127,9 +130,41 @@ pub fn extent(rows: u64, cols: u64, ld: u64) -> Option<u64> {
     (rows - 1).checked_mul(ld)?.checked_add(cols)
 }
 
+/// A device-resident buffer (see [`Device::create_buffer`](crate::Device::create_buffer)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct BufferId(pub u64);
+
+/// Where a GEMM operand lives: the guest's memory, or a device-resident buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Space {
+    /// The guest's linear memory (the view is checked against its current size).
+    Guest,
+    /// A device buffer of `size` bytes (the view is checked against that).
+    Buffer {
+        /// The buffer.
+        id: BufferId,
+        /// Its size in bytes.
+        size: u64,
+    },
+}
+
 impl GemmSpec {
     /// Checks every dimension, stride and view against a memory of `mem_size` bytes.
     pub fn check(&self, mem_size: usize) -> Result<Gemm, OpError> {
+        self.check_in(mem_size, [Space::Guest; 3])
+    }
+
+    /// Like [`check`](Self::check), with A, B and C each in the space given: views in
+    /// a device buffer are checked against the buffer's size.
+    pub fn check_in(&self, mem_size: usize, spaces: [Space; 3]) -> Result<Gemm, OpError> {
+        let limit = |s: Space| match s {
+            Space::Guest => mem_size,
+            Space::Buffer { size, .. } => usize::try_from(size).unwrap_or(usize::MAX),
+        };
+        let id = |s: Space| match s {
+            Space::Guest => None,
+            Space::Buffer { id, .. } => Some(id),
+        };
         for (name, v) in [("m", self.m), ("n", self.n), ("k", self.k)] {
             if v > MAX_DIM {
                 return Err(OpError::TooLarge(format!("{name} = {v} is larger than the limit {MAX_DIM}")));
@@ -138,14 +173,15 @@ impl GemmSpec {
         let es = self.dtype.size() as u64;
         let (ar, ac) = if self.trans_a { (self.k, self.m) } else { (self.m, self.k) };
         let (br, bc) = if self.trans_b { (self.n, self.k) } else { (self.k, self.n) };
-        let c = self.view("C", (self.m, self.n), self.ldc, self.c, es, mem_size)?;
+        let c = self.view("C", (self.m, self.n), self.ldc, self.c, es, limit(spaces[2]))?;
         // With k == 0 or alpha == 0 the product is not read: only C matters.
         let reads = self.k > 0 && self.m > 0 && self.n > 0;
         let (a, b) = if reads {
-            let a = self.view("A", (ar, ac), self.lda, self.a, es, mem_size)?;
-            let b = self.view("B", (br, bc), self.ldb, self.b, es, mem_size)?;
-            for (name, r) in [("A", &a), ("B", &b)] {
-                if ranges_overlap(&c, r) {
+            let a = self.view("A", (ar, ac), self.lda, self.a, es, limit(spaces[0]))?;
+            let b = self.view("B", (br, bc), self.ldb, self.b, es, limit(spaces[1]))?;
+            for (name, r, sp) in [("A", &a, spaces[0]), ("B", &b, spaces[1])] {
+                // Only views in the same space (the guest, or one buffer) can overlap.
+                if id(sp) == id(spaces[2]) && ranges_overlap(&c, r) {
                     return Err(OpError::Overlap(format!(
                         "C (bytes {:#x}..{:#x}) overlaps {name} (bytes {:#x}..{:#x}); the product would read what it writes",
                         c.start, c.end, r.start, r.end
@@ -171,6 +207,7 @@ impl GemmSpec {
             a,
             b,
             c,
+            spaces: if reads { spaces.map(id) } else { [None, None, id(spaces[2])] },
         })
     }
 

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use shoal_gpu::{BackendKind, DType, Device, GemmSpec, GuestSpan, OpReport, Scal};
+use shoal_gpu::{BackendKind, DType, Device, GemmSpec, GuestSpan, OpError, OpReport, Scal, Space};
 use shoal_memory::{CommittedRange, MemoryId, MemoryObserver};
 
 /// Import granularity we round regions to (the Vulkan import needs 4 KiB; some
@@ -707,4 +707,73 @@ fn vulkan_tiles_a_gemm_larger_than_one_binding() {
     assert!(copied.dispatches > 1 && !copied.in_place() && copied.bytes_copied > 0, "{copied:?}");
     same(&region.floats()[c_off..c_off + m * n], &want, &format!("copied, {} tiles", copied.dispatches));
     eprintln!("{test}: {m}×{n}×{k}, {} tiles, {:.1} s", report.dispatches, t0.elapsed().as_secs_f64());
+}
+
+// ---------------------------------------------------------------------------
+// Device-resident buffers
+
+#[test]
+fn device_buffers_hold_operands_on_every_backend() {
+    let test = "device_buffers_hold_operands_on_every_backend";
+    let mut rng = StdRng::seed_from_u64(0xb0f);
+    let (m, n, k) = (37usize, 29usize, 41usize);
+    let mut ran = Vec::new();
+    for d in backends(test) {
+        let mut region = Region::new((m * k + k * n + m * n) * 4);
+        region.announce(d);
+        let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let f = region.floats();
+        f[..m * k].copy_from_slice(&a);
+        f[m * k..m * k + k * n].copy_from_slice(&b);
+        let span = region.span();
+        // A goes to a device buffer (at an offset); B stays in guest memory; C is a buffer.
+        let buf_a = d.create_buffer(((m * k + 8) * 4) as u64).unwrap();
+        let buf_c = d.create_buffer((m * n * 4) as u64).unwrap();
+        d.write_buffer(buf_a, 32, &span, 0..m * k * 4).unwrap();
+        let spec = GemmSpec {
+            dtype: DType::F32,
+            trans_a: false,
+            trans_b: false,
+            m: m as u64,
+            n: n as u64,
+            k: k as u64,
+            lda: k as u64,
+            ldb: n as u64,
+            ldc: n as u64,
+            alpha: 1.0,
+            beta: 0.0,
+            a: (32, (m * k * 4) as u64),
+            b: ((m * k * 4) as u64, (k * n * 4) as u64),
+            c: (0, (m * n * 4) as u64),
+        };
+        let sa = Space::Buffer { id: buf_a, size: d.buffer_size(buf_a).unwrap() };
+        let sc = Space::Buffer { id: buf_c, size: d.buffer_size(buf_c).unwrap() };
+        let op = spec.check_in(span.size(), [sa, Space::Guest, sc]).unwrap();
+        let report = d.gemm(&span, &op).unwrap_or_else(|e| panic!("{}: {e}", d.info().name));
+        assert_eq!(report.operands.len(), 1, "{}: only B is guest memory: {report:?}", d.info().name);
+        // Read C back into the guest and compare with a float64 product.
+        let c_at = (m * k + k * n) * 4;
+        d.read_buffer(buf_c, 0, &span, c_at..c_at + m * n * 4).unwrap();
+        let c = &region.floats()[m * k + k * n..m * k + k * n + m * n];
+        let (mut num, mut den) = (0f64, 0f64);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum();
+                num += (c[i * n + j] as f64 - want).powi(2);
+                den += want * want;
+            }
+        }
+        assert!((num / den).sqrt() < 1e-5, "{}: relative error {}", d.info().name, (num / den).sqrt());
+        // Bad handles and ranges are errors, not faults.
+        assert!(matches!(d.write_buffer(buf_a, (m * k * 4) as u64, &span, 0..64), Err(OpError::OutOfBounds(_))));
+        assert!(matches!(d.read_buffer(buf_c, 2, &span, 0..8), Err(OpError::Misaligned(_))));
+        assert!(matches!(d.create_buffer(0), Err(OpError::TooLarge(_))));
+        d.free_buffer(buf_a).unwrap();
+        d.free_buffer(buf_c).unwrap();
+        assert!(matches!(d.free_buffer(buf_a), Err(OpError::BadHandle(_))));
+        assert!(matches!(d.buffer_size(buf_c), Err(OpError::BadHandle(_))));
+        ran.push(d.info().backend);
+    }
+    ran_on(test, &ran);
 }

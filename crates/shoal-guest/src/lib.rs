@@ -36,6 +36,10 @@ mod sys {
         pub fn scal(x: *mut f32, len: u32, alpha: f32) -> i32;
         pub fn last_op(out: *mut u8) -> i32;
         pub fn last_error(buf: *mut u8, cap: u32, len_out: *mut u32) -> i32;
+        pub fn buffer_create(len: u64, handle_out: *mut u32) -> i32;
+        pub fn buffer_free(handle: u32) -> i32;
+        pub fn buffer_write(handle: u32, offset: u64, src: *const u8, len: u32) -> i32;
+        pub fn buffer_read(handle: u32, offset: u64, dst: *mut u8, len: u32) -> i32;
     }
 }
 
@@ -242,22 +246,37 @@ impl Gemm {
         self
     }
 
-    fn desc(&self, a: &[f32], b: &[f32], c: &[f32]) -> [u8; 88] {
+    fn desc(&self, a: &[f32], b: &[f32], c: &[f32]) -> [u8; 100] {
+        self.desc_in([(a.as_ptr() as u64, a.len(), 0), (b.as_ptr() as u64, b.len(), 0), (c.as_ptr() as u64, c.len(), 0)])
+    }
+
+    /// The descriptor, with each operand as (offset, elements, buffer handle or 0).
+    fn desc_in(&self, views: [(u64, usize, u32); 3]) -> [u8; 100] {
         let lda = self.lda.unwrap_or(if self.trans_a { self.m } else { self.k });
         let ldb = self.ldb.unwrap_or(if self.trans_b { self.k } else { self.n });
         let ldc = self.ldc.unwrap_or(self.n);
-        let flags = u32::from(self.trans_a) | (u32::from(self.trans_b) << 1);
-        let mut d = [0u8; 88];
+        let buffers = views.iter().any(|v| v.2 != 0);
+        let flags = u32::from(self.trans_a) | (u32::from(self.trans_b) << 1) | (u32::from(buffers) << 2);
+        let mut d = [0u8; 100];
         let words = [0, flags, self.m, self.n, self.k, lda, ldb, ldc, self.alpha.to_bits(), self.beta.to_bits()];
         for (i, w) in words.iter().enumerate() {
             d[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
         }
-        let views = [(a.as_ptr() as u64, a.len()), (b.as_ptr() as u64, b.len()), (c.as_ptr() as u64, c.len())];
-        for (i, (off, len)) in views.iter().enumerate() {
+        for (i, (off, len, handle)) in views.iter().enumerate() {
             d[40 + i * 16..48 + i * 16].copy_from_slice(&off.to_le_bytes());
             d[48 + i * 16..56 + i * 16].copy_from_slice(&((*len as u64) * 4).to_le_bytes());
+            d[88 + i * 4..92 + i * 4].copy_from_slice(&handle.to_le_bytes());
         }
         d
+    }
+
+    /// Runs the product on operands in guest memory or in device buffers (data that
+    /// stays on the device between products: no transfer at all).
+    pub fn run_on(&self, a: Src<'_>, b: Src<'_>, c: Dst<'_>) -> Result<()> {
+        let d = self.desc_in([a.view(), b.view(), c.view()]);
+        // SAFETY: the descriptor names only these slices and buffers; the host checks
+        // every view and writes only C, which is borrowed mutably for the call.
+        check(unsafe { sys::gemm(d.as_ptr()) })
     }
 
     /// Runs the product; returns when C holds the result.
@@ -278,6 +297,84 @@ impl Gemm {
         // safe code until the host is done.
         check(unsafe { sys::gemm_submit(d.as_ptr(), &mut fence) })?;
         Ok(Pending { fence, done: false, _borrow: PhantomData })
+    }
+}
+
+/// A GEMM input: a guest slice or a device buffer.
+#[derive(Clone, Copy, Debug)]
+pub enum Src<'a> {
+    /// f32 elements in guest memory.
+    Guest(&'a [f32]),
+    /// A device buffer (from element 0).
+    Device(&'a DeviceBuffer),
+}
+
+/// A GEMM output: a guest slice or a device buffer.
+#[derive(Debug)]
+pub enum Dst<'a> {
+    /// f32 elements in guest memory.
+    Guest(&'a mut [f32]),
+    /// A device buffer (from element 0).
+    Device(&'a mut DeviceBuffer),
+}
+
+impl Src<'_> {
+    fn view(&self) -> (u64, usize, u32) {
+        match self {
+            Src::Guest(s) => (s.as_ptr() as u64, s.len(), 0),
+            Src::Device(b) => (0, b.len, b.handle),
+        }
+    }
+}
+
+impl Dst<'_> {
+    fn view(&self) -> (u64, usize, u32) {
+        match self {
+            Dst::Guest(s) => (s.as_ptr() as u64, s.len(), 0),
+            Dst::Device(b) => (0, b.len, b.handle),
+        }
+    }
+}
+
+/// f32 data that stays in device memory between operations. Freed on drop.
+#[derive(Debug)]
+pub struct DeviceBuffer {
+    handle: u32,
+    len: usize,
+}
+
+impl DeviceBuffer {
+    /// A zeroed buffer of `len` f32 elements on the host's device.
+    pub fn new(len: usize) -> Result<DeviceBuffer> {
+        let mut handle = 0u32;
+        // SAFETY: `handle` is a writable u32.
+        check(unsafe { sys::buffer_create((len as u64) * 4, &mut handle) })?;
+        Ok(DeviceBuffer { handle, len })
+    }
+    /// Elements in the buffer.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether the buffer has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Copies `src` into the buffer from element `at`.
+    pub fn write(&mut self, at: usize, src: &[f32]) -> Result<()> {
+        // SAFETY: names exactly `src`; the host checks both ranges.
+        check(unsafe { sys::buffer_write(self.handle, (at as u64) * 4, src.as_ptr() as *const u8, (src.len() * 4) as u32) })
+    }
+    /// Copies elements from `at` into `dst`.
+    pub fn read(&self, at: usize, dst: &mut [f32]) -> Result<()> {
+        // SAFETY: names exactly `dst`, borrowed mutably; the host checks both ranges.
+        check(unsafe { sys::buffer_read(self.handle, (at as u64) * 4, dst.as_mut_ptr() as *mut u8, (dst.len() * 4) as u32) })
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // SAFETY: takes a handle only.
+        let _ = unsafe { sys::buffer_free(self.handle) };
     }
 }
 

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use shoal_gpu::{DType, DataPath, Device, GemmSpec, GuestSpan, OpError, OpReport, Pending, Scal};
+use shoal_gpu::{BufferId, DType, DataPath, Device, GemmSpec, GuestSpan, OpError, OpReport, Pending, Scal, Space};
 use wasmtime::{Caller, Extern, Linker, Memory};
 
 use crate::HostState;
@@ -22,6 +22,10 @@ pub const ABI_VERSION: u32 = 1;
 const MAX_FENCES: usize = 64;
 /// Size of the GEMM descriptor in guest memory.
 const GEMM_DESC_SIZE: usize = 88;
+/// GEMM flag: three u32 buffer handles follow the descriptor (0: guest memory).
+const GEMM_FLAG_BUFFERS: u32 = 4;
+/// Device buffers one instance may hold.
+const MAX_BUFFERS: usize = 4096;
 
 /// Status codes: stable, part of the ABI.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +65,7 @@ impl From<&OpError> for Status {
             OpError::TooLarge(_) => Status::TooLarge,
             OpError::Unsupported(_) => Status::Unsupported,
             OpError::Device(_) => Status::Device,
+            OpError::BadHandle(_) => Status::BadHandle,
         }
     }
 }
@@ -110,6 +115,20 @@ pub(crate) struct ShoalCtx {
     stats: GuestStats,
     last_rss_delta: i64,
     measure_rss: bool,
+    /// The instance's device buffers: handle → buffer (freed with the instance).
+    buffers: HashMap<u32, BufferId>,
+    next_buffer: u32,
+}
+
+impl Drop for ShoalCtx {
+    fn drop(&mut self) {
+        for (_, (p, _)) in self.fences.drain() {
+            let _ = p.wait();
+        }
+        for (_, id) in self.buffers.drain() {
+            let _ = self.device.free_buffer(id);
+        }
+    }
 }
 
 impl ShoalCtx {
@@ -121,6 +140,8 @@ impl ShoalCtx {
             stats: GuestStats::default(),
             last_rss_delta: 0,
             measure_rss,
+            buffers: HashMap::new(),
+            next_buffer: 1,
         }
     }
 
@@ -203,7 +224,7 @@ fn decode_gemm(d: &[u8; GEMM_DESC_SIZE]) -> Result<GemmSpec, AbiError> {
     let dtype = DType::from_abi(u32_at(d, 0))
         .ok_or_else(|| err(Status::InvalidArgument, format!("unknown dtype {}", u32_at(d, 0))))?;
     let flags = u32_at(d, 4);
-    if flags & !3 != 0 {
+    if flags & !(3 | GEMM_FLAG_BUFFERS) != 0 {
         return Err(err(Status::InvalidArgument, format!("unknown GEMM flags {flags:#x}")));
     }
     Ok(GemmSpec {
@@ -256,12 +277,38 @@ fn device_info(caller: &mut Caller<'_, HostState>, out: u32) -> Result<(), AbiEr
     write(caller, &mem, out, &b)
 }
 
+/// Where A, B and C live: the guest's memory, or the instance's device buffers named
+/// by the three handles after the descriptor (flag 4).
+fn spaces(caller: &Caller<'_, HostState>, mem: &Memory, desc: u32, d: &[u8]) -> Result<[Space; 3], AbiError> {
+    if u32_at(d, 4) & GEMM_FLAG_BUFFERS == 0 {
+        return Ok([Space::Guest; 3]);
+    }
+    let at = desc
+        .checked_add(GEMM_DESC_SIZE as u32)
+        .ok_or_else(|| err(Status::OutOfBounds, "the buffer handles after the descriptor overflow"))?;
+    let h = read::<12>(caller, mem, at)?;
+    let ctx = &caller.data().shoal;
+    let mut out = [Space::Guest; 3];
+    for (i, sp) in out.iter_mut().enumerate() {
+        let handle = u32_at(&h, i * 4);
+        if handle != 0 {
+            let id = *ctx
+                .buffers
+                .get(&handle)
+                .ok_or_else(|| err(Status::BadHandle, format!("no device buffer with handle {handle}")))?;
+            *sp = Space::Buffer { id, size: ctx.device.buffer_size(id)? };
+        }
+    }
+    Ok(out)
+}
+
 fn gemm(caller: &mut Caller<'_, HostState>, desc: u32) -> Result<(), AbiError> {
     let mem = memory(caller)?;
     let d = read::<GEMM_DESC_SIZE>(caller, &mem, desc)?;
     let spec = decode_gemm(&d)?;
+    let spaces = spaces(caller, &mem, desc, &d)?;
     let span = span(caller, &mem);
-    let op = spec.check(span.size())?;
+    let op = spec.check_in(span.size(), spaces)?;
     let device = caller.data().shoal.device.clone();
     let (r0, t0) = (rss(caller), Instant::now());
     let report = device.gemm(&span, &op)?;
@@ -276,8 +323,9 @@ fn gemm_submit(caller: &mut Caller<'_, HostState>, desc: u32, fence_out: u32) ->
     // Check the out-pointer before lending anything to the device.
     read::<4>(caller, &mem, fence_out)?;
     let spec = decode_gemm(&d)?;
+    let spaces = spaces(caller, &mem, desc, &d)?;
     let span = span(caller, &mem);
-    let op = spec.check(span.size())?;
+    let op = spec.check_in(span.size(), spaces)?;
     if caller.data().shoal.fences.len() >= MAX_FENCES {
         return Err(err(Status::Busy, format!("{MAX_FENCES} operations are already in flight; wait on one first")));
     }
@@ -311,6 +359,67 @@ fn scal(caller: &mut Caller<'_, HostState>, x: u32, len: u32, alpha: f32) -> Res
     let report = device.scal(&span, &op)?;
     let (dt, drss) = (t0.elapsed().as_secs_f64(), rss(caller) - r0);
     caller.data_mut().shoal.record(report, dt, drss);
+    Ok(())
+}
+
+fn buffer_create(caller: &mut Caller<'_, HostState>, len: u64, handle_out: u32) -> Result<(), AbiError> {
+    let mem = memory(caller)?;
+    read::<4>(caller, &mem, handle_out)?;
+    let ctx = &caller.data().shoal;
+    if ctx.buffers.len() >= MAX_BUFFERS {
+        return Err(err(
+            Status::Busy,
+            format!("the instance already holds {MAX_BUFFERS} device buffers; free one first"),
+        ));
+    }
+    let id = ctx.device.create_buffer(len)?;
+    let ctx = &mut caller.data_mut().shoal;
+    let mut handle = ctx.next_buffer;
+    while handle == 0 || ctx.buffers.contains_key(&handle) {
+        handle = handle.wrapping_add(1);
+    }
+    ctx.next_buffer = handle.wrapping_add(1);
+    ctx.buffers.insert(handle, id);
+    write(caller, &mem, handle_out, &handle.to_le_bytes())
+}
+
+fn buffer_id(caller: &Caller<'_, HostState>, handle: u32) -> Result<BufferId, AbiError> {
+    caller
+        .data()
+        .shoal
+        .buffers
+        .get(&handle)
+        .copied()
+        .ok_or_else(|| err(Status::BadHandle, format!("no device buffer with handle {handle}")))
+}
+
+fn buffer_free(caller: &mut Caller<'_, HostState>, handle: u32) -> Result<(), AbiError> {
+    let id = buffer_id(caller, handle)?;
+    let ctx = &mut caller.data_mut().shoal;
+    ctx.buffers.remove(&handle);
+    ctx.device.free_buffer(id)?;
+    Ok(())
+}
+
+fn buffer_transfer(
+    caller: &mut Caller<'_, HostState>,
+    handle: u32,
+    offset: u64,
+    guest: u32,
+    len: u32,
+    to_buffer: bool,
+) -> Result<(), AbiError> {
+    let mem = memory(caller)?;
+    let id = buffer_id(caller, handle)?;
+    let span = span(caller, &mem);
+    let range = shoal_memory::check_view(span.size(), guest.into(), len.into(), 1)
+        .map_err(|e| err(Status::OutOfBounds, e.to_string()))?;
+    let device = caller.data().shoal.device.clone();
+    if to_buffer {
+        device.write_buffer(id, offset, &span, range)?;
+    } else {
+        device.read_buffer(id, offset, &span, range)?;
+    }
     Ok(())
 }
 
@@ -362,6 +471,30 @@ pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
         let r = last_op(&mut c, out);
         finish(&mut c, "last_op", r)
     })?;
+    linker.func_wrap(MODULE, "buffer_create", |mut c: Caller<'_, HostState>, len: u64, handle_out: u32| {
+        let r = buffer_create(&mut c, len, handle_out);
+        finish(&mut c, "buffer_create", r)
+    })?;
+    linker.func_wrap(MODULE, "buffer_free", |mut c: Caller<'_, HostState>, handle: u32| {
+        let r = buffer_free(&mut c, handle);
+        finish(&mut c, "buffer_free", r)
+    })?;
+    linker.func_wrap(
+        MODULE,
+        "buffer_write",
+        |mut c: Caller<'_, HostState>, handle: u32, offset: u64, src: u32, len: u32| {
+            let r = buffer_transfer(&mut c, handle, offset, src, len, true);
+            finish(&mut c, "buffer_write", r)
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "buffer_read",
+        |mut c: Caller<'_, HostState>, handle: u32, offset: u64, dst: u32, len: u32| {
+            let r = buffer_transfer(&mut c, handle, offset, dst, len, false);
+            finish(&mut c, "buffer_read", r)
+        },
+    )?;
     // last_error does not overwrite the message it reports.
     linker.func_wrap(MODULE, "last_error", |mut c: Caller<'_, HostState>, buf: u32, cap: u32, len_out: u32| {
         match last_error(&mut c, buf, cap, len_out) {

@@ -91,6 +91,10 @@ const IMPORTS: &str = r#"
   (import "shoal_v1" "scal" (func $scal (param i32 i32 f32) (result i32)))
   (import "shoal_v1" "last_op" (func $last_op (param i32) (result i32)))
   (import "shoal_v1" "last_error" (func $last_error (param i32 i32 i32) (result i32)))
+  (import "shoal_v1" "buffer_create" (func $buffer_create (param i64 i32) (result i32)))
+  (import "shoal_v1" "buffer_free" (func $buffer_free (param i32) (result i32)))
+  (import "shoal_v1" "buffer_write" (func $buffer_write (param i32 i64 i32 i32) (result i32)))
+  (import "shoal_v1" "buffer_read" (func $buffer_read (param i32 i64 i32 i32) (result i32)))
 "#;
 
 /// A GEMM descriptor as the guest SDK lays it out (88 bytes, little-endian).
@@ -207,8 +211,8 @@ impl Guest {
     /// Places a descriptor in the data segment; returns its address.
     fn desc(&mut self, d: Desc) -> u32 {
         let at = self.next_desc;
-        assert!(at + 88 <= 0x1000, "too many descriptors");
-        self.next_desc += 96;
+        assert!(at + 100 <= 0x1000, "too many descriptors");
+        self.next_desc += 112;
         self.bytes(at, &d.bytes());
         at
     }
@@ -336,7 +340,7 @@ fn bad_arguments_get_their_status_and_the_guest_keeps_running() {
             ("huge_ldc_view_too_short", Desc { m: 0xff_ffff, ldc: u32::MAX, ..ok }, 1),
             ("unknown_dtype", Desc { dtype: 7, ..ok }, 1),
             ("unknown_dtype_max", Desc { dtype: u32::MAX, ..ok }, 1),
-            ("unknown_flag", Desc { flags: 4, ..ok }, 1),
+            ("unknown_flag", Desc { flags: 8, ..ok }, 1),
             ("unknown_high_flag", Desc { flags: 0x8000_0001, ..ok }, 1),
         ];
         if !info.gemm_dtypes.contains(&shoal_gpu::DType::F16) {
@@ -406,6 +410,77 @@ fn bad_arguments_get_their_status_and_the_guest_keeps_running() {
         assert_eq!(stats.errors, g.errors, "{}: every refused call is counted", name(&rt));
         assert_eq!(stats.ops, 4, "{}: the empty scal, gemm, scal and the async gemm ran: {stats:?}", name(&rt));
         assert!(stats.last_error.is_some());
+        ran.push(name(&rt));
+    }
+    ran_on(test, &ran);
+}
+
+#[test]
+fn device_buffers_through_the_abi() {
+    let test = "device_buffers_through_the_abi";
+    let mut ran = Vec::new();
+    for rt in runtimes(test) {
+        let mut g = Guest::new();
+        let h = "(i32.load (i32.const 0x80))";
+        g.expect("create_empty", "(call $buffer_create (i64.const 0) (i32.const 0x80))", 5);
+        g.expect("create_absurd", "(call $buffer_create (i64.const 0x20000000000) (i32.const 0x80))", 5);
+        g.expect(
+            "create_out_pointer_past_the_end",
+            &format!("(call $buffer_create (i64.const 64) (i32.const {PAGE}))"),
+            2,
+        );
+        g.expect("free_unknown", "(call $buffer_free (i32.const 12345))", 6);
+        g.expect("create", "(call $buffer_create (i64.const 24) (i32.const 0x80))", 0);
+        g.expect("write_a", &format!("(call $buffer_write {h} (i64.const 0) (i32.const {A_AT}) (i32.const 24))"), 0);
+        g.expect(
+            "write_past_the_buffer",
+            &format!("(call $buffer_write {h} (i64.const 8) (i32.const {A_AT}) (i32.const 24))"),
+            2,
+        );
+        g.expect(
+            "write_from_past_the_memory",
+            &format!("(call $buffer_write {h} (i64.const 0) (i32.const {}) (i32.const 16))", PAGE - 8),
+            2,
+        );
+        g.expect(
+            "write_misaligned",
+            &format!("(call $buffer_write {h} (i64.const 2) (i32.const {A_AT}) (i32.const 8))"),
+            3,
+        );
+        g.expect(
+            "write_unknown",
+            &format!("(call $buffer_write (i32.const 777) (i64.const 0) (i32.const {A_AT}) (i32.const 8))"),
+            6,
+        );
+        // C = A·B with A in the buffer (handle read from memory into the descriptor).
+        let mut d = valid(C_AT);
+        d.flags = 4;
+        d.a = (0, 24);
+        let at = g.desc(d);
+        g.step(
+            "put_handles",
+            &format!("(i32.store (i32.const {}) {h}) (i64.store (i32.const {}) (i64.const 0))", at + 88, at + 92),
+        );
+        g.expect("gemm_from_buffer", &format!("(call $gemm (i32.const {at}))"), 0);
+        g.expect_f32s("gemm_from_buffer_result", C_AT, &AB);
+        let mut bad = valid(C2_AT);
+        bad.flags = 4;
+        let bad_at = g.desc(bad);
+        g.step(
+            "put_bad_handle",
+            &format!(
+                "(i32.store (i32.const {}) (i32.const 999)) (i64.store (i32.const {}) (i64.const 0))",
+                bad_at + 88,
+                bad_at + 92
+            ),
+        );
+        g.expect("gemm_unknown_buffer", &format!("(call $gemm (i32.const {bad_at}))"), 6);
+        g.expect("read_back", &format!("(call $buffer_read {h} (i64.const 0) (i32.const {C2_AT}) (i32.const 16))"), 0);
+        g.expect_f32s("read_back_result", C2_AT, &A[..4]);
+        g.expect("free", &format!("(call $buffer_free {h})"), 0);
+        g.expect("free_twice", &format!("(call $buffer_free {h})"), 6);
+        let stats = run_ok(&rt, &g.wat("(memory (export \"memory\") 1)"));
+        assert_eq!((stats.calls, stats.errors), (g.calls, g.errors), "{}: {stats:?}", name(&rt));
         ran.push(name(&rt));
     }
     ran_on(test, &ran);

@@ -7,13 +7,16 @@
 //!
 //! Usage: gemm [--size N]... [--async] [--json] [--bench R]
 //!
+//! With `--device`, A, B and C live in device buffers (uploaded once, C read back
+//! once at the end): what a guest does with data that must stay on the GPU.
+//!
 //! With `--bench R` it times R products per size after a warm-up and prints the
 //! median (and checks the last result only for sizes up to 2048: our own product in
 //! wasm would take minutes beyond).
 
 use std::time::Instant;
 
-use shoal_guest::{Gemm, Path};
+use shoal_guest::{DeviceBuffer, Dst, Gemm, Path, Src};
 
 struct Rng(u64);
 
@@ -50,6 +53,7 @@ fn main() {
     let mut sizes = Vec::new();
     let (mut json, mut asynchronous) = (false, false);
     let mut bench = 0usize;
+    let mut device = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -61,6 +65,7 @@ fn main() {
                 }
             },
             "--json" => json = true,
+            "--device" => device = true,
             "--bench" => match args.next().and_then(|s| s.parse::<usize>().ok()) {
                 Some(r) if r > 0 => bench = r,
                 _ => {
@@ -106,11 +111,31 @@ fn main() {
         let b: Vec<f32> = (0..n * n).map(|_| rng.small()).collect();
         let mut c = vec![f32::NAN; n * n];
         let gemm = Gemm::new(size, size, size);
+        let mut bufs = if device {
+            let mk = |data: &[f32]| -> shoal_guest::Result<DeviceBuffer> {
+                let mut buf = DeviceBuffer::new(data.len())?;
+                buf.write(0, data)?;
+                Ok(buf)
+            };
+            match (mk(&a), mk(&b), DeviceBuffer::new(n * n)) {
+                (Ok(x), Ok(y), Ok(z)) => Some((x, y, z)),
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                    eprintln!("gemm: cannot put the operands in device buffers: {e}");
+                    std::process::exit(1);
+                }
+            }
+        } else {
+            None
+        };
+        let mut run = |c: &mut [f32]| match &mut bufs {
+            Some((da, db, dc)) => gemm.run_on(Src::Device(da), Src::Device(db), Dst::Device(dc)),
+            None => gemm.run(&a, &b, c),
+        };
         if bench > 0 {
             let mut times = Vec::with_capacity(bench);
             for i in 0..bench + 2 {
                 let t = Instant::now();
-                if let Err(e) = gemm.run(&a, &b, &mut c) {
+                if let Err(e) = run(&mut c) {
                     eprintln!("gemm: the host refused {size}×{size}: {e}");
                     std::process::exit(1);
                 }
@@ -120,6 +145,12 @@ fn main() {
             }
             times.sort_by(|x, y| x.total_cmp(y));
             let median = times[times.len() / 2];
+            if let Some((_, _, dc)) = &bufs
+                && let Err(e) = dc.read(0, &mut c)
+            {
+                eprintln!("gemm: reading C back: {e}");
+                std::process::exit(1);
+            }
             let correct = if n <= 2048 {
                 let want = reference(&a, &b, n);
                 c.iter().zip(&want).filter(|(x, y)| x == y).count().to_string()
@@ -133,7 +164,7 @@ fn main() {
                 _ => "unknown",
             };
             println!(
-                "{{\"size\":{size},\"bench\":{bench},\"median_ms\":{median:.4},\"min_ms\":{:.4},\"tflops\":{:.3},\"path\":\"{path}\",\"correct\":{correct}}}",
+                "{{\"size\":{size},\"bench\":{bench},\"median_ms\":{median:.4},\"min_ms\":{:.4},\"tflops\":{:.3},\"path\":\"{path}\",\"device_buffers\":{device},\"correct\":{correct}}}",
                 times[0],
                 2.0 * (n as f64).powi(3) / (median * 1e-3) / 1e12
             );
@@ -141,15 +172,24 @@ fn main() {
         }
         // One call of the same shape first: drivers load kernels per shape lazily
         // (cuBLAS), which is a one-time cost, not the per-call cost measured below.
-        if let Err(e) = gemm.run(&a, &b, &mut c) {
+        if let Err(e) = run(&mut c) {
             eprintln!("gemm: the host refused {size}×{size}: {e}");
             std::process::exit(1);
         }
         c.fill(f32::NAN);
         let t0 = Instant::now();
-        let result =
-            if asynchronous { gemm.submit(&a, &b, &mut c).and_then(|p| p.wait()) } else { gemm.run(&a, &b, &mut c) };
+        let result = match device {
+            true => run(&mut c),
+            false if asynchronous => gemm.submit(&a, &b, &mut c).and_then(|p| p.wait()),
+            false => gemm.run(&a, &b, &mut c),
+        };
         let host_ms = t0.elapsed().as_secs_f64() * 1e3;
+        if let Some((_, _, dc)) = &bufs
+            && let Err(e) = dc.read(0, &mut c)
+        {
+            eprintln!("gemm: reading C back: {e}");
+            std::process::exit(1);
+        }
         if let Err(e) = result {
             eprintln!("gemm: the host refused {size}×{size}: {e}");
             std::process::exit(1);

@@ -8,12 +8,54 @@ use std::thread::JoinHandle;
 
 use rayon::prelude::*;
 
-use crate::{BackendKind, DType, DeviceInfo, Gemm, GuestSpan, OpError, OpReport, OperandMapping, Scal};
+use std::alloc::Layout;
+use std::ops::Range;
+use std::ptr::NonNull;
+
+use crate::{
+    BackendKind, BufferId, BufferTable, DType, DeviceInfo, Gemm, GuestSpan, OpError, OpReport, OperandMapping, Scal,
+};
+
+/// A "device" buffer of the CPU backend: plain host memory, 64-byte aligned.
+pub struct HostBuffer {
+    ptr: NonNull<u8>,
+    /// Size in bytes.
+    pub len: usize,
+}
+
+// SAFETY: the buffer owns its allocation; concurrent access goes through raw
+// pointers under the same rules as guest memory (one operation writes a range at a time).
+unsafe impl Send for HostBuffer {}
+// SAFETY: as above.
+unsafe impl Sync for HostBuffer {}
+
+impl HostBuffer {
+    fn layout(len: usize) -> Layout {
+        Layout::from_size_align(len, 64).expect("len was checked against MAX_BUFFER_BYTES")
+    }
+    fn new(len: usize) -> Result<HostBuffer, OpError> {
+        // SAFETY: a non-zero size (Device::create_buffer refuses 0).
+        let p = unsafe { std::alloc::alloc_zeroed(Self::layout(len)) };
+        let ptr = NonNull::new(p).ok_or_else(|| OpError::Device(format!("cannot allocate {len} bytes")))?;
+        Ok(HostBuffer { ptr, len })
+    }
+    fn addr(&self) -> usize {
+        self.ptr.as_ptr() as usize
+    }
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout; no operation holds it (they hold an Arc).
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) };
+    }
+}
 
 /// The CPU backend.
 pub struct CpuBackend {
     info: DeviceInfo,
     inflight: Arc<InFlight>,
+    pub(crate) buffers: BufferTable<HostBuffer>,
 }
 
 impl Default for CpuBackend {
@@ -36,7 +78,50 @@ impl CpuBackend {
                 gemm_dtypes: vec![DType::F32],
             },
             inflight: Arc::new(InFlight::default()),
+            buffers: BufferTable::default(),
         }
+    }
+
+    /// A zeroed host buffer standing in for device memory.
+    pub fn create_buffer(&self, len: usize) -> Result<BufferId, OpError> {
+        Ok(self.buffers.insert(HostBuffer::new(len)?))
+    }
+
+    /// Copies between guest bytes `guest` and the buffer at `offset` (checked by `Device`).
+    pub fn transfer(
+        &self,
+        id: BufferId,
+        offset: usize,
+        span: &GuestSpan,
+        guest: Range<usize>,
+        to_buffer: bool,
+    ) -> Result<(), OpError> {
+        let buf = self.buffers.get(id)?;
+        let (g, b) = (span.ptr(guest.start), (buf.addr() + offset) as *mut u8);
+        // SAFETY: both ranges were checked (Device::check_transfer); guest memory and
+        // a buffer never overlap.
+        unsafe {
+            if to_buffer {
+                std::ptr::copy_nonoverlapping(g, b, guest.len());
+            } else {
+                std::ptr::copy_nonoverlapping(b, g, guest.len());
+            }
+        }
+        Ok(())
+    }
+
+    /// The base address of each operand's space, and the buffers to keep alive.
+    fn bases(&self, span: &GuestSpan, op: &Gemm) -> Result<([usize; 3], Vec<Arc<HostBuffer>>), OpError> {
+        let mut keep = Vec::new();
+        let mut bases = [span.base(); 3];
+        for (i, sp) in op.spaces.iter().enumerate() {
+            if let Some(id) = sp {
+                let b = self.buffers.get(*id)?;
+                bases[i] = b.addr();
+                keep.push(b);
+            }
+        }
+        Ok((bases, keep))
     }
 
     /// What this backend is.
@@ -46,26 +131,30 @@ impl CpuBackend {
 
     /// Runs a GEMM on the calling thread (and rayon's pool).
     pub fn gemm(&self, span: &GuestSpan, op: &Gemm) -> Result<OpReport, OpError> {
-        // SAFETY: `op` was checked against `span` (Gemm can only come from
-        // GemmSpec::check), and GuestSpan::new's contract keeps the memory mapped
-        // and unshared while this synchronous call runs.
-        unsafe { gemm_f32(span.base(), op) };
+        let (bases, _keep) = self.bases(span, op)?;
+        // SAFETY: `op` was checked against `span` and its buffers (Gemm can only come
+        // from GemmSpec::check), GuestSpan::new's contract keeps the memory mapped and
+        // unshared while this synchronous call runs, and `_keep` the buffers alive.
+        unsafe { gemm_f32(bases, op) };
         Ok(report(span, op))
     }
 
     /// Runs a GEMM on a worker thread; the memory is lent until the result is waited for.
-    pub fn submit_gemm(&self, span: &GuestSpan, op: &Gemm) -> CpuPending {
-        let (base, op2) = (span.base(), op.clone());
-        let guard = self.inflight.begin(base);
+    pub fn submit_gemm(&self, span: &GuestSpan, op: &Gemm) -> Result<CpuPending, OpError> {
+        let (bases, keep) = self.bases(span, op)?;
+        let op2 = op.clone();
+        let guard = self.inflight.begin(span.base());
         let rep = report(span, op);
         let handle = std::thread::spawn(move || {
             // SAFETY: as in `gemm`; the memory stays mapped until this job ends,
             // because `release` (called before the memory is unmapped) waits for every
-            // job counted in `inflight` for this base, and `guard` is dropped last.
-            unsafe { gemm_f32(base, &op2) };
+            // job counted in `inflight` for this base, and `guard` is dropped last;
+            // `keep` holds the buffers.
+            unsafe { gemm_f32(bases, &op2) };
+            drop(keep);
             drop(guard);
         });
-        CpuPending { handle, report: rep }
+        Ok(CpuPending { handle, report: rep })
     }
 
     /// `x = alpha·x`.
@@ -94,7 +183,9 @@ impl CpuBackend {
 fn report(span: &GuestSpan, op: &Gemm) -> OpReport {
     let operands = [&op.a, &op.b, &op.c]
         .into_iter()
-        .filter(|r| !r.is_empty())
+        .zip(op.spaces)
+        .filter(|(r, sp)| !r.is_empty() && sp.is_none())
+        .map(|(r, _)| r)
         .map(|r| OperandMapping { guest_addr: span.base() + r.start, device_host_addr: Some(span.base() + r.start) })
         .collect();
     OpReport { operands, bytes_copied: 0, dispatches: 1, dma: false }
@@ -156,10 +247,10 @@ impl Drop for InFlightGuard {
 /// The f32 GEMM on raw guest memory.
 ///
 /// # Safety
-/// `op` must have been checked (`GemmSpec::check`) against a live memory at `base`
-/// that nothing else writes while this runs.
-unsafe fn gemm_f32(base: usize, op: &Gemm) {
-    let c = (base + op.c.start) as *mut f32;
+/// `op` must have been checked (`GemmSpec::check_in`) against live spaces at `bases`
+/// (A's, B's, C's) that nothing else writes while this runs.
+unsafe fn gemm_f32(bases: [usize; 3], op: &Gemm) {
+    let c = (bases[2] + op.c.start) as *mut f32;
     let (m, n, k) = (op.m, op.n, op.k);
     if m == 0 || n == 0 {
         return;
@@ -177,8 +268,8 @@ unsafe fn gemm_f32(base: usize, op: &Gemm) {
         }
         return;
     }
-    let a = (base + op.a.start) as *const f32;
-    let b = (base + op.b.start) as *const f32;
+    let a = (bases[0] + op.a.start) as *const f32;
+    let b = (bases[1] + op.b.start) as *const f32;
     // Strides (column stride, row stride) in elements for op(A) and op(B).
     let (a_cs, a_rs) = if op.trans_a { (op.lda as isize, 1) } else { (1, op.lda as isize) };
     let (b_cs, b_rs) = if op.trans_b { (op.ldb as isize, 1) } else { (1, op.ldb as isize) };

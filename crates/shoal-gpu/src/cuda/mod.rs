@@ -17,13 +17,17 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::Mutex;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::sys as blas;
 use cudarc::driver::sys;
 use shoal_memory::{CommittedRange, MemoryId};
 
-use crate::{BackendKind, DType, DeviceInfo, Gemm, GuestSpan, OpError, OpReport, OpenError, OperandMapping, Scal};
+use crate::{
+    BackendKind, BufferId, BufferTable, DType, DeviceInfo, Gemm, GuestSpan, OpError, OpReport, OpenError,
+    OperandMapping, Scal,
+};
 
 mod kernels;
 
@@ -47,6 +51,29 @@ enum GemmPath {
 struct Registered {
     _memory: MemoryId,
     ranges: Vec<(usize, usize)>,
+}
+
+/// A buffer in device memory.
+pub struct CudaBuffer {
+    dptr: sys::CUdeviceptr,
+    /// Size in bytes.
+    pub len: usize,
+    ctx: sys::CUcontext,
+}
+
+// SAFETY: a device pointer is plain data; it is freed once, on drop, with the context current.
+unsafe impl Send for CudaBuffer {}
+// SAFETY: as above.
+unsafe impl Sync for CudaBuffer {}
+
+impl Drop for CudaBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated by create_buffer; no operation uses it (they hold an Arc).
+        unsafe {
+            sys::cuCtxSetCurrent(self.ctx);
+            sys::cuMemFree_v2(self.dptr);
+        }
+    }
 }
 
 /// Raw CUDA handles used under the backend's lock.
@@ -95,6 +122,7 @@ pub struct CudaBackend {
     /// Registered ranges `(addr, len)` per memory, by base address.
     registered: Mutex<HashMap<usize, Registered>>,
     path: GemmPath,
+    pub(crate) buffers: BufferTable<CudaBuffer>,
 }
 
 // SAFETY: the CUDA driver API and cuBLAS are thread-safe for distinct handles; the
@@ -229,6 +257,7 @@ impl CudaBackend {
                 stream: Mutex::new(Stream { stream, blas: handle, scratch: 0, scratch_len: 0 }),
                 registered: Mutex::new(HashMap::new()),
                 path,
+                buffers: BufferTable::default(),
             })
         }
     }
@@ -377,15 +406,68 @@ impl CudaBackend {
         Ok(report)
     }
 
+    /// A zeroed buffer in device memory.
+    pub fn create_buffer(&self, len: usize) -> Result<BufferId, OpError> {
+        self.current()?;
+        let mut dptr = 0;
+        // SAFETY: plain allocation; freed by CudaBuffer's Drop.
+        unsafe {
+            cu(sys::cuMemAlloc_v2(&mut dptr, len), "cuMemAlloc")
+                .map_err(|e| OpError::Device(format!("{e}: no room for {len} bytes on the GPU")))?;
+            let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+            sys::cuMemsetD8Async(dptr, 0, len, s.stream);
+            sys::cuStreamSynchronize(s.stream);
+        }
+        Ok(self.buffers.insert(CudaBuffer { dptr, len, ctx: self.ctx }))
+    }
+
+    /// Copies between guest bytes `guest` and the buffer at `offset` (checked by
+    /// `Device`): one DMA from or to the registered guest pages, on the backend's
+    /// stream (ordered after the operations already submitted), waited for.
+    pub fn transfer(
+        &self,
+        id: BufferId,
+        offset: usize,
+        span: &GuestSpan,
+        guest: Range<usize>,
+        to_buffer: bool,
+    ) -> Result<(), OpError> {
+        self.current()?;
+        let buf = self.buffers.get(id)?;
+        let host = span.base() + guest.start;
+        if !self.is_registered(span.base(), host, guest.len()) {
+            return Err(OpError::Device("the guest range is not registered with the GPU".into()));
+        }
+        let dev = buf.dptr + offset as u64;
+        let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: both ranges were checked; the host side is registered guest memory
+        // that the guest cannot touch while this synchronous call runs.
+        unsafe {
+            let r = if to_buffer {
+                sys::cuMemcpyHtoDAsync_v2(dev, host as *const c_void, guest.len(), s.stream)
+            } else {
+                sys::cuMemcpyDtoHAsync_v2(host as *mut c_void, dev, guest.len(), s.stream)
+            };
+            cu(r, "cuMemcpyAsync").map_err(op_err)?;
+            cu(sys::cuStreamSynchronize(s.stream), "the GPU failed during a buffer transfer").map_err(op_err)?;
+        }
+        Ok(())
+    }
+
     /// Enqueues a GEMM on the stream; complete once the pending op is waited for.
+    ///
+    /// Operands in device buffers are used where they are. Guest operands are used
+    /// in place (tiny products) or DMA'd to device scratch and back.
     pub fn submit_gemm(&self, span: &GuestSpan, op: &Gemm) -> Result<CudaPending, OpError> {
         self.current()?;
         let es = op.dtype.size();
         let base = span.base();
-        let bytes = op.a.len() + op.b.len() + op.c.len();
-        let registered =
-            [&op.a, &op.b, &op.c].iter().all(|r| r.is_empty() || self.is_registered(base, base + r.start, r.len()));
-        if !registered {
+        let bufs: Vec<Option<Arc<CudaBuffer>>> =
+            op.spaces.iter().map(|sp| sp.map(|id| self.buffers.get(id)).transpose()).collect::<Result<_, _>>()?;
+        let ranges = [&op.a, &op.b, &op.c];
+        let guest = |i: usize| bufs[i].is_none() && !ranges[i].is_empty();
+        let bytes: usize = (0..3).filter(|&i| guest(i)).map(|i| ranges[i].len()).sum();
+        if (0..3).any(|i| guest(i) && !self.is_registered(base, base + ranges[i].start, ranges[i].len())) {
             return Err(OpError::Device("a GEMM operand is not in registered guest memory".into()));
         }
         let in_place = match self.path {
@@ -395,53 +477,64 @@ impl CudaBackend {
         };
         let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
         let k = if op.alpha == 0.0 { 0 } else { op.k };
-        let mut report = OpReport { dispatches: 1, dma: !in_place, ..Default::default() };
-        // Device-side operands: (pointer, leading dimension).
-        let (mut a, mut b, mut c) =
-            ((base + op.a.start) as u64, (base + op.b.start) as u64, (base + op.c.start) as u64);
-        let (mut lda, mut ldb, mut ldc) = (op.lda, op.ldb, op.ldc);
+        let mut report = OpReport { dispatches: 1, dma: !in_place && bytes > 0, ..Default::default() };
         let (ar, ac) = if op.trans_a { (op.k, op.m) } else { (op.m, op.k) };
         let (br, bc) = if op.trans_b { (op.n, op.k) } else { (op.k, op.n) };
-        if in_place {
-            self.blas_gemm(&s, op, k, a, lda, b, ldb, c, ldc)?;
-        } else {
-            // One DMA each way between the registered guest pages and device scratch,
-            // where the operands are packed (leading dimension = columns).
-            let align = |n: usize| n.div_ceil(256) * 256;
-            let (a_bytes, b_bytes) = if k > 0 { (ar * ac * es, br * bc * es) } else { (0, 0) };
-            let (a_off, b_off) = (0, align(a_bytes));
-            let c_off = b_off + align(b_bytes);
-            let scratch = s.scratch(c_off + op.m * op.n * es)?;
-            if k > 0 {
-                // SAFETY: the sources are the checked, registered guest A and B; the
-                // destinations lie in the scratch allocation sized above.
-                unsafe {
-                    copy_matrix(a, op.lda * es, Dir::ToDevice, scratch + a_off as u64, ac * es, ar, s.stream)?;
-                    copy_matrix(b, op.ldb * es, Dir::ToDevice, scratch + b_off as u64, bc * es, br, s.stream)?;
-                }
-                (a, b, lda, ldb) = (scratch + a_off as u64, scratch + b_off as u64, ac, bc);
-            }
-            let host_c = c;
-            c = scratch + c_off as u64;
-            if op.beta != 0.0 {
-                // SAFETY: as above, for C.
-                unsafe { copy_matrix(host_c, op.ldc * es, Dir::ToDevice, c, op.n * es, op.m, s.stream)? };
-            }
-            ldc = op.n;
-            report.bytes_copied = (a_bytes + b_bytes + op.m * op.n * es * (1 + usize::from(op.beta != 0.0))) as u64;
-            self.blas_gemm(&s, op, k, a, lda, b, ldb, c, ldc)?;
-            // SAFETY: the destination is the checked, registered guest C.
-            unsafe { copy_matrix(host_c, op.ldc * es, Dir::ToHost, c, op.n * es, op.m, s.stream)? };
+        let shapes = [(ar, ac, op.lda), (br, bc, op.ldb), (op.m, op.n, op.ldc)];
+        // Each operand's device pointer and leading dimension.
+        let mut ptr = [0u64; 3];
+        let mut ld = [op.lda, op.ldb, op.ldc];
+        for i in 0..3 {
+            ptr[i] = match &bufs[i] {
+                Some(b) => b.dptr + ranges[i].start as u64,
+                None => (base + ranges[i].start) as u64,
+            };
         }
-        let ranges: Vec<_> = [&op.a, &op.b, &op.c].into_iter().filter(|r| !r.is_empty()).collect();
-        report.operands = ranges
-            .into_iter()
-            .map(|r| OperandMapping {
-                guest_addr: base + r.start,
-                device_host_addr: in_place.then_some(base + r.start),
+        let used = |i: usize| i == 2 || k > 0;
+        let dma = |i: usize| !in_place && bufs[i].is_none() && used(i);
+        let mut copy_back = None;
+        if (0..3).any(dma) {
+            // Guest operands to device scratch, packed (leading dimension = columns).
+            let align = |n: usize| n.div_ceil(256) * 256;
+            let mut offs = [0usize; 3];
+            let mut total = 0;
+            for i in (0..3).filter(|&i| dma(i)) {
+                offs[i] = total;
+                total = align(total + shapes[i].0 * shapes[i].1 * es);
+            }
+            let scratch = s.scratch(total.max(256))?;
+            for i in (0..3).filter(|&i| dma(i)) {
+                let (rows, cols, ldh) = shapes[i];
+                let dev = scratch + offs[i] as u64;
+                // C is read only when beta != 0.
+                if i < 2 || op.beta != 0.0 {
+                    // SAFETY: the source is a checked, registered guest matrix; the
+                    // destination lies in the scratch sized above.
+                    unsafe { copy_matrix(ptr[i], ldh * es, Dir::ToDevice, dev, cols * es, rows, s.stream)? };
+                    report.bytes_copied += (rows * cols * es) as u64;
+                }
+                if i == 2 {
+                    copy_back = Some((ptr[2], dev));
+                }
+                (ptr[i], ld[i]) = (dev, cols);
+            }
+        }
+        self.blas_gemm(&s, op, k, ptr[0], ld[0], ptr[1], ld[1], ptr[2], ld[2])?;
+        if let Some((host_c, dev_c)) = copy_back {
+            // SAFETY: the destination is the checked, registered guest C.
+            unsafe { copy_matrix(host_c, op.ldc * es, Dir::ToHost, dev_c, op.n * es, op.m, s.stream)? };
+            report.bytes_copied += (op.m * op.n * es) as u64;
+        }
+        report.operands = (0..3)
+            .filter(|&i| guest(i))
+            .map(|i| OperandMapping {
+                guest_addr: base + ranges[i].start,
+                device_host_addr: in_place.then_some(base + ranges[i].start),
             })
             .collect();
-        CudaPending::record(self.ctx, s.stream, report)
+        let mut pending = CudaPending::record(self.ctx, s.stream, report)?;
+        pending.buffers = bufs.into_iter().flatten().collect();
+        Ok(pending)
     }
 
     /// Row-major C = alpha·op(A)·op(B) + beta·C through column-major cuBLAS: it
@@ -603,6 +696,8 @@ pub struct CudaPending {
     ctx: sys::CUcontext,
     event: sys::CUevent,
     report: OpReport,
+    /// Device buffers the operation uses, kept until it is waited for.
+    buffers: Vec<Arc<CudaBuffer>>,
 }
 
 // SAFETY: a CUDA event may be waited on from any thread with the context current.
@@ -620,23 +715,32 @@ impl CudaPending {
                 return Err(op_err(e));
             }
         }
-        Ok(CudaPending { ctx, event, report })
+        Ok(CudaPending { ctx, event, report, buffers: Vec::new() })
     }
 
     /// Blocks until the GPU has finished the operation.
-    pub fn wait(self) -> Result<OpReport, OpError> {
+    pub fn wait(mut self) -> Result<OpReport, OpError> {
         // SAFETY: the event was recorded on our stream; the context is retained.
         let r = unsafe {
             sys::cuCtxSetCurrent(self.ctx);
             sys::cuEventSynchronize(self.event)
         };
         cu(r, "the GPU failed while running the operation").map_err(op_err)?;
+        self.buffers.clear();
         Ok(self.report.clone())
     }
 }
 
 impl Drop for CudaPending {
     fn drop(&mut self) {
+        if !self.buffers.is_empty() {
+            // Not waited for: the buffers must outlive the GPU's use of them.
+            // SAFETY: our event on a live context.
+            unsafe {
+                sys::cuCtxSetCurrent(self.ctx);
+                sys::cuEventSynchronize(self.event);
+            }
+        }
         // SAFETY: our event; destroying a pending event is allowed (it is freed when done).
         unsafe { sys::cuEventDestroy_v2(self.event) };
     }

@@ -23,7 +23,12 @@ use std::sync::Mutex;
 use shoal_memory::{CommittedRange, MemoryId};
 use wgpu::util::DeviceExt;
 
-use crate::{BackendKind, DType, DeviceInfo, Gemm, GuestSpan, OpError, OpReport, OpenError, OperandMapping, Scal};
+use std::ops::Range;
+
+use crate::{
+    BackendKind, BufferId, BufferTable, DType, DeviceInfo, Gemm, GuestSpan, OpError, OpReport, OpenError,
+    OperandMapping, Scal,
+};
 
 /// The largest chunk of guest memory imported as one buffer.
 const MAX_CHUNK: u64 = 1 << 30;
@@ -48,6 +53,7 @@ pub struct WgpuBackend {
     scal: Kernel,
     offset_align: u64,
     max_binding: u64,
+    pub(crate) buffers: BufferTable<wgpu::Buffer>,
     /// Live memories (base → committed bytes): copies back skip released ones.
     live: std::sync::Arc<Mutex<HashMap<usize, usize>>>,
 }
@@ -101,6 +107,8 @@ struct Binding {
     mapping: OperandMapping,
     /// For a copied output: where to write the result back.
     readback: Option<Readback>,
+    /// A device buffer, not guest memory (not part of the in-place report).
+    device_resident: bool,
 }
 
 struct Readback {
@@ -182,6 +190,7 @@ impl WgpuBackend {
             offset_align,
             max_binding,
             live: Default::default(),
+            buffers: BufferTable::default(),
         })
     }
 
@@ -255,6 +264,72 @@ impl WgpuBackend {
         let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
     }
 
+    /// Binds bytes `start..start+len` of a device buffer.
+    fn bind_buffer(&self, buf: &wgpu::Buffer, start: usize, len: usize) -> Binding {
+        let rel = start as u64;
+        let offset = rel / self.offset_align * self.offset_align;
+        let size = (rel + len.max(4) as u64 - offset).div_ceil(4) * 4;
+        Binding {
+            buffer: buf.clone(),
+            offset,
+            size: size.min(buf.size() - offset),
+            elem_off: ((rel - offset) / 4) as u32,
+            mapping: OperandMapping { guest_addr: 0, device_host_addr: None },
+            readback: None,
+            device_resident: true,
+        }
+    }
+
+    /// A zeroed buffer in device memory.
+    pub fn create_buffer(&self, len: usize) -> Result<BufferId, OpError> {
+        let size = (len as u64).div_ceil(4) * 4;
+        let max = self.device.limits().max_buffer_size;
+        if size > max {
+            return Err(OpError::TooLarge(format!("a buffer of {size} bytes; this device allows {max}")));
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("shoal device buffer"),
+            size,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(OpError::Device(format!("cannot allocate {size} bytes: {e}")));
+        }
+        Ok(self.buffers.insert(buffer))
+    }
+
+    /// Copies guest bytes into a buffer (checked by `Device`).
+    pub fn write_buffer(&self, id: BufferId, offset: u64, span: &GuestSpan, src: Range<usize>) -> Result<(), OpError> {
+        let buf = self.buffers.get(id)?;
+        // SAFETY: `src` was checked against the span, which is ours for this call.
+        let bytes = unsafe { std::slice::from_raw_parts(span.ptr(src.start), src.len()) };
+        // The bytes are copied into wgpu's staging now; the write lands before any later submission.
+        self.queue.write_buffer(&buf, offset, bytes);
+        self.queue.submit([]);
+        Ok(())
+    }
+
+    /// Copies buffer bytes into the guest (checked by `Device`).
+    pub fn read_buffer(&self, id: BufferId, offset: u64, span: &GuestSpan, dst: Range<usize>) -> Result<(), OpError> {
+        let buf = self.buffers.get(id)?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("shoal readback"),
+            size: dst.len() as u64,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(&buf, offset, &staging, 0, dst.len() as u64);
+        let index = self.queue.submit([encoder.finish()]);
+        let rb = Readback { staging, guest_addr: span.base() + dst.start, len: dst.len() };
+        self.pending(span, index, vec![rb], OpReport::default()).wait().map(drop)
+    }
+
     /// Binds the guest bytes `addr..addr+len` (element-aligned) for a kernel.
     fn bind(&self, span: &GuestSpan, addr: usize, len: usize, output: bool) -> Result<Binding, OpError> {
         let len = len.max(4);
@@ -274,6 +349,7 @@ impl WgpuBackend {
                         elem_off: ((rel - offset) / 4) as u32,
                         mapping: OperandMapping { guest_addr: addr, device_host_addr: Some(c.addr + rel as usize) },
                         readback: None,
+                        device_resident: false,
                     });
                 }
             }
@@ -308,6 +384,7 @@ impl WgpuBackend {
             elem_off: 0,
             mapping: OperandMapping { guest_addr: addr, device_host_addr: None },
             readback,
+            device_resident: false,
         })
     }
 
@@ -321,18 +398,25 @@ impl WgpuBackend {
         let mut encoder = self.device.create_command_encoder(&Default::default());
         let mut report = OpReport::default();
         let mut readbacks = Vec::new();
+        let bufs: Vec<Option<wgpu::Buffer>> = op
+            .spaces
+            .iter()
+            .map(|sp| sp.map(|id| self.buffers.get(id).map(|b| (*b).clone())).transpose())
+            .collect::<Result<_, _>>()?;
+        let ranges = [&op.a, &op.b, &op.c];
+        let operand = |i: usize, w: plan::Window, output: bool| -> Result<Binding, OpError> {
+            let start = ranges[i].start + w.start * 4;
+            match &bufs[i] {
+                Some(buf) => Ok(self.bind_buffer(buf, start, w.len * 4)),
+                None => self.bind(span, span.base() + start, w.len * 4, output),
+            }
+        };
         for t in &tiles {
             let [wa, wb, wc] = t.windows(op);
-            let c = self.bind(span, span.base() + op.c.start + wc.start * 4, wc.len * 4, true)?;
+            let c = operand(2, wc, true)?;
             let has_k = t.p1 > t.p0;
-            let (a, b) = if has_k {
-                (
-                    self.bind(span, span.base() + op.a.start + wa.start * 4, wa.len * 4, false)?,
-                    self.bind(span, span.base() + op.b.start + wb.start * 4, wb.len * 4, false)?,
-                )
-            } else {
-                (self.alias(&c), self.alias(&c))
-            };
+            let (a, b) =
+                if has_k { (operand(0, wa, false)?, operand(1, wb, false)?) } else { (self.alias(&c), self.alias(&c)) };
             let first = t.first_k();
             let beta = if first { op.beta } else { 1.0 };
             let flags = u32::from(op.trans_a) | (u32::from(op.trans_b) << 1) | (u32::from(beta != 0.0) << 2);
@@ -364,7 +448,7 @@ impl WgpuBackend {
             }
             report.dispatches += 1;
             for (bnd, used) in [(&a, has_k), (&b, has_k), (&c, true)] {
-                if used {
+                if used && !bnd.device_resident {
                     report.operands.push(bnd.mapping);
                     if bnd.mapping.device_host_addr.is_none() {
                         report.bytes_copied += bnd.size;
@@ -452,6 +536,7 @@ impl WgpuBackend {
             elem_off: b.elem_off,
             mapping: b.mapping,
             readback: None,
+            device_resident: b.device_resident,
         }
     }
 }
@@ -617,6 +702,7 @@ fn warm_up(device: &wgpu::Device, queue: &wgpu::Queue, gemm: &Kernel, scal: &Ker
         elem_off: 0,
         mapping: OperandMapping { guest_addr: 0, device_host_addr: None },
         readback: None,
+        device_resident: true,
     };
     let b = bind(64);
     let mut encoder = device.create_command_encoder(&Default::default());
