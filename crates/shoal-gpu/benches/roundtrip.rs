@@ -207,6 +207,7 @@ impl<'a> Trip<'a> {
             DataPath::InPlace => "in_place".into(),
             DataPath::Copy => format!("copy ({} B)", report.bytes_copied),
             DataPath::Dma => "dma".into(),
+            DataPath::Device => "device".into(),
         }
     }
 }

@@ -242,6 +242,8 @@ pub enum DataPath {
     Copy,
     /// One DMA from registered guest pages to device memory and back (no CPU copy).
     Dma,
+    /// Every operand was in device buffers: no guest memory was touched.
+    Device,
 }
 
 impl DataPath {
@@ -251,6 +253,7 @@ impl DataPath {
             DataPath::InPlace => 0,
             DataPath::Copy => 1,
             DataPath::Dma => 2,
+            DataPath::Device => 3,
         }
     }
 }
@@ -276,6 +279,8 @@ pub struct OpReport {
     pub dispatches: u32,
     /// The operands went by DMA from registered guest pages to device memory and back.
     pub dma: bool,
+    /// Operands that were in device buffers (not in `operands`).
+    pub device_operands: u32,
 }
 
 impl OpReport {
@@ -285,7 +290,9 @@ impl OpReport {
     }
     /// The path taken, from the pointer identities.
     pub fn path(&self) -> DataPath {
-        if self.in_place() {
+        if self.operands.is_empty() && self.device_operands > 0 {
+            DataPath::Device
+        } else if self.in_place() {
             DataPath::InPlace
         } else if self.dma {
             DataPath::Dma

@@ -165,6 +165,8 @@ pub enum Path {
     Copy,
     /// Through one DMA from registered guest pages.
     Dma,
+    /// All operands were in device buffers.
+    Device,
     /// A path this SDK does not know.
     Other(u32),
 }
@@ -194,6 +196,7 @@ pub fn last_op() -> Result<OpInfo> {
             0 => Path::InPlace,
             1 => Path::Copy,
             2 => Path::Dma,
+            3 => Path::Device,
             x => Path::Other(x),
         },
         dispatches: u32_(4),
@@ -247,7 +250,11 @@ impl Gemm {
     }
 
     fn desc(&self, a: &[f32], b: &[f32], c: &[f32]) -> [u8; 100] {
-        self.desc_in([(a.as_ptr() as u64, a.len(), 0), (b.as_ptr() as u64, b.len(), 0), (c.as_ptr() as u64, c.len(), 0)])
+        self.desc_in([
+            (a.as_ptr() as u64, a.len(), 0),
+            (b.as_ptr() as u64, b.len(), 0),
+            (c.as_ptr() as u64, c.len(), 0),
+        ])
     }
 
     /// The descriptor, with each operand as (offset, elements, buffer handle or 0).
@@ -362,12 +369,16 @@ impl DeviceBuffer {
     /// Copies `src` into the buffer from element `at`.
     pub fn write(&mut self, at: usize, src: &[f32]) -> Result<()> {
         // SAFETY: names exactly `src`; the host checks both ranges.
-        check(unsafe { sys::buffer_write(self.handle, (at as u64) * 4, src.as_ptr() as *const u8, (src.len() * 4) as u32) })
+        check(unsafe {
+            sys::buffer_write(self.handle, (at as u64) * 4, src.as_ptr() as *const u8, (src.len() * 4) as u32)
+        })
     }
     /// Copies elements from `at` into `dst`.
     pub fn read(&self, at: usize, dst: &mut [f32]) -> Result<()> {
         // SAFETY: names exactly `dst`, borrowed mutably; the host checks both ranges.
-        check(unsafe { sys::buffer_read(self.handle, (at as u64) * 4, dst.as_mut_ptr() as *mut u8, (dst.len() * 4) as u32) })
+        check(unsafe {
+            sys::buffer_read(self.handle, (at as u64) * 4, dst.as_mut_ptr() as *mut u8, (dst.len() * 4) as u32)
+        })
     }
 }
 

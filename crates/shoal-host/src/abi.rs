@@ -428,7 +428,7 @@ fn last_op(caller: &mut Caller<'_, HostState>, out: u32) -> Result<(), AbiError>
     let ctx = &caller.data().shoal;
     let report = ctx.stats.last_report.clone().ok_or_else(|| err(Status::BadHandle, "no operation has run yet"))?;
     let mut b = [0u8; 24];
-    let path = if report.in_place() { DataPath::InPlace } else { report.path() };
+    let path: DataPath = report.path();
     b[0..4].copy_from_slice(&path.abi_code().to_le_bytes());
     b[4..8].copy_from_slice(&report.dispatches.to_le_bytes());
     b[8..16].copy_from_slice(&report.bytes_copied.to_le_bytes());

@@ -161,6 +161,7 @@ fn main() {
                 Ok(Path::InPlace) => "in_place",
                 Ok(Path::Copy) => "copy",
                 Ok(Path::Dma) => "dma",
+                Ok(Path::Device) => "device",
                 _ => "unknown",
             };
             println!(
@@ -205,6 +206,7 @@ fn main() {
             Some(Path::InPlace) => "in_place",
             Some(Path::Copy) => "copy",
             Some(Path::Dma) => "dma",
+            Some(Path::Device) => "device",
             _ => "unknown",
         };
         let gflops = 2.0 * (n as f64).powi(3) / (host_ms * 1e-3) / 1e9;

@@ -171,6 +171,7 @@ impl CpuBackend {
             bytes_copied: 0,
             dispatches: 1,
             dma: false,
+            device_operands: 0,
         }
     }
 
@@ -188,7 +189,8 @@ fn report(span: &GuestSpan, op: &Gemm) -> OpReport {
         .map(|(r, _)| r)
         .map(|r| OperandMapping { guest_addr: span.base() + r.start, device_host_addr: Some(span.base() + r.start) })
         .collect();
-    OpReport { operands, bytes_copied: 0, dispatches: 1, dma: false }
+    let device_operands = op.spaces.iter().filter(|s| s.is_some()).count() as u32;
+    OpReport { operands, bytes_copied: 0, dispatches: 1, dma: false, device_operands }
 }
 
 /// A GEMM running on a worker thread.

@@ -398,6 +398,7 @@ impl CudaBackend {
             bytes_copied: 0,
             dispatches: 1,
             dma: false,
+            device_operands: 0,
         };
         if wait {
             // SAFETY: our stream.
@@ -532,6 +533,7 @@ impl CudaBackend {
                 device_host_addr: in_place.then_some(base + ranges[i].start),
             })
             .collect();
+        report.device_operands = bufs.iter().filter(|b| b.is_some()).count() as u32;
         let mut pending = CudaPending::record(self.ctx, s.stream, report)?;
         pending.buffers = bufs.into_iter().flatten().collect();
         Ok(pending)

@@ -448,6 +448,9 @@ impl WgpuBackend {
             }
             report.dispatches += 1;
             for (bnd, used) in [(&a, has_k), (&b, has_k), (&c, true)] {
+                if used && bnd.device_resident {
+                    report.device_operands += 1;
+                }
                 if used && !bnd.device_resident {
                     report.operands.push(bnd.mapping);
                     if bnd.mapping.device_host_addr.is_none() {
