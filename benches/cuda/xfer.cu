@@ -17,36 +17,8 @@
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { \
   fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); exit(1); } } while (0)
 
-// The same kernel as shoal's shoal_scal_f32 (crates/shoal-gpu/src/cuda/kernels.cu).
-__global__ void scal(float* __restrict__ x, unsigned long long n, float alpha) {
-    // Scalar head up to the first 512-byte boundary (a guest's arrays sit anywhere;
-    // reads of mapped memory that straddle PCIe requests cost extra requests), then
-    // 16-byte accesses with four loads in flight per thread (mapped memory is far
-    // away: latency hides behind independent loads), then the scalar tail.
-    unsigned long long tid = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-    unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
-    unsigned long long head = ((512ull - (((unsigned long long)x) & 511ull)) & 511ull) / 4ull;
-    if (head > n) head = n;
-    for (unsigned long long h = tid; h < head; h += stride) x[h] *= alpha;
-    float4* x4 = reinterpret_cast<float4*>(x + head);
-    unsigned long long n4 = (n - head) / 4ull;
-    unsigned long long j = tid;
-    for (; j + 3ull * stride < n4; j += 4ull * stride) {
-        float4 a = x4[j], b = x4[j + stride], c = x4[j + 2ull * stride], d = x4[j + 3ull * stride];
-        a.x *= alpha; a.y *= alpha; a.z *= alpha; a.w *= alpha;
-        b.x *= alpha; b.y *= alpha; b.z *= alpha; b.w *= alpha;
-        c.x *= alpha; c.y *= alpha; c.z *= alpha; c.w *= alpha;
-        d.x *= alpha; d.y *= alpha; d.z *= alpha; d.w *= alpha;
-        x4[j] = a; x4[j + stride] = b; x4[j + 2ull * stride] = c; x4[j + 3ull * stride] = d;
-    }
-    for (; j < n4; j += stride) {
-        float4 v = x4[j];
-        v.x *= alpha; v.y *= alpha; v.z *= alpha; v.w *= alpha;
-        x4[j] = v;
-    }
-    unsigned long long t = head + n4 * 4ull + tid;
-    if (t < n) x[t] *= alpha;
-}
+// The same kernel as shoal's, by construction: its source file, included.
+#include "../../crates/shoal-gpu/src/cuda/kernels.cu"
 
 static int sms;
 static unsigned long long cap_blocks = 1;  // blocks per multiprocessor at most (shoal's choice)
@@ -54,7 +26,7 @@ static void launch(float* p, size_t n, cudaStream_t s) {
   unsigned long long blocks = (n + 4 * 256 - 1) / (4 * 256);
   if (blocks < 1) blocks = 1;
   if (blocks > (unsigned long long)sms * cap_blocks) blocks = sms * cap_blocks;
-  scal<<<(unsigned)blocks, 256, 0, s>>>(p, n, -1.0f);
+  shoal_scal_f32<<<(unsigned)blocks, 256, 0, s>>>(p, n, -1.0f);
   CK(cudaGetLastError());
 }
 

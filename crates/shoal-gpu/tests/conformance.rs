@@ -777,3 +777,84 @@ fn device_buffers_hold_operands_on_every_backend() {
     }
     ran_on(test, &ran);
 }
+
+// ---------------------------------------------------------------------------
+// Half-precision GEMM (f16, bf16 with f32 accumulation), where a backend has it
+
+#[test]
+fn half_precision_gemm_matches_a_float64_reference_where_supported() {
+    let test = "half_precision_gemm_matches_a_float64_reference_where_supported";
+    let mut rng = StdRng::seed_from_u64(0x16);
+    let (m, n, k) = (67usize, 45usize, 130usize);
+    let mut ran = 0;
+    for d in backends(test) {
+        for dtype in [DType::F16, DType::Bf16] {
+            if !d.info().gemm_dtypes.contains(&dtype) {
+                eprintln!("{test}: skipping {dtype:?} on {}: not supported there", d.info().backend);
+                // And it says so, rather than computing something.
+                continue;
+            }
+            type Conv = (fn(f32) -> u16, fn(u16) -> f32);
+            let (to, from): Conv = match dtype {
+                DType::F16 => (|x| half::f16::from_f32(x).to_bits(), |b| half::f16::from_bits(b).to_f32()),
+                _ => (|x| half::bf16::from_f32(x).to_bits(), |b| half::bf16::from_bits(b).to_f32()),
+            };
+            for (ta, tb) in TRANS {
+                let (alpha, beta) = (1.5f32, 0.5f32);
+                let a: Vec<u16> = (0..m * k).map(|_| to(rng.random_range(-1.0..1.0))).collect();
+                let b: Vec<u16> = (0..k * n).map(|_| to(rng.random_range(-1.0..1.0))).collect();
+                let c0: Vec<u16> = (0..m * n).map(|_| to(rng.random_range(-1.0..1.0))).collect();
+                let mut region = Region::new((m * k + k * n + m * n) * 2);
+                region.announce(d);
+                // SAFETY: the region holds (m·k + k·n + m·n) u16s, page-aligned; this is
+                // the only view of it while we fill and read it.
+                let h = unsafe { std::slice::from_raw_parts_mut(region.base as *mut u16, m * k + k * n + m * n) };
+                h[..m * k].copy_from_slice(&a);
+                h[m * k..m * k + k * n].copy_from_slice(&b);
+                h[m * k + k * n..].copy_from_slice(&c0);
+                let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
+                let spec = GemmSpec {
+                    dtype,
+                    trans_a: ta,
+                    trans_b: tb,
+                    m: m as u64,
+                    n: n as u64,
+                    k: k as u64,
+                    lda: lda as u64,
+                    ldb: ldb as u64,
+                    ldc: n as u64,
+                    alpha,
+                    beta,
+                    a: (0, (m * k * 2) as u64),
+                    b: ((m * k * 2) as u64, (k * n * 2) as u64),
+                    c: (((m * k + k * n) * 2) as u64, (m * n * 2) as u64),
+                };
+                let span = region.span();
+                let op = spec.check(span.size()).unwrap();
+                d.gemm(&span, &op).unwrap_or_else(|e| panic!("{} {dtype:?}: {e}", d.info().name));
+                // SAFETY: as above; the operation has completed.
+                let h = unsafe { std::slice::from_raw_parts(region.base as *const u16, m * k + k * n + m * n) };
+                let out = &h[m * k + k * n..];
+                let at = |v: &[u16], r: usize, c: usize, ld: usize, t: bool| {
+                    from(if t { v[c * ld + r] } else { v[r * ld + c] }) as f64
+                };
+                let (mut num, mut den) = (0f64, 0f64);
+                for i in 0..m {
+                    for j in 0..n {
+                        let dot: f64 = (0..k).map(|p| at(&a, i, p, lda, ta) * at(&b, p, j, ldb, tb)).sum();
+                        let want = alpha as f64 * dot + beta as f64 * from(c0[i * n + j]) as f64;
+                        let got = from(out[i * n + j]) as f64;
+                        assert!(got.is_finite(), "{dtype:?}: NaN/inf at ({i},{j})");
+                        num += (got - want).powi(2);
+                        den += want * want;
+                    }
+                }
+                let rel = (num / den).sqrt();
+                let tol = if dtype == DType::F16 { 2e-3 } else { 1e-2 };
+                assert!(rel < tol, "{} {dtype:?} ta={ta} tb={tb}: ‖Δ‖/‖ref‖ = {rel}", d.info().name);
+                ran += 1;
+            }
+        }
+    }
+    eprintln!("{test}: {ran} half-precision products checked");
+}
