@@ -727,7 +727,7 @@ fn a_product_past_the_cuda_in_place_limit_does_not_abort_the_host() {
 #[ignore = "run in a child process by a_product_past_the_cuda_in_place_limit_does_not_abort_the_host"]
 fn child_gemm_guest_with_operands_over_one_mib() {
     let rt = child_runtime();
-    // 3 × 300² f32 = 1.08 MB of operands: over the CUDA backend's 1 MiB in-place
+    // 3 × 300² f32 = 1.08 MB of operands: over the CUDA backend's 48 KiB in-place
     // limit, so CUDA moves them by DMA (other backends as usual).
     for extra in [None, Some("--async")] {
         let mut args: Vec<String> = ["--json", "--size", "300"].map(String::from).to_vec();

@@ -284,30 +284,24 @@ impl CudaBackend {
         self.current().map_err(|e| e.to_string())?;
         let (base, len) = (range.base, range.offset + range.len);
         let old = self.registered.lock().unwrap_or_else(|e| e.into_inner()).remove(&base);
-        if let Some(old) = old {
+        if let Some(old) = &old {
             self.sync();
-            for (addr, _) in old.ranges {
+            for &(addr, _) in &old.ranges {
                 // SAFETY: registered by us; the GPU is idle on it (synchronized above).
                 unsafe { sys::cuMemHostUnregister(addr as *mut c_void) };
             }
         }
         // SAFETY: the range is committed guest memory that stays mapped until this
         // memory's release, which unregisters it first.
-        unsafe {
-            cu(
-                sys::cuMemHostRegister_v2(
-                    base as *mut c_void,
-                    len,
-                    sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_PORTABLE,
-                ),
-                "cuMemHostRegister",
-            )?;
-            let mut dptr: sys::CUdeviceptr = 0;
-            cu(sys::cuMemHostGetDevicePointer_v2(&mut dptr, base as *mut c_void, 0), "cuMemHostGetDevicePointer")?;
-            if dptr as usize != base {
-                sys::cuMemHostUnregister(base as *mut c_void);
-                return Err(format!("device pointer {dptr:#x} differs from the host address {base:#x}"));
+        if let Err(e) = unsafe { register_range(base, len) } {
+            // The grow fails; keep the memory usable at its old size.
+            if let Some(old) = old {
+                // SAFETY: as above, for the old (still committed) range.
+                if old.ranges.iter().all(|&(a, l)| unsafe { register_range(a, l) }.is_ok()) {
+                    self.registered.lock().unwrap_or_else(|e| e.into_inner()).insert(base, old);
+                }
             }
+            return Err(e);
         }
         self.registered
             .lock()
@@ -596,6 +590,33 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
+
+/// Registers `base..base+len` (pinned, mapped) and checks that its device pointer is
+/// its host address (unified addressing), unregistering it again if not.
+///
+/// # Safety
+/// The range must be mapped memory that stays mapped until it is unregistered.
+unsafe fn register_range(base: usize, len: usize) -> Result<(), String> {
+    // SAFETY: the caller's contract.
+    unsafe {
+        cu(
+            sys::cuMemHostRegister_v2(
+                base as *mut c_void,
+                len,
+                sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_PORTABLE,
+            ),
+            "cuMemHostRegister",
+        )?;
+        let mut dptr: sys::CUdeviceptr = 0;
+        let r = cu(sys::cuMemHostGetDevicePointer_v2(&mut dptr, base as *mut c_void, 0), "cuMemHostGetDevicePointer");
+        if r.is_err() || dptr as usize != base {
+            sys::cuMemHostUnregister(base as *mut c_void);
+            r?;
+            return Err(format!("device pointer {dptr:#x} differs from the host address {base:#x}"));
+        }
+    }
+    Ok(())
 }
 
 enum Dir {
