@@ -55,3 +55,8 @@ if (( want_test )); then
     fi
   fi
 fi
+
+# The default model (SmolLM2-135M-Instruct), for the engine's tests: fetched once.
+if (( want_test )); then
+  scripts/fetch-model.sh >/dev/null
+fi

@@ -1,0 +1,382 @@
+//! Llama-family decoders: Llama 2/3, SmolLM2, TinyLlama, Mistral (GGUF `llama`) and Qwen2
+//! (GGUF `qwen2`).
+//!
+//! The graph, per layer: RMSNorm → Q/K/V projections (Qwen2 adds biases) → rotary position
+//! embedding → grouped-query causal attention over the KV cache → output projection and
+//! residual → RMSNorm → SwiGLU feed-forward and residual. Then a final RMSNorm and the output
+//! projection (tied to the token embedding when the file has no `output.weight`).
+//!
+//! Rotary embeddings: GGUF `llama` files store Q and K permuted at conversion so that the
+//! interleaved (GPT-J, adjacent pairs) rotation reproduces Hugging Face's; GGUF `qwen2` files
+//! are not permuted and use the half-split (NeoX) rotation.
+//!
+//! Weights are dequantized to f32 when the model loads (about 4 bytes per parameter).
+
+use rayon::prelude::*;
+
+use super::EngineError;
+use crate::cpu::{self, AttentionShape, RopeStyle};
+use crate::gguf::GgufFile;
+use crate::kv::KvCache;
+
+/// The GGUF architectures this file runs.
+const SUPPORTED: &str = "`llama` (Llama, SmolLM2, TinyLlama, Mistral) and `qwen2`";
+
+/// The hyperparameters of a Llama-family model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// The GGUF architecture (`llama` or `qwen2`), the prefix of its metadata keys.
+    pub arch: String,
+    /// Decoder layers (`block_count`).
+    pub n_layers: usize,
+    /// Width of the residual stream (`embedding_length`).
+    pub dim: usize,
+    /// Hidden width of the feed-forward network (`feed_forward_length`).
+    pub ffn_dim: usize,
+    /// Query heads (`attention.head_count`).
+    pub n_heads: usize,
+    /// Key/value heads (`attention.head_count_kv`; equal to `n_heads` without GQA).
+    pub n_kv_heads: usize,
+    /// Values per head (`attention.key_length`, else `dim / n_heads`).
+    pub head_dim: usize,
+    /// Vocabulary size (the outer dimension of `token_embd.weight`).
+    pub vocab_size: usize,
+    /// RMSNorm epsilon (`attention.layer_norm_rms_epsilon`).
+    pub rms_eps: f32,
+    /// RoPE base frequency (`rope.freq_base`, default 10000).
+    pub rope_base: f32,
+    /// Values of each head that RoPE rotates (`rope.dimension_count`, default `head_dim`).
+    pub rope_dim: usize,
+    /// Which pairs RoPE rotates (interleaved for `llama`, NeoX for `qwen2`).
+    pub rope_style: RopeStyle,
+    /// The context the model was trained for (`context_length`).
+    pub context_length: usize,
+    /// Whether Q, K and V have biases (Qwen2).
+    pub qkv_bias: bool,
+}
+
+impl LlamaConfig {
+    /// Reads the hyperparameters from a GGUF file's metadata (`{arch}.block_count`, …) and
+    /// the vocabulary size from `token_embd.weight`.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self, EngineError> {
+        let arch = file.architecture()?.to_string();
+        let (rope_style, qkv_bias) = match arch.as_str() {
+            "llama" => (RopeStyle::Interleaved, false),
+            "qwen2" => (RopeStyle::Neox, true),
+            _ => {
+                return Err(EngineError::UnsupportedArchitecture { found: arch, supported: SUPPORTED });
+            }
+        };
+        let key = |k: &str| format!("{arch}.{k}");
+        let count = |k: &str| -> Result<usize, EngineError> {
+            let full = key(k);
+            let v = file.get_u64(&full)?;
+            usize::try_from(v).map_err(|_| EngineError::InvalidConfig {
+                key: full,
+                value: v.to_string(),
+                reason: "too large for this machine",
+            })
+        };
+        let optional_count = |k: &str| -> Result<Option<usize>, EngineError> {
+            if file.get(&key(k)).is_some() { count(k).map(Some) } else { Ok(None) }
+        };
+
+        let n_layers = count("block_count")?;
+        let dim = count("embedding_length")?;
+        let ffn_dim = count("feed_forward_length")?;
+        let n_heads = count("attention.head_count")?;
+        let n_kv_heads = optional_count("attention.head_count_kv")?.unwrap_or(n_heads);
+        let context_length = count("context_length")?;
+        let rms_eps = file.get_f32(&key("attention.layer_norm_rms_epsilon"))?;
+        let rope_base =
+            if file.get(&key("rope.freq_base")).is_some() { file.get_f32(&key("rope.freq_base"))? } else { 10000.0 };
+        let invalid = |k: &str, value: String, reason| EngineError::InvalidConfig { key: key(k), value, reason };
+        for (k, v) in [
+            ("block_count", n_layers),
+            ("embedding_length", dim),
+            ("feed_forward_length", ffn_dim),
+            ("attention.head_count", n_heads),
+            ("attention.head_count_kv", n_kv_heads),
+            ("context_length", context_length),
+        ] {
+            if v == 0 {
+                return Err(invalid(k, "0".into(), "must be at least 1"));
+            }
+        }
+        if n_heads % n_kv_heads != 0 {
+            return Err(invalid("attention.head_count_kv", n_kv_heads.to_string(), "must divide attention.head_count"));
+        }
+        let head_dim = match optional_count("attention.key_length")? {
+            Some(h) => h,
+            None if dim % n_heads == 0 => dim / n_heads,
+            None => {
+                return Err(invalid("attention.head_count", n_heads.to_string(), "must divide embedding_length"));
+            }
+        };
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(invalid(
+                "attention.key_length",
+                head_dim.to_string(),
+                "the head size must be even and at least 2",
+            ));
+        }
+        let rope_dim = optional_count("rope.dimension_count")?.unwrap_or(head_dim);
+        if rope_dim % 2 != 0 || rope_dim > head_dim {
+            return Err(invalid(
+                "rope.dimension_count",
+                rope_dim.to_string(),
+                "must be even and at most the head size",
+            ));
+        }
+        if !(rms_eps.is_finite() && rms_eps >= 0.0) {
+            return Err(invalid(
+                "attention.layer_norm_rms_epsilon",
+                rms_eps.to_string(),
+                "must be a non-negative number",
+            ));
+        }
+        if !(rope_base.is_finite() && rope_base > 0.0) {
+            return Err(invalid("rope.freq_base", rope_base.to_string(), "must be a positive number"));
+        }
+        let embd = file
+            .tensor("token_embd.weight")
+            .ok_or_else(|| EngineError::MissingTensor { name: "token_embd.weight".into(), arch: arch.clone() })?;
+        let vocab_size = match embd.dims.as_slice() {
+            &[d, v] if d == dim as u64 && v > 0 => usize::try_from(v).map_err(|_| EngineError::InvalidConfig {
+                key: "token_embd.weight".into(),
+                value: v.to_string(),
+                reason: "vocabulary too large for this machine",
+            })?,
+            found => {
+                return Err(EngineError::TensorShape {
+                    name: "token_embd.weight".into(),
+                    expected: vec![dim as u64, 0],
+                    found: found.to_vec(),
+                });
+            }
+        };
+        Ok(Self {
+            arch,
+            n_layers,
+            dim,
+            ffn_dim,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            vocab_size,
+            rms_eps,
+            rope_base,
+            rope_dim,
+            rope_style,
+            context_length,
+            qkv_bias,
+        })
+    }
+
+    /// Width of the concatenated query heads.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Values per position and layer in the KV cache (`n_kv_heads * head_dim`).
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}
+
+/// The weights of one decoder layer, f32, linear weights as `[out, in]` row-major.
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Vec<f32>,
+    wk: Vec<f32>,
+    wv: Vec<f32>,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    wo: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    w_gate: Vec<f32>,
+    w_up: Vec<f32>,
+    w_down: Vec<f32>,
+}
+
+/// A loaded Llama-family model, shared by every session that runs it.
+pub struct Llama {
+    config: LlamaConfig,
+    /// `[vocab, dim]`.
+    token_embd: Vec<f32>,
+    output_norm: Vec<f32>,
+    /// `[vocab, dim]`, or `None` when tied to `token_embd`.
+    output: Option<Vec<f32>>,
+    layers: Vec<Layer>,
+    /// RoPE inverse frequencies, `rope_dim / 2` of them.
+    inv_freq: Vec<f32>,
+}
+
+impl std::fmt::Debug for Llama {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Llama")
+            .field("config", &self.config)
+            .field("tied_output", &self.output.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Loads `name`, checking that its dimensions (innermost first) are `dims`.
+fn load(file: &GgufFile, arch: &str, name: &str, dims: &[usize]) -> Result<Vec<f32>, EngineError> {
+    let info = file
+        .tensor(name)
+        .ok_or_else(|| EngineError::MissingTensor { name: name.to_string(), arch: arch.to_string() })?;
+    let expected: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
+    if info.dims != expected {
+        return Err(EngineError::TensorShape { name: name.to_string(), expected, found: info.dims.clone() });
+    }
+    Ok(file.tensor_f32(name)?)
+}
+
+/// Loads `name` if the file has it.
+fn load_optional(file: &GgufFile, arch: &str, name: &str, dims: &[usize]) -> Result<Option<Vec<f32>>, EngineError> {
+    match file.tensor(name) {
+        Some(_) => load(file, arch, name, dims).map(Some),
+        None => Ok(None),
+    }
+}
+
+impl Llama {
+    /// Reads the config and every weight from a GGUF file, dequantizing them to f32.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self, EngineError> {
+        let c = LlamaConfig::from_gguf(file)?;
+        let arch = c.arch.as_str();
+        let (dim, q_dim, kv_dim, ffn) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+        let layers = (0..c.n_layers)
+            .into_par_iter()
+            .map(|i| {
+                let w = |n: &str, dims: &[usize]| load(file, arch, &format!("blk.{i}.{n}"), dims);
+                let bias = |n: &str, d: usize| {
+                    if c.qkv_bias {
+                        load(file, arch, &format!("blk.{i}.{n}"), &[d]).map(Some)
+                    } else {
+                        load_optional(file, arch, &format!("blk.{i}.{n}"), &[d])
+                    }
+                };
+                Ok(Layer {
+                    attn_norm: w("attn_norm.weight", &[dim])?,
+                    wq: w("attn_q.weight", &[dim, q_dim])?,
+                    wk: w("attn_k.weight", &[dim, kv_dim])?,
+                    wv: w("attn_v.weight", &[dim, kv_dim])?,
+                    bq: bias("attn_q.bias", q_dim)?,
+                    bk: bias("attn_k.bias", kv_dim)?,
+                    bv: bias("attn_v.bias", kv_dim)?,
+                    wo: w("attn_output.weight", &[q_dim, dim])?,
+                    ffn_norm: w("ffn_norm.weight", &[dim])?,
+                    w_gate: w("ffn_gate.weight", &[dim, ffn])?,
+                    w_up: w("ffn_up.weight", &[dim, ffn])?,
+                    w_down: w("ffn_down.weight", &[ffn, dim])?,
+                })
+            })
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        let token_embd = load(file, arch, "token_embd.weight", &[dim, c.vocab_size])?;
+        let output_norm = load(file, arch, "output_norm.weight", &[dim])?;
+        let output = load_optional(file, arch, "output.weight", &[dim, c.vocab_size])?;
+        // Llama 3.1+ scales the RoPE frequencies by per-pair factors.
+        let rope_freqs = load_optional(file, arch, "rope_freqs.weight", &[c.rope_dim / 2])?;
+        let inv_freq = cpu::rope_inv_freq(c.rope_dim, c.rope_base, rope_freqs.as_deref());
+        Ok(Self { config: c, token_embd, output_norm, output, layers, inv_freq })
+    }
+
+    /// The model's hyperparameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// An empty KV cache for a session of up to `context` positions (at most the model's
+    /// context length).
+    pub fn new_cache(&self, context: usize) -> Result<KvCache, EngineError> {
+        let c = &self.config;
+        if context > c.context_length {
+            return Err(EngineError::ContextTooLong { requested: context, max: c.context_length });
+        }
+        Ok(KvCache::new(c.n_layers, c.kv_dim(), context)?)
+    }
+
+    /// Runs `tokens` at positions `cache.len()..`, appends their keys and values to the
+    /// cache, and returns the logits of the last token (`vocab_size` values).
+    ///
+    /// Several tokens (a prompt) go through each layer together as matrix products; one
+    /// token at a time is the decoding step. Nothing is written to the cache unless the
+    /// whole call can succeed: an empty input, an unknown token id, a cache made for another
+    /// model, or tokens that do not fit in the cache are errors.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, EngineError> {
+        let c = &self.config;
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        if cache.n_layers() != c.n_layers || cache.kv_dim() != c.kv_dim() {
+            return Err(EngineError::CacheMismatch {
+                layers: c.n_layers,
+                kv_dim: c.kv_dim(),
+                found_layers: cache.n_layers(),
+                found_kv_dim: cache.kv_dim(),
+            });
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(EngineError::TokenOutOfRange { id, vocab: c.vocab_size });
+        }
+        cache.check_room(tokens.len())?;
+
+        let n = tokens.len();
+        let pos0 = cache.len();
+        let (dim, q_dim, kv_dim, ffn) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+
+        let mut x = vec![0.0f32; n * dim];
+        for (row, &t) in x.chunks_mut(dim).zip(tokens) {
+            row.copy_from_slice(&self.token_embd[t as usize * dim..][..dim]);
+        }
+        let mut xn = vec![0.0f32; n * dim];
+        let mut q = vec![0.0f32; n * q_dim];
+        let mut k = vec![0.0f32; n * kv_dim];
+        let mut v = vec![0.0f32; n * kv_dim];
+        let mut att = vec![0.0f32; n * q_dim];
+        let mut gate = vec![0.0f32; n * ffn];
+        let mut up = vec![0.0f32; n * ffn];
+        let shape =
+            AttentionShape { n_tokens: n, pos0, n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            // Attention block.
+            cpu::rmsnorm(&mut xn, &x, &layer.attn_norm, c.rms_eps);
+            cpu::matmul_t(&mut q, &xn, &layer.wq, n, dim, q_dim, false);
+            cpu::matmul_t(&mut k, &xn, &layer.wk, n, dim, kv_dim, false);
+            cpu::matmul_t(&mut v, &xn, &layer.wv, n, dim, kv_dim, false);
+            for (t, b) in [(&mut q, &layer.bq), (&mut k, &layer.bk), (&mut v, &layer.bv)] {
+                if let Some(b) = b {
+                    cpu::add_bias(t, b);
+                }
+            }
+            cpu::rope(&mut q, c.n_heads, c.head_dim, pos0, &self.inv_freq, c.rope_style);
+            cpu::rope(&mut k, c.n_kv_heads, c.head_dim, pos0, &self.inv_freq, c.rope_style);
+            let (k_cache, v_cache) = cache.layer_mut(l);
+            let new = pos0 * kv_dim..(pos0 + n) * kv_dim;
+            k_cache[new.clone()].copy_from_slice(&k);
+            v_cache[new].copy_from_slice(&v);
+            cpu::attention(&mut att, &q, k_cache, v_cache, shape);
+            cpu::matmul_t(&mut x, &att, &layer.wo, n, q_dim, dim, true);
+
+            // Feed-forward block (SwiGLU).
+            cpu::rmsnorm(&mut xn, &x, &layer.ffn_norm, c.rms_eps);
+            cpu::matmul_t(&mut gate, &xn, &layer.w_gate, n, dim, ffn, false);
+            cpu::matmul_t(&mut up, &xn, &layer.w_up, n, dim, ffn, false);
+            cpu::swiglu(&mut gate, &up);
+            cpu::matmul_t(&mut x, &gate, &layer.w_down, n, ffn, dim, true);
+        }
+        cache.advance(n)?;
+
+        let last = &x[(n - 1) * dim..];
+        let mut last_norm = vec![0.0f32; dim];
+        cpu::rmsnorm(&mut last_norm, last, &self.output_norm, c.rms_eps);
+        let out_w = self.output.as_deref().unwrap_or(&self.token_embd);
+        let mut logits = vec![0.0f32; c.vocab_size];
+        cpu::matmul_t(&mut logits, &last_norm, out_w, 1, dim, c.vocab_size, false);
+        Ok(logits)
+    }
+}
