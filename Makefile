@@ -9,7 +9,7 @@ export XDG_RUNTIME_DIR ?= /tmp
 # NVRTC from PyPI (scripts/setup.sh --test), for the kernel compile test.
 NVRTC_LIB := $(CURDIR)/.cache/nvrtc/nvidia/cu13/lib
 
-.PHONY: demo test setup setup-test build lint check-metal bench
+.PHONY: demo test setup setup-test build model lint check-metal bench
 
 setup:
 	@scripts/setup.sh
@@ -20,7 +20,10 @@ setup-test:
 build: setup
 	$(CARGO) build --release -p shoal-cli
 
-demo: build
+model:
+	@scripts/fetch-model.sh >/dev/null
+
+demo: build model
 	$(SHOAL) demo
 
 # One profile (release) for everything, so Wasmtime and wgpu are compiled once.

@@ -13,5 +13,8 @@ for backend in vulkan cpu; do
   fi
 done
 "$shoal" demo --size 200 --async >/dev/null || { echo "check-demo: the async demo failed" >&2; fail=1; }
+answer=$("$shoal" chat --model smollm2 --backend cpu --temperature 0 --max-tokens 24 --prompt "What is the capital of France?")
+echo "chat: $answer"
+grep -q Paris <<<"$answer" || { echo "check-demo: the chat answer has no Paris" >&2; fail=1; }
 if (( fail )); then exit 1; fi
-echo "check-demo: vulkan, cpu and async demos passed"
+echo "check-demo: vulkan, cpu, async and chat demos passed"

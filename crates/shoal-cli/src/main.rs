@@ -28,8 +28,10 @@ enum Command {
     /// List the compute backends: available or why not, adapter, in-place import.
     Devices(cmd::devices::Args),
     /// Run the built-in demo: a GEMM computed by the host on the guest's own memory
-    /// and checked element by element by the guest.
+    /// and checked element by element by the guest, then a chat answer.
     Demo(cmd::demo::Args),
+    /// Chat with a model through the chat guest (one user turn per --prompt, or stdin).
+    Chat(cmd::chat::Args),
 }
 
 fn main() {
@@ -48,6 +50,7 @@ fn main() {
         Command::Run(a) => cmd::run::run(a),
         Command::Devices(a) => cmd::devices::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Chat(a) => cmd::chat::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

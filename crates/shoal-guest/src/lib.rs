@@ -40,6 +40,33 @@ mod sys {
         pub fn buffer_free(handle: u32) -> i32;
         pub fn buffer_write(handle: u32, offset: u64, src: *const u8, len: u32) -> i32;
         pub fn buffer_read(handle: u32, offset: u64, dst: *mut u8, len: u32) -> i32;
+        pub fn model_open(name: *const u8, len: u32, out: *mut u32) -> i32;
+        pub fn model_info(model: u32, out: *mut u8) -> i32;
+        pub fn chat_render(
+            model: u32,
+            msgs: *const u32,
+            n: u32,
+            add_gen: u32,
+            out: *mut u8,
+            cap: u32,
+            len_out: *mut u32,
+        ) -> i32;
+        pub fn tokenize(
+            model: u32,
+            text: *const u8,
+            len: u32,
+            special: u32,
+            out: *mut u32,
+            cap: u32,
+            n_out: *mut u32,
+        ) -> i32;
+        pub fn token_piece(model: u32, id: u32, out: *mut u8, cap: u32, len_out: *mut u32) -> i32;
+        pub fn session_create(model: u32, context: u32, out: *mut u32) -> i32;
+        pub fn session_free(session: u32) -> i32;
+        pub fn session_eval(session: u32, ids: *const u32, n: u32, logits: *mut f32, cap: u32) -> i32;
+        pub fn session_decode(session: u32, ids: *const u32, n: u32, params: *const u8, out: *mut u32) -> i32;
+        pub fn session_len(session: u32, out: *mut u32) -> i32;
+        pub fn session_truncate(session: u32, n: u32) -> i32;
     }
 }
 
@@ -70,6 +97,9 @@ impl Error {
             8 => "device error",
             9 => "busy",
             10 => "no memory export",
+            11 => "model not found",
+            12 => "buffer too small",
+            13 => "context full",
             _ => "unknown status",
         }
     }
@@ -419,4 +449,206 @@ impl Drop for Pending<'_> {
 pub fn scal(x: &mut [f32], alpha: f32) -> Result<()> {
     // SAFETY: names exactly `x`, borrowed mutably for the call.
     check(unsafe { sys::scal(x.as_mut_ptr(), (x.len() * 4) as u32, alpha) })
+}
+
+/// A model the host has loaded, opened by name (shared with every other guest).
+#[derive(Debug)]
+pub struct Model {
+    handle: u32,
+    /// What the model is.
+    pub info: ModelInfo,
+}
+
+/// A model's vocabulary and special tokens.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    /// Tokens in the vocabulary.
+    pub vocab_size: u32,
+    /// The longest context the model was trained for.
+    pub context_length: u32,
+    /// Beginning of sequence, if any.
+    pub bos: Option<u32>,
+    /// End of sequence, if any.
+    pub eos: Option<u32>,
+    /// Tokens that end an assistant turn.
+    pub stop: alloc::vec::Vec<u32>,
+}
+
+impl Model {
+    /// Opens the host's model `name` (e.g. "smollm2").
+    pub fn open(name: &str) -> Result<Model> {
+        let mut handle = 0u32;
+        // SAFETY: names exactly `name` and a writable u32.
+        check(unsafe { sys::model_open(name.as_ptr(), name.len() as u32, &mut handle) })?;
+        let mut b = [0u8; 32];
+        // SAFETY: 32 writable bytes, the record's size.
+        check(unsafe { sys::model_info(handle, b.as_mut_ptr()) })?;
+        let w = |i: usize| u32::from_le_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]]);
+        let opt = |v: u32| (v != u32::MAX).then_some(v);
+        let n_stop = (w(4) as usize).min(3);
+        let info = ModelInfo {
+            vocab_size: w(0),
+            context_length: w(1),
+            bos: opt(w(2)),
+            eos: opt(w(3)),
+            stop: (0..n_stop).map(|i| w(5 + i)).collect(),
+        };
+        Ok(Model { handle, info })
+    }
+
+    /// The conversation `(role, content)` rendered with the model's chat template.
+    pub fn render(&self, messages: &[(&str, &str)], add_generation_prompt: bool) -> Result<String> {
+        let table: alloc::vec::Vec<u32> = messages
+            .iter()
+            .flat_map(|(r, c)| [r.as_ptr() as u32, r.len() as u32, c.as_ptr() as u32, c.len() as u32])
+            .collect();
+        let mut cap = 4096usize;
+        loop {
+            let mut out = vec![0u8; cap];
+            let mut len = 0u32;
+            // SAFETY: the table names our strings; `out` has `cap` writable bytes.
+            let st = unsafe {
+                sys::chat_render(
+                    self.handle,
+                    table.as_ptr(),
+                    messages.len() as u32,
+                    u32::from(add_generation_prompt),
+                    out.as_mut_ptr(),
+                    cap as u32,
+                    &mut len,
+                )
+            };
+            if st == 12 && len as usize > cap {
+                cap = len as usize;
+                continue;
+            }
+            check(st)?;
+            out.truncate(len as usize);
+            return Ok(String::from_utf8_lossy(&out).into_owned());
+        }
+    }
+
+    /// Token ids of `text` (`special`: match special tokens such as `<|im_start|>`).
+    pub fn tokenize(&self, text: &str, special: bool) -> Result<alloc::vec::Vec<u32>> {
+        let mut cap = text.len() + 16;
+        loop {
+            let mut out = vec![0u32; cap];
+            let mut n = 0u32;
+            // SAFETY: names `text` and `cap` writable u32s.
+            let st = unsafe {
+                sys::tokenize(
+                    self.handle,
+                    text.as_ptr(),
+                    text.len() as u32,
+                    u32::from(special),
+                    out.as_mut_ptr(),
+                    cap as u32,
+                    &mut n,
+                )
+            };
+            if st == 12 && n as usize > cap {
+                cap = n as usize;
+                continue;
+            }
+            check(st)?;
+            out.truncate(n as usize);
+            return Ok(out);
+        }
+    }
+
+    /// The bytes of one token (may be part of a UTF-8 character).
+    pub fn piece(&self, id: u32) -> Result<alloc::vec::Vec<u8>> {
+        let mut out = vec![0u8; 256];
+        let mut len = 0u32;
+        // SAFETY: 256 writable bytes.
+        check(unsafe { sys::token_piece(self.handle, id, out.as_mut_ptr(), 256, &mut len) })?;
+        out.truncate(len as usize);
+        Ok(out)
+    }
+}
+
+/// How to pick the next token (greedy when `temperature` is 0).
+#[derive(Clone, Copy, Debug)]
+pub struct SamplerParams {
+    /// Softmax temperature; 0 = greedy.
+    pub temperature: f32,
+    /// Keep the k most likely (0 = all).
+    pub top_k: u32,
+    /// Keep the smallest set with this much probability (1 = all).
+    pub top_p: f32,
+    /// Penalty on recently seen tokens (1 = none).
+    pub repetition_penalty: f32,
+    /// Seed: the same seed gives the same tokens.
+    pub seed: u64,
+}
+
+impl Default for SamplerParams {
+    fn default() -> Self {
+        SamplerParams { temperature: 0.0, top_k: 40, top_p: 0.95, repetition_penalty: 1.0, seed: 0 }
+    }
+}
+
+/// A conversation's state on the host: its own KV cache.
+#[derive(Debug)]
+pub struct Session {
+    handle: u32,
+}
+
+impl Session {
+    /// A session on `model` with room for `context` tokens (0: the host's default).
+    pub fn new(model: &Model, context: u32) -> Result<Session> {
+        let mut handle = 0u32;
+        // SAFETY: a writable u32.
+        check(unsafe { sys::session_create(model.handle, context, &mut handle) })?;
+        Ok(Session { handle })
+    }
+
+    /// Runs `ids` through the model (appends them to the cache), without sampling.
+    pub fn eval(&mut self, ids: &[u32]) -> Result<()> {
+        // SAFETY: names exactly `ids`; no logits are written.
+        check(unsafe { sys::session_eval(self.handle, ids.as_ptr(), ids.len() as u32, core::ptr::null_mut(), 0) })
+    }
+
+    /// Runs `ids` through the model and writes the last token's logits into `logits`.
+    pub fn eval_logits(&mut self, ids: &[u32], logits: &mut [f32]) -> Result<()> {
+        // SAFETY: names exactly `ids` and `logits` (borrowed mutably).
+        check(unsafe {
+            sys::session_eval(self.handle, ids.as_ptr(), ids.len() as u32, logits.as_mut_ptr(), logits.len() as u32)
+        })
+    }
+
+    /// Runs `ids` through the model and samples the next token.
+    pub fn decode(&mut self, ids: &[u32], params: &SamplerParams) -> Result<u32> {
+        let mut p = [0u8; 24];
+        p[0..4].copy_from_slice(&params.temperature.to_le_bytes());
+        p[4..8].copy_from_slice(&params.top_k.to_le_bytes());
+        p[8..12].copy_from_slice(&params.top_p.to_le_bytes());
+        p[12..16].copy_from_slice(&params.repetition_penalty.to_le_bytes());
+        p[16..24].copy_from_slice(&params.seed.to_le_bytes());
+        let mut next = 0u32;
+        // SAFETY: names `ids`, the 24-byte record and a writable u32.
+        check(unsafe { sys::session_decode(self.handle, ids.as_ptr(), ids.len() as u32, p.as_ptr(), &mut next) })?;
+        Ok(next)
+    }
+
+    /// Tokens in the cache.
+    pub fn len(&self) -> Result<u32> {
+        let mut n = 0u32;
+        // SAFETY: a writable u32.
+        check(unsafe { sys::session_len(self.handle, &mut n) })?;
+        Ok(n)
+    }
+
+    /// Keeps only the first `n` tokens of the cache.
+    pub fn truncate(&mut self, n: u32) -> Result<()> {
+        // SAFETY: takes a handle and a count.
+        check(unsafe { sys::session_truncate(self.handle, n) })
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // SAFETY: takes a handle only.
+        let _ = unsafe { sys::session_free(self.handle) };
+    }
 }

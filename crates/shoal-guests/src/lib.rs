@@ -7,3 +7,6 @@ pub const GEMM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gemm.wasm"));
 
 /// `guests/xfer`: round trips through `scal`, timed in the guest (`xfer [--bytes N]... [--repeat R]`).
 pub const XFER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/xfer.wasm"));
+
+/// `guests/chat`: the chat agent (`chat [--model NAME] [--temperature T] [--seed S] [--max-tokens N] [--prompt TEXT]...`).
+pub const CHAT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/chat.wasm"));

@@ -53,6 +53,12 @@ pub enum Status {
     Busy = 9,
     /// The module exports no memory named `memory`.
     NoMemory = 10,
+    /// No model of that name is known to the host.
+    ModelNotFound = 11,
+    /// The output buffer is too small; the length needed was written.
+    TooSmall = 12,
+    /// The session's context (KV cache) is full, or the input is longer than it.
+    ContextFull = 13,
 }
 
 impl From<&OpError> for Status {
@@ -70,7 +76,7 @@ impl From<&OpError> for Status {
     }
 }
 
-struct AbiError {
+pub(crate) struct AbiError {
     status: Status,
     message: String,
 }
@@ -81,7 +87,7 @@ impl From<OpError> for AbiError {
     }
 }
 
-fn err(status: Status, message: impl Into<String>) -> AbiError {
+pub(crate) fn err(status: Status, message: impl Into<String>) -> AbiError {
     AbiError { status, message: message.into() }
 }
 
@@ -106,6 +112,14 @@ pub struct GuestStats {
     pub last_report: Option<OpReport>,
     /// The last error message.
     pub last_error: Option<String>,
+    /// Prompt tokens evaluated (several per call) and the seconds they took.
+    pub prefill_tokens: u64,
+    /// Seconds of prompt evaluation.
+    pub prefill_seconds: f64,
+    /// One-token evaluations (decode steps) and their seconds.
+    pub decode_steps: u64,
+    /// Seconds of decode steps.
+    pub decode_seconds: f64,
 }
 
 pub(crate) struct ShoalCtx {
@@ -118,6 +132,7 @@ pub(crate) struct ShoalCtx {
     /// The instance's device buffers: handle → buffer (freed with the instance).
     buffers: HashMap<u32, BufferId>,
     next_buffer: u32,
+    pub(crate) infer: crate::infer::InferCtx,
 }
 
 impl Drop for ShoalCtx {
@@ -132,7 +147,7 @@ impl Drop for ShoalCtx {
 }
 
 impl ShoalCtx {
-    pub(crate) fn new(device: Arc<Device>, measure_rss: bool) -> ShoalCtx {
+    pub(crate) fn new(device: Arc<Device>, models: Arc<crate::models::Models>, measure_rss: bool) -> ShoalCtx {
         ShoalCtx {
             device,
             fences: HashMap::new(),
@@ -142,6 +157,7 @@ impl ShoalCtx {
             measure_rss,
             buffers: HashMap::new(),
             next_buffer: 1,
+            infer: crate::infer::InferCtx::new(models),
         }
     }
 
@@ -150,6 +166,10 @@ impl ShoalCtx {
         for (_, (p, _)) in self.fences.drain() {
             let _ = p.wait();
         }
+        self.stats.prefill_tokens = self.infer.prefill_tokens;
+        self.stats.prefill_seconds = self.infer.prefill_seconds;
+        self.stats.decode_steps = self.infer.decode_steps;
+        self.stats.decode_seconds = self.infer.decode_seconds;
         self.stats.clone()
     }
 
@@ -167,7 +187,7 @@ impl ShoalCtx {
 }
 
 /// Turns a result into a status, remembering the message for `last_error`.
-fn finish(caller: &mut Caller<'_, HostState>, name: &str, r: Result<(), AbiError>) -> i32 {
+pub(crate) fn finish(caller: &mut Caller<'_, HostState>, name: &str, r: Result<(), AbiError>) -> i32 {
     let st = &mut caller.data_mut().shoal.stats;
     st.calls += 1;
     match r {
@@ -181,7 +201,7 @@ fn finish(caller: &mut Caller<'_, HostState>, name: &str, r: Result<(), AbiError
     }
 }
 
-fn memory(caller: &mut Caller<'_, HostState>) -> Result<Memory, AbiError> {
+pub(crate) fn memory(caller: &mut Caller<'_, HostState>) -> Result<Memory, AbiError> {
     caller
         .get_export("memory")
         .and_then(Extern::into_memory)
@@ -197,6 +217,34 @@ fn span(caller: &Caller<'_, HostState>, mem: &Memory) -> GuestSpan {
     unsafe { GuestSpan::new(mem.data_ptr(caller), mem.data_size(caller)) }
 }
 
+/// Copies `len` guest bytes at `at` into host memory (read once: contract rule 3).
+pub(crate) fn read_vec(caller: &Caller<'_, HostState>, mem: &Memory, at: u32, len: u32) -> Result<Vec<u8>, AbiError> {
+    let size = mem.data_size(caller);
+    let range = shoal_memory::check_view(size, at.into(), len.into(), 1)
+        .map_err(|e| err(Status::OutOfBounds, e.to_string()))?;
+    Ok(mem.data(caller)[range].to_vec())
+}
+
+/// Checks that `len` bytes at `at` can be written, before any work is done.
+pub(crate) fn check_writable(
+    caller: &Caller<'_, HostState>,
+    mem: &Memory,
+    at: u32,
+    len: usize,
+) -> Result<(), AbiError> {
+    shoal_memory::check_view(mem.data_size(caller), at.into(), len as u64, 1)
+        .map(drop)
+        .map_err(|e| err(Status::OutOfBounds, e.to_string()))
+}
+
+pub(crate) fn read_array<const N: usize>(
+    caller: &Caller<'_, HostState>,
+    mem: &Memory,
+    at: u32,
+) -> Result<[u8; N], AbiError> {
+    read::<N>(caller, mem, at)
+}
+
 fn read<const N: usize>(caller: &Caller<'_, HostState>, mem: &Memory, at: u32) -> Result<[u8; N], AbiError> {
     let mut buf = [0u8; N];
     mem.read(caller, at as usize, &mut buf).map_err(|_| {
@@ -205,7 +253,7 @@ fn read<const N: usize>(caller: &Caller<'_, HostState>, mem: &Memory, at: u32) -
     Ok(buf)
 }
 
-fn write(caller: &mut Caller<'_, HostState>, mem: &Memory, at: u32, bytes: &[u8]) -> Result<(), AbiError> {
+pub(crate) fn write(caller: &mut Caller<'_, HostState>, mem: &Memory, at: u32, bytes: &[u8]) -> Result<(), AbiError> {
     let size = mem.data_size(&*caller);
     mem.write(caller, at as usize, bytes).map_err(|_| {
         err(Status::OutOfBounds, format!("{} bytes at {at:#x} end past the memory's {size} bytes", bytes.len()))
@@ -495,6 +543,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
             finish(&mut c, "buffer_read", r)
         },
     )?;
+    crate::infer::add_to_linker(linker)?;
     // last_error does not overwrite the message it reports.
     linker.func_wrap(MODULE, "last_error", |mut c: Caller<'_, HostState>, buf: u32, cap: u32, len_out: u32| {
         match last_error(&mut c, buf, cap, len_out) {

@@ -17,10 +17,13 @@
 //! ```
 
 mod abi;
+mod infer;
+pub mod models;
 
 use std::sync::Arc;
 
 pub use abi::{ABI_VERSION, GuestStats, MODULE, Status};
+pub use models::{DEFAULT_MODEL, LoadedModel, Models, default_model_path};
 use shoal_gpu::Device;
 use shoal_memory::GuestMemoryCreator;
 use wasmtime::{Config, Engine, Linker, Module, Store};
@@ -84,6 +87,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
     device: Arc<Device>,
+    models: Arc<Models>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -93,8 +97,13 @@ impl std::fmt::Debug for Runtime {
 }
 
 impl Runtime {
-    /// A runtime whose guest memories are registered with `device`.
+    /// A runtime whose guest memories are registered with `device`, with no models.
     pub fn new(device: Arc<Device>) -> Result<Runtime, HostError> {
+        Self::with_models(device, Arc::new(Models::new()))
+    }
+
+    /// A runtime whose guests can open the models of `models` by name.
+    pub fn with_models(device: Arc<Device>, models: Arc<Models>) -> Result<Runtime, HostError> {
         let mut config = Config::new();
         GuestMemoryCreator::configure(&mut config, device.clone());
         let engine = Engine::new(&config).map_err(HostError::Engine)?;
@@ -102,7 +111,7 @@ impl Runtime {
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut HostState| &mut s.wasi)
             .map_err(HostError::Engine)?;
         abi::add_to_linker(&mut linker).map_err(HostError::Engine)?;
-        Ok(Runtime { engine, linker, device })
+        Ok(Runtime { engine, linker, device, models })
     }
 
     /// The device guests compute on.
@@ -126,7 +135,7 @@ impl Runtime {
         let mut wasi = WasiCtxBuilder::new();
         let mut argv = vec![opts.program_name.clone().unwrap_or_else(|| "guest.wasm".into())];
         argv.extend(opts.args.iter().cloned());
-        wasi.args(&argv).inherit_stderr();
+        wasi.args(&argv).inherit_stderr().inherit_stdin();
         let pipe = opts.capture_stdout.then(|| MemoryOutputPipe::new(64 << 20));
         match &pipe {
             Some(p) => {
@@ -136,8 +145,10 @@ impl Runtime {
                 wasi.inherit_stdout();
             }
         }
-        let state =
-            HostState { wasi: wasi.build_p1(), shoal: abi::ShoalCtx::new(self.device.clone(), opts.measure_rss) };
+        let state = HostState {
+            wasi: wasi.build_p1(),
+            shoal: abi::ShoalCtx::new(self.device.clone(), self.models.clone(), opts.measure_rss),
+        };
         let mut store = Store::new(&self.engine, state);
         let instance = self.linker.instantiate(&mut store, module).map_err(HostError::Instantiate)?;
         let start = instance.get_typed_func::<(), ()>(&mut store, "_start").map_err(|_| HostError::NoStart)?;
@@ -156,8 +167,10 @@ impl Runtime {
     /// Instantiates a module and calls one export `() -> ()` (tests, reactors).
     pub fn call_export(&self, wasm: &[u8], name: &str) -> Result<GuestStats, HostError> {
         let module = self.compile(wasm)?;
-        let state =
-            HostState { wasi: WasiCtxBuilder::new().build_p1(), shoal: abi::ShoalCtx::new(self.device.clone(), true) };
+        let state = HostState {
+            wasi: WasiCtxBuilder::new().build_p1(),
+            shoal: abi::ShoalCtx::new(self.device.clone(), self.models.clone(), true),
+        };
         let mut store = Store::new(&self.engine, state);
         let instance = self.linker.instantiate(&mut store, &module).map_err(HostError::Instantiate)?;
         let f = instance.get_typed_func::<(), ()>(&mut store, name).map_err(HostError::Instantiate)?;

@@ -30,6 +30,8 @@ pub struct Args {
 enum Which {
     /// The GEMM reference check.
     Gemm,
+    /// A chat answer from the default model through the chat guest.
+    Chat,
 }
 
 /// One size's result as the guest prints it.
@@ -66,7 +68,58 @@ struct Report<'a> {
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    let _ = a.which;
+    let gemm_ok = if a.which != Some(Which::Chat) { gemm(&a)? } else { 0 };
+    if a.which == Some(Which::Gemm) || gemm_ok != 0 {
+        return Ok(gemm_ok);
+    }
+    chat(&a)
+}
+
+/// A chat answer to "What is the capital of France?", greedy, with tokens/s.
+fn chat(a: &Args) -> anyhow::Result<i32> {
+    let (models, name) = super::models(&[])?;
+    let device = open_device(a.backend)?;
+    let runtime = Runtime::with_models(device, models.clone())?;
+    let t0 = std::time::Instant::now();
+    let model = models.get(&name).map_err(anyhow::Error::msg)?;
+    let load = t0.elapsed();
+    let question = "What is the capital of France?";
+    let args =
+        ["--model", &name, "--temperature", "0", "--max-tokens", "24", "--prompt", question].map(String::from).to_vec();
+    let outcome = runtime
+        .run(
+            shoal_guests::CHAT,
+            &RunOptions { args, capture_stdout: true, program_name: Some("chat.wasm".into()), ..Default::default() },
+        )
+        .context("running the chat guest")?;
+    let answer = String::from_utf8_lossy(outcome.stdout.as_deref().unwrap_or_default()).trim().to_string();
+    let s = &outcome.stats;
+    let decode = if s.decode_seconds > 0.0 { s.decode_steps as f64 / s.decode_seconds } else { 0.0 };
+    let prefill = if s.prefill_seconds > 0.0 { s.prefill_tokens as f64 / s.prefill_seconds } else { 0.0 };
+    let ok = outcome.exit_code == 0 && answer.contains("Paris");
+    if a.json {
+        let report = serde_json::json!({
+            "demo": "chat", "model": name, "path": model.path, "question": question, "answer": answer,
+            "prefill_tokens": s.prefill_tokens, "prefill_tokens_per_s": prefill,
+            "decode_tokens": s.decode_steps, "decode_tokens_per_s": decode, "ok": ok,
+        });
+        println!("{report}");
+    } else {
+        println!();
+        println!("shoal demo: a Wasm chat guest asks the host's model (the CPU engine), greedy");
+        println!("  model    {name} ({}, loaded in {load:.2?})", model.path.display());
+        println!("  user     {question}");
+        println!("  answer   {answer}");
+        println!(
+            "  speed    prefill {} tokens at {prefill:.0} tokens/s, decode {} tokens at {decode:.1} tokens/s",
+            s.prefill_tokens, s.decode_steps
+        );
+        println!("{}", if ok { "chat demo passed" } else { "chat demo FAILED (no Paris in the answer)" });
+    }
+    Ok(if ok { 0 } else { 1 })
+}
+
+fn gemm(a: &Args) -> anyhow::Result<i32> {
     let device = open_device(a.backend)?;
     let info = device.info().clone();
     let runtime = Runtime::new(device)?;

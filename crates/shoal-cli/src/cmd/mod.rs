@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod chat;
 pub mod demo;
 pub mod devices;
 pub mod run;
@@ -44,4 +45,43 @@ pub fn open_device(choice: BackendChoice) -> anyhow::Result<Arc<Device>> {
         format!("cannot open the {kind} backend (run `shoal devices` to see what this machine has, or pick another with --backend)")
     })?;
     Ok(Arc::new(device))
+}
+
+/// Builds the host's model registry from `--model` values: `NAME=PATH`, a bare `PATH`
+/// (named after its file), or a bare known name; the default model is always known
+/// when its file is found (`scripts/fetch-model.sh`, which `make demo` runs).
+pub fn models(specs: &[String]) -> anyhow::Result<(Arc<shoal_host::Models>, String)> {
+    let models = Arc::new(shoal_host::Models::new());
+    if let Some(p) = shoal_host::default_model_path() {
+        models.add(shoal_host::DEFAULT_MODEL, &p);
+    }
+    let mut chosen = shoal_host::DEFAULT_MODEL.to_string();
+    for spec in specs {
+        let (name, path) = match spec.split_once('=') {
+            Some((n, p)) => (n.to_string(), std::path::PathBuf::from(p)),
+            None if std::path::Path::new(spec).is_file() => {
+                let p = std::path::PathBuf::from(spec);
+                let n = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| spec.clone());
+                (n, p)
+            }
+            None => {
+                chosen = spec.clone();
+                continue;
+            }
+        };
+        anyhow::ensure!(path.is_file(), "--model {spec}: no file at {}", path.display());
+        models.add(&name, &path);
+        chosen = name;
+    }
+    if !models.names().contains(&chosen) {
+        anyhow::bail!(
+            "no model named `{chosen}`{}: fetch the default one with `scripts/fetch-model.sh` (make demo does), or name a GGUF file with --model NAME=PATH",
+            if chosen == shoal_host::DEFAULT_MODEL {
+                " (its file was not found in ./models or $SHOAL_MODELS)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok((models, chosen))
 }

@@ -1,0 +1,112 @@
+//! Models loaded once per host, by name, and shared by every instance that opens them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use shoal_engine::gguf::GgufFile;
+use shoal_engine::models::llama::Llama;
+use shoal_engine::template::{self, ChatTemplate};
+use shoal_engine::tokenizer::Tokenizer;
+
+/// The name of the built-in default model.
+pub const DEFAULT_MODEL: &str = "smollm2";
+/// Its file name (fetched by `scripts/fetch-model.sh` into `models/`).
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// A model ready to run: weights, tokenizer, chat template, stop tokens.
+pub struct LoadedModel {
+    /// The name guests open it by.
+    pub name: String,
+    /// Where it was loaded from.
+    pub path: PathBuf,
+    /// The network.
+    pub llama: Llama,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Its chat template (ChatML when the file names none shoal knows).
+    pub template: ChatTemplate,
+    /// Tokens that end an assistant turn.
+    pub stop: Vec<u32>,
+}
+
+struct Entry {
+    path: PathBuf,
+    loaded: OnceLock<Result<Arc<LoadedModel>, String>>,
+}
+
+/// The host's models by name; each is loaded on first open, once.
+#[derive(Default)]
+pub struct Models {
+    entries: Mutex<HashMap<String, Arc<Entry>>>,
+}
+
+impl std::fmt::Debug for Models {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        f.debug_map().entries(e.iter().map(|(k, v)| (k, &v.path))).finish()
+    }
+}
+
+impl Models {
+    /// No models.
+    pub fn new() -> Models {
+        Models::default()
+    }
+
+    /// Names `path` as `name` (loaded when first opened).
+    pub fn add(&self, name: &str, path: &Path) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), Arc::new(Entry { path: path.to_path_buf(), loaded: OnceLock::new() }));
+    }
+
+    /// The names known, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.entries.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The model named `name`, loading it on first use.
+    pub fn get(&self, name: &str) -> Result<Arc<LoadedModel>, String> {
+        let entry = self.entries.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned();
+        let entry = entry.ok_or_else(|| {
+            format!("no model named `{name}` (known: {}); name one with --model NAME=PATH", self.names().join(", "))
+        })?;
+        entry.loaded.get_or_init(|| load(name, &entry.path).map(Arc::new)).clone()
+    }
+}
+
+fn load(name: &str, path: &Path) -> Result<LoadedModel, String> {
+    let t0 = std::time::Instant::now();
+    let file = GgufFile::open(path).map_err(|e| format!("model `{name}`: {e}"))?;
+    let llama = Llama::from_gguf(&file).map_err(|e| format!("model `{name}` ({}): {e}", path.display()))?;
+    let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| format!("model `{name}` ({}): {e}", path.display()))?;
+    let template = file
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.as_str())
+        .and_then(template::detect)
+        .unwrap_or_else(ChatTemplate::chat_ml);
+    let mut stop: Vec<u32> = template.stop_tokens().iter().filter_map(|s| tokenizer.token_id(s)).collect();
+    stop.extend(tokenizer.eos());
+    stop.dedup();
+    log::info!("loaded model `{name}` from {} in {:.2?}", path.display(), t0.elapsed());
+    Ok(LoadedModel { name: name.to_string(), path: path.to_path_buf(), llama, tokenizer, template, stop })
+}
+
+/// Where the default model is looked for: `$SHOAL_MODELS`, `./models`, and `models/`
+/// two levels above the executable (a checkout's `target/release/shoal`).
+pub fn default_model_path() -> Option<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("SHOAL_MODELS") {
+        dirs.push(PathBuf::from(d));
+    }
+    dirs.push(PathBuf::from("models"));
+    if let Some(root) = std::env::current_exe().ok().and_then(|e| e.parent()?.parent()?.parent().map(Path::to_path_buf))
+    {
+        dirs.push(root.join("models"));
+    }
+    dirs.into_iter().map(|d| d.join(DEFAULT_MODEL_FILE)).find(|p| p.is_file())
+}
