@@ -148,3 +148,39 @@ fn bad_inference_calls_get_their_status() {
     assert_eq!(stats.calls, checks.len() as u64 + 1, "{stats:?}");
     assert_eq!(stats.errors, checks.iter().filter(|c| c.2 != 0).count() as u64 + 1, "{stats:?}");
 }
+
+#[test]
+fn missing_truncated_and_corrupt_model_files_are_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("shoal-bad-models-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let models = Models::new();
+    models.add("missing", &dir.join("nope.gguf"));
+    let garbage = dir.join("garbage.gguf");
+    std::fs::write(&garbage, b"<html>not a model</html>").unwrap();
+    models.add("garbage", &garbage);
+    if let Some(real) = shoal_host::default_model_path().or_else(|| {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        p.is_file().then_some(p)
+    }) {
+        // The real file cut in the middle of its tensor data, and with a flipped header byte.
+        let bytes = std::fs::read(real).unwrap();
+        let cut = dir.join("cut.gguf");
+        std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+        models.add("cut", &cut);
+        let mut flipped = bytes[..4096.min(bytes.len())].to_vec();
+        flipped[5] ^= 0xff;
+        let flip = dir.join("flipped.gguf");
+        std::fs::write(&flip, &flipped).unwrap();
+        models.add("flipped", &flip);
+    } else {
+        eprintln!("skipping the truncated-model cases: run scripts/fetch-model.sh");
+    }
+    for name in models.names() {
+        let e = models.get(&name).err().unwrap_or_else(|| panic!("{name} loaded"));
+        assert!(e.contains(&format!("model `{name}`")), "{name}: {e}");
+        eprintln!("{name}: {e}");
+    }
+    // Loading failed: a guest opening it gets status 11 with the reason, the host goes on.
+    assert!(models.get("nope-at-all").err().is_some_and(|e| e.contains("no model named")));
+    std::fs::remove_dir_all(&dir).ok();
+}
