@@ -8,11 +8,16 @@ use std::sync::Arc;
 use shoal_gpu::{BackendKind, Device};
 use shoal_host::{Models, RunOptions, Runtime};
 
-fn runtime(test: &str) -> Option<Runtime> {
-    let Some(path) = shoal_host::default_model_path().or_else(|| {
+/// The default model's file: where the host looks, or the checkout's `models/`.
+fn model_file() -> Option<std::path::PathBuf> {
+    shoal_host::default_model_path().or_else(|| {
         let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
         p.is_file().then_some(p)
-    }) else {
+    })
+}
+
+fn runtime(test: &str) -> Option<Runtime> {
+    let Some(path) = model_file() else {
         eprintln!("{test}: skipping: no default model; run scripts/fetch-model.sh");
         return None;
     };
@@ -158,10 +163,7 @@ fn missing_truncated_and_corrupt_model_files_are_clear_errors() {
     let garbage = dir.join("garbage.gguf");
     std::fs::write(&garbage, b"<html>not a model</html>").unwrap();
     models.add("garbage", &garbage);
-    if let Some(real) = shoal_host::default_model_path().or_else(|| {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        p.is_file().then_some(p)
-    }) {
+    if let Some(real) = model_file() {
         // The real file cut in the middle of its tensor data, and with a flipped header byte.
         let bytes = std::fs::read(real).unwrap();
         let cut = dir.join("cut.gguf");
