@@ -22,7 +22,10 @@
 //! # let _ = logits;
 //! ```
 //!
-//! Not here yet (the inference work in progress): safetensors loading, the CUDA
+//! - [`safetensors`]: Hugging Face model directories (`config.json` and F32/F16/BF16
+//!   safetensors, one file or sharded), loaded by [`models::llama::Llama::from_safetensors`].
+//!
+//! Not here yet (the inference work in progress): the CUDA
 //! backend for models, sessions in device memory and the inference ABI.
 
 pub mod cpu;
@@ -30,6 +33,7 @@ pub mod gguf;
 pub mod kv;
 pub mod models;
 pub mod quant;
+pub mod safetensors;
 pub mod sampler;
 pub mod template;
 pub mod tokenizer;

@@ -8,9 +8,13 @@
 //!
 //! Rotary embeddings: GGUF `llama` files store Q and K permuted at conversion so that the
 //! interleaved (GPT-J, adjacent pairs) rotation reproduces Hugging Face's; GGUF `qwen2` files
-//! are not permuted and use the half-split (NeoX) rotation.
+//! are not permuted and use the half-split (NeoX) rotation. Hugging Face safetensors
+//! ([`Llama::from_safetensors`]) are unpermuted too, so both `llama` and `qwen2` use NeoX there;
+//! their tensors are looked up by GGUF name through a mapping to the Hugging Face names.
 //!
 //! Weights are dequantized to f32 when the model loads (about 4 bytes per parameter).
+
+use std::path::Path;
 
 use rayon::prelude::*;
 
@@ -18,6 +22,7 @@ use super::EngineError;
 use crate::cpu::{self, AttentionShape, RopeStyle};
 use crate::gguf::GgufFile;
 use crate::kv::KvCache;
+use crate::safetensors::{SafetensorsError, SafetensorsModel};
 
 /// The GGUF architectures this file runs.
 const SUPPORTED: &str = "`llama` (Llama, SmolLM2, TinyLlama, Mistral) and `qwen2`";
@@ -173,6 +178,89 @@ impl LlamaConfig {
         })
     }
 
+    /// Reads the hyperparameters from a Hugging Face `config.json` of `model_type` `llama` or
+    /// `qwen2`. Hugging Face stores Q and K unpermuted, so both use the half-split (NeoX)
+    /// rotation; Qwen2 (and Llama with `attention_bias`) has Q/K/V biases.
+    pub fn from_hf_config(json: &serde_json::Value) -> Result<Self, EngineError> {
+        let invalid = |k: &str, value: String, reason| EngineError::InvalidConfig { key: k.to_string(), value, reason };
+        let arch = json
+            .get("model_type")
+            .and_then(|m| m.as_str())
+            .ok_or_else(|| invalid("model_type", "missing".into(), "config.json must name the model type"))?
+            .to_string();
+        let qkv_bias = match arch.as_str() {
+            "llama" => json.get("attention_bias").and_then(|b| b.as_bool()).unwrap_or(false),
+            "qwen2" => true,
+            _ => {
+                return Err(EngineError::UnsupportedArchitecture { found: arch, supported: SUPPORTED });
+            }
+        };
+        let optional_count = |k: &str| -> Result<Option<usize>, EngineError> {
+            match json.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(v) => {
+                    let n = v.as_u64().ok_or_else(|| invalid(k, v.to_string(), "must be a non-negative integer"))?;
+                    let n = usize::try_from(n).map_err(|_| invalid(k, n.to_string(), "too large for this machine"))?;
+                    if n == 0 {
+                        return Err(invalid(k, "0".into(), "must be at least 1"));
+                    }
+                    Ok(Some(n))
+                }
+            }
+        };
+        let count = |k: &str| optional_count(k)?.ok_or_else(|| invalid(k, "missing".into(), "config.json must set it"));
+        let float = |k: &str, default: Option<f64>| -> Result<f32, EngineError> {
+            match json.get(k) {
+                None | Some(serde_json::Value::Null) => {
+                    default.map(|d| d as f32).ok_or_else(|| invalid(k, "missing".into(), "config.json must set it"))
+                }
+                Some(v) => v.as_f64().map(|f| f as f32).ok_or_else(|| invalid(k, v.to_string(), "must be a number")),
+            }
+        };
+        let n_layers = count("num_hidden_layers")?;
+        let dim = count("hidden_size")?;
+        let ffn_dim = count("intermediate_size")?;
+        let n_heads = count("num_attention_heads")?;
+        let n_kv_heads = optional_count("num_key_value_heads")?.unwrap_or(n_heads);
+        let vocab_size = count("vocab_size")?;
+        let context_length = count("max_position_embeddings")?;
+        let rms_eps = float("rms_norm_eps", None)?;
+        let rope_base = float("rope_theta", Some(10000.0))?;
+        if n_heads % n_kv_heads != 0 {
+            return Err(invalid("num_key_value_heads", n_kv_heads.to_string(), "must divide num_attention_heads"));
+        }
+        let head_dim = match optional_count("head_dim")? {
+            Some(h) => h,
+            None if dim % n_heads == 0 => dim / n_heads,
+            None => return Err(invalid("num_attention_heads", n_heads.to_string(), "must divide hidden_size")),
+        };
+        if head_dim % 2 != 0 {
+            return Err(invalid("head_dim", head_dim.to_string(), "the head size must be even"));
+        }
+        if !(rms_eps.is_finite() && rms_eps >= 0.0) {
+            return Err(invalid("rms_norm_eps", rms_eps.to_string(), "must be a non-negative number"));
+        }
+        if !(rope_base.is_finite() && rope_base > 0.0) {
+            return Err(invalid("rope_theta", rope_base.to_string(), "must be a positive number"));
+        }
+        Ok(Self {
+            arch,
+            n_layers,
+            dim,
+            ffn_dim,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            vocab_size,
+            rms_eps,
+            rope_base,
+            rope_dim: head_dim,
+            rope_style: RopeStyle::Neox,
+            context_length,
+            qkv_bias,
+        })
+    }
+
     /// Width of the concatenated query heads.
     pub fn q_dim(&self) -> usize {
         self.n_heads * self.head_dim
@@ -222,21 +310,94 @@ impl std::fmt::Debug for Llama {
     }
 }
 
-/// Loads `name`, checking that its dimensions (innermost first) are `dims`.
-fn load(file: &GgufFile, arch: &str, name: &str, dims: &[usize]) -> Result<Vec<f32>, EngineError> {
-    let info = file
-        .tensor(name)
-        .ok_or_else(|| EngineError::MissingTensor { name: name.to_string(), arch: arch.to_string() })?;
-    let expected: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
-    if info.dims != expected {
-        return Err(EngineError::TensorShape { name: name.to_string(), expected, found: info.dims.clone() });
+/// Where weights come from: tensors by their GGUF name, dimensions innermost first.
+trait WeightSource: Sync {
+    /// The dimensions of `name` (innermost first), or `None` when the model has no such
+    /// tensor.
+    fn dims(&self, name: &str) -> Option<Vec<u64>>;
+    /// The values of `name` as f32.
+    fn f32(&self, name: &str) -> Result<Vec<f32>, EngineError>;
+}
+
+impl WeightSource for GgufFile {
+    fn dims(&self, name: &str) -> Option<Vec<u64>> {
+        self.tensor(name).map(|t| t.dims.clone())
     }
-    Ok(file.tensor_f32(name)?)
+
+    fn f32(&self, name: &str) -> Result<Vec<f32>, EngineError> {
+        Ok(self.tensor_f32(name)?)
+    }
+}
+
+/// Hugging Face weights seen through GGUF names.
+struct HfWeights<'a> {
+    model: &'a SafetensorsModel,
+    tied: bool,
+}
+
+impl HfWeights<'_> {
+    /// The Hugging Face name of the tensor GGUF calls `name`.
+    fn hf_name(&self, name: &str) -> Option<String> {
+        Some(match name {
+            "token_embd.weight" => "model.embed_tokens.weight".into(),
+            "output_norm.weight" => "model.norm.weight".into(),
+            "output.weight" if self.tied => return None,
+            "output.weight" => "lm_head.weight".into(),
+            _ => {
+                let rest = name.strip_prefix("blk.")?;
+                let (layer, t) = rest.split_once('.')?;
+                let hf = match t {
+                    "attn_norm.weight" => "input_layernorm.weight",
+                    "attn_q.weight" => "self_attn.q_proj.weight",
+                    "attn_k.weight" => "self_attn.k_proj.weight",
+                    "attn_v.weight" => "self_attn.v_proj.weight",
+                    "attn_q.bias" => "self_attn.q_proj.bias",
+                    "attn_k.bias" => "self_attn.k_proj.bias",
+                    "attn_v.bias" => "self_attn.v_proj.bias",
+                    "attn_output.weight" => "self_attn.o_proj.weight",
+                    "ffn_norm.weight" => "post_attention_layernorm.weight",
+                    "ffn_gate.weight" => "mlp.gate_proj.weight",
+                    "ffn_up.weight" => "mlp.up_proj.weight",
+                    "ffn_down.weight" => "mlp.down_proj.weight",
+                    _ => return None,
+                };
+                format!("model.layers.{layer}.{hf}")
+            }
+        })
+    }
+}
+
+impl WeightSource for HfWeights<'_> {
+    fn dims(&self, name: &str) -> Option<Vec<u64>> {
+        let t = self.model.tensor(&self.hf_name(name)?)?;
+        Some(t.shape.iter().rev().copied().collect())
+    }
+
+    fn f32(&self, name: &str) -> Result<Vec<f32>, EngineError> {
+        let hf = self.hf_name(name).ok_or_else(|| SafetensorsError::MissingTensor(name.to_string()))?;
+        Ok(self.model.tensor_f32(&hf)?)
+    }
+}
+
+/// Loads `name`, checking that its dimensions (innermost first) are `dims`.
+fn load(file: &dyn WeightSource, arch: &str, name: &str, dims: &[usize]) -> Result<Vec<f32>, EngineError> {
+    let found =
+        file.dims(name).ok_or_else(|| EngineError::MissingTensor { name: name.to_string(), arch: arch.to_string() })?;
+    let expected: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
+    if found != expected {
+        return Err(EngineError::TensorShape { name: name.to_string(), expected, found });
+    }
+    file.f32(name)
 }
 
 /// Loads `name` if the file has it.
-fn load_optional(file: &GgufFile, arch: &str, name: &str, dims: &[usize]) -> Result<Option<Vec<f32>>, EngineError> {
-    match file.tensor(name) {
+fn load_optional(
+    file: &dyn WeightSource,
+    arch: &str,
+    name: &str,
+    dims: &[usize],
+) -> Result<Option<Vec<f32>>, EngineError> {
+    match file.dims(name) {
         Some(_) => load(file, arch, name, dims).map(Some),
         None => Ok(None),
     }
@@ -246,6 +407,32 @@ impl Llama {
     /// Reads the config and every weight from a GGUF file, dequantizing them to f32.
     pub fn from_gguf(file: &GgufFile) -> Result<Self, EngineError> {
         let c = LlamaConfig::from_gguf(file)?;
+        Self::load_weights(c, file, None)
+    }
+
+    /// Reads a Hugging Face model directory: `config.json` (see
+    /// [`LlamaConfig::from_hf_config`]) and the weights of `model.safetensors` or of the
+    /// shards `model.safetensors.index.json` lists, converted to f32.
+    pub fn from_safetensors(dir: &Path) -> Result<Self, EngineError> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|source| SafetensorsError::Io { path: config_path.clone(), source })?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| SafetensorsError::Corrupt { path: config_path, reason: format!("not valid JSON: {e}") })?;
+        let c = LlamaConfig::from_hf_config(&json)?;
+        let model = SafetensorsModel::open_dir(dir)?;
+        let tied = json.get("tie_word_embeddings").and_then(|t| t.as_bool()).unwrap_or(false)
+            || model.tensor("lm_head.weight").is_none();
+        let rope_freqs = llama3_rope_factors(&json, &c)?;
+        Self::load_weights(c, &HfWeights { model: &model, tied }, rope_freqs)
+    }
+
+    /// Loads every weight named as in GGUF. `rope_freqs` overrides `rope_freqs.weight`.
+    fn load_weights(
+        c: LlamaConfig,
+        file: &dyn WeightSource,
+        rope_freqs: Option<Vec<f32>>,
+    ) -> Result<Self, EngineError> {
         let arch = c.arch.as_str();
         let (dim, q_dim, kv_dim, ffn) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
         let layers = (0..c.n_layers)
@@ -279,7 +466,10 @@ impl Llama {
         let output_norm = load(file, arch, "output_norm.weight", &[dim])?;
         let output = load_optional(file, arch, "output.weight", &[dim, c.vocab_size])?;
         // Llama 3.1+ scales the RoPE frequencies by per-pair factors.
-        let rope_freqs = load_optional(file, arch, "rope_freqs.weight", &[c.rope_dim / 2])?;
+        let rope_freqs = match rope_freqs {
+            Some(f) => Some(f),
+            None => load_optional(file, arch, "rope_freqs.weight", &[c.rope_dim / 2])?,
+        };
         let inv_freq = cpu::rope_inv_freq(c.rope_dim, c.rope_base, rope_freqs.as_deref());
         Ok(Self { config: c, token_embd, output_norm, output, layers, inv_freq })
     }
@@ -379,4 +569,50 @@ impl Llama {
         cpu::matmul_t(&mut logits, &last_norm, out_w, 1, dim, c.vocab_size, false);
         Ok(logits)
     }
+}
+
+/// The per-pair frequency divisors of Llama 3.1+ (`rope_scaling.rope_type` `llama3` in
+/// `config.json`), as llama.cpp's converter computes them for `rope_freqs.weight`; `None`
+/// without such scaling.
+fn llama3_rope_factors(json: &serde_json::Value, c: &LlamaConfig) -> Result<Option<Vec<f32>>, EngineError> {
+    let Some(scaling) = json.get("rope_scaling").filter(|s| !s.is_null()) else {
+        return Ok(None);
+    };
+    let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(|t| t.as_str()).unwrap_or("");
+    if kind != "llama3" {
+        return Err(EngineError::InvalidConfig {
+            key: "rope_scaling.rope_type".into(),
+            value: kind.to_string(),
+            reason: "only `llama3` RoPE scaling is supported",
+        });
+    }
+    let get = |k: &str, default: f64| scaling.get(k).and_then(|v| v.as_f64()).unwrap_or(default);
+    let factor = get("factor", 8.0);
+    let low = get("low_freq_factor", 1.0);
+    let high = get("high_freq_factor", 4.0);
+    let old_ctx = get("original_max_position_embeddings", 8192.0);
+    if !(factor > 0.0 && high > low && old_ctx > 0.0) {
+        return Err(EngineError::InvalidConfig {
+            key: "rope_scaling".into(),
+            value: scaling.to_string(),
+            reason: "needs factor > 0, high_freq_factor > low_freq_factor and a positive original context",
+        });
+    }
+    let (low_wavelen, high_wavelen) = (old_ctx / low, old_ctx / high);
+    let factors = (0..c.rope_dim / 2)
+        .map(|i| {
+            let freq = (c.rope_base as f64).powf(-2.0 * i as f64 / c.rope_dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let f = if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth = (old_ctx / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            };
+            f as f32
+        })
+        .collect();
+    Ok(Some(factors))
 }

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use crate::gguf::GgufError;
 use crate::kv::{KvCache, KvError};
+use crate::safetensors::SafetensorsError;
 use crate::sampler::Sampler;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -47,6 +48,9 @@ pub enum EngineError {
     /// The session's KV cache is full (or could not be made).
     #[error(transparent)]
     Kv(#[from] KvError),
+    /// A safetensors file or `config.json` could not be read.
+    #[error(transparent)]
+    Safetensors(#[from] SafetensorsError),
     /// The model file is of an architecture this crate does not run.
     #[error(
         "model architecture `{found}` is not supported: shoal runs {supported} (GGUF \
