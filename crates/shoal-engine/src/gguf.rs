@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use crate::mapped::Storage;
 use crate::quant;
 
 /// The four bytes every GGUF file starts with.
@@ -457,21 +458,6 @@ fn version_hint(version: &u32) -> &'static str {
     }
 }
 
-/// The bytes of the file: a read-only mapping, or a buffer handed to [`GgufFile::from_bytes`].
-enum Storage {
-    Mapped(memmap2::Mmap),
-    Owned(Vec<u8>),
-}
-
-impl Storage {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Storage::Mapped(m) => m,
-            Storage::Owned(v) => v,
-        }
-    }
-}
-
 /// A parsed GGUF file: its metadata and tensor infos, with the tensor data left in place.
 pub struct GgufFile {
     /// The format version (2 or 3).
@@ -505,21 +491,8 @@ impl GgufFile {
     /// The file must not be modified while the returned value lives (see the mapping's
     /// safety note); a file that is truncated or inconsistent is an error.
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
-        let io = |source| GgufError::Io { path: path.to_path_buf(), source };
-        let file = std::fs::File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
-        if len == 0 {
-            // Nothing to map; the parser reports the empty file.
-            return GgufFile::from_bytes(Vec::new());
-        }
-        // SAFETY: the mapping is read-only and private to this value, and nothing in this
-        // process writes to the file. Like every reader of memory-mapped model files
-        // (llama.cpp included) we rely on other processes not truncating or rewriting the
-        // file while it is mapped: that would change or unmap bytes under the slices this
-        // value hands out. Every offset is checked against the mapping's length, which is
-        // fixed once mapped.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        GgufFile::parse(Storage::Mapped(map))
+        let storage = Storage::map(path).map_err(|source| GgufError::Io { path: path.to_path_buf(), source })?;
+        GgufFile::parse(storage)
     }
 
     /// Parses a GGUF file held in memory (the same checks as [`GgufFile::open`]).

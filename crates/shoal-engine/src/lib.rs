@@ -31,6 +31,7 @@
 pub mod cpu;
 pub mod gguf;
 pub mod kv;
+mod mapped;
 pub mod models;
 pub mod quant;
 pub mod safetensors;

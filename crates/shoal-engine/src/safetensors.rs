@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 
+use crate::mapped::Storage;
+
 /// The largest JSON header read (the reference implementation's limit is 100 MB).
 const MAX_HEADER: u64 = 100 * 1024 * 1024;
 
@@ -127,21 +129,6 @@ pub struct TensorInfo {
     pub range: std::ops::Range<usize>,
 }
 
-/// The bytes of a file: a read-only mapping, or a buffer.
-enum Storage {
-    Mapped(memmap2::Mmap),
-    Owned(Vec<u8>),
-}
-
-impl Storage {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Storage::Mapped(m) => m,
-            Storage::Owned(v) => v,
-        }
-    }
-}
-
 /// One parsed safetensors file.
 pub struct SafetensorsFile {
     path: PathBuf,
@@ -165,18 +152,7 @@ impl SafetensorsFile {
     ///
     /// The file must not be modified while the returned value lives.
     pub fn open(path: &Path) -> Result<SafetensorsFile, SafetensorsError> {
-        let io = |source| SafetensorsError::Io { path: path.to_path_buf(), source };
-        let file = std::fs::File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
-        let storage = if len == 0 {
-            Storage::Owned(Vec::new())
-        } else {
-            // SAFETY: the mapping is read-only and private to this value, and nothing in this
-            // process writes to the file. As with every memory-mapped model reader, we rely on
-            // other processes not truncating or rewriting the file while it is mapped. Every
-            // offset is checked against the mapping's length, which is fixed once mapped.
-            Storage::Mapped(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?)
-        };
+        let storage = Storage::map(path).map_err(|source| SafetensorsError::Io { path: path.to_path_buf(), source })?;
         Self::parse(path.to_path_buf(), storage)
     }
 
