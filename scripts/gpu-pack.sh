@@ -3,6 +3,29 @@
 # packed into .dev/bin.tar.xz (the GPU machine has no Rust).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+artifact() { # cargo JSON on stdin -> executable of target $1
+  python3 -c 'import sys,json
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m["target"]["name"]==sys.argv[1] and m.get("executable"): print(m["executable"])' "$1"
+}
+if [[ "${1:-}" == engine ]]; then
+  # The engine's examples and bench, the CLI and the chat guest: scripts/gpu-engine.sh.
+  cargo build --release -p shoal-cli
+  stage=$(mktemp -d)
+  for ex in logits synth_weights; do
+    cp "$(cargo build --release -p shoal-engine --example $ex --message-format=json 2>/dev/null | artifact $ex)" "$stage/"
+  done
+  cp "$(cargo bench --no-run -p shoal-engine --bench generate --message-format=json 2>/dev/null | artifact generate)" "$stage/generate"
+  cp target/release/shoal "$stage/"
+  cp target/guests/wasm32-wasip1/release/chat.wasm "$stage/"
+  strip "$stage"/logits "$stage"/synth_weights "$stage"/generate "$stage"/shoal
+  mkdir -p .dev
+  tar -cJf .dev/engine.tar.xz -C "$stage" .
+  rm -rf "$stage"
+  ls -la .dev/engine.tar.xz
+  exit 0
+fi
 cargo build --release -p shoal-cli
 stage=$(mktemp -d)
 cp target/release/shoal "$stage/"

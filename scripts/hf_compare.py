@@ -24,11 +24,12 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).to(device).eval()
     tokens = meta["tokens"]
     vocab = meta["vocab"]
-    ours = np.fromfile(logits_file, dtype="<f4").reshape(len(tokens), vocab)
+    ours = np.fromfile(logits_file, dtype="<f4").reshape(meta["positions"], vocab)
     with torch.no_grad():
         ids = torch.tensor([tokens], device=device)
         ref = model(ids).logits[0].double().cpu().numpy()
-        per_pos = [float(np.linalg.norm(ours[i] - ref[i]) / np.linalg.norm(ref[i])) for i in range(len(tokens))]
+        ref = ref[len(tokens) - meta["positions"]:]
+        per_pos = [float(np.linalg.norm(ours[i] - ref[i]) / np.linalg.norm(ref[i])) for i in range(len(ours))]
         out = model.generate(ids, max_new_tokens=len(meta["greedy"]), do_sample=False, min_new_tokens=len(meta["greedy"]))
         theirs = out[0, len(tokens):].tolist()
     agree = 0
@@ -40,7 +41,7 @@ def main():
         "rel_err_max": max(per_pos), "rel_err_per_position": per_pos,
         "greedy_agree": agree, "greedy_len": len(meta["greedy"]),
         "shoal_greedy": meta["greedy"], "hf_greedy": theirs,
-        "torch": torch.__version__, "device": device,
+        "torch": torch.__version__, "device": device, "shoal_backend": meta.get("backend", "cpu"),
     }))
 
 

@@ -28,6 +28,7 @@
 //! Not here yet (the inference work in progress): the CUDA
 //! backend for models, sessions in device memory and the inference ABI.
 
+pub mod backend;
 pub mod cpu;
 pub mod gguf;
 pub mod kv;

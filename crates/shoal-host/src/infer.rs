@@ -8,8 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use shoal_engine::kv::KvCache;
-use shoal_engine::models::EngineError;
+use shoal_engine::models::{Cache, EngineError};
 use shoal_engine::sampler::Sampler;
 use shoal_engine::template::Message;
 use wasmtime::{Caller, Linker};
@@ -25,7 +24,7 @@ const MAX_TOKENS_PER_CALL: u32 = 1 << 20;
 
 struct Session {
     model: Arc<LoadedModel>,
-    cache: KvCache,
+    cache: Cache,
     /// Every token evaluated, for the repetition penalty.
     history: Vec<u32>,
     /// Tokens sampled so far (the sampler's step).
@@ -68,7 +67,7 @@ impl InferCtx {
 
 fn engine_err(e: EngineError) -> AbiError {
     let status = match &e {
-        EngineError::ContextTooLong { .. } | EngineError::Kv(_) => Status::ContextFull,
+        EngineError::ContextTooLong { .. } | EngineError::Kv(_) | EngineError::KvPoolFull { .. } => Status::ContextFull,
         EngineError::TokenOutOfRange { .. } | EngineError::EmptyInput => Status::InvalidArgument,
         _ => Status::Device,
     };
@@ -268,16 +267,21 @@ fn eval(caller: &mut Caller<'_, HostState>, handle: u32, ids: &[u32]) -> Result<
     let s = session_mut(caller, handle)?;
     let logits = s.model.llama.forward(ids, &mut s.cache).map_err(engine_err)?;
     s.history.extend_from_slice(ids);
+    record(caller, ids.len(), t0);
+    Ok(logits)
+}
+
+/// Counts a forward pass of `n` tokens that began at `t0` (for tokens/s reports).
+fn record(caller: &mut Caller<'_, HostState>, n: usize, t0: Instant) {
     let dt = t0.elapsed().as_secs_f64();
     let ctx = &mut caller.data_mut().shoal.infer;
-    if ids.len() == 1 {
+    if n == 1 {
         ctx.decode_steps += 1;
         ctx.decode_seconds += dt;
     } else {
-        ctx.prefill_tokens += ids.len() as u64;
+        ctx.prefill_tokens += n as u64;
         ctx.prefill_seconds += dt;
     }
-    Ok(logits)
 }
 
 fn session_eval(
@@ -326,13 +330,15 @@ fn session_decode(
         seed: u64::from_le_bytes([p[16], p[17], p[18], p[19], p[20], p[21], p[22], p[23]]),
     };
     crate::abi::check_writable(caller, &mem, token_out, 4)?;
-    let logits = eval(caller, handle, &tokens)?;
+    let t0 = Instant::now();
     let s = session_mut(caller, handle)?;
-    let window = s.history.len().saturating_sub(64);
-    let next = sampler
-        .sample(&logits, &s.history[window..], s.step)
-        .ok_or_else(|| err(Status::Device, "the model gave no logits"))?;
+    let mut window: Vec<u32> = s.history[s.history.len().saturating_sub(63)..].to_vec();
+    window.extend_from_slice(&tokens[tokens.len().saturating_sub(64)..]);
+    let window = &window[window.len().saturating_sub(64)..];
+    let next = s.model.llama.forward_sample(&tokens, &mut s.cache, &sampler, window, s.step).map_err(engine_err)?;
+    s.history.extend_from_slice(&tokens);
     s.step += 1;
+    record(caller, tokens.len(), t0);
     write(caller, &mem, token_out, &next.to_le_bytes())
 }
 

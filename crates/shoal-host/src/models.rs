@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use shoal_engine::gguf::GgufFile;
-use shoal_engine::models::llama::Llama;
+use shoal_engine::models::{EngineKind, Model};
 use shoal_engine::template::{self, ChatTemplate};
 use shoal_engine::tokenizer::Tokenizer;
 
@@ -21,7 +21,7 @@ pub struct LoadedModel {
     /// Where it was loaded from.
     pub path: PathBuf,
     /// The network.
-    pub llama: Llama,
+    pub llama: Model,
     /// Its tokenizer.
     pub tokenizer: Tokenizer,
     /// Its chat template (ChatML when the file names none shoal knows).
@@ -35,10 +35,17 @@ struct Entry {
     loaded: OnceLock<Result<Arc<LoadedModel>, String>>,
 }
 
-/// The host's models by name; each is loaded on first open, once.
-#[derive(Default)]
+/// The host's models by name; each is loaded on first open, once, on the registry's
+/// engine backend.
 pub struct Models {
     entries: Mutex<HashMap<String, Arc<Entry>>>,
+    engine: EngineKind,
+}
+
+impl Default for Models {
+    fn default() -> Self {
+        Models::with_engine(EngineKind::Cpu)
+    }
 }
 
 impl std::fmt::Debug for Models {
@@ -49,9 +56,19 @@ impl std::fmt::Debug for Models {
 }
 
 impl Models {
-    /// No models.
+    /// No models; they will run on the CPU engine.
     pub fn new() -> Models {
         Models::default()
+    }
+
+    /// No models; they will run on `engine` (the CPU, or CUDA on an NVIDIA GPU).
+    pub fn with_engine(engine: EngineKind) -> Models {
+        Models { entries: Mutex::new(HashMap::new()), engine }
+    }
+
+    /// The backend models are loaded on.
+    pub fn engine(&self) -> EngineKind {
+        self.engine
     }
 
     /// Names `path` as `name` (loaded when first opened).
@@ -75,24 +92,41 @@ impl Models {
         let entry = entry.ok_or_else(|| {
             format!("no model named `{name}` (known: {}); name one with --model NAME=PATH", self.names().join(", "))
         })?;
-        entry.loaded.get_or_init(|| load(name, &entry.path).map(Arc::new)).clone()
+        entry.loaded.get_or_init(|| load(name, &entry.path, self.engine).map(Arc::new)).clone()
     }
 }
 
-fn load(name: &str, path: &Path) -> Result<LoadedModel, String> {
+fn load(name: &str, path: &Path, engine: EngineKind) -> Result<LoadedModel, String> {
     let t0 = std::time::Instant::now();
-    let file = GgufFile::open(path).map_err(|e| format!("model `{name}`: {e}"))?;
-    let llama = Llama::from_gguf(&file).map_err(|e| format!("model `{name}` ({}): {e}", path.display()))?;
-    let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| format!("model `{name}` ({}): {e}", path.display()))?;
-    let template = file
-        .get("tokenizer.chat_template")
-        .and_then(|v| v.as_str())
-        .and_then(template::detect)
-        .unwrap_or_else(ChatTemplate::chat_ml);
+    let what = |e: &dyn std::fmt::Display| format!("model `{name}` ({}): {e}", path.display());
+    let (llama, tokenizer, template) = if path.is_dir() {
+        // A Hugging Face directory: config.json, safetensors, tokenizer.json and the chat
+        // template of tokenizer_config.json.
+        let llama = Model::load_safetensors(path, engine).map_err(|e| what(&e))?;
+        let json =
+            std::fs::read_to_string(path.join("tokenizer.json")).map_err(|e| what(&format!("tokenizer.json: {e}")))?;
+        let tokenizer = Tokenizer::from_tokenizer_json(&json).map_err(|e| what(&e))?;
+        let template = std::fs::read_to_string(path.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("chat_template").and_then(|t| t.as_str()).and_then(template::detect))
+            .unwrap_or_else(ChatTemplate::chat_ml);
+        (llama, tokenizer, template)
+    } else {
+        let file = GgufFile::open(path).map_err(|e| format!("model `{name}`: {e}"))?;
+        let llama = Model::load_gguf(&file, engine).map_err(|e| what(&e))?;
+        let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| what(&e))?;
+        let template = file
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .and_then(template::detect)
+            .unwrap_or_else(ChatTemplate::chat_ml);
+        (llama, tokenizer, template)
+    };
     let mut stop: Vec<u32> = template.stop_tokens().iter().filter_map(|s| tokenizer.token_id(s)).collect();
     stop.extend(tokenizer.eos());
     stop.dedup();
-    log::info!("loaded model `{name}` from {} in {:.2?}", path.display(), t0.elapsed());
+    log::info!("loaded model `{name}` from {} on {} in {:.2?}", path.display(), llama.backend_name(), t0.elapsed());
     Ok(LoadedModel { name: name.to_string(), path: path.to_path_buf(), llama, tokenizer, template, stop })
 }
 

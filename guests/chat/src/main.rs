@@ -5,6 +5,11 @@
 //! Usage: chat [--model NAME] [--temperature T] [--seed S] [--max-tokens N]
 //!             [--context N] [--prompt TEXT]... [--stats]
 //! Without --prompt it reads one user turn per line from stdin.
+//!
+//! `chat --bench [--model NAME] [--prompt-tokens 128] [--gen 128] [--repeat 5]` measures
+//! prefill and decode from this guest exactly as the engine's native `generate` bench does
+//! (same token ids, greedy, fresh session per repeat after one warm-up) and prints one
+//! JSON line.
 
 use std::io::{BufRead, Write};
 use std::time::Instant;
@@ -18,6 +23,7 @@ struct Args {
     context: u32,
     prompts: Vec<String>,
     stats: bool,
+    bench: Option<(usize, usize, usize)>,
 }
 
 fn parse() -> Args {
@@ -28,6 +34,7 @@ fn parse() -> Args {
         context: 0,
         prompts: Vec::new(),
         stats: false,
+        bench: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -45,6 +52,16 @@ fn parse() -> Args {
             "--context" => a.context = val().parse().unwrap_or_else(|_| usage("bad --context")),
             "--prompt" => a.prompts.push(val()),
             "--stats" => a.stats = true,
+            "--bench" => a.bench = Some(a.bench.unwrap_or((128, 128, 5))),
+            "--prompt-tokens" | "--gen" | "--repeat" => {
+                let v: usize = val().parse().unwrap_or_else(|_| usage(&format!("bad {flag}")));
+                let b = a.bench.get_or_insert((128, 128, 5));
+                match flag.as_str() {
+                    "--prompt-tokens" => b.0 = v,
+                    "--gen" => b.1 = v,
+                    _ => b.2 = v.max(1),
+                }
+            }
             _ => usage(&format!("unknown argument `{flag}`")),
         }
     }
@@ -128,9 +145,47 @@ impl Chat {
     }
 }
 
+/// Prefill and decode tokens/s from the guest (see the module docs).
+fn bench(a: &Args, model: &Model, (prompt, gen_n, repeat): (usize, usize, usize)) {
+    let vocab = model.info.vocab_size as u64;
+    let tokens: Vec<u32> = (0..prompt as u64).map(|i| ((i * 2_654_435_761 + 17) % (vocab - 1)) as u32 + 1).collect();
+    let greedy = SamplerParams { temperature: 0.0, ..SamplerParams::default() };
+    let (mut pre, mut dec) = (Vec::new(), Vec::new());
+    for r in 0..=repeat {
+        let mut s = Session::new(model, (prompt + gen_n + 1) as u32).unwrap_or_else(|e| fail(&e.to_string()));
+        let t = Instant::now();
+        let mut next = s.decode(&tokens, &greedy).unwrap_or_else(|e| fail(&e.to_string()));
+        let p = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for _ in 0..gen_n {
+            next = s.decode(&[next], &greedy).unwrap_or_else(|e| fail(&e.to_string()));
+        }
+        let d = t.elapsed().as_secs_f64();
+        if r > 0 {
+            pre.push(prompt as f64 / p);
+            dec.push(gen_n as f64 / d);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|x, y| x.total_cmp(y));
+        v[v.len() / 2]
+    };
+    let runs = format!("{{\"prefill\":{pre:.1?},\"decode\":{dec:.1?}}}");
+    println!(
+        "{{\"driver\":\"wasm-guest\",\"model\":\"{}\",\"prompt\":{prompt},\"gen\":{gen_n},\"repeat\":{repeat},\"prefill_tok_s\":{:.1},\"decode_tok_s\":{:.1},\"runs\":{runs}}}",
+        a.model,
+        median(&mut pre),
+        median(&mut dec)
+    );
+}
+
 fn main() {
     let a = parse();
     let model = Model::open(&a.model).unwrap_or_else(|e| fail(&e.to_string()));
+    if let Some(b) = a.bench {
+        bench(&a, &model, b);
+        return;
+    }
     let session = Session::new(&model, a.context).unwrap_or_else(|e| fail(&e.to_string()));
     let mut chat = Chat { model, session, messages: Vec::new(), seen: Vec::new() };
     let stdout = std::io::stdout();

@@ -12,8 +12,8 @@ pub struct Args {
     /// The model: a name the host knows (default `smollm2`), a GGUF path, or NAME=PATH.
     #[arg(long)]
     model: Option<String>,
-    /// The compute backend for the guest's compute calls. The model itself runs on
-    /// the CPU engine for now (the GPU engine is in progress).
+    /// The backend: the model runs on CUDA's engine when this is (or `auto` finds) an
+    /// NVIDIA GPU, else on the CPU engine.
     #[arg(long, value_enum, default_value_t)]
     backend: BackendChoice,
     /// Sampling temperature; 0 is greedy (deterministic).
@@ -34,8 +34,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    let (models, name) = models(a.model.as_slice())?;
     let device = open_device(a.backend)?;
+    let (models, name) = models(a.model.as_slice(), super::engine_for(&device))?;
     let runtime = Runtime::with_models(device, models.clone())?;
     // Load before the guest starts, so a bad model file is reported here, clearly.
     models.get(&name).map_err(anyhow::Error::msg)?;

@@ -77,8 +77,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
 
 /// A chat answer to "What is the capital of France?", greedy, with tokens/s.
 fn chat(a: &Args) -> anyhow::Result<i32> {
-    let (models, name) = super::models(&[])?;
     let device = open_device(a.backend)?;
+    let (models, name) = super::models(&[], super::engine_for(&device))?;
     let runtime = Runtime::with_models(device, models.clone())?;
     let t0 = std::time::Instant::now();
     let model = models.get(&name).map_err(anyhow::Error::msg)?;
@@ -99,14 +99,14 @@ fn chat(a: &Args) -> anyhow::Result<i32> {
     let ok = outcome.exit_code == 0 && answer.contains("Paris");
     if a.json {
         let report = serde_json::json!({
-            "demo": "chat", "model": name, "path": model.path, "question": question, "answer": answer,
+            "demo": "chat", "model": name, "engine": model.llama.backend_name(), "path": model.path, "question": question, "answer": answer,
             "prefill_tokens": s.prefill_tokens, "prefill_tokens_per_s": prefill,
             "decode_tokens": s.decode_steps, "decode_tokens_per_s": decode, "ok": ok,
         });
         println!("{report}");
     } else {
         println!();
-        println!("shoal demo: a Wasm chat guest asks the host's model (the CPU engine), greedy");
+        println!("shoal demo: a Wasm chat guest asks the host's model ({} engine), greedy", model.llama.backend_name());
         println!("  model    {name} ({}, loaded in {load:.2?})", model.path.display());
         println!("  user     {question}");
         println!("  answer   {answer}");

@@ -47,11 +47,24 @@ pub fn open_device(choice: BackendChoice) -> anyhow::Result<Arc<Device>> {
     Ok(Arc::new(device))
 }
 
+/// The engine backend for models when the compute backend is `device`: CUDA on an NVIDIA
+/// GPU, else the CPU (the engine has no Vulkan or Metal backend yet).
+pub fn engine_for(device: &Device) -> shoal_engine::models::EngineKind {
+    match device.info().backend {
+        BackendKind::Cuda => shoal_engine::models::EngineKind::Cuda,
+        _ => shoal_engine::models::EngineKind::Cpu,
+    }
+}
+
 /// Builds the host's model registry from `--model` values: `NAME=PATH`, a bare `PATH`
-/// (named after its file), or a bare known name; the default model is always known
-/// when its file is found (`scripts/fetch-model.sh`, which `make demo` runs).
-pub fn models(specs: &[String]) -> anyhow::Result<(Arc<shoal_host::Models>, String)> {
-    let models = Arc::new(shoal_host::Models::new());
+/// (a GGUF file or a Hugging Face directory, named after it), or a bare known name; the
+/// default model is always known when its file is found (`scripts/fetch-model.sh`, which
+/// `make demo` runs). Models load on `engine`.
+pub fn models(
+    specs: &[String],
+    engine: shoal_engine::models::EngineKind,
+) -> anyhow::Result<(Arc<shoal_host::Models>, String)> {
+    let models = Arc::new(shoal_host::Models::with_engine(engine));
     if let Some(p) = shoal_host::default_model_path() {
         models.add(shoal_host::DEFAULT_MODEL, &p);
     }
@@ -59,7 +72,7 @@ pub fn models(specs: &[String]) -> anyhow::Result<(Arc<shoal_host::Models>, Stri
     for spec in specs {
         let (name, path) = match spec.split_once('=') {
             Some((n, p)) => (n.to_string(), std::path::PathBuf::from(p)),
-            None if std::path::Path::new(spec).is_file() => {
+            None if std::path::Path::new(spec).exists() => {
                 let p = std::path::PathBuf::from(spec);
                 let n = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| spec.clone());
                 (n, p)
@@ -69,7 +82,11 @@ pub fn models(specs: &[String]) -> anyhow::Result<(Arc<shoal_host::Models>, Stri
                 continue;
             }
         };
-        anyhow::ensure!(path.is_file(), "--model {spec}: no file at {}", path.display());
+        anyhow::ensure!(
+            path.exists(),
+            "--model {spec}: nothing at {} (a GGUF file or a Hugging Face directory)",
+            path.display()
+        );
         models.add(&name, &path);
         chosen = name;
     }

@@ -15,6 +15,10 @@ pub struct Args {
     /// The compute backend the guest's shoal_v1 calls run on.
     #[arg(long, value_enum, default_value_t)]
     backend: BackendChoice,
+    /// A model the guest may open by name: NAME=PATH (a GGUF file or a Hugging Face
+    /// directory); repeat for several. The default model is known when its file is found.
+    #[arg(long = "model")]
+    models: Vec<String>,
     /// Arguments passed to the guest (after `--`).
     #[arg(last = true)]
     args: Vec<String>,
@@ -24,7 +28,13 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let wasm = std::fs::read(&a.module).with_context(|| format!("cannot read {}", a.module.display()))?;
     let device = open_device(a.backend)?;
     log::info!("running {} on {}", a.module.display(), device.info().name);
-    let runtime = Runtime::new(device)?;
+    let engine = super::engine_for(&device);
+    let models = if a.models.is_empty() && shoal_host::default_model_path().is_none() {
+        std::sync::Arc::new(shoal_host::Models::with_engine(engine))
+    } else {
+        super::models(&a.models, engine)?.0
+    };
+    let runtime = Runtime::with_models(device, models)?;
     let name = a.module.file_name().map(|n| n.to_string_lossy().into_owned());
     let outcome = runtime
         .run(&wasm, &RunOptions { args: a.args, capture_stdout: false, program_name: name, measure_rss: false })

@@ -12,17 +12,20 @@
 //! ([`Llama::from_safetensors`]) are unpermuted too, so both `llama` and `qwen2` use NeoX there;
 //! their tensors are looked up by GGUF name through a mapping to the Hugging Face names.
 //!
-//! Weights are dequantized to f32 when the model loads (about 4 bytes per parameter).
+//! The file holds no device code: weights are loaded through a [`Backend`] (dequantized to
+//! f32 first; the CPU keeps them so, CUDA stores bf16) and the forward pass is written over
+//! its [`Ops`].
 
 use std::path::Path;
 
 use rayon::prelude::*;
 
 use super::EngineError;
-use crate::cpu::{self, AttentionShape, RopeStyle};
+use crate::backend::{Backend, Cpu, Heads, KvStore, Ops, Output, Want};
+use crate::cpu::{self, RopeStyle};
 use crate::gguf::GgufFile;
-use crate::kv::KvCache;
 use crate::safetensors::{SafetensorsError, SafetensorsModel};
+use crate::sampler::Sampler;
 
 /// The GGUF architectures this file runs.
 const SUPPORTED: &str = "`llama` (Llama, SmolLM2, TinyLlama, Mistral) and `qwen2`";
@@ -272,39 +275,42 @@ impl LlamaConfig {
     }
 }
 
-/// The weights of one decoder layer, f32, linear weights as `[out, in]` row-major.
-struct Layer {
-    attn_norm: Vec<f32>,
-    wq: Vec<f32>,
-    wk: Vec<f32>,
-    wv: Vec<f32>,
-    bq: Option<Vec<f32>>,
-    bk: Option<Vec<f32>>,
-    bv: Option<Vec<f32>>,
-    wo: Vec<f32>,
-    ffn_norm: Vec<f32>,
-    w_gate: Vec<f32>,
-    w_up: Vec<f32>,
-    w_down: Vec<f32>,
+/// The weights of one decoder layer, linear weights as `[out, in]` matrices.
+struct Layer<W> {
+    attn_norm: W,
+    wq: W,
+    wk: W,
+    wv: W,
+    bq: Option<W>,
+    bk: Option<W>,
+    bv: Option<W>,
+    wo: W,
+    ffn_norm: W,
+    w_gate: W,
+    w_up: W,
+    w_down: W,
 }
 
-/// A loaded Llama-family model, shared by every session that runs it.
-pub struct Llama {
+/// A loaded Llama-family model, shared by every session that runs it, with its weights on
+/// backend `B` (the CPU unless said otherwise).
+pub struct Llama<B: Backend = Cpu> {
     config: LlamaConfig,
+    backend: B,
     /// `[vocab, dim]`.
-    token_embd: Vec<f32>,
-    output_norm: Vec<f32>,
+    token_embd: B::Weight,
+    output_norm: B::Weight,
     /// `[vocab, dim]`, or `None` when tied to `token_embd`.
-    output: Option<Vec<f32>>,
-    layers: Vec<Layer>,
+    output: Option<B::Weight>,
+    layers: Vec<Layer<B::Weight>>,
     /// RoPE inverse frequencies, `rope_dim / 2` of them.
-    inv_freq: Vec<f32>,
+    inv_freq: B::Weight,
 }
 
-impl std::fmt::Debug for Llama {
+impl<B: Backend> std::fmt::Debug for Llama<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Llama")
             .field("config", &self.config)
+            .field("backend", &self.backend.name())
             .field("tied_output", &self.output.is_none())
             .finish_non_exhaustive()
     }
@@ -403,17 +409,30 @@ fn load_optional(
     }
 }
 
-impl Llama {
-    /// Reads the config and every weight from a GGUF file, dequantizing them to f32.
+impl Llama<Cpu> {
+    /// Reads the config and every weight from a GGUF file, dequantizing them to f32, for
+    /// the CPU.
     pub fn from_gguf(file: &GgufFile) -> Result<Self, EngineError> {
-        let c = LlamaConfig::from_gguf(file)?;
-        Self::load_weights(c, file, None)
+        Self::load_gguf(file, Cpu)
     }
 
-    /// Reads a Hugging Face model directory: `config.json` (see
-    /// [`LlamaConfig::from_hf_config`]) and the weights of `model.safetensors` or of the
-    /// shards `model.safetensors.index.json` lists, converted to f32.
+    /// Reads a Hugging Face model directory for the CPU; see [`Llama::load_safetensors`].
     pub fn from_safetensors(dir: &Path) -> Result<Self, EngineError> {
+        Self::load_safetensors(dir, Cpu)
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Reads the config and every weight from a GGUF file (dequantized) onto `backend`.
+    pub fn load_gguf(file: &GgufFile, backend: B) -> Result<Self, EngineError> {
+        let c = LlamaConfig::from_gguf(file)?;
+        Self::load_weights(c, file, None, backend)
+    }
+
+    /// Reads a Hugging Face model directory onto `backend`: `config.json` (see
+    /// [`LlamaConfig::from_hf_config`]) and the weights of `model.safetensors` or of the
+    /// shards `model.safetensors.index.json` lists.
+    pub fn load_safetensors(dir: &Path, backend: B) -> Result<Self, EngineError> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path)
             .map_err(|source| SafetensorsError::Io { path: config_path.clone(), source })?;
@@ -424,7 +443,7 @@ impl Llama {
         let tied = json.get("tie_word_embeddings").and_then(|t| t.as_bool()).unwrap_or(false)
             || model.tensor("lm_head.weight").is_none();
         let rope_freqs = llama3_rope_factors(&json, &c)?;
-        Self::load_weights(c, &HfWeights { model: &model, tied }, rope_freqs)
+        Self::load_weights(c, &HfWeights { model: &model, tied }, rope_freqs, backend)
     }
 
     /// Loads every weight named as in GGUF. `rope_freqs` overrides `rope_freqs.weight`.
@@ -432,46 +451,50 @@ impl Llama {
         c: LlamaConfig,
         file: &dyn WeightSource,
         rope_freqs: Option<Vec<f32>>,
+        backend: B,
     ) -> Result<Self, EngineError> {
         let arch = c.arch.as_str();
         let (dim, q_dim, kv_dim, ffn) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+        let b = &backend;
+        let mat =
+            |name: String, rows: usize, cols: usize| b.matrix(load(file, arch, &name, &[cols, rows])?, rows, cols);
+        let vec = |name: String, d: usize| b.vector(load(file, arch, &name, &[d])?);
         let layers = (0..c.n_layers)
             .into_par_iter()
             .map(|i| {
-                let w = |n: &str, dims: &[usize]| load(file, arch, &format!("blk.{i}.{n}"), dims);
                 let bias = |n: &str, d: usize| {
-                    if c.qkv_bias {
-                        load(file, arch, &format!("blk.{i}.{n}"), &[d]).map(Some)
-                    } else {
-                        load_optional(file, arch, &format!("blk.{i}.{n}"), &[d])
-                    }
+                    let name = format!("blk.{i}.{n}");
+                    if c.qkv_bias || file.dims(&name).is_some() { vec(name, d).map(Some) } else { Ok(None) }
                 };
                 Ok(Layer {
-                    attn_norm: w("attn_norm.weight", &[dim])?,
-                    wq: w("attn_q.weight", &[dim, q_dim])?,
-                    wk: w("attn_k.weight", &[dim, kv_dim])?,
-                    wv: w("attn_v.weight", &[dim, kv_dim])?,
+                    attn_norm: vec(format!("blk.{i}.attn_norm.weight"), dim)?,
+                    wq: mat(format!("blk.{i}.attn_q.weight"), q_dim, dim)?,
+                    wk: mat(format!("blk.{i}.attn_k.weight"), kv_dim, dim)?,
+                    wv: mat(format!("blk.{i}.attn_v.weight"), kv_dim, dim)?,
                     bq: bias("attn_q.bias", q_dim)?,
                     bk: bias("attn_k.bias", kv_dim)?,
                     bv: bias("attn_v.bias", kv_dim)?,
-                    wo: w("attn_output.weight", &[q_dim, dim])?,
-                    ffn_norm: w("ffn_norm.weight", &[dim])?,
-                    w_gate: w("ffn_gate.weight", &[dim, ffn])?,
-                    w_up: w("ffn_up.weight", &[dim, ffn])?,
-                    w_down: w("ffn_down.weight", &[ffn, dim])?,
+                    wo: mat(format!("blk.{i}.attn_output.weight"), dim, q_dim)?,
+                    ffn_norm: vec(format!("blk.{i}.ffn_norm.weight"), dim)?,
+                    w_gate: mat(format!("blk.{i}.ffn_gate.weight"), ffn, dim)?,
+                    w_up: mat(format!("blk.{i}.ffn_up.weight"), ffn, dim)?,
+                    w_down: mat(format!("blk.{i}.ffn_down.weight"), dim, ffn)?,
                 })
             })
             .collect::<Result<Vec<_>, EngineError>>()?;
-        let token_embd = load(file, arch, "token_embd.weight", &[dim, c.vocab_size])?;
-        let output_norm = load(file, arch, "output_norm.weight", &[dim])?;
-        let output = load_optional(file, arch, "output.weight", &[dim, c.vocab_size])?;
+        let token_embd = mat("token_embd.weight".into(), c.vocab_size, dim)?;
+        let output_norm = vec("output_norm.weight".into(), dim)?;
+        let output = match file.dims("output.weight") {
+            Some(_) => Some(mat("output.weight".into(), c.vocab_size, dim)?),
+            None => None,
+        };
         // Llama 3.1+ scales the RoPE frequencies by per-pair factors.
         let rope_freqs = match rope_freqs {
             Some(f) => Some(f),
             None => load_optional(file, arch, "rope_freqs.weight", &[c.rope_dim / 2])?,
         };
-        let inv_freq = cpu::rope_inv_freq(c.rope_dim, c.rope_base, rope_freqs.as_deref());
-        Ok(Self { config: c, token_embd, output_norm, output, layers, inv_freq })
+        let inv_freq = b.vector(cpu::rope_inv_freq(c.rope_dim, c.rope_base, rope_freqs.as_deref()))?;
+        Ok(Self { config: c, backend, token_embd, output_norm, output, layers, inv_freq })
     }
 
     /// The model's hyperparameters.
@@ -479,14 +502,19 @@ impl Llama {
         &self.config
     }
 
+    /// The backend the weights live on.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
     /// An empty KV cache for a session of up to `context` positions (at most the model's
     /// context length).
-    pub fn new_cache(&self, context: usize) -> Result<KvCache, EngineError> {
+    pub fn new_cache(&self, context: usize) -> Result<B::Cache, EngineError> {
         let c = &self.config;
         if context > c.context_length {
             return Err(EngineError::ContextTooLong { requested: context, max: c.context_length });
         }
-        Ok(KvCache::new(c.n_layers, c.kv_dim(), context)?)
+        self.backend.new_cache(c.n_layers, c.kv_dim(), context)
     }
 
     /// Runs `tokens` at positions `cache.len()..`, appends their keys and values to the
@@ -496,7 +524,32 @@ impl Llama {
     /// token at a time is the decoding step. Nothing is written to the cache unless the
     /// whole call can succeed: an empty input, an unknown token id, a cache made for another
     /// model, or tokens that do not fit in the cache are errors.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, EngineError> {
+    pub fn forward(&self, tokens: &[u32], cache: &mut B::Cache) -> Result<Vec<f32>, EngineError> {
+        match self.run(tokens, cache, Want::Logits)? {
+            Output::Logits(l) => Ok(l),
+            _ => unreachable!("a backend answered Want::Logits with something else"),
+        }
+    }
+
+    /// Like [`Llama::forward`], but chooses the next token with `sampler` on the backend
+    /// (on the GPU for CUDA) instead of returning the logits. `history` is the window the
+    /// repetition penalty looks at; `step` keys the random draw.
+    pub fn forward_sample(
+        &self,
+        tokens: &[u32],
+        cache: &mut B::Cache,
+        sampler: &Sampler,
+        history: &[u32],
+        step: u64,
+    ) -> Result<u32, EngineError> {
+        match self.run(tokens, cache, Want::Token { sampler, history, step })? {
+            Output::Token(t) => Ok(t),
+            _ => unreachable!("a backend answered Want::Token with something else"),
+        }
+    }
+
+    /// Checks the input, then runs it in chunks the backend accepts.
+    fn run(&self, tokens: &[u32], cache: &mut B::Cache, want: Want<'_>) -> Result<Output, EngineError> {
         let c = &self.config;
         if tokens.is_empty() {
             return Err(EngineError::EmptyInput);
@@ -513,60 +566,64 @@ impl Llama {
             return Err(EngineError::TokenOutOfRange { id, vocab: c.vocab_size });
         }
         cache.check_room(tokens.len())?;
-
-        let n = tokens.len();
-        let pos0 = cache.len();
-        let (dim, q_dim, kv_dim, ffn) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
-
-        let mut x = vec![0.0f32; n * dim];
-        for (row, &t) in x.chunks_mut(dim).zip(tokens) {
-            row.copy_from_slice(&self.token_embd[t as usize * dim..][..dim]);
+        let chunk = self.backend.max_chunk().max(1);
+        let n_chunks = tokens.len().div_ceil(chunk);
+        let mut out = Output::Nothing;
+        for (i, part) in tokens.chunks(chunk).enumerate() {
+            let w = if i + 1 == n_chunks { want } else { Want::Nothing };
+            out = self.backend.run(part, cache, w, &mut |ops, cache| self.body(ops, cache))?;
         }
-        let mut xn = vec![0.0f32; n * dim];
-        let mut q = vec![0.0f32; n * q_dim];
-        let mut k = vec![0.0f32; n * kv_dim];
-        let mut v = vec![0.0f32; n * kv_dim];
-        let mut att = vec![0.0f32; n * q_dim];
-        let mut gate = vec![0.0f32; n * ffn];
-        let mut up = vec![0.0f32; n * ffn];
-        let shape =
-            AttentionShape { n_tokens: n, pos0, n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+        Ok(out)
+    }
+
+    /// The forward pass over one chunk: returns the last token's logits.
+    fn body<O>(&self, ops: &mut O, cache: &mut B::Cache) -> Result<O::Act, EngineError>
+    where
+        O: Ops<Weight = B::Weight, Cache = B::Cache>,
+    {
+        let c = &self.config;
+        let (dim, q_dim, kv_dim, ffn) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+        let heads = Heads { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+
+        let n = ops.n_tokens();
+        let mut x = ops.act(n, dim);
+        ops.embed(&mut x, &self.token_embd);
+        let mut xn = ops.act(n, dim);
+        let mut q = ops.act(n, q_dim);
+        let mut k = ops.act(n, kv_dim);
+        let mut v = ops.act(n, kv_dim);
+        let mut att = ops.act(n, q_dim);
+        let mut gate = ops.act(n, ffn);
 
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention block.
-            cpu::rmsnorm(&mut xn, &x, &layer.attn_norm, c.rms_eps);
-            cpu::matmul_t(&mut q, &xn, &layer.wq, n, dim, q_dim, false);
-            cpu::matmul_t(&mut k, &xn, &layer.wk, n, dim, kv_dim, false);
-            cpu::matmul_t(&mut v, &xn, &layer.wv, n, dim, kv_dim, false);
+            ops.rmsnorm(&mut xn, &x, &layer.attn_norm, c.rms_eps);
+            ops.matmul(&mut q, &xn, &layer.wq, false);
+            ops.matmul(&mut k, &xn, &layer.wk, false);
+            ops.matmul(&mut v, &xn, &layer.wv, false);
             for (t, b) in [(&mut q, &layer.bq), (&mut k, &layer.bk), (&mut v, &layer.bv)] {
                 if let Some(b) = b {
-                    cpu::add_bias(t, b);
+                    ops.add_bias(t, b);
                 }
             }
-            cpu::rope(&mut q, c.n_heads, c.head_dim, pos0, &self.inv_freq, c.rope_style);
-            cpu::rope(&mut k, c.n_kv_heads, c.head_dim, pos0, &self.inv_freq, c.rope_style);
-            let (k_cache, v_cache) = cache.layer_mut(l);
-            let new = pos0 * kv_dim..(pos0 + n) * kv_dim;
-            k_cache[new.clone()].copy_from_slice(&k);
-            v_cache[new].copy_from_slice(&v);
-            cpu::attention(&mut att, &q, k_cache, v_cache, shape);
-            cpu::matmul_t(&mut x, &att, &layer.wo, n, q_dim, dim, true);
+            ops.rope(&mut q, c.n_heads, c.head_dim, &self.inv_freq, c.rope_style);
+            ops.rope(&mut k, c.n_kv_heads, c.head_dim, &self.inv_freq, c.rope_style);
+            ops.attention(&mut att, &q, &k, &v, cache, l, heads);
+            ops.matmul(&mut x, &att, &layer.wo, true);
 
             // Feed-forward block (SwiGLU).
-            cpu::rmsnorm(&mut xn, &x, &layer.ffn_norm, c.rms_eps);
-            cpu::matmul_t(&mut gate, &xn, &layer.w_gate, n, dim, ffn, false);
-            cpu::matmul_t(&mut up, &xn, &layer.w_up, n, dim, ffn, false);
-            cpu::swiglu(&mut gate, &up);
-            cpu::matmul_t(&mut x, &gate, &layer.w_down, n, ffn, dim, true);
+            ops.rmsnorm(&mut xn, &x, &layer.ffn_norm, c.rms_eps);
+            ops.matmul_swiglu(&mut gate, &xn, &layer.w_gate, &layer.w_up);
+            ops.matmul(&mut x, &gate, &layer.w_down, true);
         }
-        cache.advance(n)?;
 
-        let last = &x[(n - 1) * dim..];
-        let mut last_norm = vec![0.0f32; dim];
-        cpu::rmsnorm(&mut last_norm, last, &self.output_norm, c.rms_eps);
-        let out_w = self.output.as_deref().unwrap_or(&self.token_embd);
-        let mut logits = vec![0.0f32; c.vocab_size];
-        cpu::matmul_t(&mut logits, &last_norm, out_w, 1, dim, c.vocab_size, false);
+        // Logits of the last token only.
+        let last = ops.last_row(&x);
+        let mut last_norm = ops.act(1, dim);
+        ops.rmsnorm(&mut last_norm, &last, &self.output_norm, c.rms_eps);
+        let mut logits = ops.act(1, c.vocab_size);
+        let out_w = self.output.as_ref().unwrap_or(&self.token_embd);
+        ops.matmul(&mut logits, &last_norm, out_w, false);
         Ok(logits)
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! A model holds no device code and no session state (STYLE "models hold no device code"):
 //! a config struct read from the model file, weights loaded by name, and a forward pass over
-//! the kernels of [`crate::cpu`] that is handed the session's [`KvCache`].
+//! the operations of a [`crate::backend::Backend`], handed the session's KV cache.
 //!
 //! ```no_run
 //! use std::path::Path;
@@ -27,16 +27,19 @@
 //! # }
 //! ```
 
+mod any;
 pub mod llama;
 
 use std::time::{Duration, Instant};
 
+use crate::backend::{Backend, KvStore};
 use crate::gguf::GgufError;
-use crate::kv::{KvCache, KvError};
+use crate::kv::KvError;
 use crate::safetensors::SafetensorsError;
 use crate::sampler::Sampler;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
+pub use any::{Cache, EngineKind, Model};
 pub use llama::{Llama, LlamaConfig};
 
 /// What went wrong while loading or running a model.
@@ -114,6 +117,27 @@ pub enum EngineError {
         requested: usize,
         /// The model's context length.
         max: usize,
+    },
+    /// The backend failed (a device error, or no device).
+    #[error("{backend} backend: {message}")]
+    Backend {
+        /// The backend's name.
+        backend: &'static str,
+        /// What went wrong, with the values involved.
+        message: String,
+    },
+    /// The backend's shared KV memory has no room for more positions.
+    #[error(
+        "the {backend} KV pool is full: {needed} more blocks of 16 positions are needed and \
+         {free} are free; end idle sessions, or give the pool more memory (SHOAL_KV_POOL_MB)"
+    )]
+    KvPoolFull {
+        /// The backend's name.
+        backend: &'static str,
+        /// Blocks asked for.
+        needed: usize,
+        /// Blocks free.
+        free: usize,
     },
     /// A KV cache made for another model was passed to a forward pass.
     #[error(
@@ -195,19 +219,20 @@ impl Generation {
 /// last one (its forward pass is only needed if generation continues: feed it with the next
 /// prompt). A prompt that does not fit in the cache is an error; running out of room while
 /// generating ends the generation with [`StopReason::ContextFull`].
-pub fn generate(
-    model: &Llama,
+pub fn generate<B: Backend>(
+    model: &Llama<B>,
     tokenizer: &Tokenizer,
-    cache: &mut KvCache,
+    cache: &mut B::Cache,
     prompt: &[u32],
     config: &GenerateConfig,
     mut on_token: impl FnMut(u32, &str),
 ) -> Result<Generation, EngineError> {
+    let mut history: Vec<u32> = prompt.to_vec();
+    let window = |h: &[u32]| h[h.len().saturating_sub(config.repeat_last_n)..].to_vec();
     let start = Instant::now();
-    let mut logits = model.forward(prompt, cache)?;
+    let mut next = model.forward_sample(prompt, cache, &config.sampler, &window(&history), 0)?;
     let prefill_time = start.elapsed();
 
-    let mut history: Vec<u32> = prompt.to_vec();
     let mut tokens = Vec::new();
     let mut decode_time = Duration::ZERO;
     let mut decode_steps = 0;
@@ -216,12 +241,6 @@ pub fn generate(
         if tokens.len() >= config.max_new_tokens {
             break StopReason::MaxTokens;
         }
-        let window = &history[history.len().saturating_sub(config.repeat_last_n)..];
-        let step = tokens.len() as u64;
-        let Some(next) = config.sampler.sample(&logits, window, step) else {
-            // Unreachable with a loaded model (its vocabulary is never empty).
-            return Err(EngineError::EmptyInput);
-        };
         if config.stop.contains(&next) {
             break StopReason::Stop(next);
         }
@@ -239,7 +258,8 @@ pub fn generate(
             break StopReason::ContextFull;
         }
         let t = Instant::now();
-        logits = model.forward(&[next], cache)?;
+        let step = tokens.len() as u64;
+        next = model.forward_sample(&[next], cache, &config.sampler, &window(&history), step)?;
         decode_time += t.elapsed();
         decode_steps += 1;
     };

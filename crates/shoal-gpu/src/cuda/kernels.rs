@@ -6,7 +6,11 @@ use std::sync::Mutex;
 /// The CUDA C++ source of every kernel.
 pub const KERNELS_SOURCE: &str = include_str!("kernels.cu");
 
-static CACHE: Mutex<Vec<((i32, i32), String)>> = Mutex::new(Vec::new());
+/// (source hash, major, minor) of compiled PTX.
+type PtxKey = (u64, i32, i32);
+
+/// Compiled PTX by source and compute capability.
+static CACHE: Mutex<Vec<(PtxKey, String)>> = Mutex::new(Vec::new());
 
 /// FNV-1a: a hash that is the same in every build, for cache file names.
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -25,17 +29,23 @@ fn cache_dir() -> Option<std::path::PathBuf> {
 /// Needs the NVRTC library (`libnvrtc.so.13`: the CUDA toolkit, or PyPI's
 /// `nvidia-cuda-nvrtc`) only when nothing is cached; no GPU is needed.
 pub fn compile_kernels(major: i32, minor: i32) -> Result<String, String> {
+    compile_cached("kernels", KERNELS_SOURCE, major, minor)
+}
+
+/// PTX of `source` (named `name` in messages and cache files) for compute capability
+/// `major.minor`, from memory, the disk cache, or NVRTC; see [`compile_kernels`].
+pub fn compile_cached(name: &str, source: &str, major: i32, minor: i32) -> Result<String, String> {
+    let hash = fnv1a(source.as_bytes());
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, ptx)) = cache.iter().find(|(cc, _)| *cc == (major, minor)) {
+    if let Some((_, ptx)) = cache.iter().find(|(key, _)| *key == (hash, major, minor)) {
         return Ok(ptx.clone());
     }
-    let file =
-        cache_dir().map(|d| d.join(format!("kernels-{:016x}-sm{major}{minor}.ptx", fnv1a(KERNELS_SOURCE.as_bytes()))));
+    let file = cache_dir().map(|d| d.join(format!("{name}-{hash:016x}-sm{major}{minor}.ptx")));
     if let Some(ptx) = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()) {
-        cache.push(((major, minor), ptx.clone()));
+        cache.push(((hash, major, minor), ptx.clone()));
         return Ok(ptx);
     }
-    let ptx = compile_ptx(major, minor)?;
+    let ptx = compile_source(name, source, major, minor)?;
     if let Some(f) = &file {
         // Best effort: write then rename, so a reader never sees half a file.
         if let Some(dir) = f.parent() {
@@ -46,7 +56,7 @@ pub fn compile_kernels(major: i32, minor: i32) -> Result<String, String> {
             let _ = std::fs::rename(&tmp, f);
         }
     }
-    cache.push(((major, minor), ptx.clone()));
+    cache.push(((hash, major, minor), ptx.clone()));
     Ok(ptx)
 }
 
@@ -58,6 +68,11 @@ pub fn nvrtc_available() -> bool {
 
 /// Compiles the kernels for compute capability `major.minor` with NVRTC, uncached.
 pub fn compile_ptx(major: i32, minor: i32) -> Result<String, String> {
+    compile_source("kernels", KERNELS_SOURCE, major, minor)
+}
+
+/// Compiles `source` for compute capability `major.minor` with NVRTC, uncached.
+pub fn compile_source(name: &str, source: &str, major: i32, minor: i32) -> Result<String, String> {
     if !nvrtc_available() {
         return Err(
             "NVRTC (libnvrtc.so.13) is not installed: install the CUDA toolkit or `pip install nvidia-cuda-nvrtc` and add its lib folder to LD_LIBRARY_PATH".into(),
@@ -65,10 +80,10 @@ pub fn compile_ptx(major: i32, minor: i32) -> Result<String, String> {
     }
     let opts = cudarc::nvrtc::CompileOptions {
         options: vec![format!("--gpu-architecture=compute_{major}{minor}"), "-default-device".into()],
-        name: Some("shoal_kernels.cu".into()),
+        name: Some(format!("shoal_{name}.cu")),
         ..Default::default()
     };
-    Ok(cudarc::nvrtc::compile_ptx_with_opts(KERNELS_SOURCE, opts)
-        .map_err(|e| format!("NVRTC could not compile shoal's kernels: {e:?}"))?
+    Ok(cudarc::nvrtc::compile_ptx_with_opts(source, opts)
+        .map_err(|e| format!("NVRTC could not compile shoal's {name} kernels: {e:?}"))?
         .to_src())
 }

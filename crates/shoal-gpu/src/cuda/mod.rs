@@ -31,7 +31,7 @@ use crate::{
 
 mod kernels;
 
-pub use kernels::{KERNELS_SOURCE, compile_kernels, compile_ptx, nvrtc_available};
+pub use kernels::{KERNELS_SOURCE, compile_cached, compile_kernels, compile_ptx, compile_source, nvrtc_available};
 
 /// GEMMs whose operands add up to at most this many bytes run in place on mapped
 /// guest memory; larger ones are DMA'd to device memory, since a GEMM reads its

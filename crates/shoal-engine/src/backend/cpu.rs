@@ -1,0 +1,166 @@
+//! The CPU backend: the reference. Weights are f32 in host memory, each session's KV cache
+//! is a contiguous [`KvCache`], and every operation is a kernel of [`crate::cpu`], spread
+//! over the rayon thread pool.
+
+use super::{Backend, Body, Heads, KvStore, Ops, Output, Want};
+use crate::cpu::{self as k, AttentionShape, RopeStyle};
+use crate::kv::KvCache;
+use crate::models::EngineError;
+
+/// The CPU backend (stateless: the thread pool is rayon's).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cpu;
+
+/// An activation: `data.len() / width` rows of `width` values.
+#[derive(Debug, Clone)]
+pub struct CpuAct {
+    data: Vec<f32>,
+    width: usize,
+}
+
+/// One chunk's operations on the CPU.
+#[derive(Debug)]
+pub struct CpuOps<'a> {
+    tokens: &'a [u32],
+    pos0: usize,
+}
+
+impl KvStore for KvCache {
+    fn len(&self) -> usize {
+        KvCache::len(self)
+    }
+    fn capacity(&self) -> usize {
+        KvCache::capacity(self)
+    }
+    fn n_layers(&self) -> usize {
+        KvCache::n_layers(self)
+    }
+    fn kv_dim(&self) -> usize {
+        KvCache::kv_dim(self)
+    }
+    fn truncate(&mut self, n: usize) {
+        KvCache::truncate(self, n)
+    }
+}
+
+impl Ops for CpuOps<'_> {
+    type Weight = Vec<f32>;
+    type Act = CpuAct;
+    type Cache = KvCache;
+
+    fn n_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    fn act(&mut self, rows: usize, width: usize) -> CpuAct {
+        CpuAct { data: vec![0.0; rows * width], width }
+    }
+
+    fn embed(&mut self, out: &mut CpuAct, table: &Vec<f32>) {
+        let w = out.width;
+        for (row, &t) in out.data.chunks_mut(w).zip(self.tokens) {
+            row.copy_from_slice(&table[t as usize * w..][..w]);
+        }
+    }
+
+    fn rmsnorm(&mut self, out: &mut CpuAct, x: &CpuAct, w: &Vec<f32>, eps: f32) {
+        k::rmsnorm(&mut out.data, &x.data, w, eps);
+    }
+
+    fn matmul(&mut self, out: &mut CpuAct, x: &CpuAct, w: &Vec<f32>, accumulate: bool) {
+        let m = x.data.len() / x.width.max(1);
+        k::matmul_t(&mut out.data, &x.data, w, m, x.width, out.width, accumulate);
+    }
+
+    fn matmul_swiglu(&mut self, out: &mut CpuAct, x: &CpuAct, gate: &Vec<f32>, up: &Vec<f32>) {
+        let mut u = self.act(out.data.len() / out.width.max(1), out.width);
+        self.matmul(out, x, gate, false);
+        self.matmul(&mut u, x, up, false);
+        k::swiglu(&mut out.data, &u.data);
+    }
+
+    fn add_bias(&mut self, x: &mut CpuAct, bias: &Vec<f32>) {
+        k::add_bias(&mut x.data, bias);
+    }
+
+    fn rope(&mut self, x: &mut CpuAct, n_heads: usize, head_dim: usize, inv_freq: &Vec<f32>, style: RopeStyle) {
+        k::rope(&mut x.data, n_heads, head_dim, self.pos0, inv_freq, style);
+    }
+
+    fn attention(
+        &mut self,
+        out: &mut CpuAct,
+        q: &CpuAct,
+        key: &CpuAct,
+        value: &CpuAct,
+        cache: &mut KvCache,
+        layer: usize,
+        heads: Heads,
+    ) {
+        let kv_dim = cache.kv_dim();
+        let n = self.tokens.len();
+        let (k_cache, v_cache) = cache.layer_mut(layer);
+        let new = self.pos0 * kv_dim..(self.pos0 + n) * kv_dim;
+        k_cache[new.clone()].copy_from_slice(&key.data);
+        v_cache[new].copy_from_slice(&value.data);
+        let shape = AttentionShape {
+            n_tokens: n,
+            pos0: self.pos0,
+            n_heads: heads.n_heads,
+            n_kv_heads: heads.n_kv_heads,
+            head_dim: heads.head_dim,
+        };
+        k::attention(&mut out.data, &q.data, k_cache, v_cache, shape);
+    }
+
+    fn last_row(&mut self, x: &CpuAct) -> CpuAct {
+        let w = x.width;
+        CpuAct { data: x.data[x.data.len() - w..].to_vec(), width: w }
+    }
+}
+
+impl Backend for Cpu {
+    type Weight = Vec<f32>;
+    type Act = CpuAct;
+    type Cache = KvCache;
+    type Ops<'a> = CpuOps<'a>;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn matrix(&self, data: Vec<f32>, _rows: usize, _cols: usize) -> Result<Vec<f32>, EngineError> {
+        Ok(data)
+    }
+
+    fn vector(&self, data: Vec<f32>) -> Result<Vec<f32>, EngineError> {
+        Ok(data)
+    }
+
+    fn new_cache(&self, n_layers: usize, kv_dim: usize, context: usize) -> Result<KvCache, EngineError> {
+        Ok(KvCache::new(n_layers, kv_dim, context)?)
+    }
+
+    fn max_chunk(&self) -> usize {
+        usize::MAX
+    }
+
+    fn run(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        want: Want<'_>,
+        body: &mut Body<'_, Cpu>,
+    ) -> Result<Output, EngineError> {
+        let mut ops = CpuOps { tokens, pos0: cache.len() };
+        let logits = body(&mut ops, cache)?;
+        cache.advance(tokens.len())?;
+        Ok(match want {
+            Want::Nothing => Output::Nothing,
+            Want::Logits => Output::Logits(logits.data),
+            Want::Token { sampler, history, step } => {
+                Output::Token(sampler.sample(&logits.data, history, step).ok_or(EngineError::EmptyInput)?)
+            }
+        })
+    }
+}

@@ -1,0 +1,349 @@
+// shoal's inference kernels (compiled at run time with NVRTC; no headers needed).
+//
+// Conventions: activations are row-major f32; linear weights are row-major bf16
+// [out, in] (stored as raw 16-bit words); norm weights, biases and RoPE frequencies are
+// f32. `step` points at the chunk's parameters in device memory: step[0] = position of the
+// first token, step[1] = number of tokens, step[4..] = token ids; `table` is the session's
+// block table (block id of positions [16 i, 16 i + 16)). Kernels read positions from
+// `step`, never from their arguments, so a recorded one-token step (a CUDA graph) stays
+// valid as the session grows.
+//
+// KV pool: block b holds, for each layer l, 16 positions of K then 16 of V:
+//   K(b, l, p) = pool + ((b * n_layers + l) * 2 + 0) * 16 * kv_dim + p * kv_dim
+//   V(b, l, p) = pool + ((b * n_layers + l) * 2 + 1) * 16 * kv_dim + p * kv_dim
+
+typedef unsigned short bf16;
+typedef unsigned long long u64;
+
+#define KV_BLOCK 16
+#define MAX_GROUP 8      // query heads per key/value head
+#define MAX_PER_LANE 4   // head_dim / 32
+#define ATT_WARPS 4
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float bf(bf16 h) { return __uint_as_float(((unsigned)h) << 16); }
+__device__ __forceinline__ float bf_lo(unsigned w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf_hi(unsigned w) { return __uint_as_float(w & 0xffff0000u); }
+
+// Round to nearest even; NaN stays NaN.
+__device__ __forceinline__ bf16 to_bf(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    int nw = (blockDim.x + 31) >> 5;
+    v = lane < nw ? part[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// out[t] = table[tokens[t]], one block per token.
+extern "C" __global__ void shoal_embed(float* out, const bf16* table, const int* step, int dim) {
+    int t = blockIdx.x;
+    const bf16* src = table + (u64)step[4 + t] * dim;
+    float* dst = out + (u64)t * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = bf(src[i]);
+}
+
+// out = x / sqrt(mean(x^2) + eps) * w, one block per row.
+extern "C" __global__ void shoal_rmsnorm(float* out, const float* x, const float* w, int dim, float eps) {
+    const float* xr = x + (u64)blockIdx.x * dim;
+    float* o = out + (u64)blockIdx.x * dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss);
+    float r = 1.0f / sqrtf(ss / (float)dim + eps);
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * r * w[i];
+}
+
+// This thread's share of dot(W[row], x): W bf16 [.., k], x f32 [k]; `t` of `tpr` threads
+// take 8 values (16 bytes of W) at a time.
+__device__ __forceinline__ float row_part(const bf16* wr, const float* x, int k, int t, int tpr) {
+    float acc = 0.0f;
+    if ((k & 7) == 0) {
+        const uint4* w4 = (const uint4*)wr;
+        const float4* x4 = (const float4*)x;
+        int chunks = k >> 3;
+#pragma unroll 4
+        for (int c = t; c < chunks; c += tpr) {
+            uint4 w = __ldg(w4 + c);
+            float4 a = __ldg(x4 + 2 * c), b = __ldg(x4 + 2 * c + 1);
+            acc += bf_lo(w.x) * a.x + bf_hi(w.x) * a.y + bf_lo(w.y) * a.z + bf_hi(w.y) * a.w
+                 + bf_lo(w.z) * b.x + bf_hi(w.z) * b.y + bf_lo(w.w) * b.z + bf_hi(w.w) * b.w;
+        }
+    } else {
+        for (int i = t; i < k; i += tpr) acc += bf(wr[i]) * x[i];
+    }
+    return acc;
+}
+
+// Sums `v` over the `tpr` threads (a multiple of 32, at most 1024) that share a row;
+// the result is valid in the row's first thread.
+__device__ __forceinline__ float row_sum(float v, int tpr) {
+    __shared__ float part[32];
+    v = warp_sum(v);
+    if (tpr == 32) return v;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    float s = 0.0f;
+    if ((threadIdx.x % tpr) == 0) {
+        int w0 = warp, nw = tpr >> 5;
+        for (int i = 0; i < nw; i++) s += part[w0 + i];
+    }
+    return s;
+}
+
+// out[r] (+)= dot(W[r], x) for one token: `tpr` threads per output row (blockDim.x / tpr
+// rows per block), so long rows are split over more threads and short ones packed.
+extern "C" __global__ void shoal_gemv(float* out, const float* x, const bf16* w, int n, int k, int accumulate, int tpr) {
+    int row = blockIdx.x * (blockDim.x / tpr) + threadIdx.x / tpr;
+    int t = threadIdx.x % tpr;
+    float d = row < n ? row_part(w + (u64)row * k, x, k, t, tpr) : 0.0f;
+    d = row_sum(d, tpr);
+    if (row < n && t == 0) out[row] = accumulate ? out[row] + d : d;
+}
+
+// out[r] = silu(dot(G[r], x)) * dot(U[r], x) for one token: the fused SwiGLU projection.
+extern "C" __global__ void shoal_gemv_swiglu(float* out, const float* x, const bf16* g, const bf16* u, int n, int k,
+                                             int tpr) {
+    int row = blockIdx.x * (blockDim.x / tpr) + threadIdx.x / tpr;
+    int t = threadIdx.x % tpr;
+    float a = 0.0f, b = 0.0f;
+    if (row < n) {
+        a = row_part(g + (u64)row * k, x, k, t, tpr);
+        b = row_part(u + (u64)row * k, x, k, t, tpr);
+    }
+    a = row_sum(a, tpr);
+    __syncthreads();
+    b = row_sum(b, tpr);
+    if (row < n && t == 0) out[row] = silu(a) * b;
+}
+
+extern "C" __global__ void shoal_to_bf16(bf16* dst, const float* src, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        dst[i] = to_bf(src[i]);
+}
+
+// gate = silu(gate) * up.
+extern "C" __global__ void shoal_swiglu(float* gate, const float* up, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        gate[i] = silu(gate[i]) * up[i];
+}
+
+// x[r, :] += b, one block per row.
+extern "C" __global__ void shoal_add_bias(float* x, const float* b, int width) {
+    float* xr = x + (u64)blockIdx.x * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) xr[i] += b[i];
+}
+
+// Rotary embedding, one block per token; pairs (2j, 2j+1) or (j, j+half) when neox.
+extern "C" __global__ void shoal_rope(float* x, const float* inv_freq, const int* step, int heads, int head_dim,
+                                      int half, int neox) {
+    int t = blockIdx.x;
+    double pos = (double)(step[0] + t);
+    float* xr = x + (u64)t * heads * head_dim;
+    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+        int h = i / half, j = i % half;
+        double s, c;
+        sincos(pos * (double)inv_freq[j], &s, &c);
+        float sf = (float)s, cf = (float)c;
+        int a = neox ? j : 2 * j, b = neox ? j + half : 2 * j + 1;
+        float* hx = xr + h * head_dim;
+        float x0 = hx[a], x1 = hx[b];
+        hx[a] = x0 * cf - x1 * sf;
+        hx[b] = x0 * sf + x1 * cf;
+    }
+}
+
+__device__ __forceinline__ float* kv_at(float* pool, const int* table, int pos, int layer, int n_layers, int kv_dim,
+                                        int which) {
+    u64 blk = (u64)table[pos / KV_BLOCK];
+    return pool + ((blk * n_layers + layer) * 2 + which) * KV_BLOCK * (u64)kv_dim + (u64)(pos % KV_BLOCK) * kv_dim;
+}
+
+// Writes the chunk's keys and values into the session's blocks, one block per token.
+extern "C" __global__ void shoal_kv_store(float* pool, const float* k, const float* v, const int* step,
+                                          const int* table, int layer, int n_layers, int kv_dim) {
+    int t = blockIdx.x;
+    int pos = step[0] + t;
+    float* kd = kv_at(pool, table, pos, layer, n_layers, kv_dim, 0);
+    float* vd = kv_at(pool, table, pos, layer, n_layers, kv_dim, 1);
+    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
+        kd[i] = k[(u64)t * kv_dim + i];
+        vd[i] = v[(u64)t * kv_dim + i];
+    }
+}
+
+// Causal attention, split over positions. Block (kv head, token, split) handles the query
+// heads sharing one key/value head, so each key and value row is read once for all of
+// them; its warps take positions split*ATT_WARPS + warp, + splits*ATT_WARPS, ... with an
+// online softmax. Partial results go to `part` as [token][q head][split] records of
+// (max, sum, acc[head_dim]); shoal_attention_merge combines them.
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+shoal_attention(float* part, const float* q, const float* pool, const int* step, const int* table, int layer,
+                int n_layers, int n_heads, int n_kv_heads, int head_dim, float scale) {
+    int kvh = blockIdx.x, t = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    int group = n_heads / n_kv_heads;
+    int kv_dim = n_kv_heads * head_dim, q_dim = n_heads * head_dim;
+    int per = head_dim >> 5;
+    int len = step[0] + t + 1;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+    float qr[MAX_GROUP][MAX_PER_LANE], acc[MAX_GROUP][MAX_PER_LANE], m[MAX_GROUP], l[MAX_GROUP];
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; g++) {
+        m[g] = NEG_INF;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int d = 0; d < MAX_PER_LANE; d++) {
+            acc[g][d] = 0.0f;
+            qr[g][d] = (g < group && d < per) ? q[(u64)t * q_dim + (kvh * group + g) * head_dim + lane + 32 * d] * scale
+                                              : 0.0f;
+        }
+    }
+    for (int s = split * ATT_WARPS + warp; s < len; s += splits * ATT_WARPS) {
+        const float* kr = kv_at((float*)pool, table, s, layer, n_layers, kv_dim, 0) + kvh * head_dim;
+        const float* vr = kv_at((float*)pool, table, s, layer, n_layers, kv_dim, 1) + kvh * head_dim;
+        float kk[MAX_PER_LANE], vv[MAX_PER_LANE];
+#pragma unroll
+        for (int d = 0; d < MAX_PER_LANE; d++) {
+            kk[d] = d < per ? kr[lane + 32 * d] : 0.0f;
+            vv[d] = d < per ? vr[lane + 32 * d] : 0.0f;
+        }
+#pragma unroll
+        for (int g = 0; g < MAX_GROUP; g++) {
+            if (g < group) {
+                float sc = 0.0f;
+#pragma unroll
+                for (int d = 0; d < MAX_PER_LANE; d++) sc += qr[g][d] * kk[d];
+                sc = warp_sum(sc);
+                float mn = fmaxf(m[g], sc);
+                float corr = expf(m[g] - mn), p = expf(sc - mn);
+                l[g] = l[g] * corr + p;
+#pragma unroll
+                for (int d = 0; d < MAX_PER_LANE; d++) acc[g][d] = acc[g][d] * corr + p * vv[d];
+                m[g] = mn;
+            }
+        }
+    }
+    // Combine this block's warps.
+    __shared__ float sm_m[ATT_WARPS][MAX_GROUP], sm_l[ATT_WARPS][MAX_GROUP];
+    __shared__ float sm_acc[ATT_WARPS][MAX_GROUP][MAX_PER_LANE * 32];
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; g++) {
+        if (lane == 0) {
+            sm_m[warp][g] = m[g];
+            sm_l[warp][g] = l[g];
+        }
+#pragma unroll
+        for (int d = 0; d < MAX_PER_LANE; d++) sm_acc[warp][g][lane + 32 * d] = acc[g][d];
+    }
+    __syncthreads();
+    int rec = head_dim + 2;
+    for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) {
+        int g = i / head_dim, d = i % head_dim;
+        float mx = NEG_INF;
+        for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, sm_m[w][g]);
+        float sum = 0.0f, a = 0.0f;
+        if (mx != NEG_INF) {
+            for (int w = 0; w < ATT_WARPS; w++) {
+                float f = expf(sm_m[w][g] - mx);
+                sum += sm_l[w][g] * f;
+                a += sm_acc[w][g][d] * f;
+            }
+        }
+        float* r = part + (((u64)t * n_heads + kvh * group + g) * splits + split) * rec;
+        if (d == 0) {
+            r[0] = mx;
+            r[1] = sum;
+        }
+        r[2 + d] = a;
+    }
+}
+
+// out[t, h, :] from the splits' partial records; one block per (q head, token).
+extern "C" __global__ void shoal_attention_merge(float* out, const float* part, int n_heads, int head_dim, int splits) {
+    int h = blockIdx.x, t = blockIdx.y;
+    int rec = head_dim + 2;
+    const float* r = part + ((u64)t * n_heads + h) * splits * rec;
+    float mx = NEG_INF;
+    for (int s = 0; s < splits; s++) mx = fmaxf(mx, r[s * rec]);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float sum = 0.0f, a = 0.0f;
+        for (int s = 0; s < splits; s++) {
+            float m = r[s * rec];
+            if (m == NEG_INF) continue;
+            float f = expf(m - mx);
+            sum += r[s * rec + 1] * f;
+            a += r[s * rec + 2 + d] * f;
+        }
+        out[((u64)t * n_heads + h) * head_dim + d] = a / sum;
+    }
+}
+
+// The repetition penalty: ids are distinct, in the vocabulary.
+extern "C" __global__ void shoal_penalize(float* logits, const int* ids, int count, float penalty) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= count) return;
+    float v = logits[ids[i]];
+    logits[ids[i]] = v > 0.0f ? v / penalty : v * penalty;
+}
+
+// Index of the largest logit (the first on ties; NaN never wins), one block of 1024.
+extern "C" __global__ void shoal_argmax(int* out, const float* logits, int n) {
+    float best = NEG_INF;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = logits[i];
+        if (v > best || (v == best && i < bi)) {
+            best = v;
+            bi = i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > best || (ov == best && oi < bi)) {
+            best = ov;
+            bi = oi;
+        }
+    }
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        sv[warp] = best;
+        si[warp] = bi;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        int nw = blockDim.x >> 5;
+        best = lane < nw ? sv[lane] : NEG_INF;
+        bi = lane < nw ? si[lane] : 0x7fffffff;
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > best || (ov == best && oi < bi)) {
+                best = ov;
+                bi = oi;
+            }
+        }
+        if (lane == 0) out[0] = bi == 0x7fffffff ? 0 : bi;
+    }
+}

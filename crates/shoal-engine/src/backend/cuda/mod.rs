@@ -1,0 +1,1053 @@
+//! The CUDA backend: bf16 weights in device memory, KV caches in a pool of fixed-size
+//! blocks shared by every session of a model, cuBLAS for prompts, fused kernels and a
+//! recorded CUDA graph for one-token steps, and greedy sampling on the GPU.
+//!
+//! One [`Cuda`] is made per loaded model ([`Cuda::open`]); the model's sessions share it.
+//! Calls are serialised on one stream (a lock), so sessions on many threads are safe.
+//!
+//! - **Weights**: linear weights and the embedding table are bf16 (converted once at load),
+//!   norm weights, biases and RoPE frequencies f32; activations are f32.
+//! - **Prompts** (more than one token): activations are rounded to bf16 and multiplied with
+//!   `cublasGemmEx` (bf16 inputs, f32 accumulation and output), in chunks of at most
+//!   [`MAX_CHUNK`] tokens.
+//! - **One token**: matrix–vector kernels read each weight once with 16-byte loads (the
+//!   SwiGLU gate and up projections fused in one kernel); the step's ~10 launches per layer
+//!   are recorded once as a CUDA graph and replayed (`SHOAL_CUDA_GRAPHS=0` turns that off).
+//! - **KV cache**: f32, in blocks of 16 positions × every layer, taken from a pool sized at
+//!   the first session (`SHOAL_KV_POOL_MB`, default half the free memory up to 8 GiB) and
+//!   given back when a session is truncated or dropped. Attention reads each key and value
+//!   row once per step for all the query heads that share it, split over positions across
+//!   the GPU and merged with an online softmax.
+//! - **Sampling**: the repetition penalty and greedy choice run on the GPU (4 bytes come
+//!   back); other samplers get the logits copied back and use [`crate::sampler::Sampler`].
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::sys as blas;
+use cudarc::driver::sys;
+
+use super::{Backend, Body, Heads, KvStore, Ops, Output, Want};
+use crate::cpu::RopeStyle;
+use crate::models::EngineError;
+
+/// The kernels' CUDA C++ source.
+pub const KERNELS_SOURCE: &str = include_str!("kernels.cu");
+/// Most tokens per forward chunk (bounds the scratch memory of a prompt).
+pub const MAX_CHUNK: usize = 512;
+/// Positions per KV block (the kernels' `KV_BLOCK`).
+pub const KV_BLOCK: usize = 16;
+/// `int`s before the tokens in the step parameters.
+const STEP_HEADER: usize = 4;
+/// Threads of the attention kernel (`ATT_WARPS * 32`).
+const ATT_THREADS: u32 = 128;
+
+fn cu(r: sys::CUresult, what: &str) -> Result<(), EngineError> {
+    if r == sys::CUresult::CUDA_SUCCESS { Ok(()) } else { Err(fail(format!("{what}: {r:?}"))) }
+}
+
+fn fail(message: String) -> EngineError {
+    EngineError::Backend { backend: "cuda", message }
+}
+
+/// The context and the KV pool, shared by the backend, its weights and its caches.
+struct Shared {
+    ctx: sys::CUcontext,
+    device: sys::CUdevice,
+    pool: Mutex<Option<Pool>>,
+}
+
+// SAFETY: CUDA contexts and device pointers may be used from any thread (the context is
+// made current before each use); the pool's host state is behind a mutex.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+struct Pool {
+    ptr: sys::CUdeviceptr,
+    blocks: usize,
+    n_layers: usize,
+    kv_dim: usize,
+    free: Vec<u32>,
+}
+
+impl Shared {
+    fn current(&self) -> Result<(), EngineError> {
+        // SAFETY: the context is retained for the life of `self`.
+        cu(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")
+    }
+
+    fn give_back(&self, blocks: &mut Vec<u32>, keep: usize) {
+        if blocks.len() <= keep {
+            return;
+        }
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = pool.as_mut() {
+            p.free.extend(blocks.drain(keep..));
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // SAFETY: nothing uses the pool or the context any more (every weight, cache and
+        // the backend held an Arc to this).
+        unsafe {
+            sys::cuCtxSetCurrent(self.ctx);
+            if let Some(p) = self.pool.get_mut().ok().and_then(|p| p.take()) {
+                sys::cuMemFree_v2(p.ptr);
+            }
+            sys::cuDevicePrimaryCtxRelease_v2(self.device);
+        }
+    }
+}
+
+/// Device memory, freed on drop.
+struct DevBuf {
+    ptr: sys::CUdeviceptr,
+    len: usize,
+    shared: Arc<Shared>,
+}
+
+impl DevBuf {
+    fn new(shared: &Arc<Shared>, len: usize) -> Result<DevBuf, EngineError> {
+        shared.current()?;
+        let mut ptr = 0;
+        // SAFETY: plain allocation; the result is checked.
+        cu(unsafe { sys::cuMemAlloc_v2(&mut ptr, len.max(1)) }, &format!("cuMemAlloc({len} bytes)"))?;
+        Ok(DevBuf { ptr, len, shared: shared.clone() })
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated by DevBuf::new; every kernel that used it has finished (runs
+        // end with a stream synchronisation, and weights outlive the model's runs).
+        unsafe {
+            sys::cuCtxSetCurrent(self.shared.ctx);
+            sys::cuMemFree_v2(self.ptr);
+        }
+    }
+}
+
+/// Page-locked host memory for asynchronous copies.
+struct Pinned {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Pinned {
+    fn new(len: usize) -> Result<Pinned, EngineError> {
+        let mut ptr = std::ptr::null_mut();
+        // SAFETY: plain allocation in the current context; the result is checked.
+        cu(unsafe { sys::cuMemAllocHost_v2(&mut ptr, len.max(4)) }, "cuMemAllocHost")?;
+        Ok(Pinned { ptr: ptr as *mut u8, len })
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: allocated by Pinned::new; no copy is in flight (runs end synchronised).
+        unsafe {
+            sys::cuMemFreeHost(self.ptr as *mut c_void);
+        }
+    }
+}
+
+/// A weight in device memory.
+pub struct CudaWeight {
+    buf: DevBuf,
+    rows: usize,
+    cols: usize,
+}
+
+impl CudaWeight {
+    /// Bytes of device memory it takes.
+    pub fn bytes(&self) -> usize {
+        self.buf.len
+    }
+}
+
+/// An activation in the backend's scratch memory: `rows × width` f32.
+#[derive(Debug, Clone, Copy)]
+pub struct CudaAct {
+    ptr: sys::CUdeviceptr,
+    rows: usize,
+    width: usize,
+}
+
+static NEXT_CACHE: AtomicU64 = AtomicU64::new(1);
+
+/// A session's KV cache: its blocks in the model's pool.
+pub struct CudaCache {
+    shared: Arc<Shared>,
+    blocks: Vec<u32>,
+    len: usize,
+    capacity: usize,
+    n_layers: usize,
+    kv_dim: usize,
+    /// Identifies the cache (and its block list's version) for the table upload.
+    uid: u64,
+    version: u64,
+}
+
+impl Drop for CudaCache {
+    fn drop(&mut self) {
+        self.shared.give_back(&mut self.blocks, 0);
+    }
+}
+
+impl KvStore for CudaCache {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+    fn n_layers(&self) -> usize {
+        self.n_layers
+    }
+    fn kv_dim(&self) -> usize {
+        self.kv_dim
+    }
+    fn truncate(&mut self, n: usize) {
+        if n < self.len {
+            self.len = n;
+            let keep = n.div_ceil(KV_BLOCK);
+            if keep < self.blocks.len() {
+                self.shared.give_back(&mut self.blocks, keep);
+                self.version += 1;
+            }
+        }
+    }
+}
+
+impl CudaCache {
+    /// Blocks this cache holds.
+    pub fn blocks(&self) -> usize {
+        self.blocks.len()
+    }
+}
+
+struct Funcs {
+    embed: sys::CUfunction,
+    rmsnorm: sys::CUfunction,
+    gemv: sys::CUfunction,
+    gemv_swiglu: sys::CUfunction,
+    to_bf16: sys::CUfunction,
+    swiglu: sys::CUfunction,
+    add_bias: sys::CUfunction,
+    rope: sys::CUfunction,
+    kv_store: sys::CUfunction,
+    attention: sys::CUfunction,
+    attention_merge: sys::CUfunction,
+    penalize: sys::CUfunction,
+    argmax: sys::CUfunction,
+}
+
+/// State used under the lock.
+struct Inner {
+    stream: sys::CUstream,
+    blas: blas::cublasHandle_t,
+    f: Funcs,
+    /// Scratch chunks; a run takes activations from them in order (so a replayed graph
+    /// finds its buffers where it recorded them). Chunks are added, never freed.
+    arena: Vec<DevBuf>,
+    /// Step parameters and block table (device) and their host mirror.
+    params: Option<(DevBuf, Pinned)>,
+    /// Penalised token ids (device), grown on demand.
+    ids: Option<DevBuf>,
+    /// Logits / token coming back.
+    host_out: Option<Pinned>,
+    /// `(cache uid, version, blocks uploaded)` of the table on the device.
+    synced: (u64, u64, usize),
+    /// The recorded one-token step and its logits.
+    graph: Option<(sys::CUgraphExec, CudaAct)>,
+    /// One-token steps run so far (the first is run eagerly, to size the scratch).
+    one_token_runs: u64,
+    graphs: bool,
+    sms: u32,
+}
+
+/// The CUDA backend of one model.
+pub struct Cuda {
+    shared: Arc<Shared>,
+    inner: Mutex<Inner>,
+    name: String,
+}
+
+// SAFETY: the raw handles in Inner are only used under the mutex, with the context made
+// current first.
+unsafe impl Send for Cuda {}
+// SAFETY: as above.
+unsafe impl Sync for Cuda {}
+
+impl std::fmt::Debug for Cuda {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cuda").field("device", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // SAFETY: the handles were made by Cuda::open and are not used after this.
+        unsafe {
+            if let Some((exec, _)) = self.graph.take() {
+                sys::cuGraphExecDestroy(exec);
+            }
+            blas::cublasDestroy_v2(self.blas);
+            sys::cuStreamDestroy_v2(self.stream);
+        }
+    }
+}
+
+/// A kernel argument.
+#[derive(Clone, Copy)]
+enum A {
+    P(u64),
+    I(i32),
+    F(f32),
+}
+
+impl Cuda {
+    /// Whether a CUDA driver and cuBLAS can be loaded on this machine.
+    pub fn available() -> bool {
+        // SAFETY: only tries to dlopen the libraries.
+        unsafe { sys::is_culib_present() && blas::is_culib_present() }
+    }
+
+    /// Opens GPU 0 (or `SHOAL_CUDA_DEVICE`) for one model, or says why it cannot.
+    pub fn open() -> Result<Cuda, EngineError> {
+        if !Self::available() {
+            return Err(fail("no NVIDIA driver (libcuda.so) and cuBLAS (libcublas.so.13) on this machine".into()));
+        }
+        let ordinal: i32 = std::env::var("SHOAL_CUDA_DEVICE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+        // SAFETY: plain driver calls on handles they return; every result is checked.
+        unsafe {
+            cu(sys::cuInit(0), "cuInit")?;
+            let mut count = 0;
+            cu(sys::cuDeviceGetCount(&mut count), "cuDeviceGetCount")?;
+            if ordinal >= count {
+                return Err(fail(format!("no CUDA device {ordinal}: this machine has {count}")));
+            }
+            let mut device = 0;
+            cu(sys::cuDeviceGet(&mut device, ordinal), "cuDeviceGet")?;
+            let mut ctx = std::ptr::null_mut();
+            cu(sys::cuDevicePrimaryCtxRetain(&mut ctx, device), "cuDevicePrimaryCtxRetain")?;
+            let shared = Arc::new(Shared { ctx, device, pool: Mutex::new(None) });
+            shared.current()?;
+            let attr = |a| {
+                let mut v = 0;
+                sys::cuDeviceGetAttribute(&mut v, a, device);
+                v
+            };
+            let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).max(1) as u32;
+            let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR);
+            let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR);
+            let mut name = [0i8; 128];
+            sys::cuDeviceGetName(name.as_mut_ptr(), 128, device);
+            let name = std::ffi::CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned();
+            let ptx = shoal_gpu::cuda::compile_cached("engine", KERNELS_SOURCE, major, minor).map_err(fail)?;
+            let ptx = std::ffi::CString::new(ptx).map_err(|_| fail("PTX with a NUL byte".into()))?;
+            let mut module = std::ptr::null_mut();
+            cu(sys::cuModuleLoadData(&mut module, ptx.as_ptr() as *const c_void), "cuModuleLoadData")?;
+            let get = |n: &std::ffi::CStr| -> Result<sys::CUfunction, EngineError> {
+                let mut f = std::ptr::null_mut();
+                cu(sys::cuModuleGetFunction(&mut f, module, n.as_ptr()), &format!("kernel {n:?}"))?;
+                Ok(f)
+            };
+            let f = Funcs {
+                embed: get(c"shoal_embed")?,
+                rmsnorm: get(c"shoal_rmsnorm")?,
+                gemv: get(c"shoal_gemv")?,
+                gemv_swiglu: get(c"shoal_gemv_swiglu")?,
+                to_bf16: get(c"shoal_to_bf16")?,
+                swiglu: get(c"shoal_swiglu")?,
+                add_bias: get(c"shoal_add_bias")?,
+                rope: get(c"shoal_rope")?,
+                kv_store: get(c"shoal_kv_store")?,
+                attention: get(c"shoal_attention")?,
+                attention_merge: get(c"shoal_attention_merge")?,
+                penalize: get(c"shoal_penalize")?,
+                argmax: get(c"shoal_argmax")?,
+            };
+            let mut stream = std::ptr::null_mut();
+            cu(sys::cuStreamCreate(&mut stream, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32), "cuStreamCreate")?;
+            let handle = cudarc::cublas::result::create_handle().map_err(|e| fail(format!("cublasCreate: {e:?}")))?;
+            cudarc::cublas::result::set_stream(handle, stream as _)
+                .map_err(|e| fail(format!("cublasSetStream: {e:?}")))?;
+            let graphs = std::env::var("SHOAL_CUDA_GRAPHS").map(|v| v != "0").unwrap_or(true);
+            let inner = Inner {
+                stream,
+                blas: handle,
+                f,
+                arena: Vec::new(),
+                params: None,
+                ids: None,
+                host_out: None,
+                synced: (0, 0, 0),
+                graph: None,
+                one_token_runs: 0,
+                graphs,
+                sms,
+            };
+            Ok(Cuda { shared, inner: Mutex::new(inner), name })
+        }
+    }
+
+    /// The GPU's name.
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn upload(&self, bytes: &[u8], rows: usize, cols: usize) -> Result<CudaWeight, EngineError> {
+        let buf = DevBuf::new(&self.shared, bytes.len())?;
+        cu(
+            // SAFETY: `buf` holds `bytes.len()` bytes; a synchronous copy from pageable memory.
+            unsafe { sys::cuMemcpyHtoD_v2(buf.ptr, bytes.as_ptr() as *const c_void, bytes.len()) },
+            "cuMemcpyHtoD(weight)",
+        )?;
+        Ok(CudaWeight { buf, rows, cols })
+    }
+
+    /// Makes the KV pool for caches of this shape (once per model).
+    fn ensure_pool(&self, n_layers: usize, kv_dim: usize) -> Result<(), EngineError> {
+        let mut pool = self.shared.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = pool.as_ref() {
+            if (p.n_layers, p.kv_dim) != (n_layers, kv_dim) {
+                return Err(fail(format!(
+                    "this backend's KV pool holds {} layers × {} values, not {n_layers} × {kv_dim}",
+                    p.n_layers, p.kv_dim
+                )));
+            }
+            return Ok(());
+        }
+        self.shared.current()?;
+        let block_bytes = n_layers * 2 * KV_BLOCK * kv_dim * 4;
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: plain query.
+        cu(unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) }, "cuMemGetInfo")?;
+        let want = match std::env::var("SHOAL_KV_POOL_MB").ok().and_then(|v| v.parse::<usize>().ok()) {
+            Some(mb) => mb << 20,
+            None => (free / 2).min(8 << 30),
+        };
+        let blocks = (want / block_bytes.max(1)).max(1);
+        let mut ptr = 0;
+        cu(
+            // SAFETY: plain allocation; the result is checked.
+            unsafe { sys::cuMemAlloc_v2(&mut ptr, blocks * block_bytes) },
+            &format!("cuMemAlloc(KV pool, {blocks} blocks of {block_bytes} bytes)"),
+        )?;
+        let free_list = (0..blocks as u32).rev().collect();
+        *pool = Some(Pool { ptr, blocks, n_layers, kv_dim, free: free_list });
+        drop(pool);
+        // The step parameters and a block table long enough for the whole pool.
+        let ints = STEP_HEADER + MAX_CHUNK + blocks;
+        let mut inner = self.lock();
+        inner.params = Some((DevBuf::new(&self.shared, ints * 4)?, Pinned::new(ints * 4)?));
+        Ok(())
+    }
+
+    /// Positions the KV pool holds in all, and free now.
+    pub fn pool_positions(&self) -> (usize, usize) {
+        let pool = self.shared.pool.lock().unwrap_or_else(|e| e.into_inner());
+        pool.as_ref().map_or((0, 0), |p| (p.blocks * KV_BLOCK, p.free.len() * KV_BLOCK))
+    }
+}
+
+/// One chunk's operations on the GPU.
+pub struct CudaOps<'a> {
+    inner: &'a mut Inner,
+    shared: &'a Arc<Shared>,
+    n: usize,
+    /// Bytes of scratch handed out so far in this run: (chunk, offset).
+    at: (usize, usize),
+    step_ptr: u64,
+    table_ptr: u64,
+    pool_ptr: u64,
+    n_layers: usize,
+    /// The first failure; later operations are skipped.
+    err: Option<EngineError>,
+}
+
+impl CudaOps<'_> {
+    fn scratch(&mut self, bytes: usize) -> u64 {
+        let bytes = bytes.next_multiple_of(256).max(256);
+        loop {
+            let (c, off) = self.at;
+            if let Some(chunk) = self.inner.arena.get(c) {
+                if off + bytes <= chunk.len {
+                    self.at.1 += bytes;
+                    return chunk.ptr + off as u64;
+                }
+                self.at = (c + 1, 0);
+                continue;
+            }
+            match DevBuf::new(self.shared, bytes.max(64 << 20)) {
+                Ok(b) => self.inner.arena.push(b),
+                Err(e) => {
+                    self.err.get_or_insert(e);
+                    return 0;
+                }
+            }
+        }
+    }
+
+    fn launch(&mut self, f: sys::CUfunction, grid: (u32, u32, u32), block: u32, args: &[A]) {
+        if self.err.is_some() {
+            return;
+        }
+        let mut slots = [0u64; 16];
+        for (s, a) in slots.iter_mut().zip(args) {
+            *s = match *a {
+                A::P(p) => p,
+                A::I(i) => i as u32 as u64,
+                A::F(x) => x.to_bits() as u64,
+            };
+        }
+        let mut ptrs = [std::ptr::null_mut::<c_void>(); 16];
+        for (p, s) in ptrs.iter_mut().zip(slots.iter_mut()) {
+            *p = s as *mut u64 as *mut c_void;
+        }
+        // SAFETY: `args` match the kernel's parameters in order (4-byte values sit in the
+        // low bytes of their little-endian slots); every pointer is device memory of the
+        // sizes the kernel reads (checked by the model's shapes and the backend's
+        // allocations).
+        let r = unsafe {
+            sys::cuLaunchKernel(
+                f,
+                grid.0,
+                grid.1,
+                grid.2,
+                block,
+                1,
+                1,
+                0,
+                self.inner.stream,
+                ptrs.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        };
+        if let Err(e) = cu(r, "cuLaunchKernel") {
+            self.err = Some(e);
+        }
+    }
+
+    /// `out (+)= x · wᵀ` with cuBLAS (bf16 inputs, f32 out) for several rows.
+    fn gemm(&mut self, out: &CudaAct, x: &CudaAct, w: &CudaWeight, accumulate: bool) {
+        let count = x.rows * x.width;
+        let xb = self.scratch(count * 2);
+        let blocks = (count as u64).div_ceil(256).min(65535) as u32;
+        self.launch(self.inner.f.to_bf16, (blocks, 1, 1), 256, &[A::P(xb), A::P(x.ptr), A::P(count as u64)]);
+        if self.err.is_some() {
+            return;
+        }
+        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+        // Row-major out[m, n] = x[m, k] · w[n, k]ᵀ is column-major outᵀ = w · xᵀ:
+        // A = w seen as k × n (transposed), B = x seen as k × m.
+        // SAFETY: w holds n × k bf16, xb m × k bf16, out m × n f32, all device memory.
+        let st = unsafe {
+            blas::cublasGemmEx(
+                self.inner.blas,
+                blas::cublasOperation_t::CUBLAS_OP_T,
+                blas::cublasOperation_t::CUBLAS_OP_N,
+                w.rows as i32,
+                x.rows as i32,
+                w.cols as i32,
+                &alpha as *const f32 as *const c_void,
+                w.buf.ptr as *const c_void,
+                blas::cudaDataType_t::CUDA_R_16BF,
+                w.cols as i32,
+                xb as *const c_void,
+                blas::cudaDataType_t::CUDA_R_16BF,
+                x.width as i32,
+                &beta as *const f32 as *const c_void,
+                out.ptr as *mut c_void,
+                blas::cudaDataType_t::CUDA_R_32F,
+                out.width as i32,
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if st != blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            self.err = Some(fail(format!("cublasGemmEx({}×{}×{}): {st:?}", x.rows, w.rows, w.cols)));
+        }
+    }
+
+    /// Threads per output row of a matrix–vector product with rows of `k` values: about
+    /// four 16-byte loads each, from one warp to the whole block of 256.
+    fn gemv_shape(rows: usize, k: usize) -> ((u32, u32, u32), i32) {
+        let tpr = (k / 8 / 4).next_power_of_two().clamp(32, 256);
+        (((rows * tpr).div_ceil(256) as u32, 1, 1), tpr as i32)
+    }
+}
+
+impl Ops for CudaOps<'_> {
+    type Weight = CudaWeight;
+    type Act = CudaAct;
+    type Cache = CudaCache;
+
+    fn n_tokens(&self) -> usize {
+        self.n
+    }
+
+    fn act(&mut self, rows: usize, width: usize) -> CudaAct {
+        CudaAct { ptr: self.scratch(rows * width * 4), rows, width }
+    }
+
+    fn embed(&mut self, out: &mut CudaAct, table: &CudaWeight) {
+        let f = self.inner.f.embed;
+        self.launch(
+            f,
+            (out.rows as u32, 1, 1),
+            256,
+            &[A::P(out.ptr), A::P(table.buf.ptr), A::P(self.step_ptr), A::I(out.width as i32)],
+        );
+    }
+
+    fn rmsnorm(&mut self, out: &mut CudaAct, x: &CudaAct, w: &CudaWeight, eps: f32) {
+        let f = self.inner.f.rmsnorm;
+        self.launch(
+            f,
+            (x.rows as u32, 1, 1),
+            512,
+            &[A::P(out.ptr), A::P(x.ptr), A::P(w.buf.ptr), A::I(x.width as i32), A::F(eps)],
+        );
+    }
+
+    fn matmul(&mut self, out: &mut CudaAct, x: &CudaAct, w: &CudaWeight, accumulate: bool) {
+        if x.rows == 1 {
+            let f = self.inner.f.gemv;
+            let (grid, tpr) = Self::gemv_shape(w.rows, w.cols);
+            self.launch(
+                f,
+                grid,
+                256,
+                &[
+                    A::P(out.ptr),
+                    A::P(x.ptr),
+                    A::P(w.buf.ptr),
+                    A::I(w.rows as i32),
+                    A::I(w.cols as i32),
+                    A::I(accumulate as i32),
+                    A::I(tpr),
+                ],
+            );
+        } else {
+            self.gemm(out, x, w, accumulate);
+        }
+    }
+
+    fn matmul_swiglu(&mut self, out: &mut CudaAct, x: &CudaAct, gate: &CudaWeight, up: &CudaWeight) {
+        if x.rows == 1 {
+            let f = self.inner.f.gemv_swiglu;
+            let (grid, tpr) = Self::gemv_shape(gate.rows, gate.cols);
+            self.launch(
+                f,
+                grid,
+                256,
+                &[
+                    A::P(out.ptr),
+                    A::P(x.ptr),
+                    A::P(gate.buf.ptr),
+                    A::P(up.buf.ptr),
+                    A::I(gate.rows as i32),
+                    A::I(gate.cols as i32),
+                    A::I(tpr),
+                ],
+            );
+        } else {
+            let u = self.act(out.rows, out.width);
+            self.gemm(out, x, gate, false);
+            self.gemm(&u, x, up, false);
+            let count = (out.rows * out.width) as u64;
+            let f = self.inner.f.swiglu;
+            self.launch(
+                f,
+                (count.div_ceil(256).min(65535) as u32, 1, 1),
+                256,
+                &[A::P(out.ptr), A::P(u.ptr), A::P(count)],
+            );
+        }
+    }
+
+    fn add_bias(&mut self, x: &mut CudaAct, bias: &CudaWeight) {
+        let f = self.inner.f.add_bias;
+        self.launch(f, (x.rows as u32, 1, 1), 256, &[A::P(x.ptr), A::P(bias.buf.ptr), A::I(x.width as i32)]);
+    }
+
+    fn rope(&mut self, x: &mut CudaAct, n_heads: usize, head_dim: usize, inv_freq: &CudaWeight, style: RopeStyle) {
+        let f = self.inner.f.rope;
+        let half = inv_freq.rows;
+        self.launch(
+            f,
+            (x.rows as u32, 1, 1),
+            256,
+            &[
+                A::P(x.ptr),
+                A::P(inv_freq.buf.ptr),
+                A::P(self.step_ptr),
+                A::I(n_heads as i32),
+                A::I(head_dim as i32),
+                A::I(half as i32),
+                A::I((style == RopeStyle::Neox) as i32),
+            ],
+        );
+    }
+
+    fn attention(
+        &mut self,
+        out: &mut CudaAct,
+        q: &CudaAct,
+        k: &CudaAct,
+        v: &CudaAct,
+        _cache: &mut CudaCache,
+        layer: usize,
+        heads: Heads,
+    ) {
+        let Heads { n_heads, n_kv_heads, head_dim } = heads;
+        let kv_dim = n_kv_heads * head_dim;
+        let (nl, n) = (self.n_layers as i32, self.n);
+        let f = self.inner.f.kv_store;
+        self.launch(
+            f,
+            (n as u32, 1, 1),
+            256,
+            &[
+                A::P(self.pool_ptr),
+                A::P(k.ptr),
+                A::P(v.ptr),
+                A::P(self.step_ptr),
+                A::P(self.table_ptr),
+                A::I(layer as i32),
+                A::I(nl),
+                A::I(kv_dim as i32),
+            ],
+        );
+        // Enough blocks to fill the GPU twice over, at most 32 splits of the positions.
+        let per_split = (n_kv_heads * n).max(1);
+        let splits = ((2 * self.inner.sms as usize).div_ceil(per_split)).clamp(1, 32);
+        let part = self.scratch(n * n_heads * splits * (head_dim + 2) * 4);
+        let f = self.inner.f.attention;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        self.launch(
+            f,
+            (n_kv_heads as u32, n as u32, splits as u32),
+            ATT_THREADS,
+            &[
+                A::P(part),
+                A::P(q.ptr),
+                A::P(self.pool_ptr),
+                A::P(self.step_ptr),
+                A::P(self.table_ptr),
+                A::I(layer as i32),
+                A::I(nl),
+                A::I(n_heads as i32),
+                A::I(n_kv_heads as i32),
+                A::I(head_dim as i32),
+                A::F(scale),
+            ],
+        );
+        let f = self.inner.f.attention_merge;
+        self.launch(
+            f,
+            (n_heads as u32, n as u32, 1),
+            head_dim.min(128) as u32,
+            &[A::P(out.ptr), A::P(part), A::I(n_heads as i32), A::I(head_dim as i32), A::I(splits as i32)],
+        );
+    }
+
+    fn last_row(&mut self, x: &CudaAct) -> CudaAct {
+        CudaAct { ptr: x.ptr + ((x.rows - 1) * x.width * 4) as u64, rows: 1, width: x.width }
+    }
+}
+
+impl Backend for Cuda {
+    type Weight = CudaWeight;
+    type Act = CudaAct;
+    type Cache = CudaCache;
+    type Ops<'a> = CudaOps<'a>;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn matrix(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<CudaWeight, EngineError> {
+        use rayon::prelude::*;
+        debug_assert_eq!(data.len(), rows * cols);
+        let bits: Vec<u16> = data.par_iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+        drop(data);
+        // SAFETY: u16 has no padding; the slice covers exactly `bits`.
+        let bytes = unsafe { std::slice::from_raw_parts(bits.as_ptr() as *const u8, bits.len() * 2) };
+        self.upload(bytes, rows, cols)
+    }
+
+    fn vector(&self, data: Vec<f32>) -> Result<CudaWeight, EngineError> {
+        // SAFETY: f32 has no padding; the slice covers exactly `data`.
+        let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, data.len() * 4) };
+        self.upload(bytes, data.len(), 1)
+    }
+
+    fn new_cache(&self, n_layers: usize, kv_dim: usize, context: usize) -> Result<CudaCache, EngineError> {
+        if context == 0 {
+            return Err(crate::kv::KvError::EmptyContext.into());
+        }
+        self.ensure_pool(n_layers, kv_dim)?;
+        Ok(CudaCache {
+            shared: self.shared.clone(),
+            blocks: Vec::new(),
+            len: 0,
+            capacity: context,
+            n_layers,
+            kv_dim,
+            uid: NEXT_CACHE.fetch_add(1, Ordering::Relaxed),
+            version: 0,
+        })
+    }
+
+    fn max_chunk(&self) -> usize {
+        MAX_CHUNK
+    }
+
+    fn run(
+        &self,
+        tokens: &[u32],
+        cache: &mut CudaCache,
+        want: Want<'_>,
+        body: &mut Body<'_, Cuda>,
+    ) -> Result<Output, EngineError> {
+        let n = tokens.len();
+        if n == 0 || n > MAX_CHUNK {
+            return Err(fail(format!("a chunk of {n} tokens (1..={MAX_CHUNK} per run)")));
+        }
+        if !Arc::ptr_eq(&cache.shared, &self.shared) {
+            return Err(fail("this KV cache belongs to another model's backend".into()));
+        }
+        let pos0 = cache.len;
+        // Take the blocks the new positions need.
+        let (pool_ptr, n_layers) = {
+            let mut pool = self.shared.pool.lock().unwrap_or_else(|e| e.into_inner());
+            let p = pool.as_mut().ok_or_else(|| fail("no KV pool (make caches with new_cache)".into()))?;
+            let need = (pos0 + n).div_ceil(KV_BLOCK).saturating_sub(cache.blocks.len());
+            if need > p.free.len() {
+                return Err(EngineError::KvPoolFull { backend: "cuda", needed: need, free: p.free.len() });
+            }
+            let at = p.free.len() - need;
+            cache.blocks.extend(p.free.drain(at..));
+            (p.ptr, p.n_layers)
+        };
+        self.shared.current()?;
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let stream = inner.stream;
+        let (step_ptr, table_ptr) = {
+            let (dev, host) = inner.params.as_ref().ok_or_else(|| fail("no step parameters".into()))?;
+            let ints = host.ptr as *mut i32;
+            let table_dev = dev.ptr + ((STEP_HEADER + MAX_CHUNK) * 4) as u64;
+            // SAFETY: the pinned mirror holds STEP_HEADER + MAX_CHUNK + pool blocks ints, and
+            // n <= MAX_CHUNK; the previous run ended synchronised, so no copy reads it now.
+            unsafe {
+                *ints = pos0 as i32;
+                *ints.add(1) = n as i32;
+                for (i, &t) in tokens.iter().enumerate() {
+                    *ints.add(STEP_HEADER + i) = t as i32;
+                }
+                cu(
+                    sys::cuMemcpyHtoDAsync_v2(dev.ptr, ints as *const c_void, (STEP_HEADER + n) * 4, stream),
+                    "cuMemcpyHtoDAsync(step)",
+                )?;
+                let key = (cache.uid, cache.version);
+                let from =
+                    if (inner.synced.0, inner.synced.1) == key { inner.synced.2.min(cache.blocks.len()) } else { 0 };
+                if from < cache.blocks.len() {
+                    let table = ints.add(STEP_HEADER + MAX_CHUNK);
+                    for (i, &b) in cache.blocks.iter().enumerate().skip(from) {
+                        *table.add(i) = b as i32;
+                    }
+                    cu(
+                        sys::cuMemcpyHtoDAsync_v2(
+                            table_dev + (from * 4) as u64,
+                            table.add(from) as *const c_void,
+                            (cache.blocks.len() - from) * 4,
+                            stream,
+                        ),
+                        "cuMemcpyHtoDAsync(block table)",
+                    )?;
+                }
+                inner.synced = (cache.uid, cache.version, cache.blocks.len());
+            }
+            (dev.ptr, table_dev)
+        };
+
+        let replay = n == 1 && inner.graphs && inner.graph.is_some();
+        let logits = if replay {
+            let (exec, logits) = inner.graph.expect("checked");
+            // SAFETY: the graph was recorded from this backend's kernels on buffers that
+            // are still allocated (scratch chunks are never freed) and reads its positions
+            // from the step parameters just uploaded.
+            cu(unsafe { sys::cuGraphLaunch(exec, stream) }, "cuGraphLaunch")?;
+            logits
+        } else {
+            let record = n == 1 && inner.graphs && inner.one_token_runs >= 1;
+            if record {
+                cu(
+                    // SAFETY: starts recording the work issued on our stream by this thread.
+                    unsafe {
+                        sys::cuStreamBeginCapture_v2(
+                            stream,
+                            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                        )
+                    },
+                    "cuStreamBeginCapture",
+                )?;
+            }
+            let mut ops = CudaOps {
+                inner,
+                shared: &self.shared,
+                n,
+                at: (0, 0),
+                step_ptr,
+                table_ptr,
+                pool_ptr,
+                n_layers,
+                err: None,
+            };
+            let result = body(&mut ops, cache);
+            let err = ops.err.take();
+            let inner = ops.inner;
+            let result = match (result, err) {
+                (Ok(a), None) => Ok(a),
+                (Err(e), _) | (_, Some(e)) => Err(e),
+            };
+            if record {
+                let mut graph = std::ptr::null_mut();
+                // SAFETY: ends the capture begun above (also on failure, so the stream is
+                // usable again); the graph is destroyed once instantiated.
+                let ended = cu(unsafe { sys::cuStreamEndCapture(stream, &mut graph) }, "cuStreamEndCapture");
+                let logits = result?;
+                ended?;
+                let mut exec = std::ptr::null_mut();
+                // SAFETY: `graph` is the valid graph just captured.
+                unsafe {
+                    let r = sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0);
+                    sys::cuGraphDestroy(graph);
+                    cu(r, "cuGraphInstantiate")?;
+                    cu(sys::cuGraphLaunch(exec, stream), "cuGraphLaunch")?;
+                }
+                inner.graph = Some((exec, logits));
+                logits
+            } else {
+                result?
+            }
+        };
+        if n == 1 {
+            inner.one_token_runs += 1;
+        }
+        let out = finish(inner, &self.shared, logits, want)?;
+        cache.len = pos0 + n;
+        Ok(out)
+    }
+}
+
+/// Hands back what `want` asks for from the logits on the device, and waits for the run.
+fn finish(inner: &mut Inner, shared: &Arc<Shared>, logits: CudaAct, want: Want<'_>) -> Result<Output, EngineError> {
+    let stream = inner.stream;
+    let vocab = logits.width;
+    // SAFETY: waits for our own stream.
+    let sync = |what| cu(unsafe { sys::cuStreamSynchronize(stream) }, what);
+    let read_logits = |inner: &mut Inner| -> Result<Vec<f32>, EngineError> {
+        if inner.host_out.as_ref().is_none_or(|h| h.len < vocab * 4) {
+            inner.host_out = Some(Pinned::new(vocab * 4)?);
+        }
+        let host = inner.host_out.as_ref().expect("just made");
+        // SAFETY: the pinned buffer holds vocab f32; the logits activation holds vocab f32.
+        unsafe {
+            cu(sys::cuMemcpyDtoHAsync_v2(host.ptr as *mut c_void, logits.ptr, vocab * 4, stream), "cuMemcpyDtoHAsync")?;
+            cu(sys::cuStreamSynchronize(stream), "cuStreamSynchronize")?;
+            Ok(std::slice::from_raw_parts(host.ptr as *const f32, vocab).to_vec())
+        }
+    };
+    match want {
+        Want::Nothing => {
+            sync("cuStreamSynchronize")?;
+            Ok(Output::Nothing)
+        }
+        Want::Logits => Ok(Output::Logits(read_logits(inner)?)),
+        Want::Token { sampler, history, step } => {
+            if !sampler.is_greedy() {
+                let l = read_logits(inner)?;
+                return sampler.sample(&l, history, step).map(Output::Token).ok_or(EngineError::EmptyInput);
+            }
+            let p = sampler.repetition_penalty;
+            if p.is_finite() && p > 0.0 && p != 1.0 && !history.is_empty() {
+                let mut ids: Vec<i32> = history.iter().filter(|&&t| (t as usize) < vocab).map(|&t| t as i32).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                if inner.ids.as_ref().is_none_or(|b| b.len < ids.len() * 4) {
+                    // The old buffer is idle: the previous run ended synchronised.
+                    inner.ids = Some(DevBuf::new(shared, (ids.len() * 4).max(1024))?);
+                }
+                let dev = inner.ids.as_ref().expect("just made").ptr;
+                cu(
+                    // SAFETY: `dev` holds at least ids.len() ints; the copy is synchronous,
+                    // so `ids` may be dropped after it.
+                    unsafe { sys::cuMemcpyHtoD_v2(dev, ids.as_ptr() as *const c_void, ids.len() * 4) },
+                    "cuMemcpyHtoD(ids)",
+                )?;
+                let mut a = [logits.ptr, dev, ids.len() as u64, p.to_bits() as u64];
+                launch_raw(inner.f.penalize, (ids.len().div_ceil(256) as u32, 1, 1), 256, stream, &mut a)?;
+            }
+            if inner.host_out.as_ref().is_none_or(|h| h.len < vocab * 4) {
+                inner.host_out = Some(Pinned::new(vocab * 4)?);
+            }
+            let host = inner.host_out.as_ref().expect("just made").ptr;
+            // The token lands in a word of the step parameters' header that no kernel reads.
+            let word =
+                inner.params.as_ref().map(|(d, _)| d.ptr + 8).ok_or_else(|| fail("no step parameters".into()))?;
+            let mut a = [word, logits.ptr, vocab as u64];
+            launch_raw(inner.f.argmax, (1, 1, 1), 1024, stream, &mut a)?;
+            // SAFETY: 4 bytes from the device word into the pinned buffer, then wait.
+            unsafe {
+                cu(sys::cuMemcpyDtoHAsync_v2(host as *mut c_void, word, 4, stream), "cuMemcpyDtoHAsync(token)")?;
+                cu(sys::cuStreamSynchronize(stream), "cuStreamSynchronize")?;
+                Ok(Output::Token(*(host as *const u32)))
+            }
+        }
+    }
+}
+
+/// Launches `f` with 8-byte argument slots (4-byte values in their low bytes).
+fn launch_raw(
+    f: sys::CUfunction,
+    grid: (u32, u32, u32),
+    block: u32,
+    stream: sys::CUstream,
+    slots: &mut [u64],
+) -> Result<(), EngineError> {
+    let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+    // SAFETY: the slots match the kernel's parameters in order; the caller passes device
+    // pointers of the sizes the kernel reads.
+    cu(
+        unsafe {
+            sys::cuLaunchKernel(
+                f,
+                grid.0,
+                grid.1,
+                grid.2,
+                block,
+                1,
+                1,
+                0,
+                stream,
+                ptrs.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        },
+        "cuLaunchKernel",
+    )
+}

@@ -1,0 +1,175 @@
+//! Where a model's forward pass runs.
+//!
+//! A model (see [`crate::models::llama`]) holds no device code: it loads its weights through a
+//! [`Backend`] and writes its forward pass once, over the operations of [`Ops`]. Each backend
+//! decides how an operation runs, where its weights and KV caches live, and how one chunk of
+//! tokens is executed ([`Backend::run`]): the CPU backend calls the kernels of [`crate::cpu`];
+//! the CUDA backend (feature `cuda`) keeps bf16 weights and paged KV caches in device memory,
+//! uses cuBLAS for prompts, fused kernels for one-token steps, replays the one-token step as a
+//! CUDA graph, and samples on the GPU.
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use crate::cpu::RopeStyle;
+use crate::models::EngineError;
+use crate::sampler::Sampler;
+
+pub use cpu::Cpu;
+
+/// A session's key/value cache, wherever it lives.
+pub trait KvStore: Send {
+    /// Positions processed so far (the position the next token will take).
+    fn len(&self) -> usize;
+    /// The most positions the cache holds.
+    fn capacity(&self) -> usize;
+    /// Number of layers.
+    fn n_layers(&self) -> usize;
+    /// Values per position and layer (`n_kv_heads * head_dim`).
+    fn kv_dim(&self) -> usize;
+    /// Keeps the first `n` positions and forgets the rest; nothing when `n >= len()`.
+    fn truncate(&mut self, n: usize);
+    /// Whether no position is in use.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Positions still free.
+    fn remaining(&self) -> usize {
+        self.capacity() - self.len()
+    }
+    /// Checks that `adding` more positions fit.
+    fn check_room(&self, adding: usize) -> Result<(), crate::kv::KvError> {
+        if adding > self.remaining() {
+            return Err(crate::kv::KvError::ContextFull { len: self.len(), adding, capacity: self.capacity() });
+        }
+        Ok(())
+    }
+}
+
+/// What one forward pass should hand back.
+#[derive(Debug, Clone, Copy)]
+pub enum Want<'a> {
+    /// Nothing (a prompt chunk that is not the last).
+    Nothing,
+    /// The last token's logits, on the host.
+    Logits,
+    /// The next token, chosen by `sampler` from the last token's logits; `history` is the
+    /// window the repetition penalty looks at, `step` keys the random draw.
+    Token {
+        /// How to choose.
+        sampler: &'a Sampler,
+        /// Tokens the repetition penalty applies to.
+        history: &'a [u32],
+        /// The sampler's step.
+        step: u64,
+    },
+}
+
+/// What a forward pass handed back (see [`Want`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// For [`Want::Nothing`].
+    Nothing,
+    /// For [`Want::Logits`].
+    Logits(Vec<f32>),
+    /// For [`Want::Token`].
+    Token(u32),
+}
+
+/// The shape of an attention call; positions come from the chunk being run.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (grouped-query attention).
+    pub n_kv_heads: usize,
+    /// Values per head.
+    pub head_dim: usize,
+}
+
+/// The operations a forward pass is written in, for one chunk of tokens at consecutive
+/// positions. Activations are `[n_tokens, width]` row-major f32.
+pub trait Ops {
+    /// A weight as this backend stores it.
+    type Weight;
+    /// An activation buffer.
+    type Act;
+    /// The session's KV cache.
+    type Cache;
+
+    /// Tokens in this chunk.
+    fn n_tokens(&self) -> usize;
+    /// A new activation of `rows` rows of `width` values (contents unspecified).
+    fn act(&mut self, rows: usize, width: usize) -> Self::Act;
+    /// `out[t] = table[token t]` (`table` is `[vocab, width]`).
+    fn embed(&mut self, out: &mut Self::Act, table: &Self::Weight);
+    /// `out = x / rms(x) * w`, row by row.
+    fn rmsnorm(&mut self, out: &mut Self::Act, x: &Self::Act, w: &Self::Weight, eps: f32);
+    /// `out = x · wᵀ` (or `out += x · wᵀ` when `accumulate`); `w` is `[out width, in width]`.
+    fn matmul(&mut self, out: &mut Self::Act, x: &Self::Act, w: &Self::Weight, accumulate: bool);
+    /// `out = silu(x · gateᵀ) * (x · upᵀ)`.
+    fn matmul_swiglu(&mut self, out: &mut Self::Act, x: &Self::Act, gate: &Self::Weight, up: &Self::Weight);
+    /// Adds `bias` to every row.
+    fn add_bias(&mut self, x: &mut Self::Act, bias: &Self::Weight);
+    /// Rotary embedding of `n_heads` heads of `head_dim`, token `t` at position `pos0 + t`.
+    fn rope(&mut self, x: &mut Self::Act, n_heads: usize, head_dim: usize, inv_freq: &Self::Weight, style: RopeStyle);
+    /// Stores `k` and `v` as the chunk's positions of `layer` in `cache`, then causal
+    /// attention of `q` over every position up to each token's own: `out` gets
+    /// `[n_tokens, n_heads * head_dim]`.
+    #[expect(clippy::too_many_arguments, reason = "one attention call names its tensors and shape")]
+    fn attention(
+        &mut self,
+        out: &mut Self::Act,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        cache: &mut Self::Cache,
+        layer: usize,
+        heads: Heads,
+    );
+    /// The last token's row of `x`.
+    fn last_row(&mut self, x: &Self::Act) -> Self::Act;
+}
+
+/// The body of a forward pass, run by [`Backend::run`] on one chunk: it returns the
+/// activation holding the last token's logits.
+pub type Body<'b, B> = dyn for<'o> FnMut(&mut <B as Backend>::Ops<'o>, &mut <B as Backend>::Cache) -> Result<<B as Backend>::Act, EngineError>
+    + 'b;
+
+/// A place where models run.
+pub trait Backend: Send + Sync + Sized + 'static {
+    /// A weight (matrix or vector) as this backend stores it.
+    type Weight: Send + Sync;
+    /// An activation buffer.
+    type Act;
+    /// A session's KV cache.
+    type Cache: KvStore;
+    /// The operations of one chunk.
+    type Ops<'a>: Ops<Weight = Self::Weight, Act = Self::Act, Cache = Self::Cache>
+    where
+        Self: 'a;
+
+    /// A short name (`cpu`, `cuda`).
+    fn name(&self) -> &'static str;
+    /// Takes a `[rows, cols]` row-major matrix (a linear layer's weight or an embedding table).
+    fn matrix(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Weight, EngineError>;
+    /// Takes a vector (norm weights, biases, RoPE frequencies).
+    fn vector(&self, data: Vec<f32>) -> Result<Self::Weight, EngineError>;
+    /// An empty cache of `n_layers` × `kv_dim` values per position for up to `context`
+    /// positions.
+    fn new_cache(&self, n_layers: usize, kv_dim: usize, context: usize) -> Result<Self::Cache, EngineError>;
+    /// The most tokens one [`Backend::run`] takes; models split longer inputs.
+    fn max_chunk(&self) -> usize;
+    /// Runs `body` over `tokens` at positions `cache.len()..` (the caller checked ids, room
+    /// and shape), advances the cache, and hands back what `want` asks for. A one-token
+    /// `body` must issue the same operations on every call (backends may record and replay
+    /// it).
+    fn run(
+        &self,
+        tokens: &[u32],
+        cache: &mut Self::Cache,
+        want: Want<'_>,
+        body: &mut Body<'_, Self>,
+    ) -> Result<Output, EngineError>;
+}

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU machine's part of the engine work (issue: LLM inference), in one call:
+# CPU vs CUDA vs transformers logits, and the prefill/decode benchmarks of
+# docs/benchmarks.md. Binaries come prebuilt in .dev/engine.tar.xz (scripts/gpu-pack.sh
+# engine). SmolLM2 is used when models/ or .dev/ holds its GGUF.
+# Env: PARTS="check bench hf" (default all), OUT (default ./gpu-out).
+set -u
+OUT=${OUT:-gpu-out}
+PARTS=${PARTS:-check bench hf}
+mkdir -p "$OUT" /tmp/shoal-bin
+tar -xJf .dev/engine.tar.xz -C /tmp/shoal-bin
+B=/tmp/shoal-bin
+export XDG_CACHE_HOME=/tmp/shoal-cache RUST_LOG=${RUST_LOG:-warn}
+step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+step machine
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+nproc; date -u
+SMOL=""
+for f in models/SmolLM2-135M-Instruct.Q4_1.gguf .dev/SmolLM2-135M-Instruct.Q4_1.gguf; do [[ -f $f ]] && SMOL=$f; done
+# The GGUF is larger than one call may carry: its halves can come in two calls.
+for p1 in .m1/smol.part1 /tmp/smol.part1; do
+  if [[ -z $SMOL && -f $p1 && -f .dev/smol.part2 ]]; then
+    cat $p1 .dev/smol.part2 > /tmp/smol.gguf && SMOL=/tmp/smol.gguf
+  fi
+done
+echo "SmolLM2: ${SMOL:-absent}"
+
+step "synthetic weights: tiny and Llama-3.2-1B shape (bf16)"
+[[ -f /tmp/tiny/config.json ]] || $B/synth_weights --out /tmp/tiny --shape tiny --dtype bf16 >/dev/null
+[[ -f /tmp/l1b/model.safetensors ]] || $B/synth_weights --out /tmp/l1b --shape llama-3.2-1b --dtype bf16 | tail -1
+TOK=1,450,7,1023,88,12000,5,640,31,2,77,901,4000,15,16,17
+
+if has check; then
+  for m in tiny l1b; do
+    TOK=1,450,7,1023,88,12000,5,640,31,2,77,901,4000,15,16,17
+    [[ $m == tiny ]] && TOK=1,45,7,102,88,120,5,64,31,2,77,90,40,15,16,17
+    step "logits $m: cpu (one token at a time), cuda (one at a time), cuda (prefill)"
+    c=$($B/logits --model-dir /tmp/$m --out /tmp/$m-cpu.f32 --tokens $TOK --continue 32 --backend cpu); echo "$c"
+    g=$($B/logits --model-dir /tmp/$m --out /tmp/$m-cuda.f32 --tokens $TOK --continue 32 --backend cuda); echo "$g"
+    p=$($B/logits --model-dir /tmp/$m --out /tmp/$m-cudap.f32 --tokens $TOK --continue 32 --backend cuda --prefill); echo "$p"
+    python3 scripts/compare_logits.py /tmp/$m-cpu.f32 "$c" /tmp/$m-cuda.f32 "$g" | tee "$OUT/cpu-vs-cuda-$m.json"
+    python3 scripts/compare_logits.py /tmp/$m-cpu.f32 "$c" /tmp/$m-cudap.f32 "$p" | tee "$OUT/cpu-vs-cuda-prefill-$m.json"
+    if has hf; then
+      python3 scripts/hf_compare.py /tmp/$m /tmp/$m-cuda.f32 "$g" 2>/dev/null | tee "$OUT/hf-vs-cuda-$m.json"
+      python3 scripts/hf_compare.py /tmp/$m /tmp/$m-cudap.f32 "$p" 2>/dev/null | tee "$OUT/hf-vs-cuda-prefill-$m.json"
+    fi
+  done
+  if [[ -n $SMOL ]]; then
+    step "SmolLM2: cpu vs cuda"
+    c=$($B/logits --model-dir $SMOL --out /tmp/s-cpu.f32 --tokens $TOK --continue 32 --backend cpu); echo "$c"
+    g=$($B/logits --model-dir $SMOL --out /tmp/s-cuda.f32 --tokens $TOK --continue 32 --backend cuda); echo "$g"
+    python3 scripts/compare_logits.py /tmp/s-cpu.f32 "$c" /tmp/s-cuda.f32 "$g" | tee "$OUT/cpu-vs-cuda-smollm2.json"
+  fi
+fi
+
+if has bench; then
+  step "bench: native engine on cuda"
+  $B/generate --model /tmp/l1b --backend cuda --prompt 128 --gen 128 --repeat 5 | tee -a "$OUT/native.jsonl"
+  [[ -n $SMOL ]] && $B/generate --model $SMOL --backend cuda --prompt 128 --gen 128 --repeat 5 | tee -a "$OUT/native.jsonl"
+  SHOAL_CUDA_GRAPHS=0 $B/generate --model /tmp/l1b --backend cuda --prompt 128 --gen 128 --repeat 3 | sed 's/"native"/"native-nographs"/' | tee -a "$OUT/native.jsonl"
+  if [[ -x $B/shoal && -f $B/chat.wasm ]]; then
+    step "bench: the same from a Wasm guest"
+    $B/shoal run --backend cuda --model l1b=/tmp/l1b $B/chat.wasm -- --bench --model l1b --prompt-tokens 128 --gen 128 --repeat 5 | tee -a "$OUT/guest.jsonl"
+    [[ -n $SMOL ]] && $B/shoal run --backend cuda --model smollm2=$SMOL $B/chat.wasm -- --bench --model smollm2 --prompt-tokens 128 --gen 128 --repeat 5 | tee -a "$OUT/guest.jsonl"
+  fi
+  step "memory bandwidth (for the roofline)"
+  python3 - <<'PY' | tee "$OUT/bandwidth.json"
+import torch, json
+x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
+for _ in range(3): y.copy_(x)
+s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+ts = []
+for _ in range(10):
+    s.record(); y.copy_(x); e.record(); torch.cuda.synchronize(); ts.append(s.elapsed_time(e) / 1e3)
+ts.sort(); t = ts[len(ts) // 2]
+print(json.dumps({"copy_bytes": 2 * x.numel(), "median_s": t, "bandwidth_GBps": round(2 * x.numel() / t / 1e9, 1)}))
+PY
+fi
+if has hf; then
+  step "bench: transformers (bf16, cuda)"
+  python3 scripts/hf_bench.py /tmp/l1b --prompt 128 --gen 128 --repeat 5 2>&1 | grep '^{' | tee -a "$OUT/transformers.jsonl"
+  if [[ -n $SMOL ]] && python3 -c 'import gguf' 2>/dev/null; then
+    python3 scripts/hf_bench.py "$(dirname $SMOL)" --gguf "$(basename $SMOL)" --prompt 128 --gen 128 --repeat 5 2>&1 | grep '^{' | tee -a "$OUT/transformers.jsonl"
+  fi
+fi
+step done
