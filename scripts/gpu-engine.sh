@@ -3,17 +3,17 @@
 # CPU vs CUDA vs transformers logits, and the prefill/decode benchmarks of
 # docs/benchmarks.md. Binaries come prebuilt in .dev/engine.tar.xz (scripts/gpu-pack.sh
 # engine). SmolLM2 is used when models/ or .dev/ holds its GGUF.
-# Env: PARTS="check bench hf" (default all), OUT (default ./gpu-out).
+# Env: PARTS="test check bench hf" (default all), OUT (default ./gpu-out).
 set -u
 OUT=${OUT:-gpu-out}
-PARTS=${PARTS:-check bench hf}
+PARTS=${PARTS:-test check bench hf}
 mkdir -p "$OUT" /tmp/shoal-bin
 tar -xJf .dev/engine.tar.xz -C /tmp/shoal-bin
 B=/tmp/shoal-bin
 export XDG_CACHE_HOME=/tmp/shoal-cache RUST_LOG=${RUST_LOG:-warn}
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 has() { [[ " $PARTS " == *" $1 "* ]]; }
-step machine
+step "machine (results also in results.txt)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 nproc; date -u
 SMOL=""
@@ -28,8 +28,17 @@ echo "SmolLM2: ${SMOL:-absent}"
 
 step "synthetic weights: tiny and Llama-3.2-1B shape (bf16)"
 [[ -f /tmp/tiny/config.json ]] || $B/synth_weights --out /tmp/tiny --shape tiny --dtype bf16 >/dev/null
-[[ -f /tmp/l1b/model.safetensors ]] || $B/synth_weights --out /tmp/l1b --shape llama-3.2-1b --dtype bf16 | tail -1
+[[ -f /tmp/l1b/tokenizer.json ]] || $B/synth_weights --out /tmp/l1b --shape llama-3.2-1b --dtype bf16 | tail -1
 TOK=1,450,7,1023,88,12000,5,640,31,2,77,901,4000,15,16,17
+
+if has test && [[ -n $SMOL ]]; then
+  step "tests: the CUDA engine against the CPU, the KV pool"
+  SHOAL_TEST_MODEL=$SMOL $B/test-cuda --test-threads=1 2>&1 | tail -12
+  step "shoal chat and shoal demo on CUDA"
+  mkdir -p /tmp/models && cp -f $SMOL /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf
+  SHOAL_MODELS=/tmp/models $B/shoal chat --model smollm2 --backend cuda --temperature 0 --max-tokens 24 --prompt "What is the capital of France?" --stats
+  SHOAL_MODELS=/tmp/models $B/shoal demo chat --backend cuda --json | tee "$OUT/demo-chat-cuda.json"
+fi
 
 if has check; then
   for m in tiny l1b; do
@@ -47,10 +56,15 @@ if has check; then
     fi
   done
   if [[ -n $SMOL ]]; then
-    step "SmolLM2: cpu vs cuda"
+    step "SmolLM2: cpu vs cuda, and cuda vs transformers on the same (dequantized, bf16) weights"
+    [[ -f /tmp/smolhf/config.json ]] || $B/gguf_to_hf $SMOL /tmp/smolhf
     c=$($B/logits --model-dir $SMOL --out /tmp/s-cpu.f32 --tokens $TOK --continue 32 --backend cpu); echo "$c"
     g=$($B/logits --model-dir $SMOL --out /tmp/s-cuda.f32 --tokens $TOK --continue 32 --backend cuda); echo "$g"
     python3 scripts/compare_logits.py /tmp/s-cpu.f32 "$c" /tmp/s-cuda.f32 "$g" | tee "$OUT/cpu-vs-cuda-smollm2.json"
+    if has hf; then
+      h=$($B/logits --model-dir /tmp/smolhf --out /tmp/sh-cuda.f32 --tokens $TOK --continue 32 --backend cuda); echo "$h"
+      python3 scripts/hf_compare.py /tmp/smolhf /tmp/sh-cuda.f32 "$h" 2>/dev/null | tee "$OUT/hf-vs-cuda-smollm2.json"
+    fi
   fi
 fi
 
@@ -80,8 +94,12 @@ fi
 if has hf; then
   step "bench: transformers (bf16, cuda)"
   python3 scripts/hf_bench.py /tmp/l1b --prompt 128 --gen 128 --repeat 5 2>&1 | grep '^{' | tee -a "$OUT/transformers.jsonl"
-  if [[ -n $SMOL ]] && python3 -c 'import gguf' 2>/dev/null; then
-    python3 scripts/hf_bench.py "$(dirname $SMOL)" --gguf "$(basename $SMOL)" --prompt 128 --gen 128 --repeat 5 2>&1 | grep '^{' | tee -a "$OUT/transformers.jsonl"
+  if [[ -n $SMOL ]]; then
+    [[ -f /tmp/smolhf/config.json ]] || $B/gguf_to_hf $SMOL /tmp/smolhf
+    python3 scripts/hf_bench.py /tmp/smolhf --prompt 128 --gen 128 --repeat 5 2>&1 | grep '^{' | tee -a "$OUT/transformers.jsonl"
   fi
 fi
+# Few files come back from the GPU machine: gather the results in one.
+for f in "$OUT"/*.json "$OUT"/*.jsonl; do [[ -f $f ]] && { echo "# $(basename "$f")"; cat "$f"; }; done > /tmp/results.txt
+rm -f "$OUT"/*.json "$OUT"/*.jsonl; mv /tmp/results.txt "$OUT/results.txt"
 step done

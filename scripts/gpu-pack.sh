@@ -13,13 +13,14 @@ if [[ "${1:-}" == engine ]]; then
   # The engine's examples and bench, the CLI and the chat guest: scripts/gpu-engine.sh.
   cargo build --release -p shoal-cli
   stage=$(mktemp -d)
-  for ex in logits synth_weights; do
+  for ex in logits synth_weights gguf_to_hf; do
     cp "$(cargo build --release -p shoal-engine --example $ex --message-format=json 2>/dev/null | artifact $ex)" "$stage/"
   done
   cp "$(cargo bench --no-run -p shoal-engine --bench generate --message-format=json 2>/dev/null | artifact generate)" "$stage/generate"
+  cp "$(cargo test --release --no-run -p shoal-engine --test cuda --message-format=json 2>/dev/null | artifact cuda)" "$stage/test-cuda"
   cp target/release/shoal "$stage/"
   cp target/guests/wasm32-wasip1/release/chat.wasm "$stage/"
-  strip "$stage"/logits "$stage"/synth_weights "$stage"/generate "$stage"/shoal
+  strip "$stage"/logits "$stage"/synth_weights "$stage"/gguf_to_hf "$stage"/generate "$stage"/shoal "$stage"/test-cuda
   mkdir -p .dev
   tar -cJf .dev/engine.tar.xz -C "$stage" .
   rm -rf "$stage"

@@ -8,7 +8,7 @@ Usage: hf_bench.py MODEL_DIR [--prompt 128] [--gen 128] [--repeat 5] [--dtype bf
 The prompt is the same fixed pseudo-random ids as shoal's `generate` bench. `eager` is
 `model.generate` with the default dynamic cache; `compiled` is `generate` with
 `cache_implementation="static"` and `torch.compile` of the forward (transformers'
-documented fast path), if it runs here. One `generate` call per repeat; a streamer
+documented fast path), if it runs here; `compiled-default` the same without CUDA graphs. One `generate` call per repeat; a streamer
 timestamps each token, so prefill is the time to the first new token (it includes
 sampling that token) and decode the rate of the rest. Prints one JSON line per mode with the medians.
 """
@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--gguf", default=None)
-    ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--modes", default="eager,compiled,compiled-default")
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
     kw = {"gguf_file": a.gguf} if a.gguf else {}
@@ -58,9 +58,12 @@ def main():
     for mode in a.modes.split(","):
         gen_kw = dict(do_sample=False, min_new_tokens=a.gen, max_new_tokens=a.gen, pad_token_id=0)
         try:
-            if mode == "compiled":
+            if mode.startswith("compiled"):
+                # "compiled": CUDA graphs (reduce-overhead); "compiled-default": without.
+                torch._dynamo.reset()
                 model.generation_config.cache_implementation = "static"
-                model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+                cmode = "reduce-overhead" if mode == "compiled" else "default"
+                model.forward = torch.compile(model.__class__.forward.__get__(model), mode=cmode, fullgraph=True)
             pre, dec = [], []
             with torch.no_grad():
                 for r in range(a.repeat + 2):

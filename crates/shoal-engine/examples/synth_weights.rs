@@ -173,10 +173,40 @@ impl Dtype {
     }
 }
 
-/// Writes `config.json` and `model.safetensors` of `shape` into `out`.
+/// A byte-level BPE `tokenizer.json` without merges: ids 0..256 are the bytes (GPT-2's byte
+/// characters), the rest placeholders, the last two `<|im_start|>` / `<|im_end|>`. Enough
+/// for a host to open the model and a guest to tokenize and run it (speed tests).
+fn tokenizer_json(vocab: usize) -> serde_json::Value {
+    let mut n = 0u32;
+    let mut map = serde_json::Map::new();
+    for b in 0..=255u8 {
+        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        let c = if printable {
+            char::from(b)
+        } else {
+            n += 1;
+            char::from_u32(255 + n).expect("U+0100.. are characters")
+        };
+        map.insert(c.to_string(), serde_json::json!(b));
+    }
+    for id in 256..vocab - 2 {
+        map.insert(format!("<|synthetic_{id}|>"), serde_json::json!(id));
+    }
+    let special = |id: usize, s: &str| serde_json::json!({"id": id, "content": s, "special": true});
+    serde_json::json!({
+        "model": {"type": "BPE", "vocab": map, "merges": []},
+        "added_tokens": [special(vocab - 2, "<|im_start|>"), special(vocab - 1, "<|im_end|>")],
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel"},
+        "normalizer": null,
+    })
+}
+
+/// Writes `config.json`, `tokenizer.json` and `model.safetensors` of `shape` into `out`.
 pub fn write_model(out: &Path, shape: &Shape, seed: u64, dtype: Dtype) -> std::io::Result<()> {
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&shape.config_json())?)?;
+    std::fs::write(out.join("tokenizer.json"), serde_json::to_string(&tokenizer_json(shape.vocab))?)?;
 
     let tensors = shape.tensors();
     let mut header = serde_json::Map::new();

@@ -110,6 +110,38 @@ pub trait Ops {
     fn matmul(&mut self, out: &mut Self::Act, x: &Self::Act, w: &Self::Weight, accumulate: bool);
     /// `out = silu(x · gateᵀ) * (x · upᵀ)`.
     fn matmul_swiglu(&mut self, out: &mut Self::Act, x: &Self::Act, gate: &Self::Weight, up: &Self::Weight);
+    /// The query, key and value projections of one input: `q = x · wqᵀ`, `k = x · wkᵀ`,
+    /// `v = x · wvᵀ` (backends may fuse them).
+    #[expect(clippy::too_many_arguments, reason = "three outputs and three weights of one projection")]
+    fn matmul_qkv(
+        &mut self,
+        q: &mut Self::Act,
+        k: &mut Self::Act,
+        v: &mut Self::Act,
+        x: &Self::Act,
+        wq: &Self::Weight,
+        wk: &Self::Weight,
+        wv: &Self::Weight,
+    ) {
+        self.matmul(q, x, wq, false);
+        self.matmul(k, x, wk, false);
+        self.matmul(v, x, wv, false);
+    }
+    /// Rotary embedding of the queries and keys (see [`Ops::rope`]; backends may fuse it).
+    #[expect(clippy::too_many_arguments, reason = "both tensors and the rotation's shape")]
+    fn rope_qk(
+        &mut self,
+        q: &mut Self::Act,
+        k: &mut Self::Act,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        inv_freq: &Self::Weight,
+        style: RopeStyle,
+    ) {
+        self.rope(q, n_heads, head_dim, inv_freq, style);
+        self.rope(k, n_kv_heads, head_dim, inv_freq, style);
+    }
     /// Adds `bias` to every row.
     fn add_bias(&mut self, x: &mut Self::Act, bias: &Self::Weight);
     /// Rotary embedding of `n_heads` heads of `head_dim`, token `t` at position `pos0 + t`.
@@ -161,6 +193,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn new_cache(&self, n_layers: usize, kv_dim: usize, context: usize) -> Result<Self::Cache, EngineError>;
     /// The most tokens one [`Backend::run`] takes; models split longer inputs.
     fn max_chunk(&self) -> usize;
+    /// Makes room in `cache` for `adding` more positions before a forward pass that may take
+    /// several runs, so that it fails before changing anything (a shared pool may be full).
+    fn reserve(&self, _cache: &mut Self::Cache, _adding: usize) -> Result<(), EngineError> {
+        Ok(())
+    }
     /// Runs `body` over `tokens` at positions `cache.len()..` (the caller checked ids, room
     /// and shape), advances the cache, and hands back what `want` asks for. A one-token
     /// `body` must issue the same operations on every call (backends may record and replay

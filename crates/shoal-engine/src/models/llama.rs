@@ -566,6 +566,7 @@ impl<B: Backend> Llama<B> {
             return Err(EngineError::TokenOutOfRange { id, vocab: c.vocab_size });
         }
         cache.check_room(tokens.len())?;
+        self.backend.reserve(cache, tokens.len())?;
         let chunk = self.backend.max_chunk().max(1);
         let n_chunks = tokens.len().div_ceil(chunk);
         let mut out = Output::Nothing;
@@ -598,16 +599,13 @@ impl<B: Backend> Llama<B> {
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention block.
             ops.rmsnorm(&mut xn, &x, &layer.attn_norm, c.rms_eps);
-            ops.matmul(&mut q, &xn, &layer.wq, false);
-            ops.matmul(&mut k, &xn, &layer.wk, false);
-            ops.matmul(&mut v, &xn, &layer.wv, false);
+            ops.matmul_qkv(&mut q, &mut k, &mut v, &xn, &layer.wq, &layer.wk, &layer.wv);
             for (t, b) in [(&mut q, &layer.bq), (&mut k, &layer.bk), (&mut v, &layer.bv)] {
                 if let Some(b) = b {
                     ops.add_bias(t, b);
                 }
             }
-            ops.rope(&mut q, c.n_heads, c.head_dim, &self.inv_freq, c.rope_style);
-            ops.rope(&mut k, c.n_kv_heads, c.head_dim, &self.inv_freq, c.rope_style);
+            ops.rope_qk(&mut q, &mut k, c.n_heads, c.n_kv_heads, c.head_dim, &self.inv_freq, c.rope_style);
             ops.attention(&mut att, &q, &k, &v, cache, l, heads);
             ops.matmul(&mut x, &att, &layer.wo, true);
 

@@ -119,6 +119,24 @@ extern "C" __global__ void shoal_gemv(float* out, const float* x, const bf16* w,
     if (row < n && t == 0) out[row] = accumulate ? out[row] + d : d;
 }
 
+// The Q, K and V projections of one token in one launch: rows [0, n0) of w0, then n1 rows
+// of w1, then n2 rows of w2, all of `k` inputs.
+extern "C" __global__ void shoal_gemv3(float* o0, float* o1, float* o2, const float* x, const bf16* w0,
+                                       const bf16* w1, const bf16* w2, int n0, int n1, int n2, int k, int tpr) {
+    int row = blockIdx.x * (blockDim.x / tpr) + threadIdx.x / tpr;
+    int t = threadIdx.x % tpr;
+    float* o = o0;
+    const bf16* w = w0;
+    int r = row;
+    if (r >= n0) { r -= n0; o = o1; w = w1;
+        if (r >= n1) { r -= n1; o = o2; w = w2; }
+    }
+    bool live = row < n0 + n1 + n2;
+    float d = live ? row_part(w + (u64)r * k, x, k, t, tpr) : 0.0f;
+    d = row_sum(d, tpr);
+    if (live && t == 0) o[r] = d;
+}
+
 // out[r] = silu(dot(G[r], x)) * dot(U[r], x) for one token: the fused SwiGLU projection.
 extern "C" __global__ void shoal_gemv_swiglu(float* out, const float* x, const bf16* g, const bf16* u, int n, int k,
                                              int tpr) {
@@ -171,6 +189,25 @@ extern "C" __global__ void shoal_rope(float* x, const float* inv_freq, const int
     }
 }
 
+// Rotary embedding of queries (heads_q) and keys (heads_k) in one launch, one block per
+// token.
+extern "C" __global__ void shoal_rope_qk(float* q, float* k, const float* inv_freq, const int* step, int heads_q,
+                                         int heads_k, int head_dim, int half, int neox) {
+    int t = blockIdx.x;
+    double pos = (double)(step[0] + t);
+    for (int i = threadIdx.x; i < (heads_q + heads_k) * half; i += blockDim.x) {
+        int h = i / half, j = i % half;
+        float* hx = h < heads_q ? q + ((u64)t * heads_q + h) * head_dim : k + ((u64)t * heads_k + h - heads_q) * head_dim;
+        double s, c;
+        sincos(pos * (double)inv_freq[j], &s, &c);
+        float sf = (float)s, cf = (float)c;
+        int a = neox ? j : 2 * j, b = neox ? j + half : 2 * j + 1;
+        float x0 = hx[a], x1 = hx[b];
+        hx[a] = x0 * cf - x1 * sf;
+        hx[b] = x0 * sf + x1 * cf;
+    }
+}
+
 __device__ __forceinline__ float* kv_at(float* pool, const int* table, int pos, int layer, int n_layers, int kv_dim,
                                         int which) {
     u64 blk = (u64)table[pos / KV_BLOCK];
@@ -201,7 +238,6 @@ shoal_attention(float* part, const float* q, const float* pool, const int* step,
     int kvh = blockIdx.x, t = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     int group = n_heads / n_kv_heads;
     int kv_dim = n_kv_heads * head_dim, q_dim = n_heads * head_dim;
-    int per = head_dim >> 5;
     int len = step[0] + t + 1;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
@@ -213,7 +249,7 @@ shoal_attention(float* part, const float* q, const float* pool, const int* step,
 #pragma unroll
         for (int d = 0; d < MAX_PER_LANE; d++) {
             acc[g][d] = 0.0f;
-            qr[g][d] = (g < group && d < per) ? q[(u64)t * q_dim + (kvh * group + g) * head_dim + lane + 32 * d] * scale
+            qr[g][d] = (g < group && lane + 32 * d < head_dim) ? q[(u64)t * q_dim + (kvh * group + g) * head_dim + lane + 32 * d] * scale
                                               : 0.0f;
         }
     }
@@ -223,8 +259,8 @@ shoal_attention(float* part, const float* q, const float* pool, const int* step,
         float kk[MAX_PER_LANE], vv[MAX_PER_LANE];
 #pragma unroll
         for (int d = 0; d < MAX_PER_LANE; d++) {
-            kk[d] = d < per ? kr[lane + 32 * d] : 0.0f;
-            vv[d] = d < per ? vr[lane + 32 * d] : 0.0f;
+            kk[d] = lane + 32 * d < head_dim ? kr[lane + 32 * d] : 0.0f;
+            vv[d] = lane + 32 * d < head_dim ? vr[lane + 32 * d] : 0.0f;
         }
 #pragma unroll
         for (int g = 0; g < MAX_GROUP; g++) {

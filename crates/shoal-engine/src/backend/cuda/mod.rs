@@ -235,6 +235,8 @@ struct Funcs {
     rmsnorm: sys::CUfunction,
     gemv: sys::CUfunction,
     gemv_swiglu: sys::CUfunction,
+    gemv3: sys::CUfunction,
+    rope_qk: sys::CUfunction,
     to_bf16: sys::CUfunction,
     swiglu: sys::CUfunction,
     add_bias: sys::CUfunction,
@@ -275,6 +277,7 @@ pub struct Cuda {
     shared: Arc<Shared>,
     inner: Mutex<Inner>,
     name: String,
+    pool_bytes: Option<usize>,
 }
 
 // SAFETY: the raw handles in Inner are only used under the mutex, with the context made
@@ -317,8 +320,16 @@ impl Cuda {
         unsafe { sys::is_culib_present() && blas::is_culib_present() }
     }
 
-    /// Opens GPU 0 (or `SHOAL_CUDA_DEVICE`) for one model, or says why it cannot.
+    /// Opens GPU 0 (or `SHOAL_CUDA_DEVICE`) for one model, or says why it cannot. The KV
+    /// pool gets `SHOAL_KV_POOL_MB` MiB, or half the free memory up to 8 GiB.
     pub fn open() -> Result<Cuda, EngineError> {
+        let pool = std::env::var("SHOAL_KV_POOL_MB").ok().and_then(|v| v.parse::<usize>().ok()).map(|mb| mb << 20);
+        Self::open_with_pool(pool)
+    }
+
+    /// Like [`Cuda::open`], with a KV pool of `pool_bytes` (rounded down to whole blocks,
+    /// at least one) when given.
+    pub fn open_with_pool(pool_bytes: Option<usize>) -> Result<Cuda, EngineError> {
         if !Self::available() {
             return Err(fail("no NVIDIA driver (libcuda.so) and cuBLAS (libcublas.so.13) on this machine".into()));
         }
@@ -362,6 +373,8 @@ impl Cuda {
                 rmsnorm: get(c"shoal_rmsnorm")?,
                 gemv: get(c"shoal_gemv")?,
                 gemv_swiglu: get(c"shoal_gemv_swiglu")?,
+                gemv3: get(c"shoal_gemv3")?,
+                rope_qk: get(c"shoal_rope_qk")?,
                 to_bf16: get(c"shoal_to_bf16")?,
                 swiglu: get(c"shoal_swiglu")?,
                 add_bias: get(c"shoal_add_bias")?,
@@ -392,7 +405,7 @@ impl Cuda {
                 graphs,
                 sms,
             };
-            Ok(Cuda { shared, inner: Mutex::new(inner), name })
+            Ok(Cuda { shared, inner: Mutex::new(inner), name, pool_bytes })
         }
     }
 
@@ -432,10 +445,7 @@ impl Cuda {
         let (mut free, mut total) = (0usize, 0usize);
         // SAFETY: plain query.
         cu(unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) }, "cuMemGetInfo")?;
-        let want = match std::env::var("SHOAL_KV_POOL_MB").ok().and_then(|v| v.parse::<usize>().ok()) {
-            Some(mb) => mb << 20,
-            None => (free / 2).min(8 << 30),
-        };
+        let want = self.pool_bytes.unwrap_or((free / 2).min(8 << 30));
         let blocks = (want / block_bytes.max(1)).max(1);
         let mut ptr = 0;
         cu(
@@ -451,6 +461,23 @@ impl Cuda {
         let mut inner = self.lock();
         inner.params = Some((DevBuf::new(&self.shared, ints * 4)?, Pinned::new(ints * 4)?));
         Ok(())
+    }
+
+    /// Gives `cache` the blocks for `adding` more positions; returns the pool's address and
+    /// layer count.
+    fn take_blocks(&self, cache: &mut CudaCache, adding: usize) -> Result<(u64, usize), EngineError> {
+        if !Arc::ptr_eq(&cache.shared, &self.shared) {
+            return Err(fail("this KV cache belongs to another model's backend".into()));
+        }
+        let mut pool = self.shared.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let p = pool.as_mut().ok_or_else(|| fail("no KV pool (make caches with new_cache)".into()))?;
+        let need = (cache.len + adding).div_ceil(KV_BLOCK).saturating_sub(cache.blocks.len());
+        if need > p.free.len() {
+            return Err(EngineError::KvPoolFull { backend: "cuda", needed: need, free: p.free.len() });
+        }
+        let at = p.free.len() - need;
+        cache.blocks.extend(p.free.drain(at..));
+        Ok((p.ptr, p.n_layers))
     }
 
     /// Positions the KV pool holds in all, and free now.
@@ -676,6 +703,75 @@ impl Ops for CudaOps<'_> {
         }
     }
 
+    fn matmul_qkv(
+        &mut self,
+        q: &mut CudaAct,
+        k: &mut CudaAct,
+        v: &mut CudaAct,
+        x: &CudaAct,
+        wq: &CudaWeight,
+        wk: &CudaWeight,
+        wv: &CudaWeight,
+    ) {
+        if x.rows != 1 {
+            self.gemm(q, x, wq, false);
+            self.gemm(k, x, wk, false);
+            self.gemm(v, x, wv, false);
+            return;
+        }
+        let f = self.inner.f.gemv3;
+        let rows = wq.rows + wk.rows + wv.rows;
+        let (grid, tpr) = Self::gemv_shape(rows, wq.cols);
+        self.launch(
+            f,
+            grid,
+            256,
+            &[
+                A::P(q.ptr),
+                A::P(k.ptr),
+                A::P(v.ptr),
+                A::P(x.ptr),
+                A::P(wq.buf.ptr),
+                A::P(wk.buf.ptr),
+                A::P(wv.buf.ptr),
+                A::I(wq.rows as i32),
+                A::I(wk.rows as i32),
+                A::I(wv.rows as i32),
+                A::I(wq.cols as i32),
+                A::I(tpr),
+            ],
+        );
+    }
+
+    fn rope_qk(
+        &mut self,
+        q: &mut CudaAct,
+        k: &mut CudaAct,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        inv_freq: &CudaWeight,
+        style: RopeStyle,
+    ) {
+        let f = self.inner.f.rope_qk;
+        self.launch(
+            f,
+            (q.rows as u32, 1, 1),
+            256,
+            &[
+                A::P(q.ptr),
+                A::P(k.ptr),
+                A::P(inv_freq.buf.ptr),
+                A::P(self.step_ptr),
+                A::I(n_heads as i32),
+                A::I(n_kv_heads as i32),
+                A::I(head_dim as i32),
+                A::I(inv_freq.rows as i32),
+                A::I((style == RopeStyle::Neox) as i32),
+            ],
+        );
+    }
+
     fn add_bias(&mut self, x: &mut CudaAct, bias: &CudaWeight) {
         let f = self.inner.f.add_bias;
         self.launch(f, (x.rows as u32, 1, 1), 256, &[A::P(x.ptr), A::P(bias.buf.ptr), A::I(x.width as i32)]);
@@ -711,6 +807,14 @@ impl Ops for CudaOps<'_> {
         heads: Heads,
     ) {
         let Heads { n_heads, n_kv_heads, head_dim } = heads;
+        if head_dim > 128 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || n_heads / n_kv_heads > 8 {
+            self.err.get_or_insert(fail(format!(
+                "attention with {n_heads} query heads over {n_kv_heads} key/value heads of {head_dim} values is not \
+                 supported by the CUDA kernels (at most 8 query heads per key/value head, head size at most 128); \
+                 use the CPU backend"
+            )));
+            return;
+        }
         let kv_dim = n_kv_heads * head_dim;
         let (nl, n) = (self.n_layers as i32, self.n);
         let f = self.inner.f.kv_store;
@@ -814,6 +918,10 @@ impl Backend for Cuda {
         MAX_CHUNK
     }
 
+    fn reserve(&self, cache: &mut CudaCache, adding: usize) -> Result<(), EngineError> {
+        self.take_blocks(cache, adding).map(drop)
+    }
+
     fn run(
         &self,
         tokens: &[u32],
@@ -825,22 +933,8 @@ impl Backend for Cuda {
         if n == 0 || n > MAX_CHUNK {
             return Err(fail(format!("a chunk of {n} tokens (1..={MAX_CHUNK} per run)")));
         }
-        if !Arc::ptr_eq(&cache.shared, &self.shared) {
-            return Err(fail("this KV cache belongs to another model's backend".into()));
-        }
         let pos0 = cache.len;
-        // Take the blocks the new positions need.
-        let (pool_ptr, n_layers) = {
-            let mut pool = self.shared.pool.lock().unwrap_or_else(|e| e.into_inner());
-            let p = pool.as_mut().ok_or_else(|| fail("no KV pool (make caches with new_cache)".into()))?;
-            let need = (pos0 + n).div_ceil(KV_BLOCK).saturating_sub(cache.blocks.len());
-            if need > p.free.len() {
-                return Err(EngineError::KvPoolFull { backend: "cuda", needed: need, free: p.free.len() });
-            }
-            let at = p.free.len() - need;
-            cache.blocks.extend(p.free.drain(at..));
-            (p.ptr, p.n_layers)
-        };
+        let (pool_ptr, n_layers) = self.take_blocks(cache, n)?;
         self.shared.current()?;
         let mut guard = self.lock();
         let inner = &mut *guard;

@@ -1,0 +1,179 @@
+//! The CUDA backend against the CPU reference on SmolLM2-135M-Instruct, and its paged KV
+//! pool: sessions interleaved on one pool, truncation, exhaustion, bad input.
+//!
+//! Needs an NVIDIA GPU (driver and cuBLAS) and the model (`$SHOAL_TEST_MODEL`, or
+//! `models/SmolLM2-135M-Instruct.Q4_1.gguf` from `scripts/fetch-model.sh`); each test skips
+//! with a message where either is missing.
+
+#![cfg(feature = "cuda")]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use shoal_engine::backend::KvStore;
+use shoal_engine::backend::cuda::{Cuda, KV_BLOCK};
+use shoal_engine::gguf::GgufFile;
+use shoal_engine::models::{EngineError, GenerateConfig, Llama, generate};
+use shoal_engine::sampler::Sampler;
+use shoal_engine::tokenizer::Tokenizer;
+
+fn model_path() -> Option<PathBuf> {
+    let p = std::env::var_os("SHOAL_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    p.exists().then_some(p)
+}
+
+struct Pair {
+    cpu: Llama,
+    cuda: Llama<Cuda>,
+    tokenizer: Tokenizer,
+}
+
+fn pair() -> Option<&'static Pair> {
+    static PAIR: OnceLock<Option<Pair>> = OnceLock::new();
+    PAIR.get_or_init(|| {
+        if !Cuda::available() {
+            eprintln!("skipped: no NVIDIA driver and cuBLAS on this machine");
+            return None;
+        }
+        let Some(path) = model_path() else {
+            eprintln!("skipped: no SmolLM2 model (scripts/fetch-model.sh, or set SHOAL_TEST_MODEL)");
+            return None;
+        };
+        let file = GgufFile::open(&path).expect("open the model");
+        let cuda = Llama::load_gguf(&file, Cuda::open().expect("a GPU is here: CUDA must open")).expect("load on CUDA");
+        Some(Pair { cpu: Llama::from_gguf(&file).expect("load on the CPU"), cuda, tokenizer: Tokenizer::from_gguf(&file).unwrap() })
+    })
+    .as_ref()
+}
+
+fn prompt(t: &Tokenizer, question: &str) -> Vec<u32> {
+    t.encode(&format!("<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"), true)
+}
+
+fn rel_err(reference: &[f32], other: &[f32]) -> f64 {
+    let num: f64 = reference.iter().zip(other).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+    let den: f64 = reference.iter().map(|a| (*a as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+fn greedy(n: usize) -> GenerateConfig {
+    GenerateConfig { max_new_tokens: n, sampler: Sampler::greedy(), stop: Vec::new(), repeat_last_n: 64 }
+}
+
+#[test]
+fn cuda_logits_and_greedy_tokens_match_the_cpu() {
+    let Some(p) = pair() else { return };
+    let ids = prompt(&p.tokenizer, "What is the capital of France?");
+    let mut cc = p.cpu.new_cache(256).unwrap();
+    let mut gc = p.cuda.new_cache(256).unwrap();
+    let a = p.cpu.forward(&ids, &mut cc).unwrap();
+    let b = p.cuda.forward(&ids, &mut gc).unwrap();
+    let e = rel_err(&a, &b);
+    // bf16 weights and bf16-rounded prompt activations on the GPU, f32 on the CPU.
+    assert!(e < 0.05, "prompt logits differ: ||Δ||/||ref|| = {e}");
+    for t in [11u32, 504, 2] {
+        let a = p.cpu.forward(&[t], &mut cc).unwrap();
+        let b = p.cuda.forward(&[t], &mut gc).unwrap();
+        let e = rel_err(&a, &b);
+        assert!(e < 0.05, "one-token logits differ: {e}");
+    }
+
+    let mut cc = p.cpu.new_cache(256).unwrap();
+    let mut gc = p.cuda.new_cache(256).unwrap();
+    let x = generate(&p.cpu, &p.tokenizer, &mut cc, &ids, &greedy(32), |_, _| {}).unwrap();
+    let y = generate(&p.cuda, &p.tokenizer, &mut gc, &ids, &greedy(32), |_, _| {}).unwrap();
+    assert_eq!(x.tokens, y.tokens, "greedy continuations differ");
+    assert!(p.tokenizer.decode(&y.tokens).contains("Paris"), "{}", p.tokenizer.decode(&y.tokens));
+}
+
+#[test]
+fn sessions_interleaved_on_one_pool_answer_as_if_alone() {
+    let Some(p) = pair() else { return };
+    let questions = ["What is the capital of France?", "Name a colour.", "What is 2 + 2?", "Say hello."];
+    let alone: Vec<Vec<u32>> = questions
+        .iter()
+        .map(|q| {
+            let mut c = p.cuda.new_cache(128).unwrap();
+            generate(&p.cuda, &p.tokenizer, &mut c, &prompt(&p.tokenizer, q), &greedy(24), |_, _| {}).unwrap().tokens
+        })
+        .collect();
+    // The same sessions, one step each in turn: each step swaps the block table.
+    let greedy = Sampler::greedy();
+    let mut caches: Vec<_> = questions.iter().map(|_| p.cuda.new_cache(128).unwrap()).collect();
+    let mut next: Vec<u32> = questions
+        .iter()
+        .zip(&mut caches)
+        .map(|(q, c)| p.cuda.forward_sample(&prompt(&p.tokenizer, q), c, &greedy, &[], 0).unwrap())
+        .collect();
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); questions.len()];
+    for step in 0..24 {
+        for i in 0..questions.len() {
+            out[i].push(next[i]);
+            if step + 1 < 24 {
+                next[i] = p.cuda.forward_sample(&[next[i]], &mut caches[i], &greedy, &[], step as u64 + 1).unwrap();
+            }
+        }
+    }
+    assert_eq!(out, alone);
+    for c in &caches {
+        assert!(c.blocks() * KV_BLOCK >= c.len(), "{} blocks for {} positions", c.blocks(), c.len());
+    }
+}
+
+#[test]
+fn truncating_rewinds_and_frees_blocks() {
+    let Some(p) = pair() else { return };
+    let backend = p.cuda.backend();
+    let ids = prompt(&p.tokenizer, "Write a sentence about the sea.");
+    let mut c = p.cuda.new_cache(512).unwrap();
+    let first = generate(&p.cuda, &p.tokenizer, &mut c, &ids, &greedy(40), |_, _| {}).unwrap().tokens;
+    let held = c.blocks();
+    assert_eq!(held, c.len().div_ceil(KV_BLOCK));
+    c.truncate(ids.len() - 1);
+    assert!(c.blocks() < held);
+    // Re-running the last prompt token continues exactly as before.
+    let again = generate(&p.cuda, &p.tokenizer, &mut c, &ids[ids.len() - 1..], &greedy(40), |_, _| {}).unwrap().tokens;
+    assert_eq!(first, again);
+    let (_, free_before) = backend.pool_positions();
+    drop(c);
+    let (_, free_after) = backend.pool_positions();
+    assert!(free_after > free_before, "dropping a session gives its blocks back");
+}
+
+#[test]
+fn a_full_pool_is_a_clear_error_and_loses_nothing() {
+    let Some(p) = pair() else { return };
+    let path = model_path().unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    // SmolLM2: 30 layers × 2 × 16 positions × 192 values × 4 bytes = 737,280 bytes a block.
+    let small = Llama::load_gguf(&file, Cuda::open_with_pool(Some(4 * 737_280)).unwrap()).unwrap();
+    let mut a = small.new_cache(2048).unwrap();
+    // The pool is made with the first cache.
+    assert_eq!(small.backend().pool_positions(), (4 * KV_BLOCK, 4 * KV_BLOCK));
+    let long: Vec<u32> = (0..100).map(|i| 200 + i).collect();
+    match small.forward(&long, &mut a) {
+        Err(EngineError::KvPoolFull { needed, free, .. }) => assert_eq!((needed, free), (7, 4)),
+        other => panic!("expected KvPoolFull, got {other:?}"),
+    }
+    assert_eq!(a.len(), 0);
+    // What fits still runs, and matches the big pool's answer.
+    let ids = prompt(&p.tokenizer, "Hi");
+    let x = small.forward(&ids, &mut a).unwrap();
+    let mut b = p.cuda.new_cache(64).unwrap();
+    let y = p.cuda.forward(&ids, &mut b).unwrap();
+    assert!(rel_err(&y, &x) < 1e-5);
+}
+
+#[test]
+fn bad_input_is_an_error() {
+    let Some(p) = pair() else { return };
+    let mut c = p.cuda.new_cache(8).unwrap();
+    assert!(matches!(p.cuda.forward(&[], &mut c), Err(EngineError::EmptyInput)));
+    assert!(matches!(p.cuda.forward(&[1 << 30], &mut c), Err(EngineError::TokenOutOfRange { .. })));
+    assert!(matches!(p.cuda.forward(&[1; 9], &mut c), Err(EngineError::Kv(_))));
+    assert_eq!(c.len(), 0);
+    assert!(p.cuda.forward(&[1; 8], &mut c).is_ok());
+    assert!(matches!(p.cuda.forward(&[1], &mut c), Err(EngineError::Kv(_))));
+}
