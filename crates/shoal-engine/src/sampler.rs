@@ -108,6 +108,14 @@ impl Sampler {
     }
 }
 
+impl Sampler {
+    /// The uniform number in `[0, 1)` that [`Sampler::sample`] draws at `step` (for
+    /// backends that sample elsewhere and must draw the same).
+    pub fn draw(&self, step: u64) -> f64 {
+        uniform(self.seed, step)
+    }
+}
+
 /// Index of the largest value (the first one on ties); `-inf`/NaN never win over a number.
 fn argmax(l: &[f32]) -> u32 {
     let mut best = 0;

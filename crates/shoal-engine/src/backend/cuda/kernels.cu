@@ -383,3 +383,160 @@ extern "C" __global__ void shoal_argmax(int* out, const float* logits, int n) {
         if (lane == 0) out[0] = bi == 0x7fffffff ? 0 : bi;
     }
 }
+
+// An order-preserving unsigned key of a float; NaN sorts below everything.
+__device__ __forceinline__ unsigned fkey(float f) {
+    unsigned b = __float_as_uint(f);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return 0u;
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+#define SAMPLE_MAX 1024
+
+// Samples one token as shoal's CPU sampler does (crate::sampler::Sampler): the top_k
+// (1..=1024) largest logits, scaled by inv_temp, sorted (value desc, then id), softmax in
+// f64, the top_p nucleus, then the token where u (in [0, 1), from the seed and step) falls.
+// One block of 1024 threads. Ties at the top-k boundary keep the lowest ids.
+extern "C" __global__ void __launch_bounds__(1024)
+shoal_sample(int* out, const float* logits, int n, float inv_temp, int top_k, float top_p, double u) {
+    __shared__ float sv[SAMPLE_MAX];
+    __shared__ int si[SAMPLE_MAX];
+    __shared__ double sp[SAMPLE_MAX];
+    __shared__ int hist[256];
+    __shared__ int ties[1024];
+    __shared__ unsigned s_prefix, s_mask;
+    __shared__ int s_remaining, s_above;
+    int tid = threadIdx.x, nt = blockDim.x;
+    int k = top_k < n ? top_k : n;
+    if (tid == 0) {
+        s_prefix = 0u;
+        s_mask = 0u;
+        s_remaining = k;
+        s_above = 0;
+    }
+    __syncthreads();
+    // Radix select: the key of the k-th largest, 8 bits a pass.
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = tid; i < 256; i += nt) hist[i] = 0;
+        __syncthreads();
+        unsigned prefix = s_prefix, mask = s_mask;
+        for (int i = tid; i < n; i += nt) {
+            unsigned key = fkey(logits[i]);
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
+        }
+        __syncthreads();
+        if (tid == 0) {
+            int rem = s_remaining, above = 0;
+            for (int b = 255; b >= 0; b--) {
+                if (above + hist[b] >= rem) {
+                    s_prefix = prefix | ((unsigned)b << shift);
+                    s_mask = mask | (255u << shift);
+                    s_remaining = rem - above;
+                    break;
+                }
+                above += hist[b];
+            }
+        }
+        __syncthreads();
+    }
+    unsigned thr = s_prefix;
+    int take_ties = s_remaining;   // how many logits equal to the threshold to keep
+    int n_above = k - take_ties;
+    // Gather: everything above the threshold (any order: sorted below), then the
+    // lowest-id ties, in id order (a scan over contiguous chunks).
+    int chunk = (n + nt - 1) / nt;
+    int lo = tid * chunk, hi = min(n, lo + chunk);
+    int my_ties = 0;
+    for (int i = lo; i < hi; i++) {
+        unsigned key = fkey(logits[i]);
+        if (key > thr) {
+            int slot = atomicAdd(&s_above, 1);
+            sv[slot] = logits[i];
+            si[slot] = i;
+        } else if (key == thr) {
+            my_ties++;
+        }
+    }
+    ties[tid] = my_ties;
+    __syncthreads();
+    if (tid == 0) {
+        int run = 0;
+        for (int t = 0; t < nt; t++) {
+            int c = ties[t];
+            ties[t] = run;
+            run += c;
+        }
+    }
+    __syncthreads();
+    int rank = ties[tid];
+    for (int i = lo; i < hi && rank < take_ties; i++) {
+        if (fkey(logits[i]) == thr) {
+            sv[n_above + rank] = logits[i];
+            si[n_above + rank] = i;
+            rank++;
+        }
+    }
+    for (int i = k + tid; i < SAMPLE_MAX; i += nt) {
+        sv[i] = NEG_INF;
+        si[i] = 0x7fffffff;
+    }
+    __syncthreads();
+    // Bitonic sort of SAMPLE_MAX entries: value descending, then id ascending.
+    for (int size = 2; size <= SAMPLE_MAX; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = tid; i < SAMPLE_MAX; i += nt) {
+                int j = i ^ stride;
+                if (j > i) {
+                    bool desc = (i & size) == 0;
+                    float a = sv[i], b = sv[j];
+                    int ia = si[i], ib = si[j];
+                    // "a before b" in the final order.
+                    bool a_first = a > b || (a == b && ia < ib) || (b != b && a == a);
+                    if (desc != a_first) {
+                        sv[i] = b; sv[j] = a;
+                        si[i] = ib; si[j] = ia;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    // Probabilities as the CPU sampler computes them.
+    float top = sv[0] * inv_temp;
+    for (int i = tid; i < k; i += nt) {
+        float d = sv[i] * inv_temp - top;
+        sp[i] = exp((double)d);
+    }
+    __syncthreads();
+    if (tid == 0) {
+        if (!(top == top) || top == __int_as_float(0x7f800000) || top == NEG_INF) {
+            out[0] = si[0];
+            return;
+        }
+        double total = 0.0;
+        for (int i = 0; i < k; i++) total += sp[i];
+        int keep = k;
+        if (top_p > 0.0f && top_p < 1.0f) {
+            double target = (double)top_p * total, cum = 0.0;
+            for (int i = 0; i < k; i++) {
+                cum += sp[i];
+                if (cum >= target) {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        double kept = 0.0;
+        for (int i = 0; i < keep; i++) kept += sp[i];
+        double x = u * kept;
+        int pick = si[keep - 1];
+        for (int i = 0; i < keep; i++) {
+            if (x < sp[i]) {
+                pick = si[i];
+                break;
+            }
+            x -= sp[i];
+        }
+        out[0] = pick;
+    }
+}

@@ -18,8 +18,13 @@
 //!   given back when a session is truncated or dropped. Attention reads each key and value
 //!   row once per step for all the query heads that share it, split over positions across
 //!   the GPU and merged with an online softmax.
-//! - **Sampling**: the repetition penalty and greedy choice run on the GPU (4 bytes come
-//!   back); other samplers get the logits copied back and use [`crate::sampler::Sampler`].
+//! - **Sampling**: the repetition penalty and the greedy choice run on the GPU and only the
+//!   token (4 bytes) comes back. Stochastic sampling (temperature, top-k up to 1024, top-p)
+//!   has a GPU kernel that follows the CPU sampler's exact procedure (radix top-k select,
+//!   sort, softmax in f64, top-p, the same seeded draw); it is opt-in
+//!   (`SHOAL_CUDA_GPU_SAMPLING=1` or [`Cuda::set_gpu_sampling`]) until it has been checked
+//!   on a GPU (`tests/cuda.rs`). Otherwise the logits are copied back and
+//!   [`crate::sampler::Sampler`] runs on the host.
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +47,9 @@ pub const KV_BLOCK: usize = 16;
 const STEP_HEADER: usize = 4;
 /// Threads of the attention kernel (`ATT_WARPS * 32`).
 const ATT_THREADS: u32 = 128;
+/// The largest top-k sampled on the GPU (the kernel's `SAMPLE_MAX`); larger (or 0, all)
+/// go to the host sampler.
+const SAMPLE_MAX_K: usize = 1024;
 
 fn cu(r: sys::CUresult, what: &str) -> Result<(), EngineError> {
     if r == sys::CUresult::CUDA_SUCCESS { Ok(()) } else { Err(fail(format!("{what}: {r:?}"))) }
@@ -246,6 +254,7 @@ struct Funcs {
     attention_merge: sys::CUfunction,
     penalize: sys::CUfunction,
     argmax: sys::CUfunction,
+    sample: sys::CUfunction,
 }
 
 /// State used under the lock.
@@ -269,6 +278,8 @@ struct Inner {
     /// One-token steps run so far (the first is run eagerly, to size the scratch).
     one_token_runs: u64,
     graphs: bool,
+    /// Stochastic sampling on the GPU (`SHOAL_CUDA_GPU_SAMPLING=1`; greedy always is).
+    gpu_sampling: bool,
     sms: u32,
 }
 
@@ -384,6 +395,7 @@ impl Cuda {
                 attention_merge: get(c"shoal_attention_merge")?,
                 penalize: get(c"shoal_penalize")?,
                 argmax: get(c"shoal_argmax")?,
+                sample: get(c"shoal_sample")?,
             };
             let mut stream = std::ptr::null_mut();
             cu(sys::cuStreamCreate(&mut stream, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32), "cuStreamCreate")?;
@@ -403,10 +415,17 @@ impl Cuda {
                 graph: None,
                 one_token_runs: 0,
                 graphs,
+                gpu_sampling: std::env::var("SHOAL_CUDA_GPU_SAMPLING").is_ok_and(|v| v == "1"),
                 sms,
             };
             Ok(Cuda { shared, inner: Mutex::new(inner), name, pool_bytes })
         }
+    }
+
+    /// Turns stochastic sampling on the GPU on or off (off by default: see the module
+    /// docs); greedy choice always runs on the GPU.
+    pub fn set_gpu_sampling(&self, on: bool) {
+        self.lock().gpu_sampling = on;
     }
 
     /// The GPU's name.
@@ -1073,7 +1092,8 @@ fn finish(inner: &mut Inner, shared: &Arc<Shared>, logits: CudaAct, want: Want<'
         }
         Want::Logits => Ok(Output::Logits(read_logits(inner)?)),
         Want::Token { sampler, history, step } => {
-            if !sampler.is_greedy() {
+            let on_gpu = sampler.is_greedy() || (inner.gpu_sampling && (1..=SAMPLE_MAX_K).contains(&sampler.top_k));
+            if !on_gpu {
                 let l = read_logits(inner)?;
                 return sampler.sample(&l, history, step).map(Output::Token).ok_or(EngineError::EmptyInput);
             }
@@ -1103,8 +1123,21 @@ fn finish(inner: &mut Inner, shared: &Arc<Shared>, logits: CudaAct, want: Want<'
             // The token lands in a word of the step parameters' header that no kernel reads.
             let word =
                 inner.params.as_ref().map(|(d, _)| d.ptr + 8).ok_or_else(|| fail("no step parameters".into()))?;
-            let mut a = [word, logits.ptr, vocab as u64];
-            launch_raw(inner.f.argmax, (1, 1, 1), 1024, stream, &mut a)?;
+            if sampler.is_greedy() {
+                let mut a = [word, logits.ptr, vocab as u64];
+                launch_raw(inner.f.argmax, (1, 1, 1), 1024, stream, &mut a)?;
+            } else {
+                let mut a = [
+                    word,
+                    logits.ptr,
+                    vocab as u64,
+                    (1.0 / sampler.temperature).to_bits() as u64,
+                    sampler.top_k as u64,
+                    sampler.top_p.to_bits() as u64,
+                    sampler.draw(step).to_bits(),
+                ];
+                launch_raw(inner.f.sample, (1, 1, 1), 1024, stream, &mut a)?;
+            }
             // SAFETY: 4 bytes from the device word into the pinned buffer, then wait.
             unsafe {
                 cu(sys::cuMemcpyDtoHAsync_v2(host as *mut c_void, word, 4, stream), "cuMemcpyDtoHAsync(token)")?;
