@@ -25,8 +25,10 @@
 //! - [`safetensors`]: Hugging Face model directories (`config.json` and F32/F16/BF16
 //!   safetensors, one file or sharded), loaded by [`models::llama::Llama::from_safetensors`].
 //!
-//! Not here yet (the inference work in progress): the CUDA
-//! backend for models, sessions in device memory and the inference ABI.
+//! - [`backend`]: where the forward pass runs: [`backend::Cpu`] (the reference) and, with
+//!   feature `cuda`, [`backend::cuda::Cuda`] (bf16 weights, cuBLAS prompts, fused one-token
+//!   kernels replayed as a CUDA graph, a paged KV pool, sampling on the GPU);
+//!   [`models::Model`] picks one at run time.
 
 pub mod backend;
 pub mod cpu;
