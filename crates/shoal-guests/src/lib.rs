@@ -10,3 +10,6 @@ pub const XFER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/xfer.wasm"));
 
 /// `guests/chat`: the chat agent (`chat [--model NAME] [--temperature T] [--seed S] [--max-tokens N] [--prompt TEXT]...`).
 pub const CHAT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/chat.wasm"));
+/// `guests/nnchat`: a multi-turn chat written only against the `wasmedge-wasi-nn` crate
+/// (`nnchat [--model NAME] [--prompt TEXT]... [--temperature T] [--n-predict N] [--stats]`).
+pub const NNCHAT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nnchat.wasm"));

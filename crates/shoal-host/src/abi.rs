@@ -133,6 +133,8 @@ pub(crate) struct ShoalCtx {
     buffers: HashMap<u32, BufferId>,
     next_buffer: u32,
     pub(crate) infer: crate::infer::InferCtx,
+    pub(crate) nn: crate::nn::NnCtx,
+    pub(crate) nn_last_error: Option<String>,
 }
 
 impl Drop for ShoalCtx {
@@ -157,7 +159,9 @@ impl ShoalCtx {
             measure_rss,
             buffers: HashMap::new(),
             next_buffer: 1,
-            infer: crate::infer::InferCtx::new(models),
+            infer: crate::infer::InferCtx::new(models.clone()),
+            nn: crate::nn::NnCtx::new(models),
+            nn_last_error: None,
         }
     }
 

@@ -19,6 +19,7 @@
 mod abi;
 mod infer;
 pub mod models;
+pub mod nn;
 
 use std::sync::Arc;
 
@@ -111,6 +112,7 @@ impl Runtime {
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut HostState| &mut s.wasi)
             .map_err(HostError::Engine)?;
         abi::add_to_linker(&mut linker).map_err(HostError::Engine)?;
+        nn::add_to_linker(&mut linker).map_err(HostError::Engine)?;
         Ok(Runtime { engine, linker, device, models })
     }
 

@@ -19,6 +19,10 @@ pub struct Args {
     /// directory); repeat for several. The default model is known when its file is found.
     #[arg(long = "model")]
     models: Vec<String>,
+    /// A model for wasi-nn guests, as WasmEdge takes it: NAME:GGML:TARGET:PATH (TARGET is
+    /// AUTO, CPU or GPU; the model runs on this host's engine either way). Repeatable.
+    #[arg(long = "nn-preload", value_name = "NAME:GGML:TARGET:PATH")]
+    nn_preload: Vec<String>,
     /// Arguments passed to the guest (after `--`).
     #[arg(last = true)]
     args: Vec<String>,
@@ -29,10 +33,14 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let device = open_device(a.backend)?;
     log::info!("running {} on {}", a.module.display(), device.info().name);
     let engine = super::engine_for(&device);
-    let models = if a.models.is_empty() && shoal_host::default_model_path().is_none() {
+    let mut specs = a.models.clone();
+    for p in &a.nn_preload {
+        specs.push(nn_preload(p)?);
+    }
+    let models = if specs.is_empty() && shoal_host::default_model_path().is_none() {
         std::sync::Arc::new(shoal_host::Models::with_engine(engine))
     } else {
-        super::models(&a.models, engine)?.0
+        super::models(&specs, engine)?.0
     };
     let runtime = Runtime::with_models(device, models)?;
     let name = a.module.file_name().map(|n| n.to_string_lossy().into_owned());
@@ -40,4 +48,22 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         .run(&wasm, &RunOptions { args: a.args, capture_stdout: false, program_name: name, measure_rss: false })
         .with_context(|| format!("running {}", a.module.display()))?;
     Ok(outcome.exit_code)
+}
+
+/// `NAME:GGML:TARGET:PATH` as `NAME=PATH`, checking the encoding and target.
+fn nn_preload(spec: &str) -> anyhow::Result<String> {
+    let parts: Vec<&str> = spec.splitn(4, ':').collect();
+    let [name, encoding, target, path] = parts.as_slice() else {
+        anyhow::bail!("--nn-preload {spec}: expected NAME:GGML:TARGET:PATH, e.g. default:GGML:AUTO:model.gguf");
+    };
+    anyhow::ensure!(
+        encoding.eq_ignore_ascii_case("GGML"),
+        "--nn-preload {spec}: encoding `{encoding}`; shoal runs GGML models"
+    );
+    anyhow::ensure!(
+        ["AUTO", "CPU", "GPU"].iter().any(|t| t.eq_ignore_ascii_case(target)),
+        "--nn-preload {spec}: target `{target}` (AUTO, CPU or GPU)"
+    );
+    anyhow::ensure!(!name.is_empty(), "--nn-preload {spec}: the name is empty");
+    Ok(format!("{name}={path}"))
 }

@@ -1,0 +1,631 @@
+//! `wasi_ephemeral_nn` with the GGML encoding: the ABI of WasmEdge's llama.cpp plugin, which
+//! the `wasmedge-wasi-nn` crate (and the chat and API-server apps built on it) calls, served
+//! by shoal's engine. Models are the host's (`--nn-preload NAME:GGML:TARGET:PATH` names them),
+//! loaded once and shared with every instance.
+//!
+//! Beyond the home runtime: when a context's new prompt extends what its KV cache already
+//! holds (a chat app sends the whole conversation every turn), only the new tokens are
+//! evaluated (metadata `"prefix-reuse": false` turns that off).
+//!
+//! Layouts (wasm32, little-endian): a tensor is 20 bytes `{dims_ptr, dims_len, type (u8,
+//! padded to 4), data_ptr, data_len}`; a graph-builder array is `n` pairs `{ptr, len}`.
+//! Input 0 is the prompt (UTF-8 bytes), input 1 metadata JSON; output 0 is the generated text
+//! (`compute`) or the last token's text (`get_output_single`), output 1 JSON token counts.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use shoal_engine::models::Cache;
+use shoal_engine::sampler::Sampler;
+use shoal_engine::tokenizer::StreamDecoder;
+use wasmtime::{Caller, Linker};
+
+use crate::HostState;
+use crate::models::{LoadedModel, Models};
+
+/// The module name guests import.
+pub const MODULE: &str = "wasi_ephemeral_nn";
+/// Graphs or contexts one instance may hold.
+const MAX_HANDLES: usize = 64;
+/// The GGML graph encoding (and auto-detect).
+const ENCODING_GGML: u32 = 6;
+const ENCODING_AUTODETECT: u32 = 5;
+
+/// `wasi_ephemeral_nn` error codes, including the LLM ones of the GGML backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum NnErrno {
+    /// Success.
+    Success = 0,
+    /// A bad argument (handle, index, pointer, JSON).
+    InvalidArgument = 1,
+    /// Not the GGML encoding.
+    InvalidEncoding = 2,
+    /// The module exports no memory.
+    MissingMemory = 3,
+    /// Too many graphs or contexts.
+    Busy = 4,
+    /// The engine failed.
+    RuntimeError = 5,
+    /// Not supported (e.g. embedding mode).
+    UnsupportedOperation = 6,
+    /// An output larger than the guest's buffer.
+    TooLarge = 7,
+    /// Nothing there (no input set).
+    NotFound = 8,
+    /// Generation ended (`compute_single`).
+    EndOfSequence = 100,
+    /// The context is full.
+    ContextFull = 101,
+    /// The prompt does not fit in the context.
+    PromptTooLong = 102,
+    /// No model by that name.
+    ModelNotFound = 103,
+}
+
+struct NnError(NnErrno, String);
+
+fn e(code: NnErrno, msg: impl Into<String>) -> NnError {
+    NnError(code, msg.into())
+}
+
+/// Generation settings from the metadata JSON (WasmEdge's keys).
+#[derive(Debug, Clone)]
+struct Options {
+    ctx_size: usize,
+    n_predict: Option<usize>,
+    sampler: Sampler,
+    reverse_prompt: Option<String>,
+    stream_stdout: bool,
+    log: bool,
+    embedding: bool,
+    prefix_reuse: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            ctx_size: 4096,
+            n_predict: None,
+            // The llama.cpp plugin's defaults.
+            sampler: Sampler { temperature: 0.8, top_k: 40, top_p: 0.95, repetition_penalty: 1.1, seed: 42 },
+            reverse_prompt: None,
+            stream_stdout: false,
+            log: false,
+            embedding: false,
+            prefix_reuse: true,
+        }
+    }
+}
+
+impl Options {
+    /// Applies the keys of `json`; unknown keys are accepted and logged.
+    fn apply(&mut self, json: &[u8]) -> Result<(), NnError> {
+        let v: serde_json::Value = serde_json::from_slice(json)
+            .map_err(|err| e(NnErrno::InvalidArgument, format!("metadata is not valid JSON: {err}")))?;
+        let obj = v.as_object().ok_or_else(|| e(NnErrno::InvalidArgument, "metadata must be a JSON object"))?;
+        let num = |k: &str, v: &serde_json::Value| {
+            v.as_f64().ok_or_else(|| e(NnErrno::InvalidArgument, format!("metadata `{k}` must be a number, not {v}")))
+        };
+        let flag = |k: &str, v: &serde_json::Value| {
+            v.as_bool()
+                .ok_or_else(|| e(NnErrno::InvalidArgument, format!("metadata `{k}` must be true or false, not {v}")))
+        };
+        for (k, v) in obj {
+            match k.as_str() {
+                "ctx-size" => self.ctx_size = (num(k, v)? as usize).max(1),
+                "n-predict" => {
+                    let n = num(k, v)?;
+                    self.n_predict = (n >= 0.0).then_some(n as usize);
+                }
+                "temp" | "temperature" => self.sampler.temperature = num(k, v)? as f32,
+                "top-p" | "top_p" => self.sampler.top_p = num(k, v)? as f32,
+                "top-k" | "top_k" => self.sampler.top_k = num(k, v)? as usize,
+                "repeat-penalty" | "repeat_penalty" => self.sampler.repetition_penalty = num(k, v)? as f32,
+                "seed" => self.sampler.seed = num(k, v)? as u64,
+                "reverse-prompt" => {
+                    self.reverse_prompt = v.as_str().filter(|s| !s.is_empty()).map(str::to_string);
+                }
+                "stream-stdout" => self.stream_stdout = flag(k, v)?,
+                "enable-log" | "enable-debug-log" => self.log |= flag(k, v)?,
+                "embedding" => self.embedding = flag(k, v)?,
+                "prefix-reuse" => self.prefix_reuse = flag(k, v)?,
+                _ => log::info!("wasi-nn: metadata key `{k}` ({v}) is accepted and ignored"),
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Graph {
+    model: Arc<LoadedModel>,
+    options: Options,
+}
+
+/// A generation in progress (`compute_single`).
+struct Single {
+    /// The token the prompt's evaluation sampled, not yet handed out.
+    first: Option<u32>,
+    /// The last token handed out, not yet evaluated (the next step's input).
+    last: Option<u32>,
+    decoder: StreamDecoder,
+    text: String,
+    done: bool,
+}
+
+struct Context {
+    model: Arc<LoadedModel>,
+    options: Options,
+    prompt: Option<Vec<u8>>,
+    /// The KV cache and the tokens in it.
+    cache: Option<(Cache, Vec<u32>)>,
+    output: Vec<u8>,
+    last_piece: Vec<u8>,
+    single: Option<Single>,
+    input_tokens: usize,
+    output_tokens: usize,
+    /// Tokens reused from the cache at the last prompt (reported in output 1).
+    reused_tokens: usize,
+}
+
+/// Per-instance `wasi_ephemeral_nn` state.
+pub(crate) struct NnCtx {
+    models: Arc<Models>,
+    graphs: HashMap<u32, Graph>,
+    contexts: HashMap<u32, Context>,
+    next: u32,
+    temp_files: Vec<std::path::PathBuf>,
+}
+
+impl Drop for NnCtx {
+    fn drop(&mut self) {
+        for f in &self.temp_files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+impl NnCtx {
+    pub(crate) fn new(models: Arc<Models>) -> NnCtx {
+        NnCtx { models, graphs: HashMap::new(), contexts: HashMap::new(), next: 1, temp_files: Vec::new() }
+    }
+
+    fn handle(&mut self) -> Result<u32, NnError> {
+        if self.graphs.len() + self.contexts.len() >= MAX_HANDLES {
+            return Err(e(NnErrno::Busy, format!("this instance already holds {MAX_HANDLES} graphs and contexts")));
+        }
+        let h = self.next;
+        self.next = self.next.wrapping_add(1).max(1);
+        Ok(h)
+    }
+}
+
+type C<'a> = Caller<'a, HostState>;
+
+fn mem(c: &mut C<'_>) -> Result<wasmtime::Memory, NnError> {
+    c.get_export("memory")
+        .and_then(wasmtime::Extern::into_memory)
+        .ok_or_else(|| e(NnErrno::MissingMemory, "the module exports no memory named `memory`"))
+}
+
+fn read(c: &C<'_>, m: &wasmtime::Memory, at: u32, len: u32) -> Result<Vec<u8>, NnError> {
+    let range = shoal_memory::check_view(m.data_size(c), at.into(), len.into(), 1)
+        .map_err(|err| e(NnErrno::InvalidArgument, err.to_string()))?;
+    Ok(m.data(c)[range].to_vec())
+}
+
+fn read_u32s(c: &C<'_>, m: &wasmtime::Memory, at: u32, n: u32) -> Result<Vec<u32>, NnError> {
+    let bytes = read(c, m, at, n.checked_mul(4).ok_or_else(|| e(NnErrno::InvalidArgument, "array too long"))?)?;
+    Ok(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
+fn write(c: &mut C<'_>, m: &wasmtime::Memory, at: u32, bytes: &[u8]) -> Result<(), NnError> {
+    let size = m.data_size(&*c);
+    m.write(c, at as usize, bytes).map_err(|_| {
+        e(NnErrno::InvalidArgument, format!("{} bytes at {at:#x} end past the memory's {size} bytes", bytes.len()))
+    })
+}
+
+fn nn<'a>(c: &'a mut C<'_>) -> &'a mut NnCtx {
+    &mut c.data_mut().shoal.nn
+}
+
+fn open_model(c: &mut C<'_>, name: &str) -> Result<Arc<LoadedModel>, NnError> {
+    let models = nn(c).models.clone();
+    if !models.names().iter().any(|n| n == name) {
+        return Err(e(
+            NnErrno::ModelNotFound,
+            format!(
+                "no model named `{name}` (preloaded: {}); name one with --nn-preload NAME:GGML:AUTO:PATH",
+                models.names().join(", ")
+            ),
+        ));
+    }
+    models.get(name).map_err(|m| e(NnErrno::RuntimeError, m))
+}
+
+fn add_graph(c: &mut C<'_>, model: Arc<LoadedModel>, options: Options, out: u32) -> Result<(), NnError> {
+    let m = mem(c)?;
+    let h = nn(c).handle()?;
+    write(c, &m, out, &h.to_le_bytes())?;
+    nn(c).graphs.insert(h, Graph { model, options });
+    Ok(())
+}
+
+fn load(c: &mut C<'_>, builders: u32, n: u32, encoding: u32, target: u32, out: u32) -> Result<(), NnError> {
+    if encoding != ENCODING_GGML && encoding != ENCODING_AUTODETECT {
+        return Err(e(NnErrno::InvalidEncoding, format!("graph encoding {encoding}: shoal runs GGML (6) models")));
+    }
+    if target > 3 {
+        return Err(e(NnErrno::InvalidArgument, format!("execution target {target} (0 CPU, 1 GPU, 2 TPU, 3 AUTO)")));
+    }
+    let m = mem(c)?;
+    if n == 0 || n > 2 {
+        return Err(e(
+            NnErrno::InvalidArgument,
+            format!("{n} graph builders: GGML takes the model bytes and optional metadata"),
+        ));
+    }
+    let pairs = read_u32s(c, &m, builders, n * 2)?;
+    let model = read(c, &m, pairs[0], pairs[1])?;
+    let mut options = Options::default();
+    if n == 2 {
+        options.apply(&read(c, &m, pairs[2], pairs[3])?)?;
+    }
+    // The model's bytes go to a file (the engine memory-maps models), named by content.
+    let hash = model.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let name = format!("wasi-nn-{hash:016x}");
+    let path = std::env::temp_dir().join(format!("shoal-{}-{name}.gguf", std::process::id()));
+    std::fs::write(&path, &model).map_err(|err| e(NnErrno::RuntimeError, format!("{}: {err}", path.display())))?;
+    let ctx = nn(c);
+    ctx.temp_files.push(path.clone());
+    ctx.models.add(&name, &path);
+    let model = open_model(c, &name)?;
+    add_graph(c, model, options, out)
+}
+
+fn load_by_name(c: &mut C<'_>, name: u32, len: u32, config: Option<(u32, u32)>, out: u32) -> Result<(), NnError> {
+    let m = mem(c)?;
+    let name = String::from_utf8(read(c, &m, name, len)?)
+        .map_err(|_| e(NnErrno::InvalidArgument, "the model name is not UTF-8"))?;
+    let mut options = Options::default();
+    if let Some((p, l)) = config {
+        options.apply(&read(c, &m, p, l)?)?;
+    }
+    let model = open_model(c, &name)?;
+    add_graph(c, model, options, out)
+}
+
+fn init_execution_context(c: &mut C<'_>, graph: u32, out: u32) -> Result<(), NnError> {
+    let m = mem(c)?;
+    let g = nn(c).graphs.get(&graph).ok_or_else(|| e(NnErrno::InvalidArgument, format!("no graph {graph}")))?;
+    let (model, options) = (g.model.clone(), g.options.clone());
+    let h = nn(c).handle()?;
+    write(c, &m, out, &h.to_le_bytes())?;
+    let ctx = Context {
+        model,
+        options,
+        prompt: None,
+        cache: None,
+        output: Vec::new(),
+        last_piece: Vec::new(),
+        single: None,
+        input_tokens: 0,
+        output_tokens: 0,
+        reused_tokens: 0,
+    };
+    nn(c).contexts.insert(h, ctx);
+    Ok(())
+}
+
+fn context<'a>(c: &'a mut C<'_>, h: u32) -> Result<&'a mut Context, NnError> {
+    nn(c).contexts.get_mut(&h).ok_or_else(|| e(NnErrno::InvalidArgument, format!("no execution context {h}")))
+}
+
+fn set_input(c: &mut C<'_>, ctx: u32, index: u32, tensor: u32) -> Result<(), NnError> {
+    let m = mem(c)?;
+    context(c, ctx)?;
+    let t = read_u32s(c, &m, tensor, 5)?;
+    let (dims_ptr, dims_len, ty, data_ptr, data_len) = (t[0], t[1], t[2] & 0xff, t[3], t[4]);
+    // Dimensions must be readable; GGML ignores their values (apps pass [1] for a prompt).
+    read_u32s(c, &m, dims_ptr, dims_len)?;
+    if ty > 5 {
+        return Err(e(NnErrno::InvalidArgument, format!("tensor type {ty} (0 F16 … 5 I64)")));
+    }
+    let data = read(c, &m, data_ptr, data_len)?;
+    let cx = context(c, ctx)?;
+    match index {
+        0 => {
+            String::from_utf8(data.clone()).map_err(|_| e(NnErrno::InvalidArgument, "the prompt is not UTF-8"))?;
+            cx.prompt = Some(data);
+            cx.single = None;
+        }
+        1 => cx.options.apply(&data)?,
+        _ => return Err(e(NnErrno::InvalidArgument, format!("input {index}: 0 is the prompt, 1 the metadata"))),
+    }
+    Ok(())
+}
+
+/// Tokenizes the prompt, reuses the cached prefix, evaluates the rest and samples the first
+/// token; returns it.
+fn start(cx: &mut Context) -> Result<u32, NnError> {
+    if cx.options.embedding {
+        return Err(e(NnErrno::UnsupportedOperation, "embedding mode is not supported by shoal's wasi-nn yet"));
+    }
+    let prompt = cx.prompt.as_ref().ok_or_else(|| e(NnErrno::NotFound, "no prompt: set input 0 first"))?;
+    let text = String::from_utf8_lossy(prompt);
+    let model = cx.model.clone();
+    let ids = model.tokenizer.encode(&text, true);
+    if ids.is_empty() {
+        return Err(e(NnErrno::InvalidArgument, "the prompt is empty"));
+    }
+    let ctx_size = cx.options.ctx_size.min(model.llama.config().context_length);
+    if ids.len() > ctx_size {
+        return Err(e(
+            NnErrno::PromptTooLong,
+            format!("the prompt has {} tokens; the context holds {ctx_size}", ids.len()),
+        ));
+    }
+    let fresh = match &cx.cache {
+        Some((cache, _)) => cache.capacity() != ctx_size,
+        None => true,
+    };
+    if fresh {
+        let cache = model.llama.new_cache(ctx_size).map_err(|err| e(NnErrno::RuntimeError, err.to_string()))?;
+        cx.cache = Some((cache, Vec::new()));
+    }
+    let (cache, seen) = cx.cache.as_mut().expect("just made");
+    let common = if cx.options.prefix_reuse {
+        seen.iter().zip(&ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1)
+    } else {
+        0
+    };
+    cache.truncate(common);
+    seen.truncate(common);
+    cx.reused_tokens = common;
+    cx.input_tokens = ids.len();
+    cx.output_tokens = 0;
+    cx.output.clear();
+    cx.last_piece.clear();
+    let window = &ids[ids.len().saturating_sub(64)..];
+    let next = model
+        .llama
+        .forward_sample(&ids[common..], cache, &cx.options.sampler, window, 0)
+        .map_err(|err| e(NnErrno::RuntimeError, err.to_string()))?;
+    seen.extend_from_slice(&ids[common..]);
+    if cx.options.log {
+        log::info!("wasi-nn: prompt of {} tokens, {common} reused from the cache", ids.len());
+    }
+    Ok(next)
+}
+
+/// Whether `token` ends an answer (the template's stop tokens, end of sequence).
+fn is_stop(cx: &Context, token: u32) -> bool {
+    cx.model.stop.contains(&token) || Some(token) == cx.model.tokenizer.eos()
+}
+
+/// Emits a generated token: its text becomes the last piece (streamed to stdout when asked).
+/// Returns whether generation ends after it (n-predict, reverse prompt).
+fn emit(cx: &mut Context, s: &mut Single, token: u32) -> bool {
+    let piece = s.decoder.push(&cx.model.tokenizer, token);
+    s.text.push_str(&piece);
+    cx.output_tokens += 1;
+    if cx.options.stream_stdout {
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = out.write_all(piece.as_bytes());
+        let _ = out.flush();
+    }
+    cx.last_piece = piece.into_bytes();
+    let reverse = cx.options.reverse_prompt.as_ref().is_some_and(|rp| s.text.ends_with(rp.as_str()));
+    reverse || cx.options.n_predict.is_some_and(|n| cx.output_tokens >= n)
+}
+
+/// One step: evaluates the pending token and samples the next.
+fn step(cx: &mut Context, token: u32) -> Result<u32, NnError> {
+    let model = cx.model.clone();
+    let (cache, seen) = cx.cache.as_mut().ok_or_else(|| e(NnErrno::RuntimeError, "no session"))?;
+    if cache.remaining() == 0 {
+        return Err(e(NnErrno::ContextFull, format!("the context of {} tokens is full", cache.capacity())));
+    }
+    let window = &seen[seen.len().saturating_sub(63)..];
+    let mut w = window.to_vec();
+    w.push(token);
+    let step = cx.output_tokens as u64;
+    let next = model
+        .llama
+        .forward_sample(&[token], cache, &cx.options.sampler, &w, step)
+        .map_err(|err| e(NnErrno::RuntimeError, err.to_string()))?;
+    seen.push(token);
+    Ok(next)
+}
+
+fn compute(c: &mut C<'_>, ctx: u32) -> Result<(), NnError> {
+    let cx = context(c, ctx)?;
+    cx.single = None;
+    let mut s = Single { first: None, last: None, decoder: StreamDecoder::new(), text: String::new(), done: false };
+    let mut token = start(cx)?;
+    let result = loop {
+        if is_stop(cx, token) || emit(cx, &mut s, token) {
+            break Ok(());
+        }
+        match step(cx, token) {
+            Ok(t) => token = t,
+            Err(err) => break Err(err),
+        }
+    };
+    let mut text = s.text;
+    if let Some(rp) = &cx.options.reverse_prompt
+        && text.ends_with(rp.as_str())
+    {
+        text.truncate(text.len() - rp.len());
+    }
+    cx.output = text.into_bytes();
+    result
+}
+
+fn compute_single(c: &mut C<'_>, ctx: u32) -> Result<(), NnError> {
+    let cx = context(c, ctx)?;
+    let mut s = match cx.single.take() {
+        Some(s) => s,
+        None => {
+            let first = start(cx)?;
+            Single { first: Some(first), last: None, decoder: StreamDecoder::new(), text: String::new(), done: false }
+        }
+    };
+    let r = (|| {
+        let token = match (s.done, s.first.take(), s.last.take()) {
+            (true, _, _) => return Err(e(NnErrno::EndOfSequence, "the generation has ended")),
+            (_, Some(t), _) => t,
+            (_, None, Some(last)) => step(cx, last)?,
+            (_, None, None) => return Err(e(NnErrno::EndOfSequence, "the generation has ended")),
+        };
+        if is_stop(cx, token) {
+            s.done = true;
+            cx.last_piece.clear();
+            return Err(e(NnErrno::EndOfSequence, "end of sequence"));
+        }
+        // The piece is readable now; when it ends the answer, the next call says so.
+        s.done = emit(cx, &mut s, token);
+        s.last = Some(token);
+        Ok(())
+    })();
+    cx.single = Some(s);
+    r
+}
+
+fn fini_single(c: &mut C<'_>, ctx: u32) -> Result<(), NnError> {
+    let cx = context(c, ctx)?;
+    if let Some(s) = cx.single.take() {
+        let mut text = s.text;
+        if let Some(rp) = &cx.options.reverse_prompt
+            && text.ends_with(rp.as_str())
+        {
+            text.truncate(text.len() - rp.len());
+        }
+        cx.output = text.into_bytes();
+    }
+    Ok(())
+}
+
+fn metadata(cx: &Context) -> Vec<u8> {
+    serde_json::json!({
+        "input_tokens": cx.input_tokens,
+        "output_tokens": cx.output_tokens,
+        "reused_tokens": cx.reused_tokens,
+        "llama_build_number": 0,
+        "llama_commit": "shoal",
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn get_output(
+    c: &mut C<'_>,
+    ctx: u32,
+    index: u32,
+    out: u32,
+    cap: u32,
+    size_out: u32,
+    single: bool,
+) -> Result<(), NnError> {
+    let m = mem(c)?;
+    let cx = context(c, ctx)?;
+    let bytes = match index {
+        0 if single => cx.last_piece.clone(),
+        0 => match &cx.single {
+            Some(s) => s.text.clone().into_bytes(),
+            None => cx.output.clone(),
+        },
+        1 => metadata(cx),
+        _ => return Err(e(NnErrno::InvalidArgument, format!("output {index}: 0 is the text, 1 the token counts"))),
+    };
+    if bytes.len() > cap as usize {
+        return Err(e(NnErrno::TooLarge, format!("output {index} has {} bytes; the buffer holds {cap}", bytes.len())));
+    }
+    write(c, &m, out, &bytes)?;
+    write(c, &m, size_out, &(bytes.len() as u32).to_le_bytes())
+}
+
+fn ret(c: &mut C<'_>, name: &str, r: Result<(), NnError>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(NnError(code, msg)) => {
+            if code != NnErrno::EndOfSequence {
+                log::debug!("wasi-nn {name}: {msg} ({code:?})");
+                c.data_mut().shoal.nn_last_error = Some(format!("{name}: {msg}"));
+            }
+            code as i32
+        }
+    }
+}
+
+/// Adds `wasi_ephemeral_nn` to `linker`.
+pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker.func_wrap(MODULE, "load", |mut c: C<'_>, b: u32, n: u32, enc: u32, target: u32, out: u32| {
+        let r = load(&mut c, b, n, enc, target, out);
+        ret(&mut c, "load", r)
+    })?;
+    linker.func_wrap(MODULE, "load_by_name", |mut c: C<'_>, name: u32, len: u32, out: u32| {
+        let r = load_by_name(&mut c, name, len, None, out);
+        ret(&mut c, "load_by_name", r)
+    })?;
+    linker.func_wrap(
+        MODULE,
+        "load_by_name_with_config",
+        |mut c: C<'_>, name: u32, len: u32, cfg: u32, cfg_len: u32, out: u32| {
+            let r = load_by_name(&mut c, name, len, Some((cfg, cfg_len)), out);
+            ret(&mut c, "load_by_name_with_config", r)
+        },
+    )?;
+    linker.func_wrap(MODULE, "init_execution_context", |mut c: C<'_>, g: u32, out: u32| {
+        let r = init_execution_context(&mut c, g, out);
+        ret(&mut c, "init_execution_context", r)
+    })?;
+    linker.func_wrap(MODULE, "set_input", |mut c: C<'_>, ctx: u32, index: u32, tensor: u32| {
+        let r = set_input(&mut c, ctx, index, tensor);
+        ret(&mut c, "set_input", r)
+    })?;
+    linker.func_wrap(MODULE, "compute", |mut c: C<'_>, ctx: u32| {
+        let r = compute(&mut c, ctx);
+        ret(&mut c, "compute", r)
+    })?;
+    linker.func_wrap(MODULE, "compute_single", |mut c: C<'_>, ctx: u32| {
+        let r = compute_single(&mut c, ctx);
+        ret(&mut c, "compute_single", r)
+    })?;
+    linker.func_wrap(MODULE, "fini_single", |mut c: C<'_>, ctx: u32| {
+        let r = fini_single(&mut c, ctx);
+        ret(&mut c, "fini_single", r)
+    })?;
+    linker.func_wrap(
+        MODULE,
+        "get_output",
+        |mut c: C<'_>, ctx: u32, index: u32, out: u32, cap: u32, size_out: u32| {
+            let r = get_output(&mut c, ctx, index, out, cap, size_out, false);
+            ret(&mut c, "get_output", r)
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "get_output_single",
+        |mut c: C<'_>, ctx: u32, index: u32, out: u32, cap: u32, size_out: u32| {
+            let r = get_output(&mut c, ctx, index, out, cap, size_out, true);
+            ret(&mut c, "get_output_single", r)
+        },
+    )?;
+    linker.func_wrap(MODULE, "unload", |mut c: C<'_>, g: u32| {
+        let r =
+            nn(&mut c).graphs.remove(&g).map(drop).ok_or_else(|| e(NnErrno::InvalidArgument, format!("no graph {g}")));
+        ret(&mut c, "unload", r)
+    })?;
+    linker.func_wrap(MODULE, "finalize_execution_context", |mut c: C<'_>, ctx: u32| {
+        let r = nn(&mut c)
+            .contexts
+            .remove(&ctx)
+            .map(drop)
+            .ok_or_else(|| e(NnErrno::InvalidArgument, format!("no execution context {ctx}")));
+        ret(&mut c, "finalize_execution_context", r)
+    })?;
+    Ok(())
+}
