@@ -3,7 +3,9 @@
 # CPU vs CUDA vs transformers logits, and the prefill/decode benchmarks of
 # docs/benchmarks.md. Binaries come prebuilt in .dev/engine.tar.xz (scripts/gpu-pack.sh
 # engine). SmolLM2 is used when models/ or .dev/ holds its GGUF.
-# Env: PARTS="test check bench hf" (default all), OUT (default ./gpu-out).
+# Env: PARTS="test check bench hf" (default all), OUT (default ./gpu-out), HF_MODES
+# (default "eager compiled-default"; "compiled" is reduce-overhead). A device call lasts at
+# most 600 s: run the parts in two calls (e.g. "test check", then "bench hf").
 set -u
 OUT=${OUT:-gpu-out}
 PARTS=${PARTS:-test check bench hf}
@@ -57,8 +59,8 @@ if has check; then
       python3 scripts/compare_logits.py /tmp/$m-cpu.f32 "$c" /tmp/$m-cudap.f32 "$p" | tee "$OUT/cpu-vs-cuda-prefill-$m.json"
     fi
     if has hf; then
-      python3 scripts/hf_compare.py /tmp/$m /tmp/$m-cuda.f32 "$g" 2>/dev/null | tee "$OUT/hf-vs-cuda-$m.json"
-      python3 scripts/hf_compare.py /tmp/$m /tmp/$m-cudap.f32 "$p" 2>/dev/null | tee "$OUT/hf-vs-cuda-prefill-$m.json"
+      timeout 180 python3 scripts/hf_compare.py /tmp/$m /tmp/$m-cuda.f32 "$g" 2>/dev/null | tee "$OUT/hf-vs-cuda-$m.json"
+      timeout 180 python3 scripts/hf_compare.py /tmp/$m /tmp/$m-cudap.f32 "$p" 2>/dev/null | tee "$OUT/hf-vs-cuda-prefill-$m.json"
     fi
   done
   if [[ -n $SMOL ]]; then
@@ -69,7 +71,7 @@ if has check; then
     python3 scripts/compare_logits.py /tmp/s-cpu.f32 "$c" /tmp/s-cuda.f32 "$g" | tee "$OUT/cpu-vs-cuda-smollm2.json"
     if has hf; then
       h=$($B/logits --model-dir /tmp/smolhf --out /tmp/sh-cuda.f32 --tokens $TOK --continue 32 --backend cuda); echo "$h"
-      python3 scripts/hf_compare.py /tmp/smolhf /tmp/sh-cuda.f32 "$h" 2>/dev/null | tee "$OUT/hf-vs-cuda-smollm2.json"
+      timeout 180 python3 scripts/hf_compare.py /tmp/smolhf /tmp/sh-cuda.f32 "$h" 2>/dev/null | tee "$OUT/hf-vs-cuda-smollm2.json"
     fi
   fi
 fi
@@ -99,10 +101,15 @@ PY
 fi
 if has hf; then
   step "bench: transformers (bf16, cuda)"
-  python3 scripts/hf_bench.py /tmp/l1b --prompt 128 --gen 128 --repeat 5 2>&1 | grep '^{' | tee -a "$OUT/transformers.jsonl"
+  # Each mode in its own process with a time limit: torch.compile can take minutes.
+  for mode in ${HF_MODES:-eager compiled-default}; do
+    timeout 240 python3 scripts/hf_bench.py /tmp/l1b --modes $mode --prompt 128 --gen 128 --repeat 5 2>&1 | grep '^{' | tee -a "$OUT/transformers.jsonl"
+  done
   if [[ -n $SMOL ]]; then
     [[ -f /tmp/smolhf/config.json ]] || $B/gguf_to_hf $SMOL /tmp/smolhf
-    python3 scripts/hf_bench.py /tmp/smolhf --prompt 128 --gen 128 --repeat 5 2>&1 | grep '^{' | tee -a "$OUT/transformers.jsonl"
+    for mode in ${HF_MODES:-eager compiled-default}; do
+      timeout 240 python3 scripts/hf_bench.py /tmp/smolhf --modes $mode --prompt 128 --gen 128 --repeat 5 2>&1 | grep '^{' | tee -a "$OUT/transformers.jsonl"
+    done
   fi
 fi
 # Few files come back from the GPU machine: gather the results in one.
