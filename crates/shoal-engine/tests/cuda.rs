@@ -93,6 +93,26 @@ fn cuda_logits_and_greedy_tokens_match_the_cpu() {
 }
 
 #[test]
+fn hidden_states_match_the_cpu_and_skip_the_recorded_step() {
+    let Some(p) = pair() else { return };
+    let ids = prompt(&p.tokenizer, "Embed me.");
+    let mut cc = p.cpu.new_cache(64).unwrap();
+    let mut gc = p.cuda.new_cache(64).unwrap();
+    let a = p.cpu.hidden(&ids, &mut cc).unwrap();
+    let b = p.cuda.hidden(&ids, &mut gc).unwrap();
+    assert!(rel_err(&a, &b) < 0.05, "{}", rel_err(&a, &b));
+    // One-token steps are recorded as a graph; a one-token hidden state must not replay it.
+    for t in [11u32, 504, 2] {
+        let a = p.cpu.hidden(&[t], &mut cc).unwrap();
+        let b = p.cuda.hidden(&[t], &mut gc).unwrap();
+        assert_eq!(b.len(), p.cuda.config().dim);
+        assert!(rel_err(&a, &b) < 0.05, "{}", rel_err(&a, &b));
+        let l = p.cuda.forward(&[t], &mut gc).unwrap();
+        assert_eq!(l.len(), p.cuda.config().vocab_size);
+    }
+}
+
+#[test]
 fn sessions_interleaved_on_one_pool_answer_as_if_alone() {
     let Some(p) = pair() else { return };
     let questions = ["What is the capital of France?", "Name a colour.", "What is 2 + 2?", "Say hello."];

@@ -357,3 +357,23 @@ fn swiglu_matches_naive() {
     swiglu(&mut g, &u);
     assert_close(&g, &want, 1e-6);
 }
+
+#[test]
+fn hidden_states_fill_the_cache_as_forward_does() {
+    let Some(m) = smollm2() else {
+        eprintln!("skipping: no SmolLM2 model (scripts/fetch-model.sh)");
+        return;
+    };
+    let ids = m.tokenizer.encode("The quick brown fox", false);
+    let mut a = m.model.new_cache(32).unwrap();
+    let mut b = m.model.new_cache(32).unwrap();
+    let h = m.model.hidden(&ids, &mut a).unwrap();
+    assert_eq!(h.len(), m.model.config().dim);
+    assert!(h.iter().all(|v| v.is_finite()) && h.iter().any(|&v| v != 0.0));
+    m.model.forward(&ids, &mut b).unwrap();
+    assert_eq!(a.len(), b.len());
+    // The next step sees the same cache either way.
+    assert_eq!(m.model.forward(&[11], &mut a).unwrap(), m.model.forward(&[11], &mut b).unwrap());
+    let mut c = m.model.new_cache(32).unwrap();
+    assert_eq!(m.model.hidden(&ids, &mut c).unwrap(), h);
+}

@@ -349,9 +349,6 @@ fn set_input(c: &mut C<'_>, ctx: u32, index: u32, tensor: u32) -> Result<(), NnE
 /// Tokenizes the prompt, reuses the cached prefix, evaluates the rest and samples the first
 /// token; returns it.
 fn start(cx: &mut Context) -> Result<u32, NnError> {
-    if cx.options.embedding {
-        return Err(e(NnErrno::UnsupportedOperation, "embedding mode is not supported by shoal's wasi-nn yet"));
-    }
     let prompt = cx.prompt.as_ref().ok_or_else(|| e(NnErrno::NotFound, "no prompt: set input 0 first"))?;
     let text = String::from_utf8_lossy(prompt);
     let model = cx.model.clone();
@@ -440,9 +437,42 @@ fn step(cx: &mut Context, token: u32) -> Result<u32, NnError> {
     Ok(next)
 }
 
+/// Embedding mode: output 0 becomes `{"n_embedding": D, "embedding": [...]}`, the prompt's
+/// last-token final hidden state, L2-normalised.
+fn embed(cx: &mut Context) -> Result<(), NnError> {
+    let prompt = cx.prompt.as_ref().ok_or_else(|| e(NnErrno::NotFound, "no prompt: set input 0 first"))?;
+    let model = cx.model.clone();
+    let ids = model.tokenizer.encode(&String::from_utf8_lossy(prompt), true);
+    if ids.is_empty() {
+        return Err(e(NnErrno::InvalidArgument, "the prompt is empty"));
+    }
+    let ctx_size = cx.options.ctx_size.min(model.llama.config().context_length);
+    if ids.len() > ctx_size {
+        return Err(e(
+            NnErrno::PromptTooLong,
+            format!("the prompt has {} tokens; the context holds {ctx_size}", ids.len()),
+        ));
+    }
+    // Its own cache: an embedding is of this text alone.
+    let mut cache = model.llama.new_cache(ids.len()).map_err(|err| e(NnErrno::RuntimeError, err.to_string()))?;
+    let mut h = model.llama.hidden(&ids, &mut cache).map_err(|err| e(NnErrno::RuntimeError, err.to_string()))?;
+    let norm = h.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt();
+    if norm > 0.0 {
+        h.iter_mut().for_each(|v| *v = (f64::from(*v) / norm) as f32);
+    }
+    cx.input_tokens = ids.len();
+    cx.output_tokens = 0;
+    cx.reused_tokens = 0;
+    cx.output = serde_json::json!({"n_embedding": h.len(), "embedding": h}).to_string().into_bytes();
+    Ok(())
+}
+
 fn compute(c: &mut C<'_>, ctx: u32) -> Result<(), NnError> {
     let cx = context(c, ctx)?;
     cx.single = None;
+    if cx.options.embedding {
+        return embed(cx);
+    }
     let mut s = Single { first: None, last: None, decoder: StreamDecoder::new(), text: String::new(), done: false };
     let mut token = start(cx)?;
     let result = loop {
@@ -466,6 +496,9 @@ fn compute(c: &mut C<'_>, ctx: u32) -> Result<(), NnError> {
 
 fn compute_single(c: &mut C<'_>, ctx: u32) -> Result<(), NnError> {
     let cx = context(c, ctx)?;
+    if cx.options.embedding {
+        return Err(e(NnErrno::UnsupportedOperation, "embedding mode computes with `compute`, not `compute_single`"));
+    }
     let mut s = match cx.single.take() {
         Some(s) => s,
         None => {

@@ -71,6 +71,23 @@ fn n_predict_stops_the_answer() {
     assert_eq!(meta["metadata"]["output_tokens"], 3, "{out}");
 }
 
+#[test]
+fn embedding_mode_gives_a_unit_vector_of_the_model_width() {
+    let Some(rt) = runtime("embedding_mode_gives_a_unit_vector_of_the_model_width") else { return };
+    let embed = |text: &str| -> Vec<f64> {
+        let out = run_nnchat(&rt, &["--embed", text]);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(v["n_embedding"], 576, "SmolLM2's width");
+        v["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    };
+    let a = embed("The capital of France is Paris.");
+    assert_eq!(a.len(), 576);
+    let norm: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "{norm}");
+    assert_eq!(a, embed("The capital of France is Paris."), "deterministic");
+    assert_ne!(a, embed("Bananas are yellow."));
+}
+
 const IMPORTS: &str = r#"
   (import "wasi_ephemeral_nn" "load" (func $load (param i32 i32 i32 i32 i32) (result i32)))
   (import "wasi_ephemeral_nn" "load_by_name" (func $load_by_name (param i32 i32 i32) (result i32)))

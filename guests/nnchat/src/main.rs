@@ -5,6 +5,8 @@
 //!
 //! Usage: nnchat [--model NAME] [--prompt TEXT]... [--temperature T] [--n-predict N]
 //!               [--ctx-size N] [--no-prefix-reuse] [--system TEXT] [--stats]
+//! `nnchat --embed TEXT` prints the model's embedding of TEXT instead (metadata
+//! `"embedding": true`, `compute`, output 0).
 //! Without --prompt it reads one user turn per line from stdin. With --stats each answer is
 //! followed by a JSON line: time to first token, the turn's time, and output 1 (token counts).
 
@@ -17,6 +19,7 @@ struct Args {
     model: String,
     prompts: Vec<String>,
     system: String,
+    embed: Option<String>,
     config: serde_like::Config,
     stats: bool,
 }
@@ -29,11 +32,15 @@ mod serde_like {
         pub n_predict: Option<u64>,
         pub ctx_size: Option<u64>,
         pub prefix_reuse: bool,
+        pub embedding: bool,
     }
 
     impl Config {
         pub fn json(&self) -> String {
             let mut parts = vec![format!("\"prefix-reuse\":{}", self.prefix_reuse)];
+            if self.embedding {
+                parts.push("\"embedding\":true".to_string());
+            }
             if let Some(t) = self.temperature {
                 parts.push(format!("\"temperature\":{t}"));
             }
@@ -53,6 +60,7 @@ fn parse() -> Args {
         model: "default".into(),
         prompts: Vec::new(),
         system: "You are a helpful AI assistant named SmolLM, trained by Hugging Face".into(),
+        embed: None,
         config: serde_like::Config { prefix_reuse: true, ..Default::default() },
         stats: false,
     };
@@ -69,6 +77,10 @@ fn parse() -> Args {
             "--n-predict" => a.config.n_predict = Some(val().parse().unwrap_or_else(|_| usage("bad --n-predict"))),
             "--ctx-size" => a.config.ctx_size = Some(val().parse().unwrap_or_else(|_| usage("bad --ctx-size"))),
             "--no-prefix-reuse" => a.config.prefix_reuse = false,
+            "--embed" => {
+                a.embed = Some(val());
+                a.config.embedding = true;
+            }
             "--stats" => a.stats = true,
             _ => usage(&format!("unknown argument `{flag}`")),
         }
@@ -96,6 +108,14 @@ fn main() {
         .build_from_cache(&a.model)
         .unwrap_or_else(|e| fail("loading the model", e));
     let mut ctx = graph.init_execution_context().unwrap_or_else(|e| fail("init_execution_context", e));
+    if let Some(text) = &a.embed {
+        ctx.set_input(0, TensorType::U8, &[1], text.as_bytes()).unwrap_or_else(|e| fail("set_input", e));
+        ctx.compute().unwrap_or_else(|e| fail("compute", e));
+        let mut buf = vec![0u8; 1 << 20];
+        let n = ctx.get_output(0, &mut buf).unwrap_or_else(|e| fail("get_output", e));
+        println!("{}", String::from_utf8_lossy(&buf[..n]));
+        return;
+    }
     let mut conversation = format!("<|im_start|>system\n{}<|im_end|>\n", a.system);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

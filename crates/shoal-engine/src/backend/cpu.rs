@@ -157,7 +157,7 @@ impl Backend for Cpu {
         cache.advance(tokens.len())?;
         Ok(match want {
             Want::Nothing => Output::Nothing,
-            Want::Logits => Output::Logits(logits.data),
+            Want::Logits | Want::Hidden => Output::Logits(logits.data),
             Want::Token { sampler, history, step } => {
                 Output::Token(sampler.sample(&logits.data, history, step).ok_or(EngineError::EmptyInput)?)
             }

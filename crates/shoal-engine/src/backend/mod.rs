@@ -54,6 +54,9 @@ pub enum Want<'a> {
     Nothing,
     /// The last token's logits, on the host.
     Logits,
+    /// The body returns the last token's final hidden state (after the output norm)
+    /// instead of logits; handed back on the host. Backends do not record or replay it.
+    Hidden,
     /// The next token, chosen by `sampler` from the last token's logits; `history` is the
     /// window the repetition penalty looks at, `step` keys the random draw.
     Token {
@@ -71,7 +74,7 @@ pub enum Want<'a> {
 pub enum Output {
     /// For [`Want::Nothing`].
     Nothing,
-    /// For [`Want::Logits`].
+    /// For [`Want::Logits`] and [`Want::Hidden`].
     Logits(Vec<f32>),
     /// For [`Want::Token`].
     Token(u32),

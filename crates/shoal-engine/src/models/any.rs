@@ -142,6 +142,17 @@ impl Model {
         }
     }
 
+    /// See [`Llama::hidden`].
+    pub fn hidden(&self, tokens: &[u32], cache: &mut Cache) -> Result<Vec<f32>, EngineError> {
+        match (self, cache) {
+            (Model::Cpu(m), Cache::Cpu(c)) => m.hidden(tokens, c),
+            #[cfg(feature = "cuda")]
+            (Model::Cuda(m), Cache::Cuda(c)) => m.hidden(tokens, c),
+            #[allow(unreachable_patterns)]
+            (m, c) => Err(mismatch(m.backend_name(), c.backend_name())),
+        }
+    }
+
     /// See [`Llama::forward_sample`].
     pub fn forward_sample(
         &self,

@@ -531,6 +531,16 @@ impl<B: Backend> Llama<B> {
         }
     }
 
+    /// Runs `tokens` like [`Llama::forward`] and returns the last token's final hidden state
+    /// (after the output norm, `dim` values): the model's embedding of the sequence as a
+    /// causal model sees it.
+    pub fn hidden(&self, tokens: &[u32], cache: &mut B::Cache) -> Result<Vec<f32>, EngineError> {
+        match self.run(tokens, cache, Want::Hidden)? {
+            Output::Logits(h) => Ok(h),
+            _ => unreachable!("a backend answered Want::Hidden with something else"),
+        }
+    }
+
     /// Like [`Llama::forward`], but chooses the next token with `sampler` on the backend
     /// (on the GPU for CUDA) instead of returning the logits. `history` is the window the
     /// repetition penalty looks at; `step` keys the random draw.
@@ -572,13 +582,15 @@ impl<B: Backend> Llama<B> {
         let mut out = Output::Nothing;
         for (i, part) in tokens.chunks(chunk).enumerate() {
             let w = if i + 1 == n_chunks { want } else { Want::Nothing };
-            out = self.backend.run(part, cache, w, &mut |ops, cache| self.body(ops, cache))?;
+            let hidden = matches!(w, Want::Hidden);
+            out = self.backend.run(part, cache, w, &mut |ops, cache| self.body(ops, cache, hidden))?;
         }
         Ok(out)
     }
 
-    /// The forward pass over one chunk: returns the last token's logits.
-    fn body<O>(&self, ops: &mut O, cache: &mut B::Cache) -> Result<O::Act, EngineError>
+    /// The forward pass over one chunk: returns the last token's logits (or its final hidden
+    /// state when `hidden`).
+    fn body<O>(&self, ops: &mut O, cache: &mut B::Cache, hidden: bool) -> Result<O::Act, EngineError>
     where
         O: Ops<Weight = B::Weight, Cache = B::Cache>,
     {
@@ -619,6 +631,9 @@ impl<B: Backend> Llama<B> {
         let last = ops.last_row(&x);
         let mut last_norm = ops.act(1, dim);
         ops.rmsnorm(&mut last_norm, &last, &self.output_norm, c.rms_eps);
+        if hidden {
+            return Ok(last_norm);
+        }
         let mut logits = ops.act(1, c.vocab_size);
         let out_w = self.output.as_ref().unwrap_or(&self.token_embd);
         ops.matmul(&mut logits, &last_norm, out_w, false);

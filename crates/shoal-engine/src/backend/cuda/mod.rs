@@ -997,7 +997,9 @@ impl Backend for Cuda {
             (dev.ptr, table_dev)
         };
 
-        let replay = n == 1 && inner.graphs && inner.graph.is_some();
+        // Only the ordinary one-token step is recorded (a hidden-state body differs).
+        let graphable = n == 1 && inner.graphs && !matches!(want, Want::Hidden);
+        let replay = graphable && inner.graph.is_some();
         let logits = if replay {
             let (exec, logits) = inner.graph.expect("checked");
             // SAFETY: the graph was recorded from this backend's kernels on buffers that
@@ -1006,7 +1008,7 @@ impl Backend for Cuda {
             cu(unsafe { sys::cuGraphLaunch(exec, stream) }, "cuGraphLaunch")?;
             logits
         } else {
-            let record = n == 1 && inner.graphs && inner.one_token_runs >= 1;
+            let record = graphable && inner.one_token_runs >= 1;
             if record {
                 cu(
                     // SAFETY: starts recording the work issued on our stream by this thread.
@@ -1058,7 +1060,7 @@ impl Backend for Cuda {
                 result?
             }
         };
-        if n == 1 {
+        if graphable {
             inner.one_token_runs += 1;
         }
         let out = finish(inner, &self.shared, logits, want)?;
@@ -1090,7 +1092,7 @@ fn finish(inner: &mut Inner, shared: &Arc<Shared>, logits: CudaAct, want: Want<'
             sync("cuStreamSynchronize")?;
             Ok(Output::Nothing)
         }
-        Want::Logits => Ok(Output::Logits(read_logits(inner)?)),
+        Want::Logits | Want::Hidden => Ok(Output::Logits(read_logits(inner)?)),
         Want::Token { sampler, history, step } => {
             let on_gpu = sampler.is_greedy() || (inner.gpu_sampling && (1..=SAMPLE_MAX_K).contains(&sampler.top_k));
             if !on_gpu {
