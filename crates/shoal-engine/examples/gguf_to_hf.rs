@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use shoal_engine::cpu::RopeStyle;
 use shoal_engine::gguf::GgufFile;
 use shoal_engine::models::LlamaConfig;
+use shoal_engine::models::llama::hf_tensor_name;
 
 /// Hugging Face rows of one head from GGUF's interleaved order: `hf[s * half + j] =
 /// gguf[2 j + s]`.
@@ -53,35 +54,9 @@ fn main() {
     });
     std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).expect("write config");
 
-    let hf = |name: &str| -> Option<String> {
-        Some(match name {
-            "token_embd.weight" => "model.embed_tokens.weight".into(),
-            "output_norm.weight" => "model.norm.weight".into(),
-            "output.weight" => "lm_head.weight".into(),
-            _ => {
-                let (layer, t) = name.strip_prefix("blk.")?.split_once('.')?;
-                let t = match t {
-                    "attn_norm.weight" => "input_layernorm.weight",
-                    "attn_q.weight" => "self_attn.q_proj.weight",
-                    "attn_k.weight" => "self_attn.k_proj.weight",
-                    "attn_v.weight" => "self_attn.v_proj.weight",
-                    "attn_q.bias" => "self_attn.q_proj.bias",
-                    "attn_k.bias" => "self_attn.k_proj.bias",
-                    "attn_v.bias" => "self_attn.v_proj.bias",
-                    "attn_output.weight" => "self_attn.o_proj.weight",
-                    "ffn_norm.weight" => "post_attention_layernorm.weight",
-                    "ffn_gate.weight" => "mlp.gate_proj.weight",
-                    "ffn_up.weight" => "mlp.up_proj.weight",
-                    "ffn_down.weight" => "mlp.down_proj.weight",
-                    _ => return None,
-                };
-                format!("model.layers.{layer}.{t}")
-            }
-        })
-    };
     let mut tensors = Vec::new();
     for info in &file.tensors {
-        let Some(name) = hf(&info.name) else { continue };
+        let Some(name) = hf_tensor_name(&info.name) else { continue };
         let mut data = file.tensor_f32(&info.name).unwrap_or_else(|e| panic!("{e}"));
         let shape: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
         if c.rope_style == RopeStyle::Interleaved {

@@ -346,23 +346,28 @@ fn set_input(c: &mut C<'_>, ctx: u32, index: u32, tensor: u32) -> Result<(), NnE
     Ok(())
 }
 
-/// Tokenizes the prompt, reuses the cached prefix, evaluates the rest and samples the first
-/// token; returns it.
-fn start(cx: &mut Context) -> Result<u32, NnError> {
+/// The prompt's tokens and the context size, checked: a prompt is set, not empty, and fits.
+fn prompt_ids(cx: &Context) -> Result<(Vec<u32>, usize), NnError> {
     let prompt = cx.prompt.as_ref().ok_or_else(|| e(NnErrno::NotFound, "no prompt: set input 0 first"))?;
-    let text = String::from_utf8_lossy(prompt);
-    let model = cx.model.clone();
-    let ids = model.tokenizer.encode(&text, true);
+    let ids = cx.model.tokenizer.encode(&String::from_utf8_lossy(prompt), true);
     if ids.is_empty() {
         return Err(e(NnErrno::InvalidArgument, "the prompt is empty"));
     }
-    let ctx_size = cx.options.ctx_size.min(model.llama.config().context_length);
+    let ctx_size = cx.options.ctx_size.min(cx.model.llama.config().context_length);
     if ids.len() > ctx_size {
         return Err(e(
             NnErrno::PromptTooLong,
             format!("the prompt has {} tokens; the context holds {ctx_size}", ids.len()),
         ));
     }
+    Ok((ids, ctx_size))
+}
+
+/// Tokenizes the prompt, reuses the cached prefix, evaluates the rest and samples the first
+/// token; returns it.
+fn start(cx: &mut Context) -> Result<u32, NnError> {
+    let (ids, ctx_size) = prompt_ids(cx)?;
+    let model = cx.model.clone();
     let fresh = match &cx.cache {
         Some((cache, _)) => cache.capacity() != ctx_size,
         None => true,
@@ -440,19 +445,8 @@ fn step(cx: &mut Context, token: u32) -> Result<u32, NnError> {
 /// Embedding mode: output 0 becomes `{"n_embedding": D, "embedding": [...]}`, the prompt's
 /// last-token final hidden state, L2-normalised.
 fn embed(cx: &mut Context) -> Result<(), NnError> {
-    let prompt = cx.prompt.as_ref().ok_or_else(|| e(NnErrno::NotFound, "no prompt: set input 0 first"))?;
+    let (ids, _) = prompt_ids(cx)?;
     let model = cx.model.clone();
-    let ids = model.tokenizer.encode(&String::from_utf8_lossy(prompt), true);
-    if ids.is_empty() {
-        return Err(e(NnErrno::InvalidArgument, "the prompt is empty"));
-    }
-    let ctx_size = cx.options.ctx_size.min(model.llama.config().context_length);
-    if ids.len() > ctx_size {
-        return Err(e(
-            NnErrno::PromptTooLong,
-            format!("the prompt has {} tokens; the context holds {ctx_size}", ids.len()),
-        ));
-    }
     // Its own cache: an embedding is of this text alone.
     let mut cache = model.llama.new_cache(ids.len()).map_err(|err| e(NnErrno::RuntimeError, err.to_string()))?;
     let mut h = model.llama.hidden(&ids, &mut cache).map_err(|err| e(NnErrno::RuntimeError, err.to_string()))?;

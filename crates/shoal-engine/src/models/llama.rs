@@ -344,33 +344,40 @@ struct HfWeights<'a> {
 impl HfWeights<'_> {
     /// The Hugging Face name of the tensor GGUF calls `name`.
     fn hf_name(&self, name: &str) -> Option<String> {
-        Some(match name {
-            "token_embd.weight" => "model.embed_tokens.weight".into(),
-            "output_norm.weight" => "model.norm.weight".into(),
-            "output.weight" if self.tied => return None,
-            "output.weight" => "lm_head.weight".into(),
-            _ => {
-                let rest = name.strip_prefix("blk.")?;
-                let (layer, t) = rest.split_once('.')?;
-                let hf = match t {
-                    "attn_norm.weight" => "input_layernorm.weight",
-                    "attn_q.weight" => "self_attn.q_proj.weight",
-                    "attn_k.weight" => "self_attn.k_proj.weight",
-                    "attn_v.weight" => "self_attn.v_proj.weight",
-                    "attn_q.bias" => "self_attn.q_proj.bias",
-                    "attn_k.bias" => "self_attn.k_proj.bias",
-                    "attn_v.bias" => "self_attn.v_proj.bias",
-                    "attn_output.weight" => "self_attn.o_proj.weight",
-                    "ffn_norm.weight" => "post_attention_layernorm.weight",
-                    "ffn_gate.weight" => "mlp.gate_proj.weight",
-                    "ffn_up.weight" => "mlp.up_proj.weight",
-                    "ffn_down.weight" => "mlp.down_proj.weight",
-                    _ => return None,
-                };
-                format!("model.layers.{layer}.{hf}")
-            }
-        })
+        if self.tied && name == "output.weight" {
+            return None;
+        }
+        hf_tensor_name(name)
     }
+}
+
+/// The Hugging Face (`transformers` Llama/Qwen2) name of the tensor GGUF calls `name`, for
+/// the tensors this file loads.
+pub fn hf_tensor_name(name: &str) -> Option<String> {
+    Some(match name {
+        "token_embd.weight" => "model.embed_tokens.weight".into(),
+        "output_norm.weight" => "model.norm.weight".into(),
+        "output.weight" => "lm_head.weight".into(),
+        _ => {
+            let (layer, t) = name.strip_prefix("blk.")?.split_once('.')?;
+            let hf = match t {
+                "attn_norm.weight" => "input_layernorm.weight",
+                "attn_q.weight" => "self_attn.q_proj.weight",
+                "attn_k.weight" => "self_attn.k_proj.weight",
+                "attn_v.weight" => "self_attn.v_proj.weight",
+                "attn_q.bias" => "self_attn.q_proj.bias",
+                "attn_k.bias" => "self_attn.k_proj.bias",
+                "attn_v.bias" => "self_attn.v_proj.bias",
+                "attn_output.weight" => "self_attn.o_proj.weight",
+                "ffn_norm.weight" => "post_attention_layernorm.weight",
+                "ffn_gate.weight" => "mlp.gate_proj.weight",
+                "ffn_up.weight" => "mlp.up_proj.weight",
+                "ffn_down.weight" => "mlp.down_proj.weight",
+                _ => return None,
+            };
+            format!("model.layers.{layer}.{hf}")
+        }
+    })
 }
 
 impl WeightSource for HfWeights<'_> {
