@@ -25,6 +25,14 @@ pub enum KvError {
         /// The most positions the cache holds.
         capacity: usize,
     },
+    /// A snapshot made for another model (or whose data has other sizes than it says).
+    #[error("a KV cache snapshot of {found} does not fit this model's {expected}")]
+    Mismatch {
+        /// What the model needs.
+        expected: String,
+        /// What the snapshot holds.
+        found: String,
+    },
     /// A cache of zero positions was asked for.
     #[error("a KV cache needs a context of at least one position")]
     EmptyContext,
@@ -152,6 +160,153 @@ impl KvCache {
     pub(crate) fn advance(&mut self, n: usize) -> Result<(), KvError> {
         self.check_room(n)?;
         self.len += n;
+        Ok(())
+    }
+}
+
+/// A KV cache as plain data (what a snapshot stores): `k` and `v` are `[layer][position][kv_dim]`
+/// f32 for the `len` positions in use. Backends export their caches to it and import it
+/// ([`crate::models::Model::export_cache`], [`crate::models::Model::import_cache`]), so a
+/// session can move between backends and processes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvSnapshot {
+    /// Layers.
+    pub n_layers: usize,
+    /// Values per position and layer.
+    pub kv_dim: usize,
+    /// Positions.
+    pub len: usize,
+    /// Keys, `n_layers * len * kv_dim`.
+    pub k: Vec<f32>,
+    /// Values, the same shape.
+    pub v: Vec<f32>,
+}
+
+impl KvSnapshot {
+    /// `__metadata__.format` of the safetensors form.
+    pub const FORMAT: &'static str = "shoal-kv-cache";
+    /// `__metadata__.version` written (and the only one read).
+    pub const VERSION: &'static str = "1";
+
+    /// The safetensors bytes: tensors `k` and `v` of shape `[n_layers, len, kv_dim]`, F32,
+    /// and metadata `format`, `version`.
+    pub fn to_safetensors(&self) -> Vec<u8> {
+        let bytes = self.k.len() * 4;
+        let shape = [self.n_layers, self.len, self.kv_dim];
+        let header = format!(
+            "{{\"__metadata__\":{{\"format\":\"{}\",\"version\":\"{}\"}},\"k\":{{\"dtype\":\"F32\",\"shape\":{shape:?},\"data_offsets\":[0,{bytes}]}},\"v\":{{\"dtype\":\"F32\",\"shape\":{shape:?},\"data_offsets\":[{bytes},{}]}}}}",
+            Self::FORMAT,
+            Self::VERSION,
+            2 * bytes
+        );
+        let mut out = Vec::with_capacity(8 + header.len() + 2 * bytes);
+        out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+        out.extend_from_slice(header.as_bytes());
+        for x in self.k.iter().chain(&self.v) {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+        out
+    }
+
+    /// Writes the safetensors form to `path` atomically and durably (a temporary file in
+    /// the same folder, synced, then renamed over `path`).
+    pub fn write(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&self.to_safetensors())?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // The rename itself is durable once the folder is synced.
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Reads a file [`KvSnapshot::write`] wrote, refusing other formats and versions,
+    /// inconsistent shapes, truncated or corrupt files with a clear error.
+    pub fn read(path: &std::path::Path) -> Result<KvSnapshot, crate::safetensors::SafetensorsError> {
+        use crate::safetensors::{SafetensorsError, SafetensorsFile};
+        let f = SafetensorsFile::open(path)?;
+        let corrupt = |reason: String| SafetensorsError::Corrupt { path: path.to_path_buf(), reason };
+        let meta = f.metadata();
+        match (meta.get("format").map(String::as_str), meta.get("version").map(String::as_str)) {
+            (Some(Self::FORMAT), Some(Self::VERSION)) => {}
+            (Some(Self::FORMAT), v) => {
+                return Err(corrupt(format!(
+                    "a KV cache of format version {v:?}; this shoal reads version {}",
+                    Self::VERSION
+                )));
+            }
+            (other, _) => return Err(corrupt(format!("not a shoal KV cache (format {other:?})"))),
+        }
+        let shape = |name: &str| -> Result<Vec<u64>, SafetensorsError> {
+            Ok(f.tensor(name).ok_or_else(|| corrupt(format!("no tensor `{name}`")))?.shape.clone())
+        };
+        let (ks, vs) = (shape("k")?, shape("v")?);
+        if ks.len() != 3 || ks != vs {
+            return Err(corrupt(format!("k has shape {ks:?} and v {vs:?}; both must be [layers, len, kv_dim]")));
+        }
+        let k = f.tensor_f32("k")?;
+        let v = f.tensor_f32("v")?;
+        Ok(KvSnapshot { n_layers: ks[0] as usize, len: ks[1] as usize, kv_dim: ks[2] as usize, k, v })
+    }
+}
+
+impl KvCache {
+    /// The positions in use as plain data.
+    pub fn export(&self) -> KvSnapshot {
+        let used = self.len * self.kv_dim;
+        KvSnapshot {
+            n_layers: self.n_layers(),
+            kv_dim: self.kv_dim,
+            len: self.len,
+            k: self.k.iter().flat_map(|l| l[..used].iter().copied()).collect(),
+            v: self.v.iter().flat_map(|l| l[..used].iter().copied()).collect(),
+        }
+    }
+
+    /// A cache of `context` positions holding `snap` (checked against `n_layers` and
+    /// `kv_dim`, the model's).
+    pub fn import(snap: &KvSnapshot, n_layers: usize, kv_dim: usize, context: usize) -> Result<KvCache, KvError> {
+        snap.check(n_layers, kv_dim, context)?;
+        let mut c = KvCache::new(n_layers, kv_dim, context)?;
+        let used = snap.len * kv_dim;
+        for l in 0..n_layers {
+            c.k[l][..used].copy_from_slice(&snap.k[l * used..][..used]);
+            c.v[l][..used].copy_from_slice(&snap.v[l * used..][..used]);
+        }
+        c.len = snap.len;
+        Ok(c)
+    }
+}
+
+impl KvSnapshot {
+    /// Checks that this snapshot fits a model of `n_layers` × `kv_dim` and a context of
+    /// `context` positions, and that its data has the sizes it declares.
+    pub fn check(&self, n_layers: usize, kv_dim: usize, context: usize) -> Result<(), KvError> {
+        let want = self.n_layers.checked_mul(self.len).and_then(|x| x.checked_mul(self.kv_dim));
+        if (self.n_layers, self.kv_dim) != (n_layers, kv_dim)
+            || want != Some(self.k.len())
+            || want != Some(self.v.len())
+        {
+            return Err(KvError::Mismatch {
+                expected: format!("{n_layers} layers × {kv_dim} values"),
+                found: format!(
+                    "{} layers × {} values × {} positions ({} and {} values of data)",
+                    self.n_layers,
+                    self.kv_dim,
+                    self.len,
+                    self.k.len(),
+                    self.v.len()
+                ),
+            });
+        }
+        if self.len > context {
+            return Err(KvError::ContextFull { len: 0, adding: self.len, capacity: context });
+        }
         Ok(())
     }
 }

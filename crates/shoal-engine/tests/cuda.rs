@@ -247,3 +247,31 @@ fn kernels_compile_for_hopper_and_ampere() {
         }
     }
 }
+
+#[test]
+fn a_session_moves_from_cuda_to_cpu_and_back() {
+    let Some(p) = pair() else { return };
+    let ids = prompt(&p.tokenizer, "Name three colours.");
+    let greedy = Sampler::greedy();
+    let mut g = p.cuda.new_cache(128).unwrap();
+    let first = p.cuda.forward_sample(&ids, &mut g, &greedy, &[], 0).unwrap();
+    let snap = p.cuda.export_cache(&g).unwrap();
+    // CUDA → CPU: the CPU continues from the GPU's cache as from its own.
+    let mut c = p.cpu.import_cache(&snap, 128).unwrap();
+    let mut cc = p.cpu.new_cache(128).unwrap();
+    p.cpu.forward(&ids, &mut cc).unwrap();
+    let a = p.cpu.forward(&[first], &mut c).unwrap();
+    let b = p.cpu.forward(&[first], &mut cc).unwrap();
+    assert!(rel_err(&b, &a) < 0.05, "{}", rel_err(&b, &a));
+    // CPU → CUDA: back on the GPU, the continuation is the one that never left.
+    let mut back = p.cuda.import_cache(&p.cpu.export_cache(&c).unwrap(), 128).unwrap();
+    let mut stay = p.cuda.new_cache(128).unwrap();
+    p.cuda.forward(&ids, &mut stay).unwrap();
+    p.cuda.forward(&[first], &mut stay).unwrap();
+    let (mut x, mut y) = (11u32, 11u32);
+    for step in 0..8 {
+        x = p.cuda.forward_sample(&[x], &mut stay, &greedy, &[], step).unwrap();
+        y = p.cuda.forward_sample(&[y], &mut back, &greedy, &[], step).unwrap();
+    }
+    assert_eq!(x, y);
+}

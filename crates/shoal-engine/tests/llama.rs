@@ -377,3 +377,54 @@ fn hidden_states_fill_the_cache_as_forward_does() {
     let mut c = m.model.new_cache(32).unwrap();
     assert_eq!(m.model.hidden(&ids, &mut c).unwrap(), h);
 }
+
+#[test]
+fn a_cache_snapshot_round_trips_through_a_file_and_continues_exactly() {
+    use shoal_engine::kv::KvSnapshot;
+    let Some(m) = smollm2() else {
+        eprintln!("skipping: no SmolLM2 model (scripts/fetch-model.sh)");
+        return;
+    };
+    let ids = m.tokenizer.encode("<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n", true);
+    let mut a = m.model.new_cache(128).unwrap();
+    m.model.forward(&ids, &mut a).unwrap();
+    let snap = m.model.export_cache(&a).unwrap();
+    assert_eq!((snap.len, snap.n_layers, snap.kv_dim), (ids.len(), 30, 192));
+    let dir = std::env::temp_dir().join(format!("shoal-kv-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("kv.safetensors");
+    snap.write(&path).unwrap();
+    let back = KvSnapshot::read(&path).unwrap();
+    assert_eq!(back, snap);
+    let mut b = m.model.import_cache(&back, 128).unwrap();
+    let greedy = Sampler::greedy();
+    let (mut x, mut y) = (11u32, 11u32);
+    for step in 0..16 {
+        x = m.model.forward_sample(&[x], &mut a, &greedy, &[], step).unwrap();
+        y = m.model.forward_sample(&[y], &mut b, &greedy, &[], step).unwrap();
+        assert_eq!(x, y, "step {step}");
+    }
+
+    // Refused: truncated, another format, another version, another model's shape, a
+    // context too small.
+    let bytes = std::fs::read(&path).unwrap();
+    let bad = dir.join("bad.safetensors");
+    std::fs::write(&bad, &bytes[..bytes.len() - 100]).unwrap();
+    assert!(KvSnapshot::read(&bad).unwrap_err().to_string().contains("truncated"));
+    for (from, to, expect) in [
+        ("shoal-kv-cache", "shoal-kv-cachX", "not a shoal KV cache"),
+        ("\"version\":\"1\"", "\"version\":\"2\"", "version"),
+    ] {
+        let mut b2 = bytes.clone();
+        let at = bytes.windows(from.len()).position(|w| w == from.as_bytes()).unwrap();
+        b2[at..at + to.len()].copy_from_slice(to.as_bytes());
+        std::fs::write(&bad, &b2).unwrap();
+        let e = KvSnapshot::read(&bad).unwrap_err().to_string();
+        assert!(e.contains(expect), "{e}");
+    }
+    let mut other = snap.clone();
+    other.n_layers = 29;
+    assert!(m.model.import_cache(&other, 128).unwrap_err().to_string().contains("does not fit"));
+    assert!(m.model.import_cache(&snap, ids.len() - 1).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

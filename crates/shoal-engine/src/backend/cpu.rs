@@ -145,6 +145,20 @@ impl Backend for Cpu {
         usize::MAX
     }
 
+    fn export_cache(&self, cache: &KvCache) -> Result<crate::kv::KvSnapshot, EngineError> {
+        Ok(cache.export())
+    }
+
+    fn import_cache(
+        &self,
+        snap: &crate::kv::KvSnapshot,
+        n_layers: usize,
+        kv_dim: usize,
+        context: usize,
+    ) -> Result<KvCache, EngineError> {
+        Ok(KvCache::import(snap, n_layers, kv_dim, context)?)
+    }
+
     fn run(
         &self,
         tokens: &[u32],

@@ -194,6 +194,16 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// An empty cache of `n_layers` × `kv_dim` values per position for up to `context`
     /// positions.
     fn new_cache(&self, n_layers: usize, kv_dim: usize, context: usize) -> Result<Self::Cache, EngineError>;
+    /// The positions `cache` holds, as plain data on the host.
+    fn export_cache(&self, cache: &Self::Cache) -> Result<crate::kv::KvSnapshot, EngineError>;
+    /// A cache of `context` positions holding `snap`, which must fit `n_layers` × `kv_dim`.
+    fn import_cache(
+        &self,
+        snap: &crate::kv::KvSnapshot,
+        n_layers: usize,
+        kv_dim: usize,
+        context: usize,
+    ) -> Result<Self::Cache, EngineError>;
     /// The most tokens one [`Backend::run`] takes; models split longer inputs.
     fn max_chunk(&self) -> usize;
     /// Makes room in `cache` for `adding` more positions before a forward pass that may take

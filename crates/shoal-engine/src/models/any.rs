@@ -142,6 +142,26 @@ impl Model {
         }
     }
 
+    /// See [`Llama::export_cache`].
+    pub fn export_cache(&self, cache: &Cache) -> Result<crate::kv::KvSnapshot, EngineError> {
+        match (self, cache) {
+            (Model::Cpu(m), Cache::Cpu(c)) => m.export_cache(c),
+            #[cfg(feature = "cuda")]
+            (Model::Cuda(m), Cache::Cuda(c)) => m.export_cache(c),
+            #[allow(unreachable_patterns)]
+            (m, c) => Err(mismatch(m.backend_name(), c.backend_name())),
+        }
+    }
+
+    /// See [`Llama::import_cache`]: a snapshot from any backend becomes a cache on this one.
+    pub fn import_cache(&self, snap: &crate::kv::KvSnapshot, context: usize) -> Result<Cache, EngineError> {
+        Ok(match self {
+            Model::Cpu(m) => Cache::Cpu(m.import_cache(snap, context)?),
+            #[cfg(feature = "cuda")]
+            Model::Cuda(m) => Cache::Cuda(m.import_cache(snap, context)?),
+        })
+    }
+
     /// See [`Llama::hidden`].
     pub fn hidden(&self, tokens: &[u32], cache: &mut Cache) -> Result<Vec<f32>, EngineError> {
         match (self, cache) {

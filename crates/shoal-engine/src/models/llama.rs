@@ -524,6 +524,21 @@ impl<B: Backend> Llama<B> {
         self.backend.new_cache(c.n_layers, c.kv_dim(), context)
     }
 
+    /// The positions `cache` holds, as plain data (see [`crate::kv::KvSnapshot`]).
+    pub fn export_cache(&self, cache: &B::Cache) -> Result<crate::kv::KvSnapshot, EngineError> {
+        self.backend.export_cache(cache)
+    }
+
+    /// A cache of `context` positions (at most the model's) holding `snap`, made on this
+    /// model's backend (whichever backend exported it).
+    pub fn import_cache(&self, snap: &crate::kv::KvSnapshot, context: usize) -> Result<B::Cache, EngineError> {
+        let c = &self.config;
+        if context > c.context_length {
+            return Err(EngineError::ContextTooLong { requested: context, max: c.context_length });
+        }
+        self.backend.import_cache(snap, c.n_layers, c.kv_dim(), context)
+    }
+
     /// Runs `tokens` at positions `cache.len()..`, appends their keys and values to the
     /// cache, and returns the logits of the last token (`vocab_size` values).
     ///

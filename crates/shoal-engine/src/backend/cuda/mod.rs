@@ -499,6 +499,39 @@ impl Cuda {
         Ok((p.ptr, p.n_layers))
     }
 
+    /// Calls `f(device address, layer, first position, rows, 0 for K / 1 for V)` for each
+    /// stretch of the cache's positions in its blocks, with runs excluded.
+    fn copy_blocks(
+        &self,
+        cache: &CudaCache,
+        mut f: impl FnMut(u64, usize, usize, usize, usize) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        if !Arc::ptr_eq(&cache.shared, &self.shared) {
+            return Err(fail("this KV cache belongs to another model's backend".into()));
+        }
+        let pool_ptr = {
+            let pool = self.shared.pool.lock().unwrap_or_else(|e| e.into_inner());
+            pool.as_ref().ok_or_else(|| fail("no KV pool".into()))?.ptr
+        };
+        self.shared.current()?;
+        let _runs = self.lock();
+        let (nl, kv) = (cache.n_layers, cache.kv_dim);
+        for (i, &b) in cache.blocks.iter().enumerate() {
+            let p0 = i * KV_BLOCK;
+            if p0 >= cache.len {
+                break;
+            }
+            let rows = (cache.len - p0).min(KV_BLOCK);
+            for l in 0..nl {
+                for which in 0..2 {
+                    let off = ((b as usize * nl + l) * 2 + which) * KV_BLOCK * kv * 4;
+                    f(pool_ptr + off as u64, l, p0, rows, which)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Positions the KV pool holds in all, and free now.
     pub fn pool_positions(&self) -> (usize, usize) {
         let pool = self.shared.pool.lock().unwrap_or_else(|e| e.into_inner());
@@ -935,6 +968,48 @@ impl Backend for Cuda {
 
     fn max_chunk(&self) -> usize {
         MAX_CHUNK
+    }
+
+    fn export_cache(&self, cache: &CudaCache) -> Result<crate::kv::KvSnapshot, EngineError> {
+        let (n_layers, kv_dim, len) = (cache.n_layers, cache.kv_dim, cache.len);
+        let (mut k, mut v) = (vec![0f32; n_layers * len * kv_dim], vec![0f32; n_layers * len * kv_dim]);
+        self.copy_blocks(cache, |dev, l, p0, rows, which| {
+            let dst = if which == 0 { &mut k } else { &mut v };
+            let at = (l * len + p0) * kv_dim;
+            let host = &mut dst[at..at + rows * kv_dim];
+            // SAFETY: `dev` holds `rows` positions of this block (inside the pool), `host`
+            // exactly as many floats; runs are excluded by the lock `copy_blocks` holds.
+            cu(
+                unsafe { sys::cuMemcpyDtoH_v2(host.as_mut_ptr() as *mut c_void, dev, rows * kv_dim * 4) },
+                "cuMemcpyDtoH(KV block)",
+            )
+        })?;
+        Ok(crate::kv::KvSnapshot { n_layers, kv_dim, len, k, v })
+    }
+
+    fn import_cache(
+        &self,
+        snap: &crate::kv::KvSnapshot,
+        n_layers: usize,
+        kv_dim: usize,
+        context: usize,
+    ) -> Result<CudaCache, EngineError> {
+        snap.check(n_layers, kv_dim, context)?;
+        let mut cache = self.new_cache(n_layers, kv_dim, context)?;
+        self.take_blocks(&mut cache, snap.len)?;
+        cache.len = snap.len;
+        let len = snap.len;
+        self.copy_blocks(&cache, |dev, l, p0, rows, which| {
+            let src = if which == 0 { &snap.k } else { &snap.v };
+            let at = (l * len + p0) * kv_dim;
+            let host = &src[at..at + rows * kv_dim];
+            // SAFETY: as in export_cache, the other way.
+            cu(
+                unsafe { sys::cuMemcpyHtoD_v2(dev, host.as_ptr() as *const c_void, rows * kv_dim * 4) },
+                "cuMemcpyHtoD(KV block)",
+            )
+        })?;
+        Ok(cache)
     }
 
     fn reserve(&self, cache: &mut CudaCache, adding: usize) -> Result<(), EngineError> {
