@@ -31,11 +31,7 @@ cargo build --release -p shoal-cli
 stage=$(mktemp -d)
 cp target/release/shoal "$stage/"
 cp target/guests/wasm32-wasip1/release/{gemm,xfer}.wasm "$stage/"
-bench=$(cargo bench --no-run -p shoal-gpu --bench cuda_gemm --message-format=json 2>/dev/null |
-  python3 -c 'import sys,json
-for l in sys.stdin:
-    m=json.loads(l)
-    if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="cuda_gemm" and m.get("executable"): print(m["executable"])')
+bench=$(cargo bench --no-run -p shoal-gpu --bench cuda_gemm --message-format=json 2>/dev/null | artifact cuda_gemm)
 cp "$bench" "$stage/cuda_gemm"
 cargo test --release --no-run --workspace --message-format=json 2>/dev/null | python3 -c 'import sys,json
 for l in sys.stdin:

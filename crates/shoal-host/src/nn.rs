@@ -461,6 +461,16 @@ fn embed(cx: &mut Context) -> Result<(), NnError> {
     Ok(())
 }
 
+/// Output 0 of a finished answer: its text without the reverse prompt that ended it.
+fn answer(options: &Options, mut text: String) -> Vec<u8> {
+    if let Some(rp) = &options.reverse_prompt
+        && text.ends_with(rp.as_str())
+    {
+        text.truncate(text.len() - rp.len());
+    }
+    text.into_bytes()
+}
+
 fn compute(c: &mut C<'_>, ctx: u32) -> Result<(), NnError> {
     let cx = context(c, ctx)?;
     cx.single = None;
@@ -478,13 +488,7 @@ fn compute(c: &mut C<'_>, ctx: u32) -> Result<(), NnError> {
             Err(err) => break Err(err),
         }
     };
-    let mut text = s.text;
-    if let Some(rp) = &cx.options.reverse_prompt
-        && text.ends_with(rp.as_str())
-    {
-        text.truncate(text.len() - rp.len());
-    }
-    cx.output = text.into_bytes();
+    cx.output = answer(&cx.options, s.text);
     result
 }
 
@@ -524,13 +528,7 @@ fn compute_single(c: &mut C<'_>, ctx: u32) -> Result<(), NnError> {
 fn fini_single(c: &mut C<'_>, ctx: u32) -> Result<(), NnError> {
     let cx = context(c, ctx)?;
     if let Some(s) = cx.single.take() {
-        let mut text = s.text;
-        if let Some(rp) = &cx.options.reverse_prompt
-            && text.ends_with(rp.as_str())
-        {
-            text.truncate(text.len() - rp.len());
-        }
-        cx.output = text.into_bytes();
+        cx.output = answer(&cx.options, s.text);
     }
     Ok(())
 }

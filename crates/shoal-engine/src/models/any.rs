@@ -76,6 +76,19 @@ macro_rules! each {
     };
 }
 
+/// Runs `$e` with the model and the cache of the same backend, or says they differ.
+macro_rules! pair {
+    ($self:expr, $cache:expr, ($m:ident, $c:ident) => $e:expr) => {
+        match ($self, $cache) {
+            (Model::Cpu($m), Cache::Cpu($c)) => $e,
+            #[cfg(feature = "cuda")]
+            (Model::Cuda($m), Cache::Cuda($c)) => $e,
+            #[allow(unreachable_patterns)]
+            (m, c) => Err(mismatch(m.backend_name(), c.backend_name())),
+        }
+    };
+}
+
 impl Model {
     fn backend_for(kind: EngineKind) -> Result<Option<EngineKind>, EngineError> {
         match kind {
@@ -133,24 +146,12 @@ impl Model {
 
     /// See [`Llama::forward`].
     pub fn forward(&self, tokens: &[u32], cache: &mut Cache) -> Result<Vec<f32>, EngineError> {
-        match (self, cache) {
-            (Model::Cpu(m), Cache::Cpu(c)) => m.forward(tokens, c),
-            #[cfg(feature = "cuda")]
-            (Model::Cuda(m), Cache::Cuda(c)) => m.forward(tokens, c),
-            #[allow(unreachable_patterns)]
-            (m, c) => Err(mismatch(m.backend_name(), c.backend_name())),
-        }
+        pair!(self, cache, (m, c) => m.forward(tokens, c))
     }
 
     /// See [`Llama::export_cache`].
     pub fn export_cache(&self, cache: &Cache) -> Result<crate::kv::KvSnapshot, EngineError> {
-        match (self, cache) {
-            (Model::Cpu(m), Cache::Cpu(c)) => m.export_cache(c),
-            #[cfg(feature = "cuda")]
-            (Model::Cuda(m), Cache::Cuda(c)) => m.export_cache(c),
-            #[allow(unreachable_patterns)]
-            (m, c) => Err(mismatch(m.backend_name(), c.backend_name())),
-        }
+        pair!(self, cache, (m, c) => m.export_cache(c))
     }
 
     /// See [`Llama::import_cache`]: a snapshot from any backend becomes a cache on this one.
@@ -164,13 +165,7 @@ impl Model {
 
     /// See [`Llama::hidden`].
     pub fn hidden(&self, tokens: &[u32], cache: &mut Cache) -> Result<Vec<f32>, EngineError> {
-        match (self, cache) {
-            (Model::Cpu(m), Cache::Cpu(c)) => m.hidden(tokens, c),
-            #[cfg(feature = "cuda")]
-            (Model::Cuda(m), Cache::Cuda(c)) => m.hidden(tokens, c),
-            #[allow(unreachable_patterns)]
-            (m, c) => Err(mismatch(m.backend_name(), c.backend_name())),
-        }
+        pair!(self, cache, (m, c) => m.hidden(tokens, c))
     }
 
     /// See [`Llama::forward_sample`].
@@ -182,13 +177,7 @@ impl Model {
         history: &[u32],
         step: u64,
     ) -> Result<u32, EngineError> {
-        match (self, cache) {
-            (Model::Cpu(m), Cache::Cpu(c)) => m.forward_sample(tokens, c, sampler, history, step),
-            #[cfg(feature = "cuda")]
-            (Model::Cuda(m), Cache::Cuda(c)) => m.forward_sample(tokens, c, sampler, history, step),
-            #[allow(unreachable_patterns)]
-            (m, c) => Err(mismatch(m.backend_name(), c.backend_name())),
-        }
+        pair!(self, cache, (m, c) => m.forward_sample(tokens, c, sampler, history, step))
     }
 
     /// See [`generate`].
@@ -200,13 +189,7 @@ impl Model {
         config: &GenerateConfig,
         on_token: impl FnMut(u32, &str),
     ) -> Result<Generation, EngineError> {
-        match (self, cache) {
-            (Model::Cpu(m), Cache::Cpu(c)) => generate(m, tokenizer, c, prompt, config, on_token),
-            #[cfg(feature = "cuda")]
-            (Model::Cuda(m), Cache::Cuda(c)) => generate(m, tokenizer, c, prompt, config, on_token),
-            #[allow(unreachable_patterns)]
-            (m, c) => Err(mismatch(m.backend_name(), c.backend_name())),
-        }
+        pair!(self, cache, (m, c) => generate(m, tokenizer, c, prompt, config, on_token))
     }
 }
 
