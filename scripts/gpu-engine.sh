@@ -3,18 +3,21 @@
 # CPU vs CUDA vs transformers logits, and the prefill/decode benchmarks of
 # docs/benchmarks.md. Binaries come prebuilt in .dev/engine.tar.xz (scripts/gpu-pack.sh
 # engine). SmolLM2 is used when models/ or .dev/ holds its GGUF.
-# Env: PARTS="test check bench hf" (default all), OUT (default ./gpu-out), HF_MODES
-# (default "eager compiled-default"; "compiled" is reduce-overhead). A device call lasts at
-# most 600 s: run the parts in two calls (e.g. "test check", then "bench hf").
+# Env: PARTS="test nn check bench hf" (default all), OUT (default ./gpu-out), HF_MODES
+# (default "eager compiled-default"; "compiled" is reduce-overhead), BENCH_MODELS (default
+# "l1b smol": which models "bench" and "hf" measure). A device call lasts at most 600 s:
+# run the parts in two calls (e.g. "test nn check", then "bench hf").
 set -u
 OUT=${OUT:-gpu-out}
-PARTS=${PARTS:-test check bench hf}
+PARTS=${PARTS:-test nn check bench hf}
+BENCH_MODELS=${BENCH_MODELS:-l1b smol}
 mkdir -p "$OUT" /tmp/shoal-bin
 tar -xJf .dev/engine.tar.xz -C /tmp/shoal-bin
 B=/tmp/shoal-bin
 export XDG_CACHE_HOME=/tmp/shoal-cache RUST_LOG=${RUST_LOG:-warn}
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 has() { [[ " $PARTS " == *" $1 "* ]]; }
+bench_on() { [[ " $BENCH_MODELS " == *" $1 "* ]]; }
 step "machine (results also in results.txt)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 nproc; date -u
@@ -43,6 +46,13 @@ if has test && [[ -n $SMOL ]]; then
   step "shoal chat sampling on the GPU (temperature 0.7, top-k 40): the same seed gives the same answer"
   for i in 1 2; do SHOAL_MODELS=/tmp/models $B/shoal chat --backend cuda --seed 5 --max-tokens 40 --prompt "Write one sentence about the sea." | md5sum; done
   SHOAL_MODELS=/tmp/models $B/shoal chat --backend cuda --seed 5 --max-tokens 40 --prompt "Write one sentence about the sea."
+fi
+
+if has nn && [[ -n $SMOL ]]; then
+  step "wasi-nn: the wasmedge-wasi-nn guest on CUDA, and multi-turn time to first token"
+  $B/shoal run --backend cuda --nn-preload default:GGML:AUTO:$SMOL $B/nnchat.wasm -- --temperature 0 --prompt "What is the capital of France?" --prompt "And of Germany?"
+  $B/nn_ttft --model $SMOL --backend cuda --history 2000 --turns 4 --n-predict 16 | tee -a "$OUT/nn-ttft.jsonl"
+  $B/nn_ttft --model $SMOL --backend cuda --history 100 --turns 4 --n-predict 16 | tee -a "$OUT/nn-ttft.jsonl"
 fi
 
 if has check; then
@@ -78,13 +88,13 @@ fi
 
 if has bench; then
   step "bench: native engine on cuda"
-  $B/generate --model /tmp/l1b --backend cuda --prompt 128 --gen 128 --repeat 5 | tee -a "$OUT/native.jsonl"
-  [[ -n $SMOL ]] && $B/generate --model $SMOL --backend cuda --prompt 128 --gen 128 --repeat 5 | tee -a "$OUT/native.jsonl"
-  SHOAL_CUDA_GRAPHS=0 $B/generate --model /tmp/l1b --backend cuda --prompt 128 --gen 128 --repeat 3 | sed 's/"native"/"native-nographs"/' | tee -a "$OUT/native.jsonl"
+  bench_on l1b && $B/generate --model /tmp/l1b --backend cuda --prompt 128 --gen 128 --repeat 5 | tee -a "$OUT/native.jsonl"
+  [[ -n $SMOL ]] && bench_on smol && $B/generate --model $SMOL --backend cuda --prompt 128 --gen 128 --repeat 5 | tee -a "$OUT/native.jsonl"
+  bench_on l1b && SHOAL_CUDA_GRAPHS=0 $B/generate --model /tmp/l1b --backend cuda --prompt 128 --gen 128 --repeat 3 | sed 's/"native"/"native-nographs"/' | tee -a "$OUT/native.jsonl"
   if [[ -x $B/shoal && -f $B/chat.wasm ]]; then
     step "bench: the same from a Wasm guest"
-    $B/shoal run --backend cuda --model l1b=/tmp/l1b $B/chat.wasm -- --bench --model l1b --prompt-tokens 128 --gen 128 --repeat 5 | tee -a "$OUT/guest.jsonl"
-    [[ -n $SMOL ]] && $B/shoal run --backend cuda --model smollm2=$SMOL $B/chat.wasm -- --bench --model smollm2 --prompt-tokens 128 --gen 128 --repeat 5 | tee -a "$OUT/guest.jsonl"
+    bench_on l1b && $B/shoal run --backend cuda --model l1b=/tmp/l1b $B/chat.wasm -- --bench --model l1b --prompt-tokens 128 --gen 128 --repeat 5 | tee -a "$OUT/guest.jsonl"
+    [[ -n $SMOL ]] && bench_on smol && $B/shoal run --backend cuda --model smollm2=$SMOL $B/chat.wasm -- --bench --model smollm2 --prompt-tokens 128 --gen 128 --repeat 5 | tee -a "$OUT/guest.jsonl"
   fi
   step "memory bandwidth (for the roofline)"
   python3 - <<'PY' | tee "$OUT/bandwidth.json"
@@ -102,13 +112,13 @@ fi
 if has hf; then
   step "bench: transformers (bf16, cuda)"
   # Each mode in its own process with a time limit: torch.compile can take minutes.
-  for mode in ${HF_MODES:-eager compiled-default}; do
+  bench_on l1b && for mode in ${HF_MODES:-eager compiled-default}; do
     timeout 240 python3 scripts/hf_bench.py /tmp/l1b --modes $mode --prompt 128 --gen 128 --repeat 5 2>&1 | grep '^{' | tee -a "$OUT/transformers.jsonl"
   done
-  if [[ -n $SMOL ]]; then
+  if [[ -n $SMOL ]] && bench_on smol; then
     [[ -f /tmp/smolhf/config.json ]] || $B/gguf_to_hf $SMOL /tmp/smolhf
     for mode in ${HF_MODES:-eager compiled-default}; do
-      timeout 240 python3 scripts/hf_bench.py /tmp/smolhf --modes $mode --prompt 128 --gen 128 --repeat 5 2>&1 | grep '^{' | tee -a "$OUT/transformers.jsonl"
+      timeout ${HF_TIMEOUT:-240} python3 scripts/hf_bench.py /tmp/smolhf --modes $mode --prompt 128 --gen 128 --repeat 5 2>&1 | grep '^{' | tee -a "$OUT/transformers.jsonl"
     done
   fi
 fi

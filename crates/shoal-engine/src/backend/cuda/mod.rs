@@ -21,10 +21,10 @@
 //! - **Sampling**: the repetition penalty and the greedy choice run on the GPU and only the
 //!   token (4 bytes) comes back. Stochastic sampling (temperature, top-k up to 1024, top-p)
 //!   has a GPU kernel that follows the CPU sampler's exact procedure (radix top-k select,
-//!   sort, softmax in f64, top-p, the same seeded draw); it is opt-in
-//!   (`SHOAL_CUDA_GPU_SAMPLING=1` or [`Cuda::set_gpu_sampling`]) until it has been checked
-//!   on a GPU (`tests/cuda.rs`). Otherwise the logits are copied back and
-//!   [`crate::sampler::Sampler`] runs on the host.
+//!   sort, softmax in f64, top-p, the same seeded draw), checked against the CPU sampler in
+//!   `tests/cuda.rs`, so only the token comes back. `SHOAL_CUDA_GPU_SAMPLING=0` (or
+//!   [`Cuda::set_gpu_sampling`]) turns it off: the logits are then copied back and
+//!   [`crate::sampler::Sampler`] runs on the host, as it does for top-k above 1024 or none.
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -278,7 +278,7 @@ struct Inner {
     /// One-token steps run so far (the first is run eagerly, to size the scratch).
     one_token_runs: u64,
     graphs: bool,
-    /// Stochastic sampling on the GPU (`SHOAL_CUDA_GPU_SAMPLING=1`; greedy always is).
+    /// Stochastic sampling on the GPU (on unless `SHOAL_CUDA_GPU_SAMPLING=0`; greedy always is).
     gpu_sampling: bool,
     sms: u32,
 }
@@ -415,14 +415,14 @@ impl Cuda {
                 graph: None,
                 one_token_runs: 0,
                 graphs,
-                gpu_sampling: std::env::var("SHOAL_CUDA_GPU_SAMPLING").is_ok_and(|v| v == "1"),
+                gpu_sampling: std::env::var("SHOAL_CUDA_GPU_SAMPLING").map_or(true, |v| v != "0"),
                 sms,
             };
             Ok(Cuda { shared, inner: Mutex::new(inner), name, pool_bytes })
         }
     }
 
-    /// Turns stochastic sampling on the GPU on or off (off by default: see the module
+    /// Turns stochastic sampling on the GPU on or off (on by default: see the module
     /// docs); greedy choice always runs on the GPU.
     pub fn set_gpu_sampling(&self, on: bool) {
         self.lock().gpu_sampling = on;
