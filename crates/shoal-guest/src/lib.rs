@@ -29,6 +29,7 @@ mod sys {
     #[link(wasm_import_module = "shoal_v1")]
     unsafe extern "C" {
         pub fn abi_version() -> i32;
+        pub fn reply(bytes: *const u8, len: u32) -> i32;
         pub fn device_info(out: *mut u8) -> i32;
         pub fn gemm(desc: *const u8) -> i32;
         pub fn gemm_submit(desc: *const u8, fence_out: *mut u32) -> i32;
@@ -651,4 +652,123 @@ impl Drop for Session {
         // SAFETY: takes a handle only.
         let _ = unsafe { sys::session_free(self.handle) };
     }
+}
+
+/// Actors: a guest that handles messages, one at a time, and keeps its state in its own
+/// memory between them (so that it can be snapshotted, moved and resumed).
+///
+/// ```ignore
+/// struct Echo { seen: u32 }
+/// impl shoal_guest::actor::Actor for Echo {
+///     fn start() -> Self { Echo { seen: 0 } }
+///     fn on_message(&mut self, msg: &[u8]) -> i32 {
+///         self.seen += 1;
+///         shoal_guest::actor::reply(msg).map_or(1, |_| 0)
+///     }
+/// }
+/// shoal_guest::export_actor!(Echo);
+/// ```
+///
+/// Build it as a `cdylib` for `wasm32-wasip1` (a WASI reactor); `docs/abi.md` ("Actors")
+/// describes the exports the macro writes.
+pub mod actor {
+    use core::cell::UnsafeCell;
+
+    /// An actor's behaviour.
+    pub trait Actor: Sized {
+        /// Makes the actor's state, at its first message.
+        fn start() -> Self;
+        /// Handles one message; 0 is success, anything else an error code the host reports.
+        fn on_message(&mut self, msg: &[u8]) -> i32;
+    }
+
+    /// Sends bytes of the reply to the current message (call it as often as you like: the
+    /// host streams each part as it comes).
+    pub fn reply(bytes: &[u8]) -> crate::Result<()> {
+        // SAFETY: the host reads `len` bytes at `bytes` from this instance's memory, which
+        // the slice covers, and keeps no reference after the call.
+        crate::check(unsafe { crate::sys::reply(bytes.as_ptr(), bytes.len() as u32) })
+    }
+
+    /// A writer whose bytes go to [`reply`].
+    #[derive(Debug, Default)]
+    pub struct Reply;
+
+    impl core::fmt::Write for Reply {
+        fn write_str(&mut self, s: &str) -> core::fmt::Result {
+            reply(s.as_bytes()).map_err(|_| core::fmt::Error)
+        }
+    }
+
+    /// The actor's state (used by [`crate::export_actor!`]).
+    #[doc(hidden)]
+    pub struct Slot<T>(UnsafeCell<Option<T>>);
+
+    // SAFETY: a wasm32 guest has one thread, and the host never calls into an instance
+    // while another call is running on it; the slot is never shared across threads.
+    unsafe impl<T> Sync for Slot<T> {}
+
+    impl<T: Actor> Slot<T> {
+        #[doc(hidden)]
+        pub const fn new() -> Self {
+            Slot(UnsafeCell::new(None))
+        }
+
+        #[doc(hidden)]
+        pub fn handle(&self, msg: &[u8]) -> i32 {
+            // SAFETY: see the `Sync` impl: no other reference to the slot's content exists
+            // during this call (the host does not re-enter the handler).
+            let state = unsafe { &mut *self.0.get() };
+            state.get_or_insert_with(T::start).on_message(msg)
+        }
+    }
+
+    /// Room for a message of `len` bytes (the `shoal_actor_alloc` export).
+    #[doc(hidden)]
+    pub fn alloc(len: u32) -> *mut u8 {
+        let layout = core::alloc::Layout::from_size_align(len.max(1) as usize, 1).expect("a byte layout");
+        // SAFETY: the layout has a non-zero size.
+        unsafe { alloc::alloc::alloc(layout) }
+    }
+
+    /// Takes the message the host wrote at `ptr` (from [`alloc`]) and frees its room.
+    ///
+    /// # Safety
+    /// `ptr` must come from [`alloc`] with the same `len`, and be used once.
+    #[doc(hidden)]
+    pub unsafe fn take(ptr: *mut u8, len: u32) -> alloc::vec::Vec<u8> {
+        // SAFETY: the caller guarantees `ptr` holds `len` bytes allocated by `alloc`.
+        let v = unsafe { core::slice::from_raw_parts(ptr, len as usize) }.to_vec();
+        let layout = core::alloc::Layout::from_size_align(len.max(1) as usize, 1).expect("a byte layout");
+        // SAFETY: same pointer and layout as the allocation.
+        unsafe { alloc::alloc::dealloc(ptr, layout) };
+        v
+    }
+}
+
+/// Exports the actor handler ABI (`shoal_actor_alloc`, `shoal_actor_message`) for a type
+/// implementing [`actor::Actor`].
+#[macro_export]
+macro_rules! export_actor {
+    ($t:ty) => {
+        static __SHOAL_ACTOR: $crate::actor::Slot<$t> = $crate::actor::Slot::new();
+
+        /// Room for a message (the host writes it there).
+        #[unsafe(no_mangle)]
+        pub extern "C" fn shoal_actor_alloc(len: u32) -> *mut u8 {
+            $crate::actor::alloc(len)
+        }
+
+        /// Handles the message at `ptr`.
+        #[unsafe(no_mangle)]
+        pub extern "C" fn shoal_actor_message(ptr: usize, len: u32) -> i32 {
+            if ptr == 0 {
+                return -1;
+            }
+            // SAFETY: the host passes the room `shoal_actor_alloc(len)` returned, once (an
+            // address in this instance's memory, which is what a wasm32 pointer is).
+            let msg = unsafe { $crate::actor::take(ptr as *mut u8, len) };
+            __SHOAL_ACTOR.handle(&msg)
+        }
+    };
 }

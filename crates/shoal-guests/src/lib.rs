@@ -13,3 +13,6 @@ pub const CHAT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/chat.wasm"));
 /// `guests/nnchat`: a multi-turn chat written only against the `wasmedge-wasi-nn` crate
 /// (`nnchat [--model NAME] [--prompt TEXT]... [--temperature T] [--n-predict N] [--stats]`).
 pub const NNCHAT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nnchat.wasm"));
+/// `guests/chat` built as an actor (`chat_actor.wasm`): each message is one user turn, the
+/// answer streams back as the reply; settings are its spawn arguments (those of `chat`).
+pub const CHAT_ACTOR: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/chat_actor.wasm"));

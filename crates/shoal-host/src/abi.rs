@@ -166,6 +166,26 @@ impl ShoalCtx {
     }
 
     /// Waits for anything still in flight and returns the statistics.
+    /// The models this instance opens by name.
+    pub(crate) fn models(&self) -> &Arc<crate::models::Models> {
+        self.infer.models()
+    }
+
+    /// Fails when the instance holds state a snapshot cannot keep (device buffers, work in
+    /// flight).
+    pub(crate) fn check_quiescent(&self) -> Result<(), String> {
+        if !self.fences.is_empty() {
+            return Err(format!("{} GEMMs are still in flight", self.fences.len()));
+        }
+        if !self.buffers.is_empty() {
+            return Err(format!(
+                "the instance holds {} device buffers (buffer_create), which snapshots do not keep; free them first",
+                self.buffers.len()
+            ));
+        }
+        Ok(())
+    }
+
     pub(crate) fn finish(&mut self) -> GuestStats {
         for (_, (p, _)) in self.fences.drain() {
             let _ = p.wait();
@@ -497,8 +517,25 @@ fn last_error(caller: &mut Caller<'_, HostState>, buf: u32, cap: u32, len_out: u
 }
 
 /// Adds every `shoal_v1` function to `linker`.
+/// An actor's reply (or a part of it): hands the bytes to the message's sink.
+fn reply(caller: &mut Caller<'_, HostState>, ptr: u32, len: u32) -> Result<(), AbiError> {
+    let mem = memory(caller)?;
+    let bytes = read_vec(caller, &mem, ptr, len)?;
+    match caller.data_mut().reply.as_mut() {
+        Some(sink) => {
+            sink(&bytes);
+            Ok(())
+        }
+        None => Err(err(Status::InvalidArgument, "reply outside a message handler (the instance is not an actor)")),
+    }
+}
+
 pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.func_wrap(MODULE, "abi_version", || ABI_VERSION as i32)?;
+    linker.func_wrap(MODULE, "reply", |mut c: Caller<'_, HostState>, ptr: u32, len: u32| {
+        let r = reply(&mut c, ptr, len);
+        finish(&mut c, "reply", r)
+    })?;
     linker.func_wrap(MODULE, "device_info", |mut c: Caller<'_, HostState>, out: u32| {
         let r = device_info(&mut c, out);
         finish(&mut c, "device_info", r)

@@ -58,6 +58,10 @@ impl InferCtx {
         }
     }
 
+    pub(crate) fn models(&self) -> &Arc<Models> {
+        &self.models
+    }
+
     fn handle(&mut self) -> u32 {
         let h = self.next;
         self.next = self.next.wrapping_add(1).max(1);
@@ -425,4 +429,79 @@ pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
         finish(&mut c, "session_truncate", r)
     })?;
     Ok(())
+}
+
+/// One session as plain data (a snapshot's part of it).
+#[derive(Debug, Clone)]
+pub struct SessionState {
+    /// The guest's handle for it.
+    pub handle: u32,
+    /// The model's name (models are named, not devices).
+    pub model: String,
+    /// The context length the session was created with.
+    pub context: usize,
+    /// Every token evaluated (the repetition penalty's window).
+    pub history: Vec<u32>,
+    /// Tokens sampled so far (the sampler's step).
+    pub step: u64,
+    /// The KV cache.
+    pub kv: shoal_engine::kv::KvSnapshot,
+}
+
+/// The inference state of an instance as plain data.
+#[derive(Debug, Clone, Default)]
+pub struct InferState {
+    /// Open models: handle → name.
+    pub opened: Vec<(u32, String)>,
+    /// Sessions, by handle.
+    pub sessions: Vec<SessionState>,
+    /// The next handle to give out.
+    pub next: u32,
+}
+
+impl InferCtx {
+    /// The models this instance uses, by name.
+    pub(crate) fn model_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.opened.values().map(|m| m.name.clone()).collect();
+        v.extend(self.sessions.values().map(|s| s.model.name.clone()));
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Copies every session's cache out (device caches come back to the host).
+    pub(crate) fn capture(&self) -> Result<InferState, EngineError> {
+        let mut opened: Vec<(u32, String)> = self.opened.iter().map(|(h, m)| (*h, m.name.clone())).collect();
+        opened.sort();
+        let mut sessions = Vec::with_capacity(self.sessions.len());
+        for (&handle, s) in &self.sessions {
+            sessions.push(SessionState {
+                handle,
+                model: s.model.name.clone(),
+                context: s.cache.capacity(),
+                history: s.history.clone(),
+                step: s.step,
+                kv: s.model.llama.export_cache(&s.cache)?,
+            });
+        }
+        sessions.sort_by_key(|s| s.handle);
+        Ok(InferState { opened, sessions, next: self.next })
+    }
+
+    /// Rebuilds the state `st` describes on this host's models (loaded by name, on its backend).
+    pub(crate) fn restore(&mut self, st: &InferState) -> Result<(), String> {
+        for (h, name) in &st.opened {
+            self.opened.insert(*h, self.models.get(name)?);
+        }
+        for s in &st.sessions {
+            let model = self.models.get(&s.model)?;
+            let cache = model
+                .llama
+                .import_cache(&s.kv, s.context)
+                .map_err(|e| format!("session {} on model `{}`: {e}", s.handle, s.model))?;
+            self.sessions.insert(s.handle, Session { model, cache, history: s.history.clone(), step: s.step });
+        }
+        self.next = st.next.max(1);
+        Ok(())
+    }
 }

@@ -18,13 +18,18 @@
 
 mod abi;
 mod infer;
+pub mod instance;
 pub mod models;
 pub mod nn;
+pub mod rewrite;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 pub use abi::{ABI_VERSION, GuestStats, MODULE, Status};
+pub use infer::{InferState, SessionState};
+pub use instance::{GlobalValue, Instance, InstanceOptions, InstanceState, Prepared};
 pub use models::{DEFAULT_MODEL, LoadedModel, Models, default_model_path};
+pub use nn::{ContextState, GraphState, NnState};
 use shoal_gpu::Device;
 use shoal_memory::GuestMemoryCreator;
 use wasmtime::{Config, Engine, Linker, Module, Store};
@@ -50,6 +55,29 @@ pub enum HostError {
     /// Setting up the engine failed.
     #[error("cannot set up the engine: {0:#}")]
     Engine(wasmtime::Error),
+    /// The module is not an actor (it lacks the handler exports).
+    #[error("not an actor: {0}")]
+    NotAnActor(String),
+    /// The message handler returned an error code (the instance is still usable).
+    #[error("the guest's handler failed ({code}): {message}")]
+    Handler {
+        /// What the handler returned (-1: the host could not deliver the message).
+        code: i32,
+        /// Details.
+        message: String,
+    },
+    /// The handler ran past its deadline and was interrupted.
+    #[error("the guest ran past its deadline and was stopped")]
+    Deadline,
+    /// The guest called `proc_exit` inside a handler.
+    #[error("the guest exited with code {0} inside its handler")]
+    Exited(i32),
+    /// The instance cannot be captured now.
+    #[error("cannot snapshot the instance: {0}")]
+    Snapshot(String),
+    /// A captured state cannot be restored here.
+    #[error("cannot restore the instance: {0}")]
+    Restore(String),
 }
 
 /// How to run a guest.
@@ -77,10 +105,15 @@ pub struct RunOutcome {
     pub stdout: Option<Vec<u8>>,
 }
 
+/// Where an actor's replies go while it handles a message.
+pub type ReplySink = Box<dyn FnMut(&[u8]) + Send>;
+
 /// Per-instance state: WASI and the shoal ABI's tables.
 pub struct HostState {
     wasi: WasiP1Ctx,
     shoal: abi::ShoalCtx,
+    /// The current message's reply sink (actors only).
+    reply: Option<ReplySink>,
 }
 
 /// One engine, one device, the linker with WASI and `shoal_v1`.
@@ -89,6 +122,8 @@ pub struct Runtime {
     linker: Linker<HostState>,
     device: Arc<Device>,
     models: Arc<Models>,
+    /// The epoch thread, once started (deadlines).
+    ticker: OnceLock<()>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -107,13 +142,20 @@ impl Runtime {
     pub fn with_models(device: Arc<Device>, models: Arc<Models>) -> Result<Runtime, HostError> {
         let mut config = Config::new();
         GuestMemoryCreator::configure(&mut config, device.clone());
+        // Deadlines for actors' handlers; a store without one never reaches it.
+        config.epoch_interruption(true);
         let engine = Engine::new(&config).map_err(HostError::Engine)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut HostState| &mut s.wasi)
             .map_err(HostError::Engine)?;
         abi::add_to_linker(&mut linker).map_err(HostError::Engine)?;
         nn::add_to_linker(&mut linker).map_err(HostError::Engine)?;
-        Ok(Runtime { engine, linker, device, models })
+        Ok(Runtime { engine, linker, device, models, ticker: OnceLock::new() })
+    }
+
+    /// The models guests open by name.
+    pub fn models(&self) -> &Arc<Models> {
+        &self.models
     }
 
     /// The device guests compute on.
@@ -150,8 +192,10 @@ impl Runtime {
         let state = HostState {
             wasi: wasi.build_p1(),
             shoal: abi::ShoalCtx::new(self.device.clone(), self.models.clone(), opts.measure_rss),
+            reply: None,
         };
         let mut store = Store::new(&self.engine, state);
+        store.set_epoch_deadline(instance::NO_DEADLINE);
         let instance = self.linker.instantiate(&mut store, module).map_err(HostError::Instantiate)?;
         let start = instance.get_typed_func::<(), ()>(&mut store, "_start").map_err(|_| HostError::NoStart)?;
         let exit_code = match start.call(&mut store, ()) {
@@ -172,8 +216,10 @@ impl Runtime {
         let state = HostState {
             wasi: WasiCtxBuilder::new().build_p1(),
             shoal: abi::ShoalCtx::new(self.device.clone(), self.models.clone(), true),
+            reply: None,
         };
         let mut store = Store::new(&self.engine, state);
+        store.set_epoch_deadline(instance::NO_DEADLINE);
         let instance = self.linker.instantiate(&mut store, &module).map_err(HostError::Instantiate)?;
         let f = instance.get_typed_func::<(), ()>(&mut store, name).map_err(HostError::Instantiate)?;
         f.call(&mut store, ()).map_err(HostError::Trap)?;

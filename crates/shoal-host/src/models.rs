@@ -28,6 +28,48 @@ pub struct LoadedModel {
     pub template: ChatTemplate,
     /// Tokens that end an assistant turn.
     pub stop: Vec<u32>,
+    fingerprint: OnceLock<String>,
+}
+
+impl LoadedModel {
+    /// A cheap identity of the model's files, which a snapshot records so that it is not
+    /// resumed on other weights by mistake: hex SHA-256 over each file's name, length, and
+    /// first and last MiB (a file or a Hugging Face directory's `.json` and `.safetensors`).
+    pub fn fingerprint(&self) -> &str {
+        self.fingerprint.get_or_init(|| fingerprint(&self.path).unwrap_or_else(|e| format!("unreadable: {e}")))
+    }
+}
+
+fn fingerprint(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::{Read, Seek, SeekFrom};
+    let mut files = if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json" || x == "safetensors"))
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut h = sha2::Sha256::new();
+    const MIB: u64 = 1 << 20;
+    for f in files.drain(..) {
+        let mut file = std::fs::File::open(&f)?;
+        let len = file.metadata()?.len();
+        h.update(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().as_bytes());
+        h.update(len.to_le_bytes());
+        let mut buf = vec![0u8; len.min(MIB) as usize];
+        file.read_exact(&mut buf)?;
+        h.update(&buf);
+        if len > MIB {
+            file.seek(SeekFrom::Start(len - len.min(MIB)))?;
+            file.read_exact(&mut buf)?;
+            h.update(&buf);
+        }
+    }
+    Ok(crate::instance::hex(&h.finalize()))
 }
 
 struct Entry {
@@ -127,7 +169,15 @@ fn load(name: &str, path: &Path, engine: EngineKind) -> Result<LoadedModel, Stri
     stop.extend(tokenizer.eos());
     stop.dedup();
     log::info!("loaded model `{name}` from {} on {} in {:.2?}", path.display(), llama.backend_name(), t0.elapsed());
-    Ok(LoadedModel { name: name.to_string(), path: path.to_path_buf(), llama, tokenizer, template, stop })
+    Ok(LoadedModel {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        llama,
+        tokenizer,
+        template,
+        stop,
+        fingerprint: OnceLock::new(),
+    })
 }
 
 /// Where the default model is looked for: `$SHOAL_MODELS`, `./models`, and `models/`

@@ -654,3 +654,167 @@ pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
     })?;
     Ok(())
 }
+
+impl Options {
+    /// The options as the metadata JSON they were read from (WasmEdge's keys).
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "ctx-size": self.ctx_size,
+            "n-predict": self.n_predict.map_or(-1i64, |n| n as i64),
+            "temperature": self.sampler.temperature,
+            "top-p": self.sampler.top_p,
+            "top-k": self.sampler.top_k,
+            "repeat-penalty": self.sampler.repetition_penalty,
+            "seed": self.sampler.seed,
+            "reverse-prompt": self.reverse_prompt.clone().unwrap_or_default(),
+            "stream-stdout": self.stream_stdout,
+            "enable-log": self.log,
+            "embedding": self.embedding,
+            "prefix-reuse": self.prefix_reuse,
+        })
+    }
+
+    fn from_json(v: &serde_json::Value) -> Result<Options, String> {
+        let mut o = Options::default();
+        o.apply(v.to_string().as_bytes()).map_err(|err| err.1)?;
+        Ok(o)
+    }
+}
+
+/// A graph as plain data.
+#[derive(Debug, Clone)]
+pub struct GraphState {
+    /// The guest's handle.
+    pub handle: u32,
+    /// The model's name.
+    pub model: String,
+    /// Its metadata, as JSON with WasmEdge's keys.
+    pub options: serde_json::Value,
+}
+
+/// An execution context as plain data (between computations).
+#[derive(Debug, Clone)]
+pub struct ContextState {
+    /// The guest's handle.
+    pub handle: u32,
+    /// The model's name.
+    pub model: String,
+    /// Its metadata, as JSON.
+    pub options: serde_json::Value,
+    /// The prompt last set.
+    pub prompt: Option<Vec<u8>>,
+    /// Output 0.
+    pub output: Vec<u8>,
+    /// Token counts of the last computation: input, output, reused.
+    pub counts: [usize; 3],
+    /// The KV cache: its context length, the tokens in it, the cache.
+    pub cache: Option<(usize, Vec<u32>, shoal_engine::kv::KvSnapshot)>,
+}
+
+/// The `wasi_ephemeral_nn` state of an instance as plain data.
+#[derive(Debug, Clone, Default)]
+pub struct NnState {
+    /// Graphs by handle.
+    pub graphs: Vec<GraphState>,
+    /// Execution contexts by handle.
+    pub contexts: Vec<ContextState>,
+    /// The next handle to give out.
+    pub next: u32,
+}
+
+impl NnCtx {
+    /// The models this instance's graphs use.
+    pub(crate) fn model_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.graphs.values().map(|g| g.model.name.clone()).collect();
+        v.extend(self.contexts.values().map(|c| c.model.name.clone()));
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Copies the graphs and contexts out, caches included. A context in the middle of a
+    /// `compute_single` stream, or a graph loaded from bytes rather than by name, cannot be
+    /// captured.
+    pub(crate) fn capture(&self) -> Result<NnState, String> {
+        let from_bytes = |m: &LoadedModel| m.name.starts_with("wasi-nn-");
+        let mut graphs = Vec::new();
+        for (&handle, g) in &self.graphs {
+            if from_bytes(&g.model) {
+                return Err(format!(
+                    "wasi-nn graph {handle} was loaded from bytes; only graphs loaded by name (--nn-preload) can be snapshotted"
+                ));
+            }
+            graphs.push(GraphState { handle, model: g.model.name.clone(), options: g.options.to_json() });
+        }
+        let mut contexts = Vec::new();
+        for (&handle, cx) in &self.contexts {
+            if from_bytes(&cx.model) {
+                return Err(format!("wasi-nn context {handle} runs a graph loaded from bytes"));
+            }
+            if cx.single.as_ref().is_some_and(|s| !s.done) {
+                return Err(format!(
+                    "wasi-nn context {handle} is in the middle of a compute_single stream; snapshot it after the answer ends"
+                ));
+            }
+            let cache = match &cx.cache {
+                Some((c, seen)) => Some((
+                    c.capacity(),
+                    seen.clone(),
+                    cx.model.llama.export_cache(c).map_err(|err| format!("wasi-nn context {handle}: {err}"))?,
+                )),
+                None => None,
+            };
+            contexts.push(ContextState {
+                handle,
+                model: cx.model.name.clone(),
+                options: cx.options.to_json(),
+                prompt: cx.prompt.clone(),
+                output: match &cx.single {
+                    Some(s) => answer(&cx.options, s.text.clone()),
+                    None => cx.output.clone(),
+                },
+                counts: [cx.input_tokens, cx.output_tokens, cx.reused_tokens],
+                cache,
+            });
+        }
+        graphs.sort_by_key(|g| g.handle);
+        contexts.sort_by_key(|c| c.handle);
+        Ok(NnState { graphs, contexts, next: self.next })
+    }
+
+    /// Rebuilds `st` on this host's models.
+    pub(crate) fn restore(&mut self, st: &NnState) -> Result<(), String> {
+        for g in &st.graphs {
+            let model = self.models.get(&g.model)?;
+            self.graphs.insert(g.handle, Graph { model, options: Options::from_json(&g.options)? });
+        }
+        for s in &st.contexts {
+            let model = self.models.get(&s.model)?;
+            let cache = match &s.cache {
+                Some((context, seen, kv)) => Some((
+                    model
+                        .llama
+                        .import_cache(kv, *context)
+                        .map_err(|err| format!("wasi-nn context {}: {err}", s.handle))?,
+                    seen.clone(),
+                )),
+                None => None,
+            };
+            let cx = Context {
+                model,
+                options: Options::from_json(&s.options)?,
+                prompt: s.prompt.clone(),
+                cache,
+                output: s.output.clone(),
+                last_piece: Vec::new(),
+                single: None,
+                input_tokens: s.counts[0],
+                output_tokens: s.counts[1],
+                reused_tokens: s.counts[2],
+            };
+            self.contexts.insert(s.handle, cx);
+        }
+        self.next = st.next.max(1);
+        Ok(())
+    }
+}

@@ -1,0 +1,264 @@
+//! An actor: one Wasm instance on its own thread, and a mailbox. Messages are handled one
+//! at a time, in order; snapshots are taken between them, when the instance is quiescent.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use shoal_host::{HostError, Instance, InstanceOptions, Prepared, Runtime};
+
+use crate::snapshot::{Snapshot, SnapshotError};
+
+/// Errors of actors.
+#[derive(Debug, thiserror::Error)]
+pub enum ActorError {
+    /// The instance could not be started or brought back.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// A snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The actor has stopped (killed, or its guest trapped or ran past its deadline).
+    #[error("the actor has stopped: {0}")]
+    Stopped(String),
+}
+
+/// Part of a reply.
+#[derive(Debug)]
+pub enum Event {
+    /// Bytes the guest replied, as it replied them.
+    Chunk(Vec<u8>),
+    /// The handler returned: `Ok` or why not.
+    Done(Result<(), String>),
+}
+
+enum Command {
+    Message(Vec<u8>, mpsc::Sender<Event>),
+    Snapshot(mpsc::Sender<Result<Snapshot, ActorError>>),
+    Stop,
+}
+
+/// How an actor runs.
+#[derive(Clone, Debug, Default)]
+pub struct ActorConfig {
+    /// The longest a handler may run (needs the runtime's epoch ticker, started by spawn).
+    pub deadline: Option<Duration>,
+}
+
+/// What an actor is doing, for listings.
+#[derive(Clone, Debug)]
+pub struct ActorStatus {
+    /// `idle`, `busy` or `stopped: why`.
+    pub state: String,
+    /// Messages handled.
+    pub messages: u64,
+    /// Bytes of linear memory.
+    pub memory_bytes: usize,
+}
+
+/// A running actor (see the module docs). Dropping it stops it.
+pub struct Actor {
+    tx: mpsc::Sender<Command>,
+    thread: Option<JoinHandle<()>>,
+    status: Arc<Mutex<ActorStatus>>,
+    prepared: Arc<Prepared>,
+}
+
+impl std::fmt::Debug for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Actor").field("status", &self.status()).finish_non_exhaustive()
+    }
+}
+
+enum Start {
+    Fresh(InstanceOptions),
+    Restore(Box<Snapshot>),
+}
+
+impl Actor {
+    /// Starts an actor running `prepared` with `opts` (its arguments).
+    pub fn spawn(
+        runtime: Arc<Runtime>,
+        prepared: Arc<Prepared>,
+        opts: InstanceOptions,
+        config: ActorConfig,
+    ) -> Result<Actor, ActorError> {
+        Self::start(runtime, prepared, Start::Fresh(opts), config)
+    }
+
+    /// Brings an actor back from `snapshot` (taken of the same module, on any backend).
+    pub fn restore(
+        runtime: Arc<Runtime>,
+        prepared: Arc<Prepared>,
+        snapshot: Snapshot,
+        config: ActorConfig,
+    ) -> Result<Actor, ActorError> {
+        snapshot.check(&runtime, &prepared)?;
+        Self::start(runtime, prepared, Start::Restore(Box::new(snapshot)), config)
+    }
+
+    fn start(
+        runtime: Arc<Runtime>,
+        prepared: Arc<Prepared>,
+        how: Start,
+        config: ActorConfig,
+    ) -> Result<Actor, ActorError> {
+        if config.deadline.is_some() {
+            runtime.start_epoch_ticker();
+        }
+        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let status = Arc::new(Mutex::new(ActorStatus { state: "idle".into(), messages: 0, memory_bytes: 0 }));
+        let st = status.clone();
+        let p = prepared.clone();
+        let thread = std::thread::Builder::new()
+            .name("shoal-actor".into())
+            .spawn(move || {
+                let made = match how {
+                    Start::Fresh(opts) => runtime.instantiate(&p, &opts).map_err(ActorError::from),
+                    Start::Restore(snap) => snap.restore(&runtime, &p).map_err(ActorError::from),
+                };
+                match made {
+                    Ok(mut inst) => {
+                        lock(&st).memory_bytes = inst.memory_size();
+                        let _ = ready_tx.send(Ok(()));
+                        run(&runtime, &mut inst, rx, &st, &config);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| ActorError::Stopped(format!("cannot start a thread: {e}")))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Actor { tx, thread: Some(thread), status, prepared }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => Err(ActorError::Stopped("the actor's thread ended while starting".into())),
+        }
+    }
+
+    /// Puts `msg` in the mailbox; the reply streams through the receiver.
+    pub fn send(&self, msg: Vec<u8>) -> Result<mpsc::Receiver<Event>, ActorError> {
+        let (tx, rx) = mpsc::channel();
+        self.tx.send(Command::Message(msg, tx)).map_err(|_| self.stopped())?;
+        Ok(rx)
+    }
+
+    /// Sends `msg` and waits for the whole reply.
+    pub fn ask(&self, msg: impl Into<Vec<u8>>) -> Result<Vec<u8>, ActorError> {
+        let rx = self.send(msg.into())?;
+        let mut out = Vec::new();
+        for ev in rx {
+            match ev {
+                Event::Chunk(c) => out.extend_from_slice(&c),
+                Event::Done(Ok(())) => return Ok(out),
+                Event::Done(Err(e)) => return Err(ActorError::Stopped(e)),
+            }
+        }
+        Err(self.stopped())
+    }
+
+    /// Takes a snapshot after the messages already in the mailbox.
+    pub fn snapshot(&self) -> Result<Snapshot, ActorError> {
+        let (tx, rx) = mpsc::channel();
+        self.tx.send(Command::Snapshot(tx)).map_err(|_| self.stopped())?;
+        rx.recv().map_err(|_| self.stopped())?
+    }
+
+    /// What the actor is doing.
+    pub fn status(&self) -> ActorStatus {
+        lock(&self.status).clone()
+    }
+
+    /// The module it runs.
+    pub fn prepared(&self) -> &Arc<Prepared> {
+        &self.prepared
+    }
+
+    /// Stops the actor after the messages already in its mailbox, and waits for it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let _ = self.tx.send(Command::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    fn stopped(&self) -> ActorError {
+        ActorError::Stopped(lock(&self.status).state.clone())
+    }
+}
+
+impl Drop for Actor {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn lock(s: &Mutex<ActorStatus>) -> std::sync::MutexGuard<'_, ActorStatus> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn run(
+    runtime: &Runtime,
+    inst: &mut Instance,
+    rx: mpsc::Receiver<Command>,
+    status: &Mutex<ActorStatus>,
+    config: &ActorConfig,
+) {
+    let mut dead: Option<String> = None;
+    for cmd in rx {
+        match cmd {
+            Command::Stop => break,
+            Command::Message(_, reply) if dead.is_some() => {
+                let _ =
+                    reply.send(Event::Done(Err(format!("the actor has stopped: {}", dead.as_deref().unwrap_or("")))));
+            }
+            Command::Snapshot(reply) if dead.is_some() => {
+                let _ = reply.send(Err(ActorError::Stopped(dead.clone().unwrap_or_default())));
+            }
+            Command::Message(msg, reply) => {
+                lock(status).state = "busy".into();
+                let t0 = Instant::now();
+                let chunks = reply.clone();
+                let r = inst.message(
+                    &msg,
+                    config.deadline,
+                    Box::new(move |b: &[u8]| {
+                        let _ = chunks.send(Event::Chunk(b.to_vec()));
+                    }),
+                );
+                let mut s = lock(status);
+                s.messages += 1;
+                s.memory_bytes = inst.memory_size();
+                match r {
+                    Ok(()) => {
+                        s.state = "idle".into();
+                        let _ = reply.send(Event::Done(Ok(())));
+                    }
+                    Err(HostError::Handler { message, .. }) => {
+                        s.state = "idle".into();
+                        let _ = reply.send(Event::Done(Err(message)));
+                    }
+                    Err(e) => {
+                        let why = format!("{e} (after {:.1?})", t0.elapsed());
+                        log::warn!("actor stopped: {why}");
+                        s.state = format!("stopped: {why}");
+                        let _ = reply.send(Event::Done(Err(why.clone())));
+                        dead = Some(why);
+                    }
+                }
+            }
+            Command::Snapshot(reply) => {
+                let _ = reply.send(Snapshot::capture(runtime, inst).map_err(ActorError::from));
+            }
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! shoal's actors: one Wasm instance plus a mailbox ([`Actor`]), and snapshots of their whole
+//! state (linear memory, mutable globals, sessions and KV caches) as plain, versioned data
+//! ([`Snapshot`], `docs/snapshot.md`), kept in a [`SnapshotStore`].
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use shoal_actor::{Actor, ActorConfig, LocalStore, SnapshotStore};
+//! use shoal_host::{InstanceOptions, Runtime};
+//! # fn demo(runtime: Arc<Runtime>, wasm: &[u8]) -> Result<(), Box<dyn std::error::Error>> {
+//! let module = runtime.prepare(wasm)?;
+//! let actor = Actor::spawn(runtime.clone(), module.clone(), InstanceOptions::default(), ActorConfig::default())?;
+//! println!("{}", String::from_utf8_lossy(&actor.ask("What is the capital of France?")?));
+//! let store = LocalStore::new("snapshots");
+//! store.put("alice", &actor.snapshot()?)?;
+//! actor.stop();
+//! let back = Actor::restore(runtime, module, store.get("alice")?, ActorConfig::default())?;
+//! println!("{}", String::from_utf8_lossy(&back.ask("And of Germany?")?));
+//! # Ok(()) }
+//! ```
+
+mod actor;
+pub mod snapshot;
+
+pub use actor::{Actor, ActorConfig, ActorError, ActorStatus, Event};
+pub use snapshot::{LocalStore, ModelRef, Snapshot, SnapshotError, SnapshotStore, WriteReport, read_dir, write_dir};

@@ -1,0 +1,417 @@
+//! Long-lived instances, the body of an actor: instantiated once, called once per message
+//! (between calls the instance is quiescent: its call stack is empty), and captured as plain
+//! data (its linear memory, its mutable globals, its sessions and KV caches) to be restored
+//! later, in another process or on another backend.
+//!
+//! The handler ABI (`docs/abi.md`, "Actors"): the guest is a WASI reactor (its `_initialize`
+//! runs once at spawn) exporting
+//! - `shoal_actor_alloc(len: u32) -> u32`: room for a message of `len` bytes (0: none);
+//! - `shoal_actor_message(ptr: u32, len: u32) -> i32`: handles the message the host wrote
+//!   there (the guest owns and frees that room); 0 is success, anything else an error code.
+//!
+//! It answers with `shoal_v1.reply(ptr, len)`, as many times as it likes (a streamed reply).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::{Module, Store, Val};
+use wasmtime_wasi::WasiCtxBuilder;
+
+pub use crate::ReplySink;
+use crate::infer::InferState;
+use crate::nn::NnState;
+use crate::rewrite::{GlobalSlot, Rewritten, expose_globals, global_export_name};
+use crate::{HostError, HostState, Runtime, abi};
+
+/// Bytes in a page of linear memory.
+pub const PAGE: usize = 65536;
+
+/// Milliseconds per tick of the runtime's epoch (the deadline's resolution).
+pub const EPOCH_TICK_MS: u64 = 10;
+
+/// A module compiled for actors: rewritten to expose its globals (see [`crate::rewrite`]).
+pub struct Prepared {
+    module: Module,
+    rewritten: Rewritten,
+    /// Hex SHA-256 of the module's original bytes (what a snapshot is tied to).
+    pub sha256: String,
+    /// Size of the original bytes.
+    pub size: usize,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared").field("sha256", &self.sha256).field("size", &self.size).finish_non_exhaustive()
+    }
+}
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How to start an instance.
+#[derive(Clone, Debug, Default)]
+pub struct InstanceOptions {
+    /// Arguments after the program name (the guest's configuration).
+    pub args: Vec<String>,
+    /// `argv[0]`.
+    pub program_name: Option<String>,
+}
+
+/// A mutable global's value: its type and its bits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GlobalValue {
+    /// Its index in the module.
+    pub index: u32,
+    /// `i32`, `i64`, `f32`, `f64` or `v128`.
+    pub ty: String,
+    /// Its bits (the low 32 for `i32`/`f32`).
+    pub bits: u128,
+}
+
+/// Everything an instance holds, as plain data.
+#[derive(Clone, Debug)]
+pub struct InstanceState {
+    /// The arguments it was started with.
+    pub args: Vec<String>,
+    /// `argv[0]`.
+    pub program_name: Option<String>,
+    /// Pages of linear memory (its size).
+    pub memory_pages: u64,
+    /// Indices of the pages that are not all zero, ascending.
+    pub pages: Vec<u32>,
+    /// Those pages, one after another.
+    pub page_data: Vec<u8>,
+    /// Every mutable global the module defines.
+    pub globals: Vec<GlobalValue>,
+    /// Inference sessions and open models.
+    pub infer: InferState,
+    /// wasi-nn graphs and contexts.
+    pub nn: NnState,
+    /// The engine the caches were on when captured (`cpu`, `cuda`).
+    pub backend: String,
+}
+
+impl InstanceState {
+    /// The names of the models the state refers to.
+    pub fn model_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.infer.opened.iter().map(|(_, n)| n.clone()).collect();
+        v.extend(self.infer.sessions.iter().map(|s| s.model.clone()));
+        v.extend(self.nn.graphs.iter().map(|g| g.model.clone()));
+        v.extend(self.nn.contexts.iter().map(|c| c.model.clone()));
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+/// A live instance (see the module docs).
+pub struct Instance {
+    store: Store<HostState>,
+    instance: wasmtime::Instance,
+    prepared: Arc<Prepared>,
+    opts: InstanceOptions,
+}
+
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance").field("module", &self.prepared.sha256).finish_non_exhaustive()
+    }
+}
+
+fn zero(page: &[u8]) -> bool {
+    page.chunks_exact(16).all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
+}
+
+impl Runtime {
+    /// Compiles `wasm` (binary or text) for actors.
+    pub fn prepare(&self, wasm: &[u8]) -> Result<Arc<Prepared>, HostError> {
+        let wasm = wat::parse_bytes(wasm).map_err(|e| HostError::Compile(e.into()))?;
+        let rewritten = expose_globals(&wasm).map_err(|e| HostError::Compile(e.into()))?;
+        if rewritten.imports_mutable_global {
+            return Err(HostError::Compile(wasmtime::Error::msg(
+                "the module imports a mutable global, whose value a snapshot could not keep",
+            )));
+        }
+        let module = Module::new(&self.engine, &rewritten.wasm).map_err(HostError::Compile)?;
+        for name in ["shoal_actor_alloc", "shoal_actor_message"] {
+            if module.get_export(name).is_none() {
+                return Err(HostError::NotAnActor(format!(
+                    "the module exports no `{name}`; an actor exports `shoal_actor_alloc` and `shoal_actor_message` (the guest SDK's `export_actor!`)"
+                )));
+            }
+        }
+        Ok(Arc::new(Prepared { module, sha256: sha256_hex(&wasm), size: wasm.len(), rewritten }))
+    }
+
+    fn store(&self, opts: &InstanceOptions) -> Store<HostState> {
+        let mut wasi = WasiCtxBuilder::new();
+        let mut argv = vec![opts.program_name.clone().unwrap_or_else(|| "actor.wasm".into())];
+        argv.extend(opts.args.iter().cloned());
+        wasi.args(&argv).inherit_stderr();
+        let state = HostState {
+            wasi: wasi.build_p1(),
+            shoal: abi::ShoalCtx::new(self.device.clone(), self.models.clone(), false),
+            reply: None,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.set_epoch_deadline(NO_DEADLINE);
+        store
+    }
+
+    /// Instantiates `prepared` and runs its `_initialize`, if any.
+    pub fn instantiate(&self, prepared: &Arc<Prepared>, opts: &InstanceOptions) -> Result<Instance, HostError> {
+        let mut store = self.store(opts);
+        let instance = self.linker.instantiate(&mut store, &prepared.module).map_err(HostError::Instantiate)?;
+        if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
+            init.call(&mut store, ()).map_err(HostError::Trap)?;
+        }
+        Ok(Instance { store, instance, prepared: prepared.clone(), opts: opts.clone() })
+    }
+
+    /// Brings back an instance from `state` (its `_initialize` does not run again: its
+    /// effects are in the memory). Sessions are rebuilt on this runtime's models by name,
+    /// whatever backend they were captured on.
+    pub fn restore(&self, prepared: &Arc<Prepared>, state: &InstanceState) -> Result<Instance, HostError> {
+        let restore = |m: String| HostError::Restore(m);
+        let opts = InstanceOptions { args: state.args.clone(), program_name: state.program_name.clone() };
+        let mut store = self.store(&opts);
+        let instance = self.linker.instantiate(&mut store, &prepared.module).map_err(HostError::Instantiate)?;
+        let mem = instance
+            .get_memory(&mut store, "memory")
+            .ok_or_else(|| restore("the module exports no memory named `memory`".into()))?;
+        let have = mem.size(&store);
+        if state.memory_pages > have {
+            mem.grow(&mut store, state.memory_pages - have).map_err(|e| {
+                restore(format!("cannot grow the memory from {have} to {} pages: {e:#}", state.memory_pages))
+            })?;
+        } else if state.memory_pages < have {
+            return Err(restore(format!(
+                "the snapshot's memory has {} pages, fewer than the module's minimum of {have}",
+                state.memory_pages
+            )));
+        }
+        if state.page_data.len() != state.pages.len() * PAGE {
+            return Err(restore(format!(
+                "{} pages listed but {} bytes of page data",
+                state.pages.len(),
+                state.page_data.len()
+            )));
+        }
+        let data = mem.data_mut(&mut store);
+        // Pages the data segments wrote at instantiation and the snapshot holds as zero.
+        let written: Box<dyn Iterator<Item = u32>> = match &prepared.rewritten.data_pages {
+            Some(p) => Box::new(p.iter().copied()),
+            None => Box::new(0..(data.len() / PAGE) as u32),
+        };
+        for p in written {
+            if state.pages.binary_search(&p).is_err() {
+                let at = p as usize * PAGE;
+                if let Some(page) = data.get_mut(at..at + PAGE) {
+                    page.fill(0);
+                }
+            }
+        }
+        for (i, &p) in state.pages.iter().enumerate() {
+            let at = p as usize * PAGE;
+            let page = data
+                .get_mut(at..at + PAGE)
+                .ok_or_else(|| restore(format!("page {p} lies past the memory's {} pages", state.memory_pages)))?;
+            page.copy_from_slice(&state.page_data[i * PAGE..(i + 1) * PAGE]);
+        }
+        let slots = &prepared.rewritten.globals;
+        if state.globals.len() != slots.len() {
+            return Err(restore(format!(
+                "the snapshot has {} mutable globals; the module defines {}",
+                state.globals.len(),
+                slots.len()
+            )));
+        }
+        for (slot, g) in slots.iter().zip(&state.globals) {
+            if slot.index != g.index || slot.ty != g.ty {
+                return Err(restore(format!(
+                    "global {} ({}) in the snapshot; the module's is {} ({})",
+                    g.index, g.ty, slot.index, slot.ty
+                )));
+            }
+            let global = instance
+                .get_global(&mut store, &global_export_name(g.index))
+                .ok_or_else(|| restore(format!("global {} is not exported", g.index)))?;
+            global.set(&mut store, to_val(slot, g.bits)).map_err(|e| restore(format!("global {}: {e:#}", g.index)))?;
+        }
+        let shoal = &mut store.data_mut().shoal;
+        shoal.infer.restore(&state.infer).map_err(restore)?;
+        shoal.nn.restore(&state.nn).map_err(restore)?;
+        Ok(Instance { store, instance, prepared: prepared.clone(), opts })
+    }
+
+    /// Starts a thread that advances the engine's epoch every [`EPOCH_TICK_MS`], so that
+    /// [`Instance::message`] deadlines take effect (once per runtime; idempotent).
+    pub fn start_epoch_ticker(&self) {
+        self.ticker.get_or_init(|| {
+            let engine = self.engine.weak();
+            std::thread::Builder::new()
+                .name("shoal-epoch".into())
+                .spawn(move || {
+                    while let Some(e) = engine.upgrade() {
+                        e.increment_epoch();
+                        drop(e);
+                        std::thread::sleep(Duration::from_millis(EPOCH_TICK_MS));
+                    }
+                })
+                .expect("cannot start the epoch thread");
+        });
+    }
+}
+
+/// A deadline that never comes (the epoch only advances once per tick).
+pub(crate) const NO_DEADLINE: u64 = u64::MAX / 2;
+
+fn to_val(slot: &GlobalSlot, bits: u128) -> Val {
+    match slot.ty {
+        "i32" => Val::I32(bits as u32 as i32),
+        "i64" => Val::I64(bits as u64 as i64),
+        "f32" => Val::F32(bits as u32),
+        "f64" => Val::F64(bits as u64),
+        _ => Val::V128(bits.into()),
+    }
+}
+
+fn bits(v: &Val) -> u128 {
+    match v {
+        Val::I32(x) => *x as u32 as u128,
+        Val::I64(x) => *x as u64 as u128,
+        Val::F32(x) => *x as u128,
+        Val::F64(x) => *x as u128,
+        Val::V128(x) => x.as_u128(),
+        _ => 0,
+    }
+}
+
+impl Instance {
+    /// The module this instance runs.
+    pub fn prepared(&self) -> &Arc<Prepared> {
+        &self.prepared
+    }
+
+    /// Bytes of linear memory.
+    pub fn memory_size(&mut self) -> usize {
+        self.instance.get_memory(&mut self.store, "memory").map_or(0, |m| m.data_size(&self.store))
+    }
+
+    /// Delivers one message; every `shoal_v1.reply` of the guest goes to `sink` as it is
+    /// made. With a `deadline`, a handler that runs longer is interrupted
+    /// ([`HostError::Deadline`]; needs [`Runtime::start_epoch_ticker`]). After any error but
+    /// [`HostError::Handler`] the instance must not be used again.
+    pub fn message(&mut self, msg: &[u8], deadline: Option<Duration>, sink: ReplySink) -> Result<(), HostError> {
+        let len = u32::try_from(msg.len()).map_err(|_| HostError::Handler {
+            code: -1,
+            message: format!("a message of {} bytes (at most 4 GiB)", msg.len()),
+        })?;
+        let alloc = self
+            .instance
+            .get_typed_func::<u32, u32>(&mut self.store, "shoal_actor_alloc")
+            .map_err(|e| HostError::NotAnActor(format!("shoal_actor_alloc: {e:#}")))?;
+        let handle = self
+            .instance
+            .get_typed_func::<(u32, u32), i32>(&mut self.store, "shoal_actor_message")
+            .map_err(|e| HostError::NotAnActor(format!("shoal_actor_message: {e:#}")))?;
+        let ticks = deadline.map_or(NO_DEADLINE, |d| (d.as_millis() as u64).div_ceil(EPOCH_TICK_MS).max(1) + 1);
+        self.store.set_epoch_deadline(ticks);
+        let r = (|| {
+            let ptr = alloc.call(&mut self.store, len).map_err(trap)?;
+            if ptr == 0 && len > 0 {
+                return Err(HostError::Handler { code: -1, message: format!("the guest has no room for {len} bytes") });
+            }
+            let mem = self
+                .instance
+                .get_memory(&mut self.store, "memory")
+                .ok_or_else(|| HostError::NotAnActor("the module exports no memory named `memory`".into()))?;
+            mem.write(&mut self.store, ptr as usize, msg).map_err(|_| HostError::Handler {
+                code: -1,
+                message: format!("shoal_actor_alloc returned {ptr:#x}, where {len} bytes do not fit"),
+            })?;
+            self.store.data_mut().reply = Some(sink);
+            let code = handle.call(&mut self.store, (ptr, len)).map_err(trap)?;
+            if code != 0 {
+                return Err(HostError::Handler { code, message: format!("the handler returned {code}") });
+            }
+            Ok(())
+        })();
+        self.store.data_mut().reply = None;
+        self.store.set_epoch_deadline(NO_DEADLINE);
+        r
+    }
+
+    /// Captures the instance (between messages). Device caches are copied to the host.
+    pub fn capture(&mut self) -> Result<InstanceState, HostError> {
+        let snap = |m: String| HostError::Snapshot(m);
+        let shoal = &self.store.data().shoal;
+        shoal.check_quiescent().map_err(snap)?;
+        let infer = shoal.infer.capture().map_err(|e| snap(e.to_string()))?;
+        let nn = shoal.nn.capture().map_err(snap)?;
+        let backend = shoal.models().engine().name().to_string();
+        let mem = self
+            .instance
+            .get_memory(&mut self.store, "memory")
+            .ok_or_else(|| snap("the module exports no memory named `memory`".into()))?;
+        let memory_pages = mem.size(&self.store);
+        let (mut pages, mut page_data) = (Vec::new(), Vec::new());
+        for (i, page) in mem.data(&self.store).chunks(PAGE).enumerate() {
+            if !zero(page) {
+                pages.push(i as u32);
+                page_data.extend_from_slice(page);
+            }
+        }
+        let mut globals = Vec::with_capacity(self.prepared.rewritten.globals.len());
+        for slot in &self.prepared.rewritten.globals {
+            let g = self
+                .instance
+                .get_global(&mut self.store, &global_export_name(slot.index))
+                .ok_or_else(|| snap(format!("global {} is not exported", slot.index)))?;
+            globals.push(GlobalValue {
+                index: slot.index,
+                ty: slot.ty.to_string(),
+                bits: bits(&g.get(&mut self.store)),
+            });
+        }
+        Ok(InstanceState {
+            args: self.opts.args.clone(),
+            program_name: self.opts.program_name.clone(),
+            memory_pages,
+            pages,
+            page_data,
+            globals,
+            infer,
+            nn,
+            backend,
+        })
+    }
+
+    /// The names of the models this instance has open.
+    pub fn model_names(&self) -> Vec<String> {
+        let s = &self.store.data().shoal;
+        let mut v = s.infer.model_names();
+        v.extend(s.nn.model_names());
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+fn trap(e: wasmtime::Error) -> HostError {
+    if matches!(e.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
+        return HostError::Deadline;
+    }
+    match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        Some(exit) => HostError::Exited(exit.0),
+        None => HostError::Trap(e),
+    }
+}
