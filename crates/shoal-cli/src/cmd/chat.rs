@@ -1,8 +1,18 @@
 //! `shoal chat [--model NAME|PATH|NAME=PATH] [--backend B] [--temperature T] [--seed S]
-//! [--max-tokens N] [--prompt TEXT]...`
+//! [--max-tokens N] [--prompt TEXT]... [--save DIR] [--resume DIR]`
+//!
+//! Runs the chat guest as an actor (`chat_actor.wasm`): each turn is one message, the answer
+//! streams back. `--save` snapshots the actor after the last turn (its memory and its KV
+//! cache); `--resume` brings one back, on any backend, and the conversation goes on.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::Context;
-use shoal_host::{RunOptions, Runtime};
+use shoal_actor::{Actor, ActorConfig, Event};
+use shoal_host::{InstanceOptions, Runtime};
 
 use super::{BackendChoice, models, open_device};
 
@@ -31,35 +41,109 @@ pub struct Args {
     /// Print tokens/s after each answer (to stderr).
     #[arg(long)]
     stats: bool,
+    /// After the last turn, write a snapshot of the chat (its memory and KV cache) to DIR
+    /// (atomically: a snapshot already there is replaced only once the new one is complete).
+    #[arg(long, value_name = "DIR")]
+    save: Option<PathBuf>,
+    /// Start from the snapshot in DIR instead of a new chat: the conversation goes on where
+    /// it stopped, on this backend, with the settings it was started with (--temperature,
+    /// --seed and --max-tokens are ignored). Its models must be known by the same names.
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
+}
+
+/// Sends `msg` and prints the reply as it streams.
+pub fn turn(actor: &Actor, msg: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    for ev in actor.send(msg.as_bytes().to_vec())? {
+        match ev {
+            Event::Chunk(c) => {
+                out.write_all(&c)?;
+                out.flush()?;
+            }
+            Event::Done(Ok(())) => return Ok(()),
+            Event::Done(Err(e)) => anyhow::bail!("the chat actor failed: {e}"),
+        }
+    }
+    anyhow::bail!("the chat actor stopped")
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
     let device = open_device(a.backend)?;
     let (models, name) = models(a.model.as_slice(), super::engine_for(&device))?;
-    let runtime = Runtime::with_models(device, models.clone())?;
-    // Load before the guest starts, so a bad model file is reported here, clearly.
-    models.get(&name).map_err(anyhow::Error::msg)?;
-    let mut args = vec![
-        "--model".to_string(),
-        name,
-        "--temperature".into(),
-        a.temperature.to_string(),
-        "--seed".into(),
-        a.seed.to_string(),
-        "--max-tokens".into(),
-        a.max_tokens.to_string(),
-    ];
-    for p in &a.prompts {
-        args.extend(["--prompt".to_string(), p.clone()]);
-    }
-    if a.stats {
-        args.push("--stats".into());
-    }
+    let runtime = Arc::new(Runtime::with_models(device, models.clone())?);
+    let module = runtime.prepare(shoal_guests::CHAT_ACTOR).context("preparing the chat actor")?;
+    let actor = match &a.resume {
+        Some(dir) => {
+            let t0 = Instant::now();
+            let snap =
+                shoal_actor::read_dir(dir).with_context(|| format!("reading the snapshot in {}", dir.display()))?;
+            let (positions, taken_on) = (snap.kv_positions(), snap.state.backend.clone());
+            let read = t0.elapsed();
+            // Load the models first, so that their load time is not counted as the restore's.
+            for m in &snap.models {
+                let _ = models.get(&m.name);
+            }
+            let t1 = Instant::now();
+            let actor = Actor::restore(runtime.clone(), module, snap, ActorConfig::default())
+                .with_context(|| format!("resuming the chat in {}", dir.display()))?;
+            eprintln!(
+                "shoal chat: resumed from {} ({positions} cached tokens, taken on {taken_on}; read in {:.1} ms, restored in {:.1} ms)",
+                dir.display(),
+                read.as_secs_f64() * 1e3,
+                t1.elapsed().as_secs_f64() * 1e3
+            );
+            actor
+        }
+        None => {
+            // Load before the guest starts, so a bad model file is reported here, clearly.
+            models.get(&name).map_err(anyhow::Error::msg)?;
+            let mut args = vec![
+                "--model".to_string(),
+                name,
+                "--temperature".into(),
+                a.temperature.to_string(),
+                "--seed".into(),
+                a.seed.to_string(),
+                "--max-tokens".into(),
+                a.max_tokens.to_string(),
+            ];
+            if a.stats {
+                args.push("--stats".into());
+            }
+            let opts = InstanceOptions { args, program_name: Some("chat_actor.wasm".into()) };
+            Actor::spawn(runtime.clone(), module, opts, ActorConfig::default()).context("starting the chat actor")?
+        }
+    };
     if a.prompts.is_empty() {
         eprintln!("shoal chat: type a message and press enter; end with Ctrl-D");
+        for line in std::io::stdin().lines() {
+            let line = line?;
+            if !line.trim().is_empty() {
+                turn(&actor, &line)?;
+            }
+        }
     }
-    let outcome = runtime
-        .run(shoal_guests::CHAT, &RunOptions { args, program_name: Some("chat.wasm".into()), ..Default::default() })
-        .context("running the chat guest")?;
-    Ok(outcome.exit_code)
+    for p in &a.prompts {
+        turn(&actor, p)?;
+    }
+    if let Some(dir) = &a.save {
+        let t0 = Instant::now();
+        let snap = actor.snapshot().context("taking the snapshot")?;
+        let t1 = Instant::now();
+        let r =
+            shoal_actor::write_dir(dir, &snap).with_context(|| format!("writing the snapshot to {}", dir.display()))?;
+        eprintln!(
+            "shoal chat: saved to {} ({} cached tokens; {:.1} MB: memory {:.1} MB, KV cache {:.1} MB; captured in {:.1} ms, written in {:.1} ms)",
+            dir.display(),
+            snap.kv_positions(),
+            r.bytes as f64 / 1e6,
+            r.memory_bytes as f64 / 1e6,
+            r.kv_bytes as f64 / 1e6,
+            (t1 - t0).as_secs_f64() * 1e3,
+            t1.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    actor.stop();
+    Ok(0)
 }
