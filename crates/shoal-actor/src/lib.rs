@@ -19,7 +19,9 @@
 //! ```
 
 mod actor;
+pub mod registry;
 pub mod snapshot;
 
 pub use actor::{Actor, ActorConfig, ActorError, ActorStatus, Event};
+pub use registry::{ActorInfo, Registry, RegistryError, Timing};
 pub use snapshot::{LocalStore, ModelRef, Snapshot, SnapshotError, SnapshotStore, WriteReport, read_dir, write_dir};

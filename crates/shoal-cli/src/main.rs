@@ -30,8 +30,28 @@ enum Command {
     /// Run the built-in demo: a GEMM computed by the host on the guest's own memory
     /// and checked element by element by the guest, then a chat answer.
     Demo(cmd::demo::Args),
-    /// Chat with a model through the chat guest (one user turn per --prompt, or stdin).
+    /// Chat with a model through the chat actor (one user turn per --prompt, or stdin);
+    /// --save and --resume keep the conversation, KV cache included, across runs.
     Chat(cmd::chat::Args),
+    /// Run the daemon: many actors sharing the loaded models, managed over HTTP on loopback,
+    /// with an OpenAI-compatible /v1/chat/completions.
+    Serve(cmd::serve::Args),
+    /// List the daemon's actors.
+    Ps(cmd::ctl::Ps),
+    /// Start an actor on the daemon (`chat` or a module path); prints its id.
+    Spawn(cmd::ctl::Spawn),
+    /// Send an actor a message and print its reply as it streams.
+    Send(cmd::ctl::Send),
+    /// Pause an actor: snapshot it in the daemon's memory and free its instance.
+    Pause(cmd::ctl::Id),
+    /// Resume a paused actor.
+    Resume(cmd::ctl::Id),
+    /// Write an actor's snapshot to the daemon's store.
+    Snapshot(cmd::ctl::Snapshot),
+    /// Start a new actor from a snapshot in the daemon's store; prints its id.
+    Restore(cmd::ctl::Restore),
+    /// Stop an actor and forget it.
+    Kill(cmd::ctl::Id),
 }
 
 fn main() {
@@ -51,6 +71,15 @@ fn main() {
         Command::Devices(a) => cmd::devices::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Chat(a) => cmd::chat::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
+        Command::Ps(a) => cmd::ctl::ps(a),
+        Command::Spawn(a) => cmd::ctl::spawn(a),
+        Command::Send(a) => cmd::ctl::send(a),
+        Command::Pause(a) => cmd::ctl::pause(a),
+        Command::Resume(a) => cmd::ctl::resume(a),
+        Command::Snapshot(a) => cmd::ctl::snapshot(a),
+        Command::Restore(a) => cmd::ctl::restore(a),
+        Command::Kill(a) => cmd::ctl::kill(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -16,6 +16,7 @@ use std::time::Instant;
 use shoal_guest::{Model, SamplerParams, Session};
 
 /// Chat settings.
+#[derive(Clone)]
 pub struct Args {
     pub model: String,
     pub params: SamplerParams,
@@ -87,8 +88,24 @@ impl Chat {
 
     /// Answers one user turn, streaming the reply; returns (tokens generated, seconds).
     pub fn turn(&mut self, user: &str, a: &Args, out: &mut impl Write) -> Result<(u32, f64), String> {
-        let err = |e: shoal_guest::Error| e.to_string();
         self.messages.push(("user".into(), user.into()));
+        self.respond(a, out)
+    }
+
+    /// Replaces the conversation with `messages` (ending with a user turn) and answers it;
+    /// the cache still serves whatever prefix the new conversation shares with the old.
+    pub fn answer(
+        &mut self,
+        messages: Messages,
+        a: &Args,
+        out: &mut impl Write,
+    ) -> Result<(u32, f64), String> {
+        self.messages = messages;
+        self.respond(a, out)
+    }
+
+    fn respond(&mut self, a: &Args, out: &mut impl Write) -> Result<(u32, f64), String> {
+        let err = |e: shoal_guest::Error| e.to_string();
         let msgs: Vec<(&str, &str)> = self.messages.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
         let text = self.model.render(&msgs, true).map_err(err)?;
         let prompt = self.model.tokenize(&text, true).map_err(err)?;
@@ -157,7 +174,48 @@ impl Write for ReplyWriter {
     }
 }
 
-/// The chat as an actor: one message, one user turn.
+/// A conversation: (role, content) pairs.
+pub type Messages = Vec<(String, String)>;
+
+/// A message that carries a whole conversation (what `shoal serve`'s OpenAI endpoint sends):
+///
+/// ```text
+/// \x01chat/1\n
+/// key=value\n ...        (optional: max_tokens, temperature, seed, top_p, top_k)
+/// \n
+/// role\x1fcontent\x1e ... (the messages, the last one the user's)
+/// ```
+pub fn parse_conversation(msg: &str, base: &Args) -> Option<Result<(Args, Messages), String>> {
+    let rest = msg.strip_prefix("\x01chat/1\n")?;
+    Some((|| {
+        let (head, body) = rest.split_once("\n\n").unwrap_or((rest, ""));
+        let mut a = Args { prompts: Vec::new(), bench: None, ..base.clone() };
+        for line in head.lines().filter(|l| !l.is_empty()) {
+            let (k, v) = line.split_once('=').ok_or_else(|| format!("`{line}` is not key=value"))?;
+            let bad = |_| format!("bad {k}: `{v}`");
+            match k {
+                "max_tokens" => a.max_tokens = v.parse().map_err(|_| format!("bad {k}: `{v}`"))?,
+                "temperature" => a.params.temperature = v.parse().map_err(bad)?,
+                "top_p" => a.params.top_p = v.parse().map_err(|_| format!("bad {k}: `{v}`"))?,
+                "top_k" => a.params.top_k = v.parse().map_err(|_| format!("bad {k}: `{v}`"))?,
+                "seed" => a.params.seed = v.parse().map_err(|_| format!("bad {k}: `{v}`"))?,
+                _ => return Err(format!("unknown setting `{k}`")),
+            }
+        }
+        let mut msgs = Vec::new();
+        for rec in body.split('\x1e').filter(|r| !r.is_empty()) {
+            let (role, content) = rec.split_once('\x1f').ok_or("a message without a role")?;
+            msgs.push((role.to_string(), content.to_string()));
+        }
+        if msgs.last().is_none_or(|(r, _)| r != "user") {
+            return Err("the conversation must end with a user message".into());
+        }
+        Ok((a, msgs))
+    })())
+}
+
+/// The chat as an actor: one message, one user turn (or a whole conversation: see
+/// [`parse_conversation`]).
 pub struct ChatActor {
     chat: Result<(Args, Chat), String>,
 }
@@ -180,7 +238,12 @@ impl shoal_guest::actor::Actor for ChatActor {
             let _ = shoal_guest::actor::reply(b"chat: the message is not UTF-8\n");
             return 2;
         };
-        match chat.turn(user, a, &mut ReplyWriter) {
+        let r = match parse_conversation(user, a) {
+            Some(Ok((settings, msgs))) => chat.answer(msgs, &settings, &mut ReplyWriter),
+            Some(Err(e)) => Err(e),
+            None => chat.turn(user, a, &mut ReplyWriter),
+        };
+        match r {
             Ok(_) => 0,
             Err(e) => {
                 let _ = shoal_guest::actor::reply(format!("chat: {e}\n").as_bytes());

@@ -1,9 +1,12 @@
 //! One module per subcommand.
 
 pub mod chat;
+pub mod ctl;
 pub mod demo;
 pub mod devices;
+mod http;
 pub mod run;
+pub mod serve;
 
 use std::sync::Arc;
 

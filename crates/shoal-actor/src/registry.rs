@@ -1,0 +1,263 @@
+//! Many actors on one host, by id: what `shoal serve` manages. Actors share the runtime's
+//! models (one copy of the weights); each can be paused (snapshotted in memory and its
+//! instance dropped), resumed, snapshotted to the store, restored from it, or killed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::time::Instant;
+
+use shoal_host::{InstanceOptions, Prepared, Runtime};
+
+use crate::{Actor, ActorConfig, ActorError, Event, Snapshot, SnapshotStore, WriteReport};
+
+/// Errors of the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// No actor has that id.
+    #[error("no actor {0} (see `shoal ps`)")]
+    NoSuchActor(u64),
+    /// The actor is paused (resume it first) or already running.
+    #[error("actor {id} is {state}")]
+    WrongState {
+        /// The actor.
+        id: u64,
+        /// What it is.
+        state: &'static str,
+    },
+    /// No module with that hash was loaded here.
+    #[error("the snapshot is of module {0}, which this daemon has not loaded; spawn an actor of it first")]
+    UnknownModule(String),
+    /// The actor or its snapshot failed.
+    #[error(transparent)]
+    Actor(#[from] ActorError),
+}
+
+impl From<crate::SnapshotError> for RegistryError {
+    fn from(e: crate::SnapshotError) -> Self {
+        RegistryError::Actor(ActorError::Snapshot(e))
+    }
+}
+
+enum Slot {
+    Running(Actor),
+    Paused(Box<Snapshot>),
+}
+
+struct Entry {
+    module_name: String,
+    module: Arc<Prepared>,
+    tag: String,
+    slot: Mutex<Slot>,
+}
+
+/// One actor in a listing.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ActorInfo {
+    /// Its id.
+    pub id: u64,
+    /// The module's name (`chat`, or the file it was read from).
+    pub module: String,
+    /// The module's SHA-256.
+    pub module_sha256: String,
+    /// `idle`, `busy`, `paused` or `stopped: why`.
+    pub state: String,
+    /// Messages handled.
+    pub messages: u64,
+    /// Bytes of linear memory (of the snapshot, when paused).
+    pub memory_bytes: usize,
+    /// Who made it (`api`, `openai`…).
+    pub tag: String,
+}
+
+/// What a pause or resume did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Timing {
+    /// The actor.
+    pub id: u64,
+    /// Milliseconds it took.
+    pub ms: f64,
+    /// Bytes of memory pages and KV cache kept (pause) or brought back (resume).
+    pub bytes: usize,
+}
+
+/// The actors of a host (see the module docs).
+pub struct Registry {
+    runtime: Arc<Runtime>,
+    store: Arc<dyn SnapshotStore>,
+    config: ActorConfig,
+    actors: Mutex<BTreeMap<u64, Arc<Entry>>>,
+    modules: Mutex<HashMap<String, (String, Arc<Prepared>)>>,
+    next: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn snapshot_bytes(s: &Snapshot) -> usize {
+    s.memory_bytes()
+        + s.state.infer.sessions.iter().map(|x| 8 * x.kv.k.len()).sum::<usize>()
+        + s.state.nn.contexts.iter().filter_map(|c| c.cache.as_ref()).map(|c| 8 * c.2.k.len()).sum::<usize>()
+}
+
+impl Registry {
+    /// A registry running actors on `runtime`, snapshots kept in `store`.
+    pub fn new(runtime: Arc<Runtime>, store: Arc<dyn SnapshotStore>, config: ActorConfig) -> Registry {
+        Registry {
+            runtime,
+            store,
+            config,
+            actors: Mutex::new(BTreeMap::new()),
+            modules: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    /// The runtime actors run on.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// Compiles `wasm` for actors once per content, naming it `name`.
+    pub fn module(&self, name: &str, wasm: &[u8]) -> Result<Arc<Prepared>, RegistryError> {
+        let sha = shoal_host::instance::sha256_hex(wasm);
+        if let Some((_, p)) = lock(&self.modules).get(&sha) {
+            return Ok(p.clone());
+        }
+        let p = self.runtime.prepare(wasm).map_err(ActorError::from)?;
+        // The hash of what was compiled (text is turned into binary first).
+        lock(&self.modules).insert(sha, (name.to_string(), p.clone()));
+        lock(&self.modules).insert(p.sha256.clone(), (name.to_string(), p.clone()));
+        Ok(p)
+    }
+
+    fn entry(&self, id: u64) -> Result<Arc<Entry>, RegistryError> {
+        lock(&self.actors).get(&id).cloned().ok_or(RegistryError::NoSuchActor(id))
+    }
+
+    fn add(&self, module_name: &str, module: Arc<Prepared>, tag: &str, slot: Slot) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let e = Entry { module_name: module_name.to_string(), module, tag: tag.to_string(), slot: Mutex::new(slot) };
+        lock(&self.actors).insert(id, Arc::new(e));
+        id
+    }
+
+    /// Starts an actor of `module` with `opts`; returns its id.
+    pub fn spawn(
+        &self,
+        module_name: &str,
+        module: Arc<Prepared>,
+        opts: InstanceOptions,
+        tag: &str,
+    ) -> Result<u64, RegistryError> {
+        let actor = Actor::spawn(self.runtime.clone(), module.clone(), opts, self.config.clone())?;
+        Ok(self.add(module_name, module, tag, Slot::Running(actor)))
+    }
+
+    /// Every actor, by id.
+    pub fn list(&self) -> Vec<ActorInfo> {
+        let entries: Vec<(u64, Arc<Entry>)> = lock(&self.actors).iter().map(|(k, v)| (*k, v.clone())).collect();
+        entries
+            .into_iter()
+            .map(|(id, e)| {
+                let (state, messages, memory_bytes) = match &*lock(&e.slot) {
+                    Slot::Running(a) => {
+                        let s = a.status();
+                        (s.state, s.messages, s.memory_bytes)
+                    }
+                    Slot::Paused(s) => ("paused".to_string(), 0, s.state.memory_pages as usize * 65536),
+                };
+                ActorInfo {
+                    id,
+                    module: e.module_name.clone(),
+                    module_sha256: e.module.sha256.clone(),
+                    state,
+                    messages,
+                    memory_bytes,
+                    tag: e.tag.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Puts `msg` in actor `id`'s mailbox; the reply streams through the receiver.
+    pub fn send(&self, id: u64, msg: Vec<u8>) -> Result<mpsc::Receiver<Event>, RegistryError> {
+        let e = self.entry(id)?;
+        let slot = lock(&e.slot);
+        match &*slot {
+            Slot::Running(a) => Ok(a.send(msg)?),
+            Slot::Paused(_) => Err(RegistryError::WrongState { id, state: "paused; resume it first" }),
+        }
+    }
+
+    /// Snapshots actor `id` in memory and drops its instance (its memory and KV caches are
+    /// freed; the weights stay loaded for the others).
+    pub fn pause(&self, id: u64) -> Result<Timing, RegistryError> {
+        let e = self.entry(id)?;
+        let mut slot = lock(&e.slot);
+        let t0 = Instant::now();
+        let snap = match &*slot {
+            Slot::Running(a) => a.snapshot()?,
+            Slot::Paused(_) => return Err(RegistryError::WrongState { id, state: "already paused" }),
+        };
+        let bytes = snapshot_bytes(&snap);
+        if let Slot::Running(a) = std::mem::replace(&mut *slot, Slot::Paused(Box::new(snap))) {
+            a.stop();
+        }
+        Ok(Timing { id, ms: t0.elapsed().as_secs_f64() * 1e3, bytes })
+    }
+
+    /// Brings a paused actor back.
+    pub fn resume(&self, id: u64) -> Result<Timing, RegistryError> {
+        let e = self.entry(id)?;
+        let mut slot = lock(&e.slot);
+        let t0 = Instant::now();
+        let Slot::Paused(snap) = &*slot else {
+            return Err(RegistryError::WrongState { id, state: "not paused" });
+        };
+        let bytes = snapshot_bytes(snap);
+        let actor = Actor::restore(self.runtime.clone(), e.module.clone(), (**snap).clone(), self.config.clone())?;
+        *slot = Slot::Running(actor);
+        Ok(Timing { id, ms: t0.elapsed().as_secs_f64() * 1e3, bytes })
+    }
+
+    /// Writes actor `id`'s snapshot to the store under `key` (a running actor is snapshotted
+    /// between messages and goes on).
+    pub fn snapshot(&self, id: u64, key: &str) -> Result<(WriteReport, f64), RegistryError> {
+        let e = self.entry(id)?;
+        let t0 = Instant::now();
+        let snap = match &*lock(&e.slot) {
+            Slot::Running(a) => a.snapshot()?,
+            Slot::Paused(s) => (**s).clone(),
+        };
+        let r = self.store.put(key, &snap)?;
+        Ok((r, t0.elapsed().as_secs_f64() * 1e3))
+    }
+
+    /// Starts a new actor from the store's snapshot `key`; returns its id.
+    pub fn restore(&self, key: &str, tag: &str) -> Result<(u64, f64), RegistryError> {
+        let t0 = Instant::now();
+        let snap = self.store.get(key)?;
+        let (name, module) = lock(&self.modules)
+            .get(&snap.module_sha256)
+            .cloned()
+            .ok_or_else(|| RegistryError::UnknownModule(snap.module_sha256.clone()))?;
+        let actor = Actor::restore(self.runtime.clone(), module.clone(), snap, self.config.clone())?;
+        let id = self.add(&name, module, tag, Slot::Running(actor));
+        Ok((id, t0.elapsed().as_secs_f64() * 1e3))
+    }
+
+    /// Stops actor `id` and forgets it.
+    pub fn kill(&self, id: u64) -> Result<(), RegistryError> {
+        let e = lock(&self.actors).remove(&id).ok_or(RegistryError::NoSuchActor(id))?;
+        // Dropping the actor stops its thread after the message it is handling.
+        drop(e);
+        Ok(())
+    }
+
+    /// The snapshot keys in the store.
+    pub fn snapshots(&self) -> Result<Vec<String>, RegistryError> {
+        Ok(self.store.list()?)
+    }
+}
