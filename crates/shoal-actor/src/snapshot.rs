@@ -362,9 +362,9 @@ fn get(dir: &Path, f: &FileRef) -> Result<Vec<u8>, SnapshotError> {
 }
 
 fn kv(dir: &Path, f: &FileRef) -> Result<KvSnapshot, SnapshotError> {
-    get(dir, f)?;
+    let bytes = get(dir, f)?;
     let path = dir.join(&f.name);
-    KvSnapshot::read(&path).map_err(|e| corrupt(&path, e.to_string()))
+    KvSnapshot::from_safetensors(&path.display().to_string(), bytes).map_err(|e| corrupt(&path, e.to_string()))
 }
 
 fn current(dir: &Path) -> Result<Option<(String, u32, u64)>, SnapshotError> {

@@ -202,8 +202,12 @@ impl KvSnapshot {
         let mut out = Vec::with_capacity(8 + header.len() + 2 * bytes);
         out.extend_from_slice(&(header.len() as u64).to_le_bytes());
         out.extend_from_slice(header.as_bytes());
-        for x in self.k.iter().chain(&self.v) {
-            out.extend_from_slice(&x.to_le_bytes());
+        for t in [&self.k, &self.v] {
+            if cfg!(target_endian = "little") {
+                out.extend_from_slice(bytemuck::cast_slice(t));
+            } else {
+                t.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+            }
         }
         out
     }
@@ -228,9 +232,18 @@ impl KvSnapshot {
     /// Reads a file [`KvSnapshot::write`] wrote, refusing other formats and versions,
     /// inconsistent shapes, truncated or corrupt files with a clear error.
     pub fn read(path: &std::path::Path) -> Result<KvSnapshot, crate::safetensors::SafetensorsError> {
-        use crate::safetensors::{SafetensorsError, SafetensorsFile};
-        let f = SafetensorsFile::open(path)?;
-        let corrupt = |reason: String| SafetensorsError::Corrupt { path: path.to_path_buf(), reason };
+        Self::parse(crate::safetensors::SafetensorsFile::open(path)?)
+    }
+
+    /// [`KvSnapshot::read`] of bytes already in memory (`name` is used in errors).
+    pub fn from_safetensors(name: &str, bytes: Vec<u8>) -> Result<KvSnapshot, crate::safetensors::SafetensorsError> {
+        Self::parse(crate::safetensors::SafetensorsFile::from_bytes(name, bytes)?)
+    }
+
+    fn parse(f: crate::safetensors::SafetensorsFile) -> Result<KvSnapshot, crate::safetensors::SafetensorsError> {
+        use crate::safetensors::SafetensorsError;
+        let path = f.path().to_path_buf();
+        let corrupt = |reason: String| SafetensorsError::Corrupt { path: path.clone(), reason };
         let meta = f.metadata();
         match (meta.get("format").map(String::as_str), meta.get("version").map(String::as_str)) {
             (Some(Self::FORMAT), Some(Self::VERSION)) => {}
@@ -263,8 +276,14 @@ impl KvCache {
             n_layers: self.n_layers(),
             kv_dim: self.kv_dim,
             len: self.len,
-            k: self.k.iter().flat_map(|l| l[..used].iter().copied()).collect(),
-            v: self.v.iter().flat_map(|l| l[..used].iter().copied()).collect(),
+            k: self.k.iter().fold(Vec::with_capacity(used * self.k.len()), |mut v, l| {
+                v.extend_from_slice(&l[..used]);
+                v
+            }),
+            v: self.v.iter().fold(Vec::with_capacity(used * self.v.len()), |mut v, l| {
+                v.extend_from_slice(&l[..used]);
+                v
+            }),
         }
     }
 
