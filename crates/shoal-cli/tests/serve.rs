@@ -1,0 +1,309 @@
+//! `shoal serve`, driven over loopback as its clients drive it: many chat actors sharing one
+//! copy of the weights answering at once, a load test that loses no message, the OpenAI
+//! endpoint, guests that trap or loop, and a daemon killed (SIGKILL) while it writes a
+//! snapshot. The chat parts need the default model (`scripts/fetch-model.sh`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+struct Daemon {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn model() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    p.is_file().then_some(p)
+}
+
+fn start(store: &Path, extra: &[&str]) -> Daemon {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal"));
+    cmd.args(["serve", "--backend", "cpu", "--addr", "127.0.0.1:0", "--store"]).arg(store).args(extra);
+    if let Some(m) = model() {
+        cmd.arg("--model").arg(format!("smollm2={}", m.display()));
+    }
+    let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("shoal serve starts");
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    // Keep draining its stderr so that it never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    Daemon { child, addr }
+}
+
+/// One request; the body as bytes (chunked bodies decoded).
+fn call(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+        .unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("headers end");
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = raw[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        let (mut out, mut rest) = (Vec::new(), &body[..]);
+        loop {
+            let eol = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let n = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16).unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[eol + 2..eol + 2 + n]);
+            rest = &rest[eol + 4 + n..];
+        }
+        body = out;
+    }
+    (status, body)
+}
+
+fn post(addr: &str, path: &str, v: &Value) -> (u16, Value) {
+    let (s, b) = call(addr, "POST", path, &serde_json::to_vec(v).unwrap());
+    (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
+}
+
+/// A message's reply: the text of its chunks, or the error it ended with.
+fn send(addr: &str, id: u64, msg: &str) -> Result<String, String> {
+    let (status, body) = call(addr, "POST", &format!("/v1/actors/{id}/messages"), msg.as_bytes());
+    if status != 200 {
+        return Err(String::from_utf8_lossy(&body).into_owned());
+    }
+    let mut text = String::new();
+    for line in String::from_utf8(body).unwrap().lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        if let Some(c) = v["chunk"].as_str() {
+            text += c;
+        } else if let Some(e) = v["error"].as_str() {
+            return Err(e.to_string());
+        } else {
+            assert_eq!(v["done"], json!(true), "{line}");
+            return Ok(text);
+        }
+    }
+    Err("the reply ended without done".into())
+}
+
+fn spawn(addr: &str, module: &str, args: &[&str]) -> u64 {
+    let (s, v) = post(addr, "/v1/actors", &json!({"module": module, "args": args}));
+    assert_eq!(s, 201, "{v}");
+    v["id"].as_u64().unwrap()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("shoal-serve-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// An echo actor: replies with its message, prefixed by how many it has handled.
+const ECHO: &str = r#"(module
+  (import "shoal_v1" "reply" (func $reply (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $n (mut i32) (i32.const 0))
+  (func (export "shoal_actor_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "shoal_actor_message") (param $p i32) (param $len i32) (result i32)
+    (global.set $n (i32.add (global.get $n) (i32.const 1)))
+    (if (i32.eq (i32.load8_u (local.get $p)) (i32.const 108)) (then (loop $l (br $l))))
+    (if (i32.eq (i32.load8_u (local.get $p)) (i32.const 116)) (then unreachable))
+    (drop (call $reply (local.get $p) (local.get $len)))
+    (i32.const 0)))"#;
+
+#[test]
+fn a_load_test_loses_no_message_and_bad_guests_stop_alone() {
+    let dir = tmp("load");
+    let wasm = dir.join("echo.wat");
+    std::fs::write(&wasm, ECHO).unwrap();
+    let d = start(&dir.join("store"), &["--deadline", "0.5"]);
+    let module = wasm.display().to_string();
+    let ids: Vec<u64> = (0..8).map(|_| spawn(&d.addr, &module, &[])).collect();
+    // 32 clients × 16 messages, spread over the 8 actors, all at once.
+    let threads: Vec<_> = (0..32)
+        .map(|c| {
+            let (addr, ids) = (d.addr.clone(), ids.clone());
+            std::thread::spawn(move || {
+                for m in 0..16 {
+                    let msg = format!("client {c} message {m}");
+                    assert_eq!(send(&addr, ids[(c + m) % ids.len()], &msg).unwrap(), msg);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("no message lost or garbled");
+    }
+    let (_, list) = call(&d.addr, "GET", "/v1/actors", b"");
+    let list: Value = serde_json::from_slice(&list).unwrap();
+    let handled: u64 = list["actors"].as_array().unwrap().iter().map(|a| a["messages"].as_u64().unwrap()).sum();
+    assert_eq!(handled, 32 * 16);
+
+    // A guest that loops is stopped at its deadline; one that traps is stopped; the others
+    // and the daemon go on.
+    let t0 = Instant::now();
+    let e = send(&d.addr, ids[0], "loop").unwrap_err();
+    assert!(e.contains("deadline"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    let e = send(&d.addr, ids[1], "trap").unwrap_err();
+    assert!(e.contains("trapped"), "{e}");
+    assert!(send(&d.addr, ids[0], "again").is_err());
+    assert_eq!(send(&d.addr, ids[2], "still here").unwrap(), "still here");
+
+    // Pause, resume, snapshot, restore, kill; unknown ids and bad bodies are clear errors.
+    assert_eq!(post(&d.addr, &format!("/v1/actors/{}/pause", ids[3]), &json!({})).0, 200);
+    assert!(send(&d.addr, ids[3], "x").unwrap_err().contains("paused"));
+    assert_eq!(post(&d.addr, &format!("/v1/actors/{}/resume", ids[3]), &json!({})).0, 200);
+    assert_eq!(send(&d.addr, ids[3], "back").unwrap(), "back");
+    let (s, v) = post(&d.addr, &format!("/v1/actors/{}/snapshot", ids[3]), &json!({"key": "e3"}));
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = post(&d.addr, "/v1/snapshots/e3/restore", &json!({}));
+    assert_eq!(s, 200, "{v}");
+    let copy = v["id"].as_u64().unwrap();
+    assert_eq!(send(&d.addr, copy, "copy").unwrap(), "copy");
+    assert_eq!(call(&d.addr, "DELETE", &format!("/v1/actors/{copy}"), b"").0, 200);
+    assert_eq!(call(&d.addr, "DELETE", &format!("/v1/actors/{copy}"), b"").0, 404);
+    assert_eq!(post(&d.addr, "/v1/actors/999/pause", &json!({})).0, 404);
+    assert_eq!(call(&d.addr, "POST", "/v1/actors", b"{not json").0, 400);
+    assert_eq!(post(&d.addr, "/v1/actors", &json!({"module": "/no/such.wasm"})).0, 400);
+    assert_eq!(post(&d.addr, "/v1/snapshots/nothing/restore", &json!({})).0, 500);
+    assert_eq!(call(&d.addr, "GET", "/nowhere", b"").0, 404);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sixty_four_chat_actors_share_the_weights_and_answer_at_once() {
+    if model().is_none() {
+        eprintln!("skipping: no default model; run scripts/fetch-model.sh");
+        return;
+    }
+    let dir = tmp("many");
+    let d = start(&dir.join("store"), &[]);
+    let before = rss_kib(d.child.id());
+    let ids: Vec<u64> =
+        (0..64).map(|_| spawn(&d.addr, "chat", &["--temperature", "0", "--max-tokens", "12"])).collect();
+    let threads: Vec<_> = ids
+        .iter()
+        .map(|&id| {
+            let addr = d.addr.clone();
+            std::thread::spawn(move || send(&addr, id, "What is the capital of France?"))
+        })
+        .collect();
+    for t in threads {
+        let answer = t.join().unwrap().unwrap();
+        assert!(answer.contains("Paris"), "{answer}");
+    }
+    let after = rss_kib(d.child.id());
+    let per_actor = after.saturating_sub(before) / 64;
+    eprintln!(
+        "64 idle chat actors: daemon RSS {before} KiB with the model loaded, {after} KiB after; {per_actor} KiB per actor"
+    );
+    // The weights (about 540 MB as f32) are not copied per actor.
+    assert!(per_actor < 40 << 10, "{per_actor} KiB per actor");
+
+    // The OpenAI endpoint, whole and streamed.
+    let (s, v) = post(
+        &d.addr,
+        "/v1/chat/completions",
+        &json!({"model": "smollm2", "temperature": 0, "max_tokens": 16,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}]}),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert!(v["choices"][0]["message"]["content"].as_str().unwrap().contains("Paris"), "{v}");
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 10);
+    let (s, body) = call(
+        &d.addr,
+        "POST",
+        "/v1/chat/completions",
+        br#"{"stream": true, "temperature": 0, "max_tokens": 16, "messages": [{"role": "user", "content": "What is the capital of France?"}]}"#,
+    );
+    assert_eq!(s, 200);
+    let text = String::from_utf8(body).unwrap();
+    let content: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|l| *l != "[DONE]")
+        .filter_map(|l| {
+            serde_json::from_str::<Value>(l).ok()?["choices"][0]["delta"]["content"].as_str().map(String::from)
+        })
+        .collect();
+    assert!(content.contains("Paris") && text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let (s, v) = post(&d.addr, "/v1/chat/completions", &json!({"model": "nope", "messages": []}));
+    assert_eq!(s, 404, "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_daemon_killed_while_writing_a_snapshot_leaves_the_previous_one_intact() {
+    if model().is_none() {
+        eprintln!("skipping: no default model; run scripts/fetch-model.sh");
+        return;
+    }
+    let dir = tmp("kill");
+    let store = dir.join("store");
+    let mut d = start(&store, &[]);
+    // A long conversation, so that a snapshot takes a while to write (~45 MB of KV cache).
+    let id = spawn(&d.addr, "chat", &["--temperature", "0", "--max-tokens", "12", "--context", "2048"]);
+    let filler = "the quiet river runs past old stone mills and green fields ".repeat(90);
+    send(&d.addr, id, &format!("{filler}\nWhat is the capital of France?")).unwrap();
+    assert_eq!(post(&d.addr, &format!("/v1/actors/{id}/snapshot"), &json!({"key": "k"})).0, 200);
+    let first = shoal_actor::read_dir(&store.join("k")).unwrap();
+    let mut id = id;
+    for delay_ms in [0u64, 5, 15, 30, 60] {
+        // A snapshot of the same key is being written when the daemon is killed.
+        let addr = d.addr.clone();
+        let t = std::thread::spawn(move || {
+            // The daemon dies under this request: whatever happens to it is fine.
+            if let Ok(mut s) = TcpStream::connect(&addr) {
+                let body = br#"{"key": "k"}"#;
+                let head = format!("POST /v1/actors/{id}/snapshot HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len());
+                let _ = s.write_all(head.as_bytes()).and_then(|()| s.write_all(body));
+                let _ = s.read_to_end(&mut Vec::new());
+            }
+        });
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = d.child.kill(); // SIGKILL
+        let _ = d.child.wait();
+        let _ = t.join();
+        let torn = std::fs::read_dir(store.join("k"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains(".tmp"));
+        eprintln!(
+            "killed {delay_ms} ms into a snapshot: {}",
+            if torn { "mid-write" } else { "before or after the write" }
+        );
+        let snap = shoal_actor::read_dir(&store.join("k")).expect("the snapshot is readable after SIGKILL");
+        assert_eq!(snap.kv_positions(), first.kv_positions());
+        d = start(&store, &[]);
+        let (s, v) = post(&d.addr, "/v1/snapshots/k/restore", &json!({}));
+        assert_eq!(s, 200, "{v}");
+        id = v["id"].as_u64().unwrap();
+    }
+    let answer = send(&d.addr, id, "And of Germany?").unwrap();
+    assert!(answer.contains("Berlin"), "{answer}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
