@@ -3,13 +3,13 @@
 # CPU vs CUDA vs transformers logits, and the prefill/decode benchmarks of
 # docs/benchmarks.md. Binaries come prebuilt in .dev/engine.tar.xz (scripts/gpu-pack.sh
 # engine). SmolLM2 is used when models/ or .dev/ holds its GGUF.
-# Env: PARTS="test nn check bench hf" (default all), OUT (default ./gpu-out), HF_MODES
+# Env: PARTS="test nn actors check bench hf" (default all), OUT (default ./gpu-out), HF_MODES
 # (default "eager compiled-default"; "compiled" is reduce-overhead), BENCH_MODELS (default
 # "l1b smol": which models "bench" and "hf" measure). A device call lasts at most 600 s:
 # run the parts in two calls (e.g. "test nn check", then "bench hf").
 set -u
 OUT=${OUT:-gpu-out}
-PARTS=${PARTS:-test nn check bench hf}
+PARTS=${PARTS:-test nn actors check bench hf}
 BENCH_MODELS=${BENCH_MODELS:-l1b smol}
 mkdir -p "$OUT" /tmp/shoal-bin
 tar -xJf .dev/engine.tar.xz -C /tmp/shoal-bin
@@ -23,12 +23,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 nproc; date -u
 SMOL=""
 for f in models/SmolLM2-135M-Instruct.Q4_1.gguf .dev/SmolLM2-135M-Instruct.Q4_1.gguf; do [[ -f $f ]] && SMOL=$f; done
-# The GGUF is larger than one call may carry: its halves can come in two calls.
-for p1 in .m1/smol.part1 /tmp/smol.part1; do
-  if [[ -z $SMOL && -f $p1 && -f .dev/smol.part2 ]]; then
-    cat $p1 .dev/smol.part2 > /tmp/smol.gguf && SMOL=/tmp/smol.gguf
-  fi
-done
+# The GGUF is larger than one call may carry: its parts come in successive calls (each
+# copied to /tmp by the call that carried it: .m1/smol.part1, .m2/smol.part2, then this
+# call's .dev/smol.part3).
+if [[ -z $SMOL && -f /tmp/smol.part1 && -f /tmp/smol.part2 && -f .dev/smol.part3 ]]; then
+  cat /tmp/smol.part1 /tmp/smol.part2 .dev/smol.part3 > /tmp/smol.gguf && SMOL=/tmp/smol.gguf
+fi
+[[ -z $SMOL && -f /tmp/smol.gguf ]] && SMOL=/tmp/smol.gguf
 echo "SmolLM2: ${SMOL:-absent}"
 
 step "synthetic weights: tiny and Llama-3.2-1B shape (bf16)"
@@ -53,6 +54,25 @@ if has nn && [[ -n $SMOL ]]; then
   $B/shoal run --backend cuda --nn-preload default:GGML:AUTO:$SMOL $B/nnchat.wasm -- --temperature 0 --prompt "What is the capital of France?" --prompt "And of Germany?"
   $B/nn_ttft --model $SMOL --backend cuda --history 2000 --turns 4 --n-predict 16 | tee -a "$OUT/nn-ttft.jsonl"
   $B/nn_ttft --model $SMOL --backend cuda --history 100 --turns 4 --n-predict 16 | tee -a "$OUT/nn-ttft.jsonl"
+fi
+
+if has actors && [[ -n $SMOL ]]; then
+  step "actors: snapshot and restore vs re-prefill on CUDA (SmolLM2, then the 1B shape)"
+  $B/snapshot --model $SMOL --backend cuda --tokens 24,512,4096 --repeat 5 | sed 's/"bench":"snapshot"/"bench":"snapshot","model":"smollm2"/' | tee -a "$OUT/actors.jsonl"
+  $B/snapshot --model /tmp/l1b --backend cuda --tokens 24,512,4096 --repeat 3 | sed 's/"bench":"snapshot"/"bench":"snapshot","model":"l1b"/' | tee -a "$OUT/actors.jsonl"
+  step "a chat moved between backends: CUDA -> CPU -> CUDA, against one that never stopped"
+  export SHOAL_MODELS=/tmp/models; mkdir -p /tmp/models && cp -f $SMOL /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf
+  Q=(--temperature 0 --max-tokens 24)
+  $B/shoal chat --backend cuda "${Q[@]}" --prompt "What is the capital of France?" --prompt "And of Germany?" --prompt "And of Italy?" > /tmp/straight.txt
+  rm -rf /tmp/mv; $B/shoal chat --backend cuda "${Q[@]}" --prompt "What is the capital of France?" --save /tmp/mv > /tmp/m1.txt
+  $B/shoal chat --backend cpu --prompt "And of Germany?" --resume /tmp/mv --save /tmp/mv > /tmp/m2.txt
+  $B/shoal chat --backend cuda --prompt "And of Italy?" --resume /tmp/mv > /tmp/m3.txt
+  cat /tmp/straight.txt; echo "--- moved:"; cat /tmp/m1.txt /tmp/m2.txt /tmp/m3.txt
+  if cat /tmp/m1.txt /tmp/m2.txt /tmp/m3.txt | cmp -s - /tmp/straight.txt; then r=identical; else r=DIFFERENT; fi
+  echo "{\"bench\":\"move\",\"path\":\"cuda-cpu-cuda\",\"answers\":\"$r\"}" | tee -a "$OUT/actors.jsonl"
+  unset SHOAL_MODELS
+  step "64 chat actors on one daemon, messaged at once (CUDA)"
+  python3 scripts/many_actors.py $B/shoal $SMOL 64 cuda | tee -a "$OUT/actors.jsonl"
 fi
 
 if has check; then

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const GUESTS: &[&str] = &["gemm", "xfer", "chat", "chat_actor", "nnchat"];
+const GUESTS: &[&str] = &["gemm", "xfer", "chat", "chat_actor", "nnchat", "nnchat_actor"];
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));

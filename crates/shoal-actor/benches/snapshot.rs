@@ -91,9 +91,11 @@ fn main() {
 
     for &want in &lengths {
         // A conversation of about `want` tokens: one user turn, padded, and a one-token answer.
+        let filler = |n: usize| (0..n).map(|i| words[i % words.len()]).collect::<Vec<_>>().join(" ");
+        let per_word = loaded.tokenizer.encode(&filler(110), false).len() as f64 / 110.0;
         let template_tokens = 30;
-        let n = want.saturating_sub(template_tokens).max(1);
-        let text: String = (0..n).map(|i| words[i % words.len()]).collect::<Vec<_>>().join(" ");
+        let n = ((want.saturating_sub(template_tokens)) as f64 / per_word).floor().max(1.0) as usize;
+        let text = filler(n);
         let context = (want + 64).next_multiple_of(16).to_string();
         let opts = InstanceOptions {
             args: ["--model", "m", "--temperature", "0", "--max-tokens", "1", "--context", &context]

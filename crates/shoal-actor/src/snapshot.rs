@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use shoal_engine::kv::KvSnapshot;
+use shoal_engine::safetensors::{SafetensorsError, SafetensorsFile};
 use shoal_host::{
     ContextState, GlobalValue, GraphState, InferState, InstanceState, NnState, Prepared, Runtime, SessionState,
 };
@@ -330,13 +331,42 @@ fn runs(pages: &[u32]) -> Vec<[u32; 2]> {
 
 /// Writes `bytes` to `path` and syncs it.
 fn put(path: &Path, bytes: &[u8]) -> Result<FileRef, SnapshotError> {
-    let mut f = std::fs::File::create(path).map_err(io(path))?;
-    f.write_all(bytes).map_err(io(path))?;
-    f.sync_all().map_err(io(path))?;
+    put_with(path, |w| w.write_all(bytes))
+}
+
+/// A writer that counts and checksums what passes through it.
+struct Summing<W> {
+    inner: W,
+    crc: crc32fast::Hasher,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Summing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes what `fill` writes to `path`, syncs it, and describes it.
+fn put_with(
+    path: &Path,
+    fill: impl FnOnce(&mut Summing<std::fs::File>) -> std::io::Result<()>,
+) -> Result<FileRef, SnapshotError> {
+    let f = std::fs::File::create(path).map_err(io(path))?;
+    let mut w = Summing { inner: f, crc: crc32fast::Hasher::new(), bytes: 0 };
+    fill(&mut w).map_err(io(path))?;
+    w.inner.sync_all().map_err(io(path))?;
     Ok(FileRef {
         name: path.file_name().expect("a file name").to_string_lossy().into_owned(),
-        bytes: bytes.len() as u64,
-        crc32: crc32fast::hash(bytes),
+        bytes: w.bytes,
+        crc32: w.crc.finalize(),
     })
 }
 
@@ -346,25 +376,39 @@ fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
 
 /// Reads a file the manifest lists, checking its length and checksum.
 fn get(dir: &Path, f: &FileRef) -> Result<Vec<u8>, SnapshotError> {
-    if f.name.contains('/') || f.name.contains('\\') || f.name.starts_with('.') {
-        return Err(corrupt(dir, format!("file name `{}` leaves the snapshot", f.name)));
-    }
-    let path = dir.join(&f.name);
+    let path = checked_name(dir, &f.name)?;
     let bytes = std::fs::read(&path).map_err(io(&path))?;
-    if bytes.len() as u64 != f.bytes {
-        return Err(corrupt(&path, format!("{} bytes; the manifest says {} (truncated?)", bytes.len(), f.bytes)));
-    }
-    let crc = crc32fast::hash(&bytes);
-    if crc != f.crc32 {
-        return Err(corrupt(&path, format!("CRC-32 {crc:08x}; the manifest says {:08x}", f.crc32)));
-    }
+    check_bytes(&path, &bytes, f)?;
     Ok(bytes)
 }
 
 fn kv(dir: &Path, f: &FileRef) -> Result<KvSnapshot, SnapshotError> {
-    let bytes = get(dir, f)?;
-    let path = dir.join(&f.name);
-    KvSnapshot::from_safetensors(&path.display().to_string(), bytes).map_err(|e| corrupt(&path, e.to_string()))
+    let path = checked_name(dir, &f.name)?;
+    // Mapped, checked, then decoded: the bytes are copied once.
+    let file = SafetensorsFile::open(&path).map_err(|e| match e {
+        SafetensorsError::Io { source, .. } => SnapshotError::Io { path: path.clone(), source },
+        other => corrupt(&path, format!("{other} (truncated?)")),
+    })?;
+    check_bytes(&path, file.bytes(), f)?;
+    KvSnapshot::from_file(file).map_err(|e| corrupt(&path, e.to_string()))
+}
+
+fn checked_name(dir: &Path, name: &str) -> Result<PathBuf, SnapshotError> {
+    if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+        return Err(corrupt(dir, format!("file name `{name}` leaves the snapshot")));
+    }
+    Ok(dir.join(name))
+}
+
+fn check_bytes(path: &Path, bytes: &[u8], f: &FileRef) -> Result<(), SnapshotError> {
+    if bytes.len() as u64 != f.bytes {
+        return Err(corrupt(path, format!("{} bytes; the manifest says {} (truncated?)", bytes.len(), f.bytes)));
+    }
+    let crc = crc32fast::hash(bytes);
+    if crc != f.crc32 {
+        return Err(corrupt(path, format!("CRC-32 {crc:08x}; the manifest says {:08x}", f.crc32)));
+    }
+    Ok(())
 }
 
 fn current(dir: &Path) -> Result<Option<(String, u32, u64)>, SnapshotError> {
@@ -405,7 +449,7 @@ pub fn write_dir(dir: &Path, snap: &Snapshot) -> Result<WriteReport, SnapshotErr
     let memory = put(&tmp.join("memory.bin"), &s.page_data)?;
     report.memory_bytes = memory.bytes;
     let mut kv_file = |name: String, kv: &KvSnapshot| -> Result<FileRef, SnapshotError> {
-        let f = put(&tmp.join(name), &kv.to_safetensors())?;
+        let f = put_with(&tmp.join(name), |w| kv.write_safetensors(w))?;
         report.kv_bytes += f.bytes;
         Ok(f)
     };

@@ -193,6 +193,10 @@ fn a_guest_that_traps_or_loops_stops_alone() {
 }
 
 fn chat_runtime(test: &str) -> Option<Arc<Runtime>> {
+    model_runtime(test, "smollm2")
+}
+
+fn model_runtime(test: &str, name: &str) -> Option<Arc<Runtime>> {
     let path = shoal_host::default_model_path().or_else(|| {
         let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
         p.is_file().then_some(p)
@@ -202,7 +206,7 @@ fn chat_runtime(test: &str) -> Option<Arc<Runtime>> {
         return None;
     };
     let models = Models::new();
-    models.add("smollm2", &path);
+    models.add(name, &path);
     Some(runtime(models))
 }
 
@@ -251,4 +255,43 @@ fn a_chat_actor_resumed_from_disk_answers_as_if_it_never_stopped() {
     assert!(e.to_string().contains("smollm2"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&synth);
+}
+
+#[test]
+fn a_wasi_nn_context_and_its_kv_cache_travel_with_the_actor() {
+    let test = "a_wasi_nn_context_and_its_kv_cache_travel_with_the_actor";
+    let Some(rt) = model_runtime(test, "default") else { return };
+    let m = rt.prepare(shoal_guests::NNCHAT_ACTOR).unwrap();
+    let opts = InstanceOptions {
+        args: ["--temperature", "0", "--n-predict", "24", "--stats"].iter().map(|s| s.to_string()).collect(),
+        program_name: Some("nnchat_actor.wasm".into()),
+    };
+    let q = ["What is the capital of France?", "And of Germany?"];
+    // Each reply: the answer, then output 1 (token counts) as a JSON line.
+    let split = |r: String| {
+        let (answer, meta) = r.trim_end().rsplit_once('\n').unwrap();
+        (answer.to_string(), serde_json::from_str::<serde_json::Value>(meta).unwrap())
+    };
+    let straight = Actor::spawn(rt.clone(), m.clone(), opts.clone(), ActorConfig::default()).unwrap();
+    let (a1, _) = split(ask(&straight, q[0]));
+    let (a2, _) = split(ask(&straight, q[1]));
+    assert!(a1.contains("Paris") && a2.contains("Berlin"), "{a1} / {a2}");
+
+    let first = Actor::spawn(rt.clone(), m.clone(), opts, ActorConfig::default()).unwrap();
+    assert_eq!(split(ask(&first, q[0])).0, a1);
+    let snap = first.snapshot().unwrap();
+    assert_eq!(snap.state.nn.contexts.len(), 1);
+    assert!(snap.state.nn.contexts[0].cache.is_some(), "the context's KV cache is in the snapshot");
+    let dir = tmp("nnchat");
+    write_dir(&dir, &snap).unwrap();
+    first.stop();
+
+    let rt2 = model_runtime(test, "default").unwrap();
+    let m2 = rt2.prepare(shoal_guests::NNCHAT_ACTOR).unwrap();
+    let resumed = Actor::restore(rt2, m2, read_dir(&dir).unwrap(), ActorConfig::default()).unwrap();
+    let (b2, meta) = split(ask(&resumed, q[1]));
+    assert_eq!(b2, a2, "the same answer as the actor that never stopped");
+    let reused = meta["reused_tokens"].as_u64().unwrap();
+    assert!(reused > 20, "the resumed context reuses its cached prefix: {meta}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

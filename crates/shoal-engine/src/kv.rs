@@ -191,6 +191,13 @@ impl KvSnapshot {
     /// The safetensors bytes: tensors `k` and `v` of shape `[n_layers, len, kv_dim]`, F32,
     /// and metadata `format`, `version`.
     pub fn to_safetensors(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.k.len() * 8 + 512);
+        self.write_safetensors(&mut out).expect("writing to a Vec cannot fail");
+        out
+    }
+
+    /// Writes the safetensors form to `w` without building it in memory first.
+    pub fn write_safetensors(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
         let bytes = self.k.len() * 4;
         let shape = [self.n_layers, self.len, self.kv_dim];
         let header = format!(
@@ -199,17 +206,18 @@ impl KvSnapshot {
             Self::VERSION,
             2 * bytes
         );
-        let mut out = Vec::with_capacity(8 + header.len() + 2 * bytes);
-        out.extend_from_slice(&(header.len() as u64).to_le_bytes());
-        out.extend_from_slice(header.as_bytes());
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(header.as_bytes())?;
         for t in [&self.k, &self.v] {
             if cfg!(target_endian = "little") {
-                out.extend_from_slice(bytemuck::cast_slice(t));
+                w.write_all(bytemuck::cast_slice(t))?;
             } else {
-                t.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+                for x in t.iter() {
+                    w.write_all(&x.to_le_bytes())?;
+                }
             }
         }
-        out
+        Ok(())
     }
 
     /// Writes the safetensors form to `path` atomically and durably (a temporary file in
@@ -238,6 +246,13 @@ impl KvSnapshot {
     /// [`KvSnapshot::read`] of bytes already in memory (`name` is used in errors).
     pub fn from_safetensors(name: &str, bytes: Vec<u8>) -> Result<KvSnapshot, crate::safetensors::SafetensorsError> {
         Self::parse(crate::safetensors::SafetensorsFile::from_bytes(name, bytes)?)
+    }
+
+    /// [`KvSnapshot::read`] of a file already opened (e.g. after checking its bytes).
+    pub fn from_file(
+        f: crate::safetensors::SafetensorsFile,
+    ) -> Result<KvSnapshot, crate::safetensors::SafetensorsError> {
+        Self::parse(f)
     }
 
     fn parse(f: crate::safetensors::SafetensorsFile) -> Result<KvSnapshot, crate::safetensors::SafetensorsError> {

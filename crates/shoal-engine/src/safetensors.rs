@@ -167,6 +167,11 @@ impl SafetensorsFile {
         Ok(SafetensorsFile { path, storage, tensors, metadata })
     }
 
+    /// The whole file's bytes (header included).
+    pub fn bytes(&self) -> &[u8] {
+        self.storage.bytes()
+    }
+
     /// The path the file was opened from.
     pub fn path(&self) -> &Path {
         &self.path

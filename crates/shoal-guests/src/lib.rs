@@ -16,3 +16,6 @@ pub const NNCHAT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nnchat.wasm"
 /// `guests/chat` built as an actor (`chat_actor.wasm`): each message is one user turn, the
 /// answer streams back as the reply; settings are its spawn arguments (those of `chat`).
 pub const CHAT_ACTOR: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/chat_actor.wasm"));
+/// `guests/nnchat-actor`: nnchat as an actor (inference through `wasmedge-wasi-nn` only;
+/// each message a user turn; its wasi-nn context and KV cache are part of its snapshot).
+pub const NNCHAT_ACTOR: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nnchat_actor.wasm"));

@@ -499,12 +499,14 @@ impl Cuda {
         Ok((p.ptr, p.n_layers))
     }
 
-    /// Calls `f(device address, layer, first position, rows, 0 for K / 1 for V)` for each
-    /// stretch of the cache's positions in its blocks, with runs excluded.
-    fn copy_blocks(
+    /// Calls `f(device address, first block index in the cache, blocks)` for each run of
+    /// the cache's blocks that are consecutive in the pool (a block holds every layer's K
+    /// and V for [`KV_BLOCK`] positions, contiguous: `[layer][K|V][position][kv_dim]`), up to
+    /// the blocks its length uses; runs are excluded meanwhile.
+    fn block_runs(
         &self,
         cache: &CudaCache,
-        mut f: impl FnMut(u64, usize, usize, usize, usize) -> Result<(), EngineError>,
+        mut f: impl FnMut(u64, usize, usize) -> Result<(), EngineError>,
     ) -> Result<(), EngineError> {
         if !Arc::ptr_eq(&cache.shared, &self.shared) {
             return Err(fail("this KV cache belongs to another model's backend".into()));
@@ -515,21 +517,44 @@ impl Cuda {
         };
         self.shared.current()?;
         let _runs = self.lock();
-        let (nl, kv) = (cache.n_layers, cache.kv_dim);
-        for (i, &b) in cache.blocks.iter().enumerate() {
-            let p0 = i * KV_BLOCK;
-            if p0 >= cache.len {
+        let block_bytes = (cache.n_layers * 2 * KV_BLOCK * cache.kv_dim * 4) as u64;
+        let used = &cache.blocks[..cache.len.div_ceil(KV_BLOCK).min(cache.blocks.len())];
+        let mut i = 0;
+        while i < used.len() {
+            let mut n = 1;
+            while i + n < used.len() && used[i + n] == used[i] + n as u32 {
+                n += 1;
+            }
+            f(pool_ptr + u64::from(used[i]) * block_bytes, i, n)?;
+            i += n;
+        }
+        Ok(())
+    }
+
+    /// Calls `f(rows in the block, layer, K or V, offset in a snapshot array, floats)` for
+    /// each layer's K and V rows of the staged blocks (pool layout, the cache's blocks from
+    /// `first` on) that hold positions of a cache of `len`; a snapshot array is
+    /// `[layer][position][kv_dim]`.
+    fn each_row(
+        staged: &mut [f32],
+        (n_layers, kv_dim, len): (usize, usize, usize),
+        first: usize,
+        mut f: impl FnMut(&mut [f32], usize, usize),
+    ) {
+        let row = KV_BLOCK * kv_dim;
+        for (j, block) in staged.chunks_exact_mut(n_layers * 2 * row).enumerate() {
+            let p0 = (first + j) * KV_BLOCK;
+            if p0 >= len {
                 break;
             }
-            let rows = (cache.len - p0).min(KV_BLOCK);
-            for l in 0..nl {
+            let rows = (len - p0).min(KV_BLOCK) * kv_dim;
+            for l in 0..n_layers {
+                let at = (l * len + p0) * kv_dim;
                 for which in 0..2 {
-                    let off = ((b as usize * nl + l) * 2 + which) * KV_BLOCK * kv * 4;
-                    f(pool_ptr + off as u64, l, p0, rows, which)?;
+                    f(&mut block[(l * 2 + which) * row..][..rows], which, at);
                 }
             }
         }
-        Ok(())
     }
 
     /// Positions the KV pool holds in all, and free now.
@@ -973,16 +998,21 @@ impl Backend for Cuda {
     fn export_cache(&self, cache: &CudaCache) -> Result<crate::kv::KvSnapshot, EngineError> {
         let (n_layers, kv_dim, len) = (cache.n_layers, cache.kv_dim, cache.len);
         let (mut k, mut v) = (vec![0f32; n_layers * len * kv_dim], vec![0f32; n_layers * len * kv_dim]);
-        self.copy_blocks(cache, |dev, l, p0, rows, which| {
-            let dst = if which == 0 { &mut k } else { &mut v };
-            let at = (l * len + p0) * kv_dim;
-            let host = &mut dst[at..at + rows * kv_dim];
-            // SAFETY: `dev` holds `rows` positions of this block (inside the pool), `host`
-            // exactly as many floats; runs are excluded by the lock `copy_blocks` holds.
+        let block = n_layers * 2 * KV_BLOCK * kv_dim;
+        let mut staged = Vec::new();
+        self.block_runs(cache, |dev, first, blocks| {
+            staged.resize(blocks * block, 0f32);
+            // SAFETY: `dev` starts `blocks` consecutive pool blocks, `staged` holds exactly
+            // their floats; runs are excluded by the lock `block_runs` holds.
             cu(
-                unsafe { sys::cuMemcpyDtoH_v2(host.as_mut_ptr() as *mut c_void, dev, rows * kv_dim * 4) },
-                "cuMemcpyDtoH(KV block)",
-            )
+                unsafe { sys::cuMemcpyDtoH_v2(staged.as_mut_ptr() as *mut c_void, dev, staged.len() * 4) },
+                "cuMemcpyDtoH(KV blocks)",
+            )?;
+            Self::each_row(&mut staged, (n_layers, kv_dim, len), first, |b, which, at| {
+                let dst = if which == 0 { &mut k } else { &mut v };
+                dst[at..at + b.len()].copy_from_slice(b);
+            });
+            Ok(())
         })?;
         Ok(crate::kv::KvSnapshot { n_layers, kv_dim, len, k, v })
     }
@@ -999,14 +1029,20 @@ impl Backend for Cuda {
         self.take_blocks(&mut cache, snap.len)?;
         cache.len = snap.len;
         let len = snap.len;
-        self.copy_blocks(&cache, |dev, l, p0, rows, which| {
-            let src = if which == 0 { &snap.k } else { &snap.v };
-            let at = (l * len + p0) * kv_dim;
-            let host = &src[at..at + rows * kv_dim];
+        let block = n_layers * 2 * KV_BLOCK * kv_dim;
+        // Rows past the length in the last block stay as they were (never read).
+        let mut staged = Vec::new();
+        self.block_runs(&cache, |dev, first, blocks| {
+            staged.clear();
+            staged.resize(blocks * block, 0f32);
+            Self::each_row(&mut staged, (n_layers, kv_dim, len), first, |b, which, at| {
+                let src = if which == 0 { &snap.k } else { &snap.v };
+                b.copy_from_slice(&src[at..at + b.len()]);
+            });
             // SAFETY: as in export_cache, the other way.
             cu(
-                unsafe { sys::cuMemcpyHtoD_v2(dev, host.as_ptr() as *const c_void, rows * kv_dim * 4) },
-                "cuMemcpyHtoD(KV block)",
+                unsafe { sys::cuMemcpyHtoD_v2(dev, staged.as_ptr() as *const c_void, staged.len() * 4) },
+                "cuMemcpyHtoD(KV blocks)",
             )
         })?;
         Ok(cache)
