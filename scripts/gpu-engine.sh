@@ -70,6 +70,16 @@ if has actors && [[ -n $SMOL ]]; then
   cat /tmp/straight.txt; echo "--- moved:"; cat /tmp/m1.txt /tmp/m2.txt /tmp/m3.txt
   if cat /tmp/m1.txt /tmp/m2.txt /tmp/m3.txt | cmp -s - /tmp/straight.txt; then r=identical; else r=DIFFERENT; fi
   echo "{\"bench\":\"move\",\"path\":\"cuda-cpu-cuda\",\"answers\":\"$r\"}" | tee -a "$OUT/actors.jsonl"
+  step "a live actor moved CUDA -> CPU -> CUDA inside the daemon (shoal move)"
+  $B/shoal serve --backend cuda --addr 127.0.0.1:7455 --store /tmp/st 2>/tmp/serve.log & sp=$!
+  sleep 4; export SHOAL_ADDR=127.0.0.1:7455
+  id=$($B/shoal spawn chat -- --temperature 0 --max-tokens 24)
+  { $B/shoal send $id "What is the capital of France?"; $B/shoal move $id --backend cpu >&2; $B/shoal ps >&2
+    $B/shoal send $id "And of Germany?"; $B/shoal move $id --backend cuda >&2
+    $B/shoal send $id "And of Italy?"; } > /tmp/d.txt
+  kill $sp; unset SHOAL_ADDR; cat /tmp/d.txt
+  if cmp -s /tmp/d.txt /tmp/straight.txt; then r=identical; else r=DIFFERENT; fi
+  echo "{\"bench\":\"move\",\"path\":\"daemon cuda-cpu-cuda\",\"answers\":\"$r\"}" | tee -a "$OUT/actors.jsonl"
   unset SHOAL_MODELS
   step "64 chat actors on one daemon, messaged at once (CUDA)"
   python3 scripts/many_actors.py $B/shoal $SMOL 64 cuda | tee -a "$OUT/actors.jsonl"

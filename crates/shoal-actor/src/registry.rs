@@ -25,6 +25,9 @@ pub enum RegistryError {
         /// What it is.
         state: &'static str,
     },
+    /// The daemon has no runtime on that backend.
+    #[error("no runtime on backend {0}")]
+    NoBackend(String),
     /// No module with that hash was loaded here.
     #[error("the snapshot is of module {0}, which this daemon has not loaded; spawn an actor of it first")]
     UnknownModule(String),
@@ -49,6 +52,8 @@ struct Entry {
     module: Arc<Prepared>,
     tag: String,
     slot: Mutex<Slot>,
+    /// The runtime (and so the backend) it runs on: an index into `Registry::runtimes`.
+    runtime: Mutex<usize>,
 }
 
 /// One actor in a listing.
@@ -68,6 +73,8 @@ pub struct ActorInfo {
     pub memory_bytes: usize,
     /// Who made it (`api`, `openai`…).
     pub tag: String,
+    /// The backend its models run on (`cuda`, `cpu`).
+    pub backend: String,
 }
 
 /// What a pause or resume did.
@@ -83,11 +90,14 @@ pub struct Timing {
 
 /// The actors of a host (see the module docs).
 pub struct Registry {
-    runtime: Arc<Runtime>,
+    /// The first is the default; others are backends actors can be moved to.
+    runtimes: Vec<Arc<Runtime>>,
     store: Arc<dyn SnapshotStore>,
     config: ActorConfig,
     actors: Mutex<BTreeMap<u64, Arc<Entry>>>,
     modules: Mutex<HashMap<String, (String, Arc<Prepared>)>>,
+    /// Each module's bytes by hash (to compile it for another runtime).
+    sources: Mutex<HashMap<String, Arc<Vec<u8>>>>,
     next: AtomicU64,
 }
 
@@ -105,18 +115,51 @@ impl Registry {
     /// A registry running actors on `runtime`, snapshots kept in `store`.
     pub fn new(runtime: Arc<Runtime>, store: Arc<dyn SnapshotStore>, config: ActorConfig) -> Registry {
         Registry {
-            runtime,
+            runtimes: vec![runtime],
             store,
             config,
             actors: Mutex::new(BTreeMap::new()),
             modules: Mutex::new(HashMap::new()),
+            sources: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
         }
     }
 
-    /// The runtime actors run on.
+    /// The runtime actors start on.
     pub fn runtime(&self) -> &Arc<Runtime> {
-        &self.runtime
+        &self.runtimes[0]
+    }
+
+    /// Adds a runtime whose models run on another backend, which actors can be moved to
+    /// ([`Registry::move_to`]); modules are compiled for it as they are for the first.
+    pub fn add_runtime(&mut self, runtime: Arc<Runtime>) {
+        self.runtimes.push(runtime);
+    }
+
+    fn backend_of(&self, i: usize) -> String {
+        self.runtimes[i].models().engine().name().to_string()
+    }
+
+    /// The module `module` compiled for runtime `i`.
+    fn module_for(&self, module: &Arc<Prepared>, i: usize) -> Result<Arc<Prepared>, RegistryError> {
+        if i == 0 {
+            return Ok(module.clone());
+        }
+        let key = format!("{}@{i}", module.sha256);
+        if let Some((_, p)) = lock(&self.modules).get(&key) {
+            return Ok(p.clone());
+        }
+        let wasm = lock(&self.modules)
+            .values()
+            .find(|(_, p)| p.sha256 == module.sha256)
+            .map(|(n, _)| n.clone())
+            .unwrap_or_default();
+        let bytes = lock(&self.sources).get(&module.sha256).cloned().ok_or_else(|| {
+            RegistryError::UnknownModule(format!("{} ({wasm}): its bytes are not kept", module.sha256))
+        })?;
+        let p = self.runtimes[i].prepare(&bytes).map_err(ActorError::from)?;
+        lock(&self.modules).insert(key, (wasm, p.clone()));
+        Ok(p)
     }
 
     /// Compiles `wasm` for actors once per content, naming it `name`.
@@ -125,10 +168,11 @@ impl Registry {
         if let Some((_, p)) = lock(&self.modules).get(&sha) {
             return Ok(p.clone());
         }
-        let p = self.runtime.prepare(wasm).map_err(ActorError::from)?;
+        let p = self.runtimes[0].prepare(wasm).map_err(ActorError::from)?;
         // The hash of what was compiled (text is turned into binary first).
         lock(&self.modules).insert(sha, (name.to_string(), p.clone()));
         lock(&self.modules).insert(p.sha256.clone(), (name.to_string(), p.clone()));
+        lock(&self.sources).insert(p.sha256.clone(), Arc::new(wasm.to_vec()));
         Ok(p)
     }
 
@@ -138,7 +182,13 @@ impl Registry {
 
     fn add(&self, module_name: &str, module: Arc<Prepared>, tag: &str, slot: Slot) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let e = Entry { module_name: module_name.to_string(), module, tag: tag.to_string(), slot: Mutex::new(slot) };
+        let e = Entry {
+            module_name: module_name.to_string(),
+            module,
+            tag: tag.to_string(),
+            slot: Mutex::new(slot),
+            runtime: Mutex::new(0),
+        };
         lock(&self.actors).insert(id, Arc::new(e));
         id
     }
@@ -151,7 +201,7 @@ impl Registry {
         opts: InstanceOptions,
         tag: &str,
     ) -> Result<u64, RegistryError> {
-        let actor = Actor::spawn(self.runtime.clone(), module.clone(), opts, self.config.clone())?;
+        let actor = Actor::spawn(self.runtimes[0].clone(), module.clone(), opts, self.config.clone())?;
         Ok(self.add(module_name, module, tag, Slot::Running(actor)))
     }
 
@@ -176,6 +226,7 @@ impl Registry {
                     messages,
                     memory_bytes,
                     tag: e.tag.clone(),
+                    backend: self.backend_of(*lock(&e.runtime)),
                 }
             })
             .collect()
@@ -217,7 +268,9 @@ impl Registry {
             return Err(RegistryError::WrongState { id, state: "not paused" });
         };
         let bytes = snapshot_bytes(snap);
-        let actor = Actor::restore(self.runtime.clone(), e.module.clone(), (**snap).clone(), self.config.clone())?;
+        let i = *lock(&e.runtime);
+        let module = self.module_for(&e.module, i)?;
+        let actor = Actor::restore(self.runtimes[i].clone(), module, (**snap).clone(), self.config.clone())?;
         *slot = Slot::Running(actor);
         Ok(Timing { id, ms: t0.elapsed().as_secs_f64() * 1e3, bytes })
     }
@@ -243,9 +296,37 @@ impl Registry {
             .get(&snap.module_sha256)
             .cloned()
             .ok_or_else(|| RegistryError::UnknownModule(snap.module_sha256.clone()))?;
-        let actor = Actor::restore(self.runtime.clone(), module.clone(), snap, self.config.clone())?;
+        let actor = Actor::restore(self.runtimes[0].clone(), module.clone(), snap, self.config.clone())?;
         let id = self.add(&name, module, tag, Slot::Running(actor));
         Ok((id, t0.elapsed().as_secs_f64() * 1e3))
+    }
+
+    /// Moves actor `id` to the runtime whose models run on `backend` (`cpu`, `cuda`):
+    /// snapshot, restore there (its models loaded there by name), stop the old instance.
+    /// Its conversation goes on exactly; a paused actor just resumes there later.
+    pub fn move_to(&self, id: u64, backend: &str) -> Result<Timing, RegistryError> {
+        let to = (0..self.runtimes.len()).find(|&i| self.backend_of(i) == backend).ok_or_else(|| {
+            let have: Vec<String> = (0..self.runtimes.len()).map(|i| self.backend_of(i)).collect();
+            RegistryError::NoBackend(format!("{backend} (this daemon has {})", have.join(", ")))
+        })?;
+        let e = self.entry(id)?;
+        let mut slot = lock(&e.slot);
+        let t0 = Instant::now();
+        let module = self.module_for(&e.module, to)?;
+        let bytes = match &*slot {
+            Slot::Paused(s) => snapshot_bytes(s),
+            Slot::Running(a) => {
+                let snap = a.snapshot()?;
+                let bytes = snapshot_bytes(&snap);
+                let moved = Actor::restore(self.runtimes[to].clone(), module, snap, self.config.clone())?;
+                if let Slot::Running(old) = std::mem::replace(&mut *slot, Slot::Running(moved)) {
+                    old.stop();
+                }
+                bytes
+            }
+        };
+        *lock(&e.runtime) = to;
+        Ok(Timing { id, ms: t0.elapsed().as_secs_f64() * 1e3, bytes })
     }
 
     /// Stops actor `id` and forgets it.

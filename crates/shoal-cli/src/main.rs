@@ -48,6 +48,9 @@ enum Command {
     Resume(cmd::ctl::Id),
     /// Write an actor's snapshot to the daemon's store.
     Snapshot(cmd::ctl::Snapshot),
+    /// Move a live actor to another backend of the daemon (e.g. from CUDA to the CPU)
+    /// through a snapshot and a restore.
+    Move(cmd::ctl::Move),
     /// Start a new actor from a snapshot in the daemon's store; prints its id.
     Restore(cmd::ctl::Restore),
     /// Stop an actor and forget it.
@@ -79,6 +82,7 @@ fn main() {
         Command::Resume(a) => cmd::ctl::resume(a),
         Command::Snapshot(a) => cmd::ctl::snapshot(a),
         Command::Restore(a) => cmd::ctl::restore(a),
+        Command::Move(a) => cmd::ctl::move_to(a),
         Command::Kill(a) => cmd::ctl::kill(a),
     };
     match result {

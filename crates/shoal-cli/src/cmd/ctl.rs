@@ -71,6 +71,18 @@ pub struct Snapshot {
     key: Option<String>,
 }
 
+/// `shoal move`.
+#[derive(clap::Args)]
+pub struct Move {
+    #[command(flatten)]
+    at: Addr,
+    /// The actor's id.
+    id: u64,
+    /// The backend to move it to (`cpu`; a daemon on CUDA has both).
+    #[arg(long)]
+    backend: String,
+}
+
 /// `shoal restore`.
 #[derive(clap::Args)]
 pub struct Restore {
@@ -98,15 +110,16 @@ pub fn ps(a: Ps) -> anyhow::Result<i32> {
         println!("{v}");
         return Ok(0);
     }
-    println!("{:>5}  {:<12} {:<10} {:>8} {:>10}  TAG", "ID", "MODULE", "STATE", "MESSAGES", "MEMORY");
+    println!("{:>5}  {:<12} {:<10} {:<7} {:>8} {:>10}  TAG", "ID", "MODULE", "STATE", "BACKEND", "MESSAGES", "MEMORY");
     for x in v["actors"].as_array().map(Vec::as_slice).unwrap_or_default() {
         let module = x["module"].as_str().unwrap_or("?");
         let module = module.rsplit('/').next().unwrap_or(module);
         println!(
-            "{:>5}  {:<12} {:<10} {:>8} {:>9.1}M  {}",
+            "{:>5}  {:<12} {:<10} {:<7} {:>8} {:>9.1}M  {}",
             x["id"].as_u64().unwrap_or(0),
             module,
             x["state"].as_str().unwrap_or("?"),
+            x["backend"].as_str().unwrap_or("?"),
             x["messages"].as_u64().unwrap_or(0),
             x["memory_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
             x["tag"].as_str().unwrap_or("")
@@ -196,5 +209,11 @@ pub fn restore(a: Restore) -> anyhow::Result<i32> {
 pub fn kill(a: Id) -> anyhow::Result<i32> {
     call(&a.at.addr, "DELETE", &format!("/v1/actors/{}", a.id), &json!({}))?;
     println!("killed {}", a.id);
+    Ok(0)
+}
+
+pub fn move_to(a: Move) -> anyhow::Result<i32> {
+    let v = call(&a.at.addr, "POST", &format!("/v1/actors/{}/move", a.id), &json!({"backend": a.backend}))?;
+    println!("moved {} to {} in {:.1} ms", a.id, a.backend, v["ms"].as_f64().unwrap_or(0.0));
     Ok(0)
 }

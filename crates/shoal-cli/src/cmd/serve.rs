@@ -78,7 +78,13 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let runtime = Arc::new(Runtime::with_models(device.clone(), models.clone())?);
     let store_dir = a.store.unwrap_or_else(default_store);
     let config = ActorConfig { deadline: Some(Duration::from_secs_f64(a.deadline.max(0.01))) };
-    let registry = Registry::new(runtime, Arc::new(LocalStore::new(&store_dir)), config);
+    let mut registry = Registry::new(runtime, Arc::new(LocalStore::new(&store_dir)), config);
+    if models.engine() != shoal_engine::models::EngineKind::Cpu {
+        // Actors can be moved to the CPU engine (its models load there on first use).
+        let (cpu_models, _) = super::models(a.model.as_slice(), shoal_engine::models::EngineKind::Cpu)?;
+        let cpu = Arc::new(shoal_gpu::Device::open(shoal_gpu::BackendKind::Cpu)?);
+        registry.add_runtime(Arc::new(Runtime::with_models(cpu, cpu_models)?));
+    }
     let chat = registry.module("chat", shoal_guests::CHAT_ACTOR).map_err(|e| anyhow::anyhow!("{e}"))?;
     let listener = TcpListener::bind(&a.addr).with_context(|| format!("cannot listen on {}", a.addr))?;
     let daemon = Arc::new(Daemon {
@@ -124,7 +130,7 @@ fn status_of(e: &RegistryError) -> u16 {
     match e {
         RegistryError::NoSuchActor(_) => 404,
         RegistryError::WrongState { .. } => 409,
-        RegistryError::UnknownModule(_) => 422,
+        RegistryError::UnknownModule(_) | RegistryError::NoBackend(_) => 422,
         RegistryError::Actor(_) => 500,
     }
 }
@@ -175,6 +181,14 @@ fn route(d: &Daemon, req: &Request, w: &mut impl Write) -> std::io::Result<()> {
                 });
                 done(w, r)
             }
+            (Err(_), _) => not_id(w, n),
+            (_, Err(e)) => http::error(w, 400, &e),
+        },
+        ("POST", ["v1", "actors", n, "move"]) => match (n.parse::<u64>(), body_json(req)) {
+            (Ok(n), Ok(b)) => match b.get("backend").and_then(Value::as_str) {
+                Some(to) => done(w, reg.move_to(n, to).map(|t| json!(t))),
+                None => http::error(w, 400, "give {\"backend\": \"cpu\"} (or another backend of this daemon)"),
+            },
             (Err(_), _) => not_id(w, n),
             (_, Err(e)) => http::error(w, 400, &e),
         },

@@ -1002,12 +1002,11 @@ impl Backend for Cuda {
         let mut staged = Vec::new();
         self.block_runs(cache, |dev, first, blocks| {
             staged.resize(blocks * block, 0f32);
+            let dst = staged.as_mut_ptr() as *mut c_void;
             // SAFETY: `dev` starts `blocks` consecutive pool blocks, `staged` holds exactly
             // their floats; runs are excluded by the lock `block_runs` holds.
-            cu(
-                unsafe { sys::cuMemcpyDtoH_v2(staged.as_mut_ptr() as *mut c_void, dev, staged.len() * 4) },
-                "cuMemcpyDtoH(KV blocks)",
-            )?;
+            let r = unsafe { sys::cuMemcpyDtoH_v2(dst, dev, staged.len() * 4) };
+            cu(r, "cuMemcpyDtoH(KV blocks)")?;
             Self::each_row(&mut staged, (n_layers, kv_dim, len), first, |b, which, at| {
                 let dst = if which == 0 { &mut k } else { &mut v };
                 dst[at..at + b.len()].copy_from_slice(b);
