@@ -31,6 +31,7 @@ test: setup-test
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 	cd guests && $(CARGO) clippy --release -- -D warnings
+	cd guests && $(CARGO) clippy --release --target wasm32-wasip2 -p nncomponent-guest -- -D warnings
 	$(MAKE) --no-print-directory check-metal
 	$(CARGO) build --release -p shoal-cli
 	scripts/check-demo.sh $(SHOAL)

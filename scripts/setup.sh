@@ -12,7 +12,7 @@ want_test=0
 
 say() { echo "setup: $*" >&2; }
 
-targets=(wasm32-wasip1)
+targets=(wasm32-wasip1 wasm32-wasip2)
 (( want_test )) && targets+=(aarch64-apple-darwin)
 installed=$(rustup target list --installed 2>/dev/null || true)
 for t in "${targets[@]}"; do

@@ -1,4 +1,5 @@
-//! Builds the guests of `guests/` for wasm32-wasip1 with a nested cargo, like
+//! Builds the guests of `guests/` (wasm32-wasip1 modules, one wasm32-wasip2 component)
+//! with a nested cargo, like
 //! Wasmtime's test-programs, so that tests and the CLI embed fresh guest binaries
 //! and none is checked in.
 
@@ -19,9 +20,22 @@ fn main() {
         watch(&dir);
     }
 
+    // The core-module guests (wasm32-wasip1), then the component guest (wasm32-wasip2).
+    build(&guests, &target_dir, &["--target", "wasm32-wasip1"]);
+    build(&guests, &target_dir, &["--target", "wasm32-wasip2", "-p", "nncomponent-guest"]);
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("set by cargo"));
+    for (target, name) in GUESTS.iter().map(|n| ("wasm32-wasip1", *n)).chain([("wasm32-wasip2", "nncomponent")]) {
+        let built = target_dir.join(target).join("release").join(format!("{name}.wasm"));
+        std::fs::copy(&built, out.join(format!("{name}.wasm")))
+            .unwrap_or_else(|e| panic!("cannot copy {}: {e}", built.display()));
+    }
+}
+
+/// Runs `cargo build --release` in `guests/` with `extra` arguments.
+fn build(guests: &std::path::Path, target_dir: &std::path::Path, extra: &[&str]) {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(&guests).args(["build", "--release", "--target", "wasm32-wasip1", "--target-dir"]).arg(&target_dir);
+    cmd.current_dir(guests).args(["build", "--release", "--target-dir"]).arg(target_dir).args(extra);
     // The outer build's settings (rustflags, wrappers such as clippy-driver, the
     // target directory, the jobserver) must not leak into the guest build.
     for (key, _) in std::env::vars_os() {
@@ -37,15 +51,10 @@ fn main() {
     let status = cmd.status().expect("cannot run cargo to build the guests");
     if !status.success() {
         panic!(
-            "building the guests in {} failed; is the wasm32-wasip1 target installed? (`rustup target add wasm32-wasip1`, which `make test` does)",
-            guests.display()
+            "building the guests in {} ({}) failed; are the wasm32-wasip1 and wasm32-wasip2 targets installed? (`rustup target add wasm32-wasip1 wasm32-wasip2`, which `make test` does)",
+            guests.display(),
+            extra.join(" ")
         );
-    }
-    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("set by cargo"));
-    for name in GUESTS {
-        let built = target_dir.join("wasm32-wasip1/release").join(format!("{name}.wasm"));
-        std::fs::copy(&built, out.join(format!("{name}.wasm")))
-            .unwrap_or_else(|e| panic!("cannot copy {}: {e}", built.display()));
     }
 }
 

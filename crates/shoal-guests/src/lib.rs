@@ -19,3 +19,6 @@ pub const CHAT_ACTOR: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/chat_act
 /// `guests/nnchat-actor`: nnchat as an actor (inference through `wasmedge-wasi-nn` only;
 /// each message a user turn; its wasi-nn context and KV cache are part of its snapshot).
 pub const NNCHAT_ACTOR: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nnchat_actor.wasm"));
+/// `guests/nncomponent`: a chat through the component-model `wasi:nn` interface (a
+/// `wasm32-wasip2` component: `nncomponent [--model NAME] [--prompt TEXT]... [--stats]`).
+pub const NNCOMPONENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/nncomponent.wasm"));

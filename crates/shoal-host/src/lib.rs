@@ -21,6 +21,7 @@ mod infer;
 pub mod instance;
 pub mod models;
 pub mod nn;
+pub mod nn_wit;
 pub mod rewrite;
 
 use std::sync::{Arc, OnceLock};
@@ -116,6 +117,24 @@ pub struct HostState {
     reply: Option<ReplySink>,
 }
 
+/// Per-instance state of a component guest: WASI (preview 2) and `wasi:nn`.
+struct ComponentState {
+    wasi: wasmtime_wasi::WasiCtx,
+    table: wasmtime::component::ResourceTable,
+    nn: nn_wit::NnWit,
+}
+
+impl wasmtime_wasi::WasiView for ComponentState {
+    fn ctx(&mut self) -> wasmtime_wasi::WasiCtxView<'_> {
+        wasmtime_wasi::WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// Whether `wasm` is a component (rather than a core module).
+pub fn is_component(wasm: &[u8]) -> bool {
+    wasmparser::Parser::is_component(wasm)
+}
+
 /// One engine, one device, the linker with WASI and `shoal_v1`.
 pub struct Runtime {
     engine: Engine,
@@ -124,6 +143,8 @@ pub struct Runtime {
     models: Arc<Models>,
     /// The epoch thread, once started (deadlines).
     ticker: OnceLock<()>,
+    /// The linker of component guests (WASI preview 2 and `wasi:nn`), made on first use.
+    components: OnceLock<Result<wasmtime::component::Linker<ComponentState>, String>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -150,7 +171,7 @@ impl Runtime {
             .map_err(HostError::Engine)?;
         abi::add_to_linker(&mut linker).map_err(HostError::Engine)?;
         nn::add_to_linker(&mut linker).map_err(HostError::Engine)?;
-        Ok(Runtime { engine, linker, device, models, ticker: OnceLock::new() })
+        Ok(Runtime { engine, linker, device, models, ticker: OnceLock::new(), components: OnceLock::new() })
     }
 
     /// The models guests open by name.
@@ -168,8 +189,13 @@ impl Runtime {
         Module::new(&self.engine, wasm).map_err(HostError::Compile)
     }
 
-    /// Compiles and runs a WASI command to completion.
+    /// Compiles and runs a WASI command to completion: a core module (`wasm32-wasip1`,
+    /// with `shoal_v1` and `wasi_ephemeral_nn`) or a component (`wasm32-wasip2`, with
+    /// `wasi:cli/run` and `wasi:nn`).
     pub fn run(&self, wasm: &[u8], opts: &RunOptions) -> Result<RunOutcome, HostError> {
+        if is_component(wasm) {
+            return self.run_component(wasm, opts);
+        }
         let module = self.compile(wasm)?;
         self.run_module(&module, opts)
     }
@@ -208,6 +234,55 @@ impl Runtime {
         let stats = store.data_mut().shoal.finish();
         drop(store);
         Ok(RunOutcome { exit_code, stats, stdout: pipe.map(|p| p.contents().to_vec()) })
+    }
+
+    /// Runs a component command (`wasi:cli/run`) to completion; it can import `wasi:nn`.
+    pub fn run_component(&self, wasm: &[u8], opts: &RunOptions) -> Result<RunOutcome, HostError> {
+        use wasmtime::component::{Component, Linker as ComponentLinker, ResourceTable};
+        let component = Component::new(&self.engine, wasm).map_err(HostError::Compile)?;
+        let linker = self
+            .components
+            .get_or_init(|| {
+                let mut l = ComponentLinker::<ComponentState>::new(&self.engine);
+                wasmtime_wasi::p2::add_to_linker_sync(&mut l).map_err(|e| format!("{e:#}"))?;
+                nn_wit::add_to_linker(&mut l, |s| nn_wit::NnView::new(&mut s.nn, &mut s.table))
+                    .map_err(|e| format!("{e:#}"))?;
+                Ok(l)
+            })
+            .as_ref()
+            .map_err(|e| HostError::Engine(wasmtime::Error::msg(e.clone())))?;
+        let mut wasi = WasiCtxBuilder::new();
+        let mut argv = vec![opts.program_name.clone().unwrap_or_else(|| "guest.wasm".into())];
+        argv.extend(opts.args.iter().cloned());
+        wasi.args(&argv).inherit_stderr().inherit_stdin();
+        let pipe = opts.capture_stdout.then(|| MemoryOutputPipe::new(64 << 20));
+        match &pipe {
+            Some(p) => {
+                wasi.stdout(p.clone());
+            }
+            None => {
+                wasi.inherit_stdout();
+            }
+        }
+        let state = ComponentState {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            nn: nn_wit::NnWit::new(self.models.clone()),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.set_epoch_deadline(instance::NO_DEADLINE);
+        let command = wasmtime_wasi::p2::bindings::sync::Command::instantiate(&mut store, &component, linker)
+            .map_err(HostError::Instantiate)?;
+        let exit_code = match command.wasi_cli_run().call_run(&mut store) {
+            Ok(Ok(())) => 0,
+            Ok(Err(())) => 1,
+            Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+                Some(exit) => exit.0,
+                None => return Err(HostError::Trap(e)),
+            },
+        };
+        drop(store);
+        Ok(RunOutcome { exit_code, stats: GuestStats::default(), stdout: pipe.map(|p| p.contents().to_vec()) })
     }
 
     /// Instantiates a module and calls one export `() -> ()` (tests, reactors).

@@ -63,15 +63,15 @@ pub enum NnErrno {
     ModelNotFound = 103,
 }
 
-struct NnError(NnErrno, String);
+pub(crate) struct NnError(pub(crate) NnErrno, pub(crate) String);
 
-fn e(code: NnErrno, msg: impl Into<String>) -> NnError {
+pub(crate) fn e(code: NnErrno, msg: impl Into<String>) -> NnError {
     NnError(code, msg.into())
 }
 
 /// Generation settings from the metadata JSON (WasmEdge's keys).
 #[derive(Debug, Clone)]
-struct Options {
+pub(crate) struct Options {
     ctx_size: usize,
     n_predict: Option<usize>,
     sampler: Sampler,
@@ -100,7 +100,7 @@ impl Default for Options {
 
 impl Options {
     /// Applies the keys of `json`; unknown keys are accepted and logged.
-    fn apply(&mut self, json: &[u8]) -> Result<(), NnError> {
+    pub(crate) fn apply(&mut self, json: &[u8]) -> Result<(), NnError> {
         let v: serde_json::Value = serde_json::from_slice(json)
             .map_err(|err| e(NnErrno::InvalidArgument, format!("metadata is not valid JSON: {err}")))?;
         let obj = v.as_object().ok_or_else(|| e(NnErrno::InvalidArgument, "metadata must be a JSON object"))?;
@@ -153,13 +153,13 @@ struct Single {
     done: bool,
 }
 
-struct Context {
+pub(crate) struct Context {
     model: Arc<LoadedModel>,
-    options: Options,
-    prompt: Option<Vec<u8>>,
+    pub(crate) options: Options,
+    pub(crate) prompt: Option<Vec<u8>>,
     /// The KV cache and the tokens in it.
     cache: Option<(Cache, Vec<u32>)>,
-    output: Vec<u8>,
+    pub(crate) output: Vec<u8>,
     last_piece: Vec<u8>,
     single: Option<Single>,
     input_tokens: usize,
@@ -231,7 +231,11 @@ fn nn<'a>(c: &'a mut C<'_>) -> &'a mut NnCtx {
 }
 
 fn open_model(c: &mut C<'_>, name: &str) -> Result<Arc<LoadedModel>, NnError> {
-    let models = nn(c).models.clone();
+    open_named(&nn(c).models.clone(), name)
+}
+
+/// The host's model `name` (`--nn-preload`), loaded.
+pub(crate) fn open_named(models: &Models, name: &str) -> Result<Arc<LoadedModel>, NnError> {
     if !models.names().iter().any(|n| n == name) {
         return Err(e(
             NnErrno::ModelNotFound,
@@ -302,20 +306,26 @@ fn init_execution_context(c: &mut C<'_>, graph: u32, out: u32) -> Result<(), NnE
     let (model, options) = (g.model.clone(), g.options.clone());
     let h = nn(c).handle()?;
     write(c, &m, out, &h.to_le_bytes())?;
-    let ctx = Context {
-        model,
-        options,
-        prompt: None,
-        cache: None,
-        output: Vec::new(),
-        last_piece: Vec::new(),
-        single: None,
-        input_tokens: 0,
-        output_tokens: 0,
-        reused_tokens: 0,
-    };
-    nn(c).contexts.insert(h, ctx);
+    nn(c).contexts.insert(h, Context::new(model, options));
     Ok(())
+}
+
+impl Context {
+    /// A context for `model` with no prompt and no cache yet.
+    pub(crate) fn new(model: Arc<LoadedModel>, options: Options) -> Context {
+        Context {
+            model,
+            options,
+            prompt: None,
+            cache: None,
+            output: Vec::new(),
+            last_piece: Vec::new(),
+            single: None,
+            input_tokens: 0,
+            output_tokens: 0,
+            reused_tokens: 0,
+        }
+    }
 }
 
 fn context<'a>(c: &'a mut C<'_>, h: u32) -> Result<&'a mut Context, NnError> {
@@ -472,7 +482,11 @@ fn answer(options: &Options, mut text: String) -> Vec<u8> {
 }
 
 fn compute(c: &mut C<'_>, ctx: u32) -> Result<(), NnError> {
-    let cx = context(c, ctx)?;
+    compute_context(context(c, ctx)?)
+}
+
+/// Answers the context's prompt whole (or embeds it): output 0 is set.
+pub(crate) fn compute_context(cx: &mut Context) -> Result<(), NnError> {
     cx.single = None;
     if cx.options.embedding {
         return embed(cx);
@@ -533,7 +547,7 @@ fn fini_single(c: &mut C<'_>, ctx: u32) -> Result<(), NnError> {
     Ok(())
 }
 
-fn metadata(cx: &Context) -> Vec<u8> {
+pub(crate) fn metadata(cx: &Context) -> Vec<u8> {
     serde_json::json!({
         "input_tokens": cx.input_tokens,
         "output_tokens": cx.output_tokens,

@@ -201,3 +201,47 @@ fn bad_calls_get_wasi_nn_error_codes() {
     );
     rt.call_export(wat.as_bytes(), "run").unwrap_or_else(|e| panic!("{e:?}\n{wat}"));
 }
+
+fn run_component(rt: &Runtime, args: &[&str]) -> String {
+    let opts = RunOptions {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        capture_stdout: true,
+        program_name: Some("nncomponent.wasm".into()),
+        ..Default::default()
+    };
+    assert!(shoal_host::is_component(shoal_guests::NNCOMPONENT));
+    let out = rt.run(shoal_guests::NNCOMPONENT, &opts).expect("the component runs");
+    assert_eq!(out.exit_code, 0);
+    String::from_utf8(out.stdout.unwrap()).unwrap()
+}
+
+#[test]
+fn a_component_guest_chats_through_wit_wasi_nn_reusing_its_prefix() {
+    let Some(rt) = runtime("a_component_guest_chats_through_wit_wasi_nn_reusing_its_prefix") else { return };
+    let out =
+        run_component(&rt, &["--stats", "--prompt", "What is the capital of France?", "--prompt", "And of Germany?"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert!(lines[0].contains("Paris"), "{out}");
+    assert!(lines[2].contains("Berlin"), "{out}");
+    let meta: serde_json::Value = serde_json::from_str(lines[3]).unwrap();
+    assert!(meta["reused_tokens"].as_u64().unwrap() > 30, "turn 2 reuses turn 1's cache: {meta}");
+}
+
+#[test]
+fn bad_calls_through_wit_wasi_nn_are_errors_the_component_reads() {
+    let Some(rt) = runtime("bad_calls_through_wit_wasi_nn_are_errors_the_component_reads") else { return };
+    let out = run_component(&rt, &["--bad-calls"]);
+    let want = [
+        "unknown model: ErrorCode::NotFound",
+        "onnx bytes: ErrorCode::InvalidEncoding",
+        "garbage model: ErrorCode::InvalidArgument",
+        "no inputs: ErrorCode::InvalidArgument",
+        "fp32 prompt: ErrorCode::InvalidArgument",
+        "non-UTF-8 prompt: ErrorCode::InvalidArgument",
+        "malformed metadata: ErrorCode::InvalidArgument",
+        "prompt too long: ErrorCode::TooLarge",
+        "still usable: accepted",
+    ];
+    assert_eq!(out.lines().collect::<Vec<_>>(), want, "{out}");
+}

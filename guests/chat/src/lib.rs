@@ -94,12 +94,7 @@ impl Chat {
 
     /// Replaces the conversation with `messages` (ending with a user turn) and answers it;
     /// the cache still serves whatever prefix the new conversation shares with the old.
-    pub fn answer(
-        &mut self,
-        messages: Messages,
-        a: &Args,
-        out: &mut impl Write,
-    ) -> Result<(u32, f64), String> {
+    pub fn answer(&mut self, messages: Messages, a: &Args, out: &mut impl Write) -> Result<(u32, f64), String> {
         self.messages = messages;
         self.respond(a, out)
     }

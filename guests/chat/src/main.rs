@@ -30,7 +30,6 @@ fn fail(msg: &str) -> ! {
     std::process::exit(1);
 }
 
-
 /// Prefill and decode tokens/s from the guest (see the module docs).
 fn bench(a: &Args, model: &Model, (prompt, gen_n, repeat): (usize, usize, usize)) {
     let vocab = model.info.vocab_size as u64;

@@ -20,8 +20,11 @@ struct Chat {
 }
 
 fn setup() -> Result<Chat, String> {
-    let (mut model, mut system, mut stats) =
-        ("default".to_string(), "You are a helpful AI assistant named SmolLM, trained by Hugging Face".to_string(), false);
+    let (mut model, mut system, mut stats) = (
+        "default".to_string(),
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face".to_string(),
+        false,
+    );
     let mut config = vec!["\"prefix-reuse\":true".to_string()];
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -30,8 +33,12 @@ fn setup() -> Result<Chat, String> {
             "--model" => model = val()?,
             "--system" => system = val()?,
             "--stats" => stats = true,
-            "--temperature" => config.push(format!("\"temperature\":{}", val()?.parse::<f64>().map_err(|e| e.to_string())?)),
-            "--n-predict" => config.push(format!("\"n-predict\":{}", val()?.parse::<u64>().map_err(|e| e.to_string())?)),
+            "--temperature" => {
+                config.push(format!("\"temperature\":{}", val()?.parse::<f64>().map_err(|e| e.to_string())?))
+            }
+            "--n-predict" => {
+                config.push(format!("\"n-predict\":{}", val()?.parse::<u64>().map_err(|e| e.to_string())?))
+            }
             "--ctx-size" => config.push(format!("\"ctx-size\":{}", val()?.parse::<u64>().map_err(|e| e.to_string())?)),
             _ => return Err(format!("unknown argument `{flag}`")),
         }
