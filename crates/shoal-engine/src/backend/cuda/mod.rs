@@ -519,10 +519,12 @@ impl Cuda {
         let _runs = self.lock();
         let block_bytes = (cache.n_layers * 2 * KV_BLOCK * cache.kv_dim * 4) as u64;
         let used = &cache.blocks[..cache.len.div_ceil(KV_BLOCK).min(cache.blocks.len())];
+        // Runs of at most 16 MiB, so that the host's staging buffer stays small and warm.
+        let most = ((16 << 20) / block_bytes).max(1) as usize;
         let mut i = 0;
         while i < used.len() {
             let mut n = 1;
-            while i + n < used.len() && used[i + n] == used[i] + n as u32 {
+            while n < most && i + n < used.len() && used[i + n] == used[i] + n as u32 {
                 n += 1;
             }
             f(pool_ptr + u64::from(used[i]) * block_bytes, i, n)?;
