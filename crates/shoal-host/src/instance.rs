@@ -219,6 +219,21 @@ impl Runtime {
                 }
             }
         }
+        // Back the pages about to be written in few calls rather than a fault per 4 KiB.
+        let mut i = 0;
+        while i < state.pages.len() {
+            let mut n = 1;
+            while i + n < state.pages.len() && state.pages[i + n] == state.pages[i] + n as u32 {
+                n += 1;
+            }
+            let at = state.pages[i] as usize * PAGE;
+            if at + n * PAGE <= data.len() {
+                // SAFETY: the range lies inside the instance's committed memory (checked just
+                // above), which nothing else uses during the restore.
+                unsafe { shoal_memory::prefault(data[at..].as_mut_ptr(), n * PAGE) };
+            }
+            i += n;
+        }
         for (i, &p) in state.pages.iter().enumerate() {
             let at = p as usize * PAGE;
             let page = data
