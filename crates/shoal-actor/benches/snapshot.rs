@@ -49,13 +49,7 @@ fn disk(dir: &std::path::Path, bytes: usize) -> (f64, f64) {
 }
 
 fn main() {
-    let mut model = shoal_host::default_model_path()
-        .or_else(|| {
-            let p =
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-            p.is_file().then_some(p)
-        })
-        .map(|p| p.display().to_string());
+    let mut model = shoal_host::default_model_path().map(|p| p.display().to_string());
     let (mut backend, mut repeat) = (BackendKind::Cpu, 5usize);
     let mut lengths = vec![24usize, 512, 4096];
     let mut dir = std::env::temp_dir().join(format!("shoal-snapshot-bench-{}", std::process::id()));
@@ -76,11 +70,7 @@ fn main() {
         return;
     };
     let device = Arc::new(Device::open(backend).unwrap_or_else(|e| panic!("{e}")));
-    let engine = if backend == BackendKind::Cuda {
-        shoal_engine::models::EngineKind::Cuda
-    } else {
-        shoal_engine::models::EngineKind::Cpu
-    };
+    let engine = shoal_host::engine_for(&device);
     let models = Arc::new(Models::with_engine(engine));
     models.add("m", std::path::Path::new(&model));
     let loaded = models.get("m").unwrap();

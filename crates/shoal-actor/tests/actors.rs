@@ -197,10 +197,7 @@ fn chat_runtime(test: &str) -> Option<Arc<Runtime>> {
 }
 
 fn model_runtime(test: &str, name: &str) -> Option<Arc<Runtime>> {
-    let path = shoal_host::default_model_path().or_else(|| {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        p.is_file().then_some(p)
-    });
+    let path = shoal_host::default_model_path();
     let Some(path) = path else {
         eprintln!("{test}: skipping: no default model; run scripts/fetch-model.sh");
         return None;

@@ -15,13 +15,7 @@ use shoal_gpu::{BackendKind, Device};
 use shoal_host::{Models, RunOptions, Runtime};
 
 fn main() {
-    let mut model = shoal_host::default_model_path()
-        .or_else(|| {
-            let p =
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-            p.is_file().then_some(p)
-        })
-        .map(|p| p.display().to_string());
+    let mut model = shoal_host::default_model_path().map(|p| p.display().to_string());
     let (mut backend, mut history, mut turns, mut n_predict) = (BackendKind::Cpu, 2000usize, 4usize, 16usize);
     let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
     while let Some(a) = args.next() {
@@ -40,11 +34,7 @@ fn main() {
         return;
     };
     let device = Arc::new(Device::open(backend).unwrap_or_else(|e| panic!("{e}")));
-    let engine = if backend == BackendKind::Cuda {
-        shoal_engine::models::EngineKind::Cuda
-    } else {
-        shoal_engine::models::EngineKind::Cpu
-    };
+    let engine = shoal_host::engine_for(&device);
     let models = Arc::new(Models::with_engine(engine));
     models.add("default", std::path::Path::new(&model));
     let rt = Runtime::with_models(device, models).unwrap();

@@ -29,7 +29,7 @@ use std::sync::{Arc, OnceLock};
 pub use abi::{ABI_VERSION, GuestStats, MODULE, Status};
 pub use infer::{InferState, SessionState};
 pub use instance::{GlobalValue, Instance, InstanceOptions, InstanceState, Prepared};
-pub use models::{DEFAULT_MODEL, LoadedModel, Models, default_model_path};
+pub use models::{DEFAULT_MODEL, LoadedModel, Models, default_model_path, engine_for};
 pub use nn::{ContextState, GraphState, NnState};
 use shoal_gpu::Device;
 use shoal_memory::GuestMemoryCreator;
@@ -130,6 +130,25 @@ impl wasmtime_wasi::WasiView for ComponentState {
     }
 }
 
+/// WASI for a command run with `opts`: its arguments, stdin and stderr inherited, stdout
+/// inherited or captured (the pipe returned).
+fn wasi_for(opts: &RunOptions) -> (WasiCtxBuilder, Option<MemoryOutputPipe>) {
+    let mut wasi = WasiCtxBuilder::new();
+    let mut argv = vec![opts.program_name.clone().unwrap_or_else(|| "guest.wasm".into())];
+    argv.extend(opts.args.iter().cloned());
+    wasi.args(&argv).inherit_stderr().inherit_stdin();
+    let pipe = opts.capture_stdout.then(|| MemoryOutputPipe::new(64 << 20));
+    match &pipe {
+        Some(p) => {
+            wasi.stdout(p.clone());
+        }
+        None => {
+            wasi.inherit_stdout();
+        }
+    }
+    (wasi, pipe)
+}
+
 /// Whether `wasm` is a component (rather than a core module).
 pub fn is_component(wasm: &[u8]) -> bool {
     wasmparser::Parser::is_component(wasm)
@@ -202,19 +221,7 @@ impl Runtime {
 
     /// Runs a compiled WASI command to completion.
     pub fn run_module(&self, module: &Module, opts: &RunOptions) -> Result<RunOutcome, HostError> {
-        let mut wasi = WasiCtxBuilder::new();
-        let mut argv = vec![opts.program_name.clone().unwrap_or_else(|| "guest.wasm".into())];
-        argv.extend(opts.args.iter().cloned());
-        wasi.args(&argv).inherit_stderr().inherit_stdin();
-        let pipe = opts.capture_stdout.then(|| MemoryOutputPipe::new(64 << 20));
-        match &pipe {
-            Some(p) => {
-                wasi.stdout(p.clone());
-            }
-            None => {
-                wasi.inherit_stdout();
-            }
-        }
+        let (mut wasi, pipe) = wasi_for(opts);
         let state = HostState {
             wasi: wasi.build_p1(),
             shoal: abi::ShoalCtx::new(self.device.clone(), self.models.clone(), opts.measure_rss),
@@ -251,19 +258,7 @@ impl Runtime {
             })
             .as_ref()
             .map_err(|e| HostError::Engine(wasmtime::Error::msg(e.clone())))?;
-        let mut wasi = WasiCtxBuilder::new();
-        let mut argv = vec![opts.program_name.clone().unwrap_or_else(|| "guest.wasm".into())];
-        argv.extend(opts.args.iter().cloned());
-        wasi.args(&argv).inherit_stderr().inherit_stdin();
-        let pipe = opts.capture_stdout.then(|| MemoryOutputPipe::new(64 << 20));
-        match &pipe {
-            Some(p) => {
-                wasi.stdout(p.clone());
-            }
-            None => {
-                wasi.inherit_stdout();
-            }
-        }
+        let (mut wasi, pipe) = wasi_for(opts);
         let state = ComponentState {
             wasi: wasi.build(),
             table: ResourceTable::new(),

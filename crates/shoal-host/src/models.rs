@@ -180,17 +180,26 @@ fn load(name: &str, path: &Path, engine: EngineKind) -> Result<LoadedModel, Stri
     })
 }
 
-/// Where the default model is looked for: `$SHOAL_MODELS`, `./models`, and `models/`
-/// two levels above the executable (a checkout's `target/release/shoal`).
+/// Where the default model is looked for: `$SHOAL_MODELS`, `./models`, and `models/` in the
+/// folders above the executable, up to a checkout's root (`target/release/shoal`, or a test
+/// or bench in `target/release/deps/`).
 pub fn default_model_path() -> Option<PathBuf> {
     let mut dirs = Vec::new();
     if let Some(d) = std::env::var_os("SHOAL_MODELS") {
         dirs.push(PathBuf::from(d));
     }
     dirs.push(PathBuf::from("models"));
-    if let Some(root) = std::env::current_exe().ok().and_then(|e| e.parent()?.parent()?.parent().map(Path::to_path_buf))
-    {
-        dirs.push(root.join("models"));
+    if let Ok(exe) = std::env::current_exe() {
+        dirs.extend(exe.ancestors().skip(2).take(3).map(|d| d.join("models")));
     }
     dirs.into_iter().map(|d| d.join(DEFAULT_MODEL_FILE)).find(|p| p.is_file())
+}
+
+/// The engine models run on when guests compute on `device`: CUDA on an NVIDIA GPU, else
+/// the CPU (the engine has no Vulkan or Metal backend yet).
+pub fn engine_for(device: &shoal_gpu::Device) -> EngineKind {
+    match device.info().backend {
+        shoal_gpu::BackendKind::Cuda => EngineKind::Cuda,
+        _ => EngineKind::Cpu,
+    }
 }

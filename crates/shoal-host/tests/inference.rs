@@ -10,10 +10,7 @@ use shoal_host::{Models, RunOptions, Runtime};
 
 /// The default model's file: where the host looks, or the checkout's `models/`.
 fn model_file() -> Option<std::path::PathBuf> {
-    shoal_host::default_model_path().or_else(|| {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        p.is_file().then_some(p)
-    })
+    shoal_host::default_model_path()
 }
 
 fn runtime(test: &str) -> Option<Runtime> {

@@ -9,10 +9,7 @@ use shoal_gpu::{BackendKind, Device};
 use shoal_host::{Models, RunOptions, Runtime};
 
 fn runtime(test: &str) -> Option<Runtime> {
-    let path = shoal_host::default_model_path().or_else(|| {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-        p.is_file().then_some(p)
-    });
+    let path = shoal_host::default_model_path();
     let Some(path) = path else {
         eprintln!("{test}: skipping: no default model; run scripts/fetch-model.sh");
         return None;

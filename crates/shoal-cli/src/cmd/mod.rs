@@ -50,14 +50,7 @@ pub fn open_device(choice: BackendChoice) -> anyhow::Result<Arc<Device>> {
     Ok(Arc::new(device))
 }
 
-/// The engine backend for models when the compute backend is `device`: CUDA on an NVIDIA
-/// GPU, else the CPU (the engine has no Vulkan or Metal backend yet).
-pub fn engine_for(device: &Device) -> shoal_engine::models::EngineKind {
-    match device.info().backend {
-        BackendKind::Cuda => shoal_engine::models::EngineKind::Cuda,
-        _ => shoal_engine::models::EngineKind::Cpu,
-    }
-}
+pub use shoal_host::engine_for;
 
 /// Builds the host's model registry from `--model` values: `NAME=PATH`, a bare `PATH`
 /// (a GGUF file or a Hugging Face directory, named after it), or a bare known name; the
