@@ -190,6 +190,13 @@ fn a_guest_that_traps_or_loops_stops_alone() {
     let e = rt.prepare(b"(module (memory (export \"memory\") 1))").unwrap_err();
     assert!(e.to_string().contains("shoal_actor_alloc"), "{e}");
     assert!(rt.prepare(b"\0asm garbage").is_err());
+    // Two memories, or an imported one: a snapshot could not keep them.
+    let two = wat.replace("(memory (export \"memory\") 1)", "(memory (export \"memory\") 1) (memory 1)");
+    let e = rt.prepare(two.as_bytes()).unwrap_err();
+    assert!(e.to_string().contains("exactly one memory"), "{e}");
+    let imported = wat
+        .replace("(memory (export \"memory\") 1)", "(import \"env\" \"m\" (memory 1)) (export \"memory\" (memory 0))");
+    assert!(rt.prepare(imported.as_bytes()).is_err());
 }
 
 fn chat_runtime(test: &str) -> Option<Arc<Runtime>> {

@@ -140,6 +140,12 @@ impl Runtime {
                 "the module imports a mutable global, whose value a snapshot could not keep",
             )));
         }
+        if rewritten.memories != (1, 0) {
+            return Err(HostError::NotAnActor(format!(
+                "an actor defines exactly one memory and imports none (this module defines {} and imports {}): a snapshot keeps that one memory",
+                rewritten.memories.0, rewritten.memories.1
+            )));
+        }
         let module = Module::new(&self.engine, &rewritten.wasm).map_err(HostError::Compile)?;
         for name in ["shoal_actor_alloc", "shoal_actor_message"] {
             if module.get_export(name).is_none() {

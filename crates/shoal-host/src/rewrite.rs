@@ -35,6 +35,8 @@ pub struct Rewritten {
     pub data_pages: Option<Vec<u32>>,
     /// Whether the module imports a mutable global (whose value lives outside it).
     pub imports_mutable_global: bool,
+    /// Memories the module defines, and memories it imports.
+    pub memories: (u32, u32),
 }
 
 /// Why a module cannot be rewritten.
@@ -94,6 +96,7 @@ fn after_exports(id: u8) -> bool {
 pub fn expose_globals(wasm: &[u8]) -> Result<Rewritten, RewriteError> {
     let mut imported_globals = 0u32;
     let mut imports_mutable_global = false;
+    let mut memories = (0u32, 0u32);
     let mut globals = Vec::new();
     let mut data_pages = Some(Vec::new());
     // (id, content range) of every section, in order.
@@ -108,11 +111,18 @@ pub fn expose_globals(wasm: &[u8]) -> Result<Rewritten, RewriteError> {
             }
             Payload::ImportSection(r) => {
                 for imp in r.clone().into_imports() {
-                    if let TypeRef::Global(g) = imp.map_err(bad)?.ty {
-                        imported_globals += 1;
-                        imports_mutable_global |= g.mutable;
+                    match imp.map_err(bad)?.ty {
+                        TypeRef::Global(g) => {
+                            imported_globals += 1;
+                            imports_mutable_global |= g.mutable;
+                        }
+                        TypeRef::Memory(_) => memories.1 += 1,
+                        _ => {}
                     }
                 }
+            }
+            Payload::MemorySection(r) => {
+                memories.0 += r.count();
             }
             Payload::GlobalSection(r) => {
                 for (i, g) in r.clone().into_iter().enumerate() {
@@ -200,7 +210,7 @@ pub fn expose_globals(wasm: &[u8]) -> Result<Rewritten, RewriteError> {
     if !placed {
         section(7, &content, &mut out);
     }
-    Ok(Rewritten { wasm: out, globals, data_pages, imports_mutable_global })
+    Ok(Rewritten { wasm: out, globals, data_pages, imports_mutable_global, memories })
 }
 
 #[cfg(test)]
