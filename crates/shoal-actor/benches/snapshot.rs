@@ -12,7 +12,10 @@
 //! CUDA), `reprefill` (the same tokens evaluated from nothing: what a resume without the KV
 //! cache costs). `restore_speedup` is re-prefill over read + restore (from disk: the page
 //! cache, as right after a write); `restore_from_memory_speedup` is re-prefill over restore
-//! (a snapshot held in memory, as `shoal serve` does for a paused actor).
+//! (a portable snapshot held in memory). `park`/`unpark` are what `shoal serve` does to pause
+//! and resume an actor: the snapshot keeps device caches in the backend's own form (CUDA:
+//! pinned host memory in the pool's layout), restored by DMA alone; `unpark_speedup` is
+//! re-prefill over unpark.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -97,6 +100,7 @@ fn main() {
         let actor = Actor::spawn(rt.clone(), module.clone(), opts, ActorConfig::default()).unwrap();
         actor.ask(text.clone()).unwrap();
         let (mut cap, mut wr, mut rd, mut rs, mut pre) = (vec![], vec![], vec![], vec![], vec![]);
+        let (mut pk, mut upk) = (vec![], vec![]);
         let (mut bytes, mut kv_bytes, mut positions) = (0u64, 0u64, 0usize);
         let gen_dir = dir.join(format!("len-{want}"));
         for r in 0..=repeat {
@@ -113,6 +117,15 @@ fn main() {
             let restored = back.restore(&rt, &module).unwrap();
             let rs_ms = ms(t);
             drop(restored);
+            // Parked (a paused actor in `shoal serve`): the backend's own form, restored here.
+            let t = Instant::now();
+            let parked = actor.park().unwrap();
+            let pk_ms = ms(t);
+            let t = Instant::now();
+            let back = parked.restore(&rt, &module).unwrap();
+            let upk_ms = ms(t);
+            drop(back);
+            drop(parked);
             // Re-prefill: the session's tokens evaluated from an empty cache.
             let tokens = &snap.state.infer.sessions[0].history;
             let mut cache = loaded.llama.new_cache(tokens.len() + 16).unwrap();
@@ -125,16 +138,20 @@ fn main() {
                 rd.push(rd_ms);
                 rs.push(rs_ms);
                 pre.push(p);
+                pk.push(pk_ms);
+                upk.push(upk_ms);
             }
             (bytes, kv_bytes, positions) = (rep.bytes, rep.kv_bytes, snap.kv_positions());
         }
         let (disk_w, disk_r) = disk(&dir, bytes as usize);
         let (c, w, r, s, p) = (median(cap), median(wr), median(rd), median(rs), median(pre));
+        let (pk, upk) = (median(pk), median(upk));
         println!(
-            "{{\"bench\":\"snapshot\",\"backend\":\"{}\",\"tokens\":{positions},\"bytes\":{bytes},\"kv_bytes\":{kv_bytes},\"capture_ms\":{c:.3},\"write_ms\":{w:.3},\"read_ms\":{r:.3},\"restore_ms\":{s:.3},\"reprefill_ms\":{p:.3},\"restore_speedup\":{:.1},\"restore_from_memory_speedup\":{:.1},\"snapshot_MBps\":{:.0},\"resume_MBps\":{:.0},\"disk_write_fsync_MBps\":{disk_w:.0},\"disk_read_MBps\":{disk_r:.0}}}",
+            "{{\"bench\":\"snapshot\",\"backend\":\"{}\",\"tokens\":{positions},\"bytes\":{bytes},\"kv_bytes\":{kv_bytes},\"capture_ms\":{c:.3},\"write_ms\":{w:.3},\"read_ms\":{r:.3},\"restore_ms\":{s:.3},\"reprefill_ms\":{p:.3},\"restore_speedup\":{:.1},\"restore_from_memory_speedup\":{:.1},\"park_ms\":{pk:.3},\"unpark_ms\":{upk:.3},\"unpark_speedup\":{:.1},\"snapshot_MBps\":{:.0},\"resume_MBps\":{:.0},\"disk_write_fsync_MBps\":{disk_w:.0},\"disk_read_MBps\":{disk_r:.0}}}",
             engine.name(),
             p / (r + s),
             p / s,
+            p / upk,
             bytes as f64 / (c + w) * 1e-3,
             bytes as f64 / (r + s) * 1e-3,
         );

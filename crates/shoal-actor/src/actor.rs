@@ -35,7 +35,8 @@ pub enum Event {
 
 enum Command {
     Message(Vec<u8>, mpsc::Sender<Event>),
-    Snapshot(mpsc::Sender<Result<Snapshot, ActorError>>),
+    /// A snapshot; `true`: device caches kept in the backend's own form (see [`Actor::park`]).
+    Snapshot(bool, mpsc::Sender<Result<Snapshot, ActorError>>),
     Stop,
 }
 
@@ -162,10 +163,22 @@ impl Actor {
         Err(self.stopped())
     }
 
-    /// Takes a snapshot after the messages already in the mailbox.
+    /// Takes a snapshot after the messages already in the mailbox (portable: to be written,
+    /// or restored anywhere).
     pub fn snapshot(&self) -> Result<Snapshot, ActorError> {
+        self.take(false)
+    }
+
+    /// Takes a snapshot to be restored soon in this process (a paused actor): device caches
+    /// stay in the backend's own form (CUDA: pinned host memory, brought back by DMA alone).
+    /// It is still written and restored anywhere like any other (converted on the way).
+    pub fn park(&self) -> Result<Snapshot, ActorError> {
+        self.take(true)
+    }
+
+    fn take(&self, parked: bool) -> Result<Snapshot, ActorError> {
         let (tx, rx) = mpsc::channel();
-        self.tx.send(Command::Snapshot(tx)).map_err(|_| self.stopped())?;
+        self.tx.send(Command::Snapshot(parked, tx)).map_err(|_| self.stopped())?;
         rx.recv().map_err(|_| self.stopped())?
     }
 
@@ -221,7 +234,7 @@ fn run(
                 let _ =
                     reply.send(Event::Done(Err(format!("the actor has stopped: {}", dead.as_deref().unwrap_or("")))));
             }
-            Command::Snapshot(reply) if dead.is_some() => {
+            Command::Snapshot(_, reply) if dead.is_some() => {
                 let _ = reply.send(Err(ActorError::Stopped(dead.clone().unwrap_or_default())));
             }
             Command::Message(msg, reply) => {
@@ -256,8 +269,8 @@ fn run(
                     }
                 }
             }
-            Command::Snapshot(reply) => {
-                let _ = reply.send(Snapshot::capture(runtime, inst).map_err(ActorError::from));
+            Command::Snapshot(parked, reply) => {
+                let _ = reply.send(Snapshot::capture(runtime, inst, parked).map_err(ActorError::from));
             }
         }
     }

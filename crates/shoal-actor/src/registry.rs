@@ -107,8 +107,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn snapshot_bytes(s: &Snapshot) -> usize {
     s.memory_bytes()
-        + s.state.infer.sessions.iter().map(|x| 8 * x.kv.k.len()).sum::<usize>()
-        + s.state.nn.contexts.iter().filter_map(|c| c.cache.as_ref()).map(|c| 8 * c.2.k.len()).sum::<usize>()
+        + s.state.infer.sessions.iter().map(|x| x.kv.bytes()).sum::<usize>()
+        + s.state.nn.contexts.iter().filter_map(|c| c.cache.as_ref()).map(|c| c.2.bytes()).sum::<usize>()
 }
 
 impl Registry {
@@ -249,7 +249,7 @@ impl Registry {
         let mut slot = lock(&e.slot);
         let t0 = Instant::now();
         let snap = match &*slot {
-            Slot::Running(a) => a.snapshot()?,
+            Slot::Running(a) => a.park()?,
             Slot::Paused(_) => return Err(RegistryError::WrongState { id, state: "already paused" }),
         };
         let bytes = snapshot_bytes(&snap);

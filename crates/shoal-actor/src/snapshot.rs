@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use shoal_engine::kv::KvSnapshot;
+use shoal_engine::kv::{KvImage, KvSnapshot};
 use shoal_engine::safetensors::{SafetensorsError, SafetensorsFile};
 use shoal_host::{
     ContextState, GlobalValue, GraphState, InferState, InstanceState, NnState, Prepared, Runtime, SessionState,
@@ -135,9 +135,14 @@ pub struct WriteReport {
 
 impl Snapshot {
     /// Captures `instance` (quiescent: between messages), naming the weights of every model
-    /// it uses.
-    pub fn capture(runtime: &Runtime, instance: &mut shoal_host::Instance) -> Result<Snapshot, SnapshotError> {
-        let state = instance.capture()?;
+    /// it uses. `parked` keeps device caches in the backend's own form (fast to restore on
+    /// the same model in this process; converted when written).
+    pub fn capture(
+        runtime: &Runtime,
+        instance: &mut shoal_host::Instance,
+        parked: bool,
+    ) -> Result<Snapshot, SnapshotError> {
+        let state = instance.capture(parked)?;
         let mut models = Vec::new();
         for name in state.model_names() {
             let m =
@@ -196,8 +201,8 @@ impl Snapshot {
 
     /// Positions held in KV caches, over all sessions and contexts.
     pub fn kv_positions(&self) -> usize {
-        self.state.infer.sessions.iter().map(|s| s.kv.len).sum::<usize>()
-            + self.state.nn.contexts.iter().filter_map(|c| c.cache.as_ref()).map(|c| c.2.len).sum::<usize>()
+        self.state.infer.sessions.iter().map(|s| s.kv.len()).sum::<usize>()
+            + self.state.nn.contexts.iter().filter_map(|c| c.cache.as_ref()).map(|c| c.2.len()).sum::<usize>()
     }
 }
 
@@ -448,7 +453,8 @@ pub fn write_dir(dir: &Path, snap: &Snapshot) -> Result<WriteReport, SnapshotErr
     let s = &snap.state;
     let memory = put(&tmp.join("memory.bin"), &s.page_data)?;
     report.memory_bytes = memory.bytes;
-    let mut kv_file = |name: String, kv: &KvSnapshot| -> Result<FileRef, SnapshotError> {
+    let mut kv_file = |name: String, kv: &KvImage| -> Result<FileRef, SnapshotError> {
+        let kv = kv.snapshot();
         let f = put_with(&tmp.join(name), |w| kv.write_safetensors(w))?;
         report.kv_bytes += f.bytes;
         Ok(f)
@@ -460,7 +466,7 @@ pub fn write_dir(dir: &Path, snap: &Snapshot) -> Result<WriteReport, SnapshotErr
             model: x.model.clone(),
             context: x.context,
             step: x.step,
-            len: x.kv.len,
+            len: x.kv.len(),
             history: x.history.clone(),
             kv: kv_file(format!("kv-session-{}.safetensors", x.handle), &x.kv)?,
         });
@@ -585,13 +591,13 @@ pub fn read_dir(dir: &Path) -> Result<Snapshot, SnapshotError> {
             context: x.context,
             history: x.history.clone(),
             step: x.step,
-            kv,
+            kv: KvImage::Portable(kv),
         });
     }
     let mut contexts = Vec::new();
     for c in &m.nn.contexts {
         let cache = match &c.cache {
-            Some(r) => Some((r.context, r.tokens.clone(), kv(&g, &r.kv)?)),
+            Some(r) => Some((r.context, r.tokens.clone(), KvImage::Portable(kv(&g, &r.kv)?))),
             None => None,
         };
         contexts.push(ContextState {

@@ -366,3 +366,60 @@ mod tests {
         assert!(matches!(KvCache::new(1 << 20, 1 << 20, 1 << 30), Err(KvError::TooLarge { .. })));
     }
 }
+
+/// A backend's own copy of a KV cache, kept off the device in the form fastest to bring back
+/// to the same backend (CUDA: the pool's blocks in pinned host memory, moved by DMA alone).
+pub trait NativeKv: Send + Sync + std::fmt::Debug {
+    /// Positions held.
+    fn len(&self) -> usize;
+    /// Whether it holds no position.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Bytes of host memory it takes.
+    fn bytes(&self) -> usize;
+    /// The portable form (to write to disk, or to restore on another backend).
+    fn to_snapshot(&self) -> KvSnapshot;
+    /// For the backend that made it to recognise it.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// A KV cache taken out of a session: portable ([`KvSnapshot`]) or a backend's own image.
+#[derive(Debug, Clone)]
+pub enum KvImage {
+    /// The portable form, any backend imports it.
+    Portable(KvSnapshot),
+    /// A backend's own image (see [`NativeKv`]).
+    Native(std::sync::Arc<dyn NativeKv>),
+}
+
+impl KvImage {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        match self {
+            KvImage::Portable(s) => s.len,
+            KvImage::Native(n) => n.len(),
+        }
+    }
+
+    /// Whether it holds no position.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of host memory it takes.
+    pub fn bytes(&self) -> usize {
+        match self {
+            KvImage::Portable(s) => 4 * (s.k.len() + s.v.len()),
+            KvImage::Native(n) => n.bytes(),
+        }
+    }
+
+    /// The portable form (converted on the host for a native image).
+    pub fn snapshot(&self) -> std::borrow::Cow<'_, KvSnapshot> {
+        match self {
+            KvImage::Portable(s) => std::borrow::Cow::Borrowed(s),
+            KvImage::Native(n) => std::borrow::Cow::Owned(n.to_snapshot()),
+        }
+    }
+}

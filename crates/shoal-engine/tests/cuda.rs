@@ -277,3 +277,33 @@ fn a_session_moves_from_cuda_to_cpu_and_back() {
     }
     assert_eq!(x, y);
 }
+
+#[test]
+fn a_parked_cache_comes_back_by_dma_and_converts_to_the_portable_form() {
+    use shoal_engine::kv::KvImage;
+    let Some(p) = pair() else { return };
+    // Longer than one 16 MiB run of blocks would be for a bigger model; several blocks here.
+    let ids = prompt(&p.tokenizer, &"the quiet river runs past old stone mills ".repeat(12));
+    let greedy = Sampler::greedy();
+    let mut g = p.cuda.new_cache(512).unwrap();
+    let first = p.cuda.forward_sample(&ids, &mut g, &greedy, &[], 0).unwrap();
+    let image = p.cuda.park_cache(&g).unwrap();
+    assert!(matches!(image, KvImage::Native(_)), "CUDA parks in its own form");
+    assert_eq!(image.len(), g.len());
+    // Its portable form is exactly what export gives.
+    assert_eq!(*image.snapshot(), p.cuda.export_cache(&g).unwrap());
+    // Back on the GPU (DMA alone), the continuation is the one that never left.
+    let mut back = p.cuda.import_image(&image, 512).unwrap();
+    assert_eq!(back.len(), g.len());
+    let (mut x, mut y) = (first, first);
+    for step in 0..12 {
+        x = p.cuda.forward_sample(&[x], &mut g, &greedy, &[], step).unwrap();
+        y = p.cuda.forward_sample(&[y], &mut back, &greedy, &[], step).unwrap();
+        assert_eq!(x, y, "step {step}");
+    }
+    // On the CPU it goes through the portable form.
+    let c = p.cpu.import_image(&image, 512).unwrap();
+    assert_eq!(c.len(), image.len());
+    // Too long for the context asked: a clear error.
+    assert!(p.cuda.import_image(&image, 16).is_err());
+}

@@ -445,7 +445,7 @@ pub struct SessionState {
     /// Tokens sampled so far (the sampler's step).
     pub step: u64,
     /// The KV cache.
-    pub kv: shoal_engine::kv::KvSnapshot,
+    pub kv: shoal_engine::kv::KvImage,
 }
 
 /// The inference state of an instance as plain data.
@@ -469,8 +469,10 @@ impl InferCtx {
         v
     }
 
-    /// Copies every session's cache out (device caches come back to the host).
-    pub(crate) fn capture(&self) -> Result<InferState, EngineError> {
+    /// Copies every session's cache out (device caches come back to the host): in the
+    /// backend's own fastest form when `parked` (to be restored soon, in this process), else
+    /// portable.
+    pub(crate) fn capture(&self, parked: bool) -> Result<InferState, EngineError> {
         let mut opened: Vec<(u32, String)> = self.opened.iter().map(|(h, m)| (*h, m.name.clone())).collect();
         opened.sort();
         let mut sessions = Vec::with_capacity(self.sessions.len());
@@ -481,7 +483,11 @@ impl InferCtx {
                 context: s.cache.capacity(),
                 history: s.history.clone(),
                 step: s.step,
-                kv: s.model.llama.export_cache(&s.cache)?,
+                kv: if parked {
+                    s.model.llama.park_cache(&s.cache)?
+                } else {
+                    shoal_engine::kv::KvImage::Portable(s.model.llama.export_cache(&s.cache)?)
+                },
             });
         }
         sessions.sort_by_key(|s| s.handle);
@@ -497,7 +503,7 @@ impl InferCtx {
             let model = self.models.get(&s.model)?;
             let cache = model
                 .llama
-                .import_cache(&s.kv, s.context)
+                .import_image(&s.kv, s.context)
                 .map_err(|e| format!("session {} on model `{}`: {e}", s.handle, s.model))?;
             self.sessions.insert(s.handle, Session { model, cache, history: s.history.clone(), step: s.step });
         }

@@ -371,13 +371,15 @@ impl Instance {
         r
     }
 
-    /// Captures the instance (between messages). Device caches are copied to the host.
-    pub fn capture(&mut self) -> Result<InstanceState, HostError> {
+    /// Captures the instance (between messages). Device caches are copied to the host: in
+    /// the backend's own fastest form when `parked` (a snapshot kept in this process to be
+    /// restored soon, e.g. a paused actor), else in the portable form.
+    pub fn capture(&mut self, parked: bool) -> Result<InstanceState, HostError> {
         let snap = |m: String| HostError::Snapshot(m);
         let shoal = &self.store.data().shoal;
         shoal.check_quiescent().map_err(snap)?;
-        let infer = shoal.infer.capture().map_err(|e| snap(e.to_string()))?;
-        let nn = shoal.nn.capture().map_err(snap)?;
+        let infer = shoal.infer.capture(parked).map_err(|e| snap(e.to_string()))?;
+        let nn = shoal.nn.capture(parked).map_err(snap)?;
         let backend = shoal.models().engine().name().to_string();
         let mem = self
             .instance

@@ -722,7 +722,7 @@ pub struct ContextState {
     /// Token counts of the last computation: input, output, reused.
     pub counts: [usize; 3],
     /// The KV cache: its context length, the tokens in it, the cache.
-    pub cache: Option<(usize, Vec<u32>, shoal_engine::kv::KvSnapshot)>,
+    pub cache: Option<(usize, Vec<u32>, shoal_engine::kv::KvImage)>,
 }
 
 /// The `wasi_ephemeral_nn` state of an instance as plain data.
@@ -749,7 +749,7 @@ impl NnCtx {
     /// Copies the graphs and contexts out, caches included. A context in the middle of a
     /// `compute_single` stream, or a graph loaded from bytes rather than by name, cannot be
     /// captured.
-    pub(crate) fn capture(&self) -> Result<NnState, String> {
+    pub(crate) fn capture(&self, parked: bool) -> Result<NnState, String> {
         let from_bytes = |m: &LoadedModel| m.name.starts_with("wasi-nn-");
         let mut graphs = Vec::new();
         for (&handle, g) in &self.graphs {
@@ -774,7 +774,12 @@ impl NnCtx {
                 Some((c, seen)) => Some((
                     c.capacity(),
                     seen.clone(),
-                    cx.model.llama.export_cache(c).map_err(|err| format!("wasi-nn context {handle}: {err}"))?,
+                    if parked {
+                        cx.model.llama.park_cache(c)
+                    } else {
+                        cx.model.llama.export_cache(c).map(shoal_engine::kv::KvImage::Portable)
+                    }
+                    .map_err(|err| format!("wasi-nn context {handle}: {err}"))?,
                 )),
                 None => None,
             };
@@ -808,7 +813,7 @@ impl NnCtx {
                 Some((context, seen, kv)) => Some((
                     model
                         .llama
-                        .import_cache(kv, *context)
+                        .import_image(kv, *context)
                         .map_err(|err| format!("wasi-nn context {}: {err}", s.handle))?,
                     seen.clone(),
                 )),

@@ -204,6 +204,22 @@ pub trait Backend: Send + Sync + Sized + 'static {
         kv_dim: usize,
         context: usize,
     ) -> Result<Self::Cache, EngineError>;
+    /// `cache` copied out in this backend's own fastest form, or `None` when the backend has
+    /// none (then [`Backend::export_cache`] is used).
+    fn park(&self, _cache: &Self::Cache) -> Result<Option<std::sync::Arc<dyn crate::kv::NativeKv>>, EngineError> {
+        Ok(None)
+    }
+    /// A cache of `context` positions from an image [`Backend::park`] made on this backend,
+    /// or `None` when the image is not this backend's (then its portable form is imported).
+    fn unpark(
+        &self,
+        _image: &dyn crate::kv::NativeKv,
+        _n_layers: usize,
+        _kv_dim: usize,
+        _context: usize,
+    ) -> Result<Option<Self::Cache>, EngineError> {
+        Ok(None)
+    }
     /// The most tokens one [`Backend::run`] takes; models split longer inputs.
     fn max_chunk(&self) -> usize;
     /// Makes room in `cache` for `adding` more positions before a forward pass that may take

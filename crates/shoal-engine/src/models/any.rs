@@ -163,6 +163,20 @@ impl Model {
         })
     }
 
+    /// See [`Llama::park_cache`].
+    pub fn park_cache(&self, cache: &Cache) -> Result<crate::kv::KvImage, EngineError> {
+        pair!(self, cache, (m, c) => m.park_cache(c))
+    }
+
+    /// See [`Llama::import_image`]: an image from any backend becomes a cache on this one.
+    pub fn import_image(&self, image: &crate::kv::KvImage, context: usize) -> Result<Cache, EngineError> {
+        Ok(match self {
+            Model::Cpu(m) => Cache::Cpu(m.import_image(image, context)?),
+            #[cfg(feature = "cuda")]
+            Model::Cuda(m) => Cache::Cuda(m.import_image(image, context)?),
+        })
+    }
+
     /// See [`Llama::hidden`].
     pub fn hidden(&self, tokens: &[u32], cache: &mut Cache) -> Result<Vec<f32>, EngineError> {
         pair!(self, cache, (m, c) => m.hidden(tokens, c))

@@ -539,6 +539,34 @@ impl<B: Backend> Llama<B> {
         self.backend.import_cache(snap, c.n_layers, c.kv_dim(), context)
     }
 
+    /// `cache` copied out to be brought back soon, on this backend if possible: the backend's
+    /// own image where it has one (CUDA: pinned host memory, DMA both ways), else the portable
+    /// form.
+    pub fn park_cache(&self, cache: &B::Cache) -> Result<crate::kv::KvImage, EngineError> {
+        Ok(match self.backend.park(cache)? {
+            Some(n) => crate::kv::KvImage::Native(n),
+            None => crate::kv::KvImage::Portable(self.export_cache(cache)?),
+        })
+    }
+
+    /// A cache of `context` positions holding `image`: straight from the backend's own image
+    /// when it is this backend's, else through the portable form.
+    pub fn import_image(&self, image: &crate::kv::KvImage, context: usize) -> Result<B::Cache, EngineError> {
+        match image {
+            crate::kv::KvImage::Portable(s) => self.import_cache(s, context),
+            crate::kv::KvImage::Native(n) => {
+                let c = &self.config;
+                if context > c.context_length {
+                    return Err(EngineError::ContextTooLong { requested: context, max: c.context_length });
+                }
+                match self.backend.unpark(n.as_ref(), c.n_layers, c.kv_dim(), context)? {
+                    Some(cache) => Ok(cache),
+                    None => self.import_cache(&n.to_snapshot(), context),
+                }
+            }
+        }
+    }
+
     /// Runs `tokens` at positions `cache.len()..`, appends their keys and values to the
     /// cache, and returns the logits of the last token (`vocab_size` values).
     ///

@@ -566,6 +566,71 @@ impl Cuda {
     }
 }
 
+/// A CUDA session's KV cache parked in pinned host memory, in the pool's block layout
+/// (`[block][layer][K|V][position][kv_dim]`), so that it comes back by DMA alone.
+pub struct PinnedKv {
+    ptr: *mut u8,
+    bytes: usize,
+    blocks: usize,
+    n_layers: usize,
+    kv_dim: usize,
+    len: usize,
+    shared: Arc<Shared>,
+}
+
+// SAFETY: the pinned buffer is owned by this value alone and only read after `park` wrote it.
+unsafe impl Send for PinnedKv {}
+// SAFETY: as above; shared access only reads.
+unsafe impl Sync for PinnedKv {}
+
+impl std::fmt::Debug for PinnedKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedKv").field("len", &self.len).field("bytes", &self.bytes).finish_non_exhaustive()
+    }
+}
+
+impl Drop for PinnedKv {
+    fn drop(&mut self) {
+        let _ = self.shared.current();
+        // SAFETY: allocated by cuMemAllocHost in `park`, freed once, here.
+        unsafe { sys::cuMemFreeHost(self.ptr as *mut c_void) };
+    }
+}
+
+impl crate::kv::NativeKv for PinnedKv {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn to_snapshot(&self) -> crate::kv::KvSnapshot {
+        let (n_layers, kv_dim, len) = (self.n_layers, self.kv_dim, self.len);
+        let (mut k, mut v) = (vec![0f32; n_layers * len * kv_dim], vec![0f32; n_layers * len * kv_dim]);
+        let row = KV_BLOCK * kv_dim;
+        let floats = self.blocks * n_layers * 2 * row;
+        // SAFETY: the buffer holds `bytes` ≥ `floats * 4` bytes written by `park`, aligned for
+        // f32 (page-aligned pinned memory); nothing writes it after `park`.
+        let staged = unsafe { std::slice::from_raw_parts(self.ptr as *const f32, floats) };
+        for (j, block) in staged.chunks_exact(n_layers * 2 * row).enumerate() {
+            let p0 = j * KV_BLOCK;
+            let rows = (len - p0).min(KV_BLOCK) * kv_dim;
+            for l in 0..n_layers {
+                let at = (l * len + p0) * kv_dim;
+                k[at..at + rows].copy_from_slice(&block[l * 2 * row..][..rows]);
+                v[at..at + rows].copy_from_slice(&block[(l * 2 + 1) * row..][..rows]);
+            }
+        }
+        crate::kv::KvSnapshot { n_layers, kv_dim, len, k, v }
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
 /// One chunk's operations on the GPU.
 pub struct CudaOps<'a> {
     inner: &'a mut Inner,
@@ -1047,6 +1112,64 @@ impl Backend for Cuda {
             )
         })?;
         Ok(cache)
+    }
+
+    fn park(&self, cache: &CudaCache) -> Result<Option<Arc<dyn crate::kv::NativeKv>>, EngineError> {
+        let block_bytes = cache.n_layers * 2 * KV_BLOCK * cache.kv_dim * 4;
+        let blocks = cache.len.div_ceil(KV_BLOCK).min(cache.blocks.len());
+        let bytes = (blocks * block_bytes).max(1);
+        self.shared.current()?;
+        let mut ptr: *mut c_void = std::ptr::null_mut();
+        // SAFETY: allocates `bytes` of pinned host memory into `ptr`; freed by PinnedKv's Drop.
+        cu(unsafe { sys::cuMemAllocHost_v2(&mut ptr, bytes) }, "cuMemAllocHost(KV image)")?;
+        let image = PinnedKv {
+            ptr: ptr as *mut u8,
+            bytes,
+            blocks,
+            n_layers: cache.n_layers,
+            kv_dim: cache.kv_dim,
+            len: cache.len,
+            shared: self.shared.clone(),
+        };
+        self.block_runs(cache, |dev, first, n| {
+            let dst = (image.ptr as usize + first * block_bytes) as *mut c_void;
+            // SAFETY: `dev` starts `n` pool blocks; `dst` has room for them (the image holds
+            // every block the cache uses); runs are excluded by `block_runs`' lock.
+            let r = unsafe { sys::cuMemcpyDtoH_v2(dst, dev, n * block_bytes) };
+            cu(r, "cuMemcpyDtoH(KV image)")
+        })?;
+        Ok(Some(Arc::new(image)))
+    }
+
+    fn unpark(
+        &self,
+        image: &dyn crate::kv::NativeKv,
+        n_layers: usize,
+        kv_dim: usize,
+        context: usize,
+    ) -> Result<Option<CudaCache>, EngineError> {
+        let Some(img) = image.as_any().downcast_ref::<PinnedKv>() else { return Ok(None) };
+        if !Arc::ptr_eq(&img.shared, &self.shared) || (img.n_layers, img.kv_dim) != (n_layers, kv_dim) {
+            return Ok(None);
+        }
+        if img.len > context {
+            return Err(crate::kv::KvError::Mismatch {
+                expected: format!("at most {context} positions"),
+                found: format!("{} positions", img.len),
+            }
+            .into());
+        }
+        let mut cache = self.new_cache(n_layers, kv_dim, context)?;
+        self.take_blocks(&mut cache, img.len)?;
+        cache.len = img.len;
+        let block_bytes = n_layers * 2 * KV_BLOCK * kv_dim * 4;
+        self.block_runs(&cache, |dev, first, n| {
+            let src = (img.ptr as usize + first * block_bytes) as *const c_void;
+            // SAFETY: as in `park`, the other way: `src` holds the image's blocks `first..`.
+            let r = unsafe { sys::cuMemcpyHtoD_v2(dev, src, n * block_bytes) };
+            cu(r, "cuMemcpyHtoD(KV image)")
+        })?;
+        Ok(Some(cache))
     }
 
     fn reserve(&self, cache: &mut CudaCache, adding: usize) -> Result<(), EngineError> {
