@@ -64,7 +64,13 @@ struct Shared {
     ctx: sys::CUcontext,
     device: sys::CUdevice,
     pool: Mutex<Option<Pool>>,
+    /// Pinned host buffers of parked KV images given back, kept for the next park (pinning
+    /// costs far more than the copy): (address, bytes).
+    pinned: Mutex<Vec<(usize, usize)>>,
 }
+
+/// The most pinned host memory kept for reuse once parked images are dropped.
+const PINNED_KEEP: usize = 4 << 30;
 
 // SAFETY: CUDA contexts and device pointers may be used from any thread (the context is
 // made current before each use); the pool's host state is behind a mutex.
@@ -86,6 +92,43 @@ impl Shared {
         cu(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")
     }
 
+    /// A pinned host buffer of at least `bytes`: a kept one that fits (not more than twice
+    /// as large), or a new one. Returns (address, its size).
+    fn take_pinned(&self, bytes: usize) -> Result<(usize, usize), EngineError> {
+        {
+            let mut kept = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+            let best = kept
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, cap))| *cap >= bytes && *cap <= bytes.saturating_mul(2).max(1 << 20))
+                .min_by_key(|(_, (_, cap))| *cap)
+                .map(|(i, _)| i);
+            if let Some(i) = best {
+                return Ok(kept.swap_remove(i));
+            }
+        }
+        self.current()?;
+        let cap = bytes.next_multiple_of(1 << 20);
+        let mut ptr: *mut c_void = std::ptr::null_mut();
+        // SAFETY: allocates `cap` bytes of pinned host memory into `ptr`; given back through
+        // `give_pinned` and freed there or when `self` drops.
+        cu(unsafe { sys::cuMemAllocHost_v2(&mut ptr, cap) }, "cuMemAllocHost(KV image)")?;
+        Ok((ptr as usize, cap))
+    }
+
+    /// Keeps a pinned buffer for reuse, or frees it past [`PINNED_KEEP`].
+    fn give_pinned(&self, ptr: usize, cap: usize) {
+        let mut kept = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.iter().map(|k| k.1).sum::<usize>() + cap <= PINNED_KEEP {
+            kept.push((ptr, cap));
+            return;
+        }
+        drop(kept);
+        let _ = self.current();
+        // SAFETY: allocated by `take_pinned`, no longer used by anyone.
+        unsafe { sys::cuMemFreeHost(ptr as *mut c_void) };
+    }
+
     fn give_back(&self, blocks: &mut Vec<u32>, keep: usize) {
         if blocks.len() <= keep {
             return;
@@ -105,6 +148,9 @@ impl Drop for Shared {
             sys::cuCtxSetCurrent(self.ctx);
             if let Some(p) = self.pool.get_mut().ok().and_then(|p| p.take()) {
                 sys::cuMemFree_v2(p.ptr);
+            }
+            for (ptr, _) in self.pinned.get_mut().map(std::mem::take).unwrap_or_default() {
+                sys::cuMemFreeHost(ptr as *mut c_void);
             }
             sys::cuDevicePrimaryCtxRelease_v2(self.device);
         }
@@ -357,7 +403,7 @@ impl Cuda {
             cu(sys::cuDeviceGet(&mut device, ordinal), "cuDeviceGet")?;
             let mut ctx = std::ptr::null_mut();
             cu(sys::cuDevicePrimaryCtxRetain(&mut ctx, device), "cuDevicePrimaryCtxRetain")?;
-            let shared = Arc::new(Shared { ctx, device, pool: Mutex::new(None) });
+            let shared = Arc::new(Shared { ctx, device, pool: Mutex::new(None), pinned: Mutex::new(Vec::new()) });
             shared.current()?;
             let attr = |a| {
                 let mut v = 0;
@@ -571,6 +617,8 @@ impl Cuda {
 pub struct PinnedKv {
     ptr: *mut u8,
     bytes: usize,
+    /// The pinned buffer's size (≥ `bytes`: buffers are reused).
+    cap: usize,
     blocks: usize,
     n_layers: usize,
     kv_dim: usize,
@@ -591,9 +639,8 @@ impl std::fmt::Debug for PinnedKv {
 
 impl Drop for PinnedKv {
     fn drop(&mut self) {
-        let _ = self.shared.current();
-        // SAFETY: allocated by cuMemAllocHost in `park`, freed once, here.
-        unsafe { sys::cuMemFreeHost(self.ptr as *mut c_void) };
+        // Kept for the next park (or freed): nothing reads it after this.
+        self.shared.give_pinned(self.ptr as usize, self.cap);
     }
 }
 
@@ -1118,13 +1165,12 @@ impl Backend for Cuda {
         let block_bytes = cache.n_layers * 2 * KV_BLOCK * cache.kv_dim * 4;
         let blocks = cache.len.div_ceil(KV_BLOCK).min(cache.blocks.len());
         let bytes = (blocks * block_bytes).max(1);
+        let (ptr, cap) = self.shared.take_pinned(bytes)?;
         self.shared.current()?;
-        let mut ptr: *mut c_void = std::ptr::null_mut();
-        // SAFETY: allocates `bytes` of pinned host memory into `ptr`; freed by PinnedKv's Drop.
-        cu(unsafe { sys::cuMemAllocHost_v2(&mut ptr, bytes) }, "cuMemAllocHost(KV image)")?;
         let image = PinnedKv {
             ptr: ptr as *mut u8,
             bytes,
+            cap,
             blocks,
             n_layers: cache.n_layers,
             kv_dim: cache.kv_dim,
