@@ -69,6 +69,9 @@ struct Shared {
     pinned: Mutex<Vec<(usize, usize)>>,
 }
 
+/// The most bytes of one KV copy through pageable host memory (the staging buffer's size).
+const STAGING: usize = 16 << 20;
+
 /// The most pinned host memory kept for reuse once parked images are dropped.
 const PINNED_KEEP: usize = 4 << 30;
 
@@ -548,10 +551,11 @@ impl Cuda {
     /// Calls `f(device address, first block index in the cache, blocks)` for each run of
     /// the cache's blocks that are consecutive in the pool (a block holds every layer's K
     /// and V for [`KV_BLOCK`] positions, contiguous: `[layer][K|V][position][kv_dim]`), up to
-    /// the blocks its length uses; runs are excluded meanwhile.
+    /// the blocks its length uses, each run at most `most_bytes`; runs are excluded meanwhile.
     fn block_runs(
         &self,
         cache: &CudaCache,
+        most_bytes: usize,
         mut f: impl FnMut(u64, usize, usize) -> Result<(), EngineError>,
     ) -> Result<(), EngineError> {
         if !Arc::ptr_eq(&cache.shared, &self.shared) {
@@ -565,8 +569,7 @@ impl Cuda {
         let _runs = self.lock();
         let block_bytes = (cache.n_layers * 2 * KV_BLOCK * cache.kv_dim * 4) as u64;
         let used = &cache.blocks[..cache.len.div_ceil(KV_BLOCK).min(cache.blocks.len())];
-        // Runs of at most 16 MiB, so that the host's staging buffer stays small and warm.
-        let most = ((16 << 20) / block_bytes).max(1) as usize;
+        let most = (most_bytes as u64 / block_bytes).max(1) as usize;
         let mut i = 0;
         while i < used.len() {
             let mut n = 1;
@@ -1114,7 +1117,8 @@ impl Backend for Cuda {
         let (mut k, mut v) = (vec![0f32; n_layers * len * kv_dim], vec![0f32; n_layers * len * kv_dim]);
         let block = n_layers * 2 * KV_BLOCK * kv_dim;
         let mut staged = Vec::new();
-        self.block_runs(cache, |dev, first, blocks| {
+        // Runs of at most 16 MiB, so that the host's staging buffer stays small and warm.
+        self.block_runs(cache, STAGING, |dev, first, blocks| {
             staged.resize(blocks * block, 0f32);
             let dst = staged.as_mut_ptr() as *mut c_void;
             // SAFETY: `dev` starts `blocks` consecutive pool blocks, `staged` holds exactly
@@ -1145,7 +1149,7 @@ impl Backend for Cuda {
         let block = n_layers * 2 * KV_BLOCK * kv_dim;
         // Rows past the length in the last block stay as they were (never read).
         let mut staged = Vec::new();
-        self.block_runs(&cache, |dev, first, blocks| {
+        self.block_runs(&cache, STAGING, |dev, first, blocks| {
             staged.clear();
             staged.resize(blocks * block, 0f32);
             Self::each_row(&mut staged, (n_layers, kv_dim, len), first, |b, which, at| {
@@ -1177,7 +1181,8 @@ impl Backend for Cuda {
             len: cache.len,
             shared: self.shared.clone(),
         };
-        self.block_runs(cache, |dev, first, n| {
+        // Pinned memory: one DMA per run of consecutive blocks, whatever its size.
+        self.block_runs(cache, usize::MAX, |dev, first, n| {
             let dst = (image.ptr as usize + first * block_bytes) as *mut c_void;
             // SAFETY: `dev` starts `n` pool blocks; `dst` has room for them (the image holds
             // every block the cache uses); runs are excluded by `block_runs`' lock.
@@ -1209,7 +1214,7 @@ impl Backend for Cuda {
         self.take_blocks(&mut cache, img.len)?;
         cache.len = img.len;
         let block_bytes = n_layers * 2 * KV_BLOCK * kv_dim * 4;
-        self.block_runs(&cache, |dev, first, n| {
+        self.block_runs(&cache, usize::MAX, |dev, first, n| {
             let src = (img.ptr as usize + first * block_bytes) as *const c_void;
             // SAFETY: as in `park`, the other way: `src` holds the image's blocks `first..`.
             let r = unsafe { sys::cuMemcpyHtoD_v2(dev, src, n * block_bytes) };
