@@ -118,7 +118,8 @@ impl Actor {
             .spawn(move || {
                 let made = match how {
                     Start::Fresh(opts) => runtime.instantiate(&p, &opts).map_err(ActorError::from),
-                    Start::Restore(snap) => snap.restore(&runtime, &p).map_err(ActorError::from),
+                    // Checked by `Actor::restore` before the thread started.
+                    Start::Restore(snap) => runtime.restore(&p, &snap.state).map_err(ActorError::from),
                 };
                 match made {
                     Ok(mut inst) => {

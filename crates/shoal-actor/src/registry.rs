@@ -95,10 +95,18 @@ pub struct Registry {
     store: Arc<dyn SnapshotStore>,
     config: ActorConfig,
     actors: Mutex<BTreeMap<u64, Arc<Entry>>>,
-    modules: Mutex<HashMap<String, (String, Arc<Prepared>)>>,
-    /// Each module's bytes by hash (to compile it for another runtime).
-    sources: Mutex<HashMap<String, Arc<Vec<u8>>>>,
+    /// Modules by the hash snapshots name them by.
+    modules: Mutex<HashMap<String, Known>>,
     next: AtomicU64,
+}
+
+/// A module the registry has loaded.
+struct Known {
+    name: String,
+    /// Its bytes, to compile it for another runtime.
+    source: Arc<Vec<u8>>,
+    /// Compiled, by runtime index.
+    compiled: HashMap<usize, Arc<Prepared>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -120,7 +128,6 @@ impl Registry {
             config,
             actors: Mutex::new(BTreeMap::new()),
             modules: Mutex::new(HashMap::new()),
-            sources: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
         }
     }
@@ -140,39 +147,36 @@ impl Registry {
         self.runtimes[i].models().engine().name().to_string()
     }
 
-    /// The module `module` compiled for runtime `i`.
+    /// The module `module` compiled for runtime `i` (compiled there on first use).
     fn module_for(&self, module: &Arc<Prepared>, i: usize) -> Result<Arc<Prepared>, RegistryError> {
-        if i == 0 {
-            return Ok(module.clone());
-        }
-        let key = format!("{}@{i}", module.sha256);
-        if let Some((_, p)) = lock(&self.modules).get(&key) {
-            return Ok(p.clone());
-        }
-        let wasm = lock(&self.modules)
-            .values()
-            .find(|(_, p)| p.sha256 == module.sha256)
-            .map(|(n, _)| n.clone())
-            .unwrap_or_default();
-        let bytes = lock(&self.sources).get(&module.sha256).cloned().ok_or_else(|| {
-            RegistryError::UnknownModule(format!("{} ({wasm}): its bytes are not kept", module.sha256))
-        })?;
-        let p = self.runtimes[i].prepare(&bytes).map_err(ActorError::from)?;
-        lock(&self.modules).insert(key, (wasm, p.clone()));
+        let unknown = || RegistryError::UnknownModule(module.sha256.clone());
+        let source = {
+            let modules = lock(&self.modules);
+            let known = modules.get(&module.sha256).ok_or_else(unknown)?;
+            if let Some(p) = known.compiled.get(&i) {
+                return Ok(p.clone());
+            }
+            known.source.clone()
+        };
+        let p = self.runtimes[i].prepare(&source).map_err(ActorError::from)?;
+        lock(&self.modules).get_mut(&module.sha256).ok_or_else(unknown)?.compiled.insert(i, p.clone());
         Ok(p)
     }
 
-    /// Compiles `wasm` for actors once per content, naming it `name`.
+    /// Compiles `wasm` for actors once per content (a binary's hash is its key; text is
+    /// compiled again each time), naming it `name`.
     pub fn module(&self, name: &str, wasm: &[u8]) -> Result<Arc<Prepared>, RegistryError> {
         let sha = shoal_host::instance::sha256_hex(wasm);
-        if let Some((_, p)) = lock(&self.modules).get(&sha) {
-            return Ok(p.clone());
+        if let Some(p) = lock(&self.modules).get(&sha).and_then(|k| k.compiled.get(&0).cloned()) {
+            return Ok(p);
         }
         let p = self.runtimes[0].prepare(wasm).map_err(ActorError::from)?;
-        // The hash of what was compiled (text is turned into binary first).
-        lock(&self.modules).insert(sha, (name.to_string(), p.clone()));
-        lock(&self.modules).insert(p.sha256.clone(), (name.to_string(), p.clone()));
-        lock(&self.sources).insert(p.sha256.clone(), Arc::new(wasm.to_vec()));
+        let known = Known {
+            name: name.to_string(),
+            source: Arc::new(wasm.to_vec()),
+            compiled: HashMap::from([(0, p.clone())]),
+        };
+        lock(&self.modules).insert(p.sha256.clone(), known);
         Ok(p)
     }
 
@@ -294,7 +298,7 @@ impl Registry {
         let snap = self.store.get(key)?;
         let (name, module) = lock(&self.modules)
             .get(&snap.module_sha256)
-            .cloned()
+            .and_then(|k| Some((k.name.clone(), k.compiled.get(&0)?.clone())))
             .ok_or_else(|| RegistryError::UnknownModule(snap.module_sha256.clone()))?;
         let actor = Actor::restore(self.runtimes[0].clone(), module.clone(), snap, self.config.clone())?;
         let id = self.add(&name, module, tag, Slot::Running(actor));

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use wasmtime::{Module, Store, Val};
+use wasmtime::{Module, Store, TypedFunc, Val};
 use wasmtime_wasi::WasiCtxBuilder;
 
 pub use crate::ReplySink;
@@ -118,6 +118,9 @@ pub struct Instance {
     instance: wasmtime::Instance,
     prepared: Arc<Prepared>,
     opts: InstanceOptions,
+    /// The handler exports, looked up once.
+    alloc: TypedFunc<u32, u32>,
+    handle: TypedFunc<(u32, u32), i32>,
 }
 
 impl std::fmt::Debug for Instance {
@@ -179,7 +182,7 @@ impl Runtime {
         if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
             init.call(&mut store, ()).map_err(HostError::Trap)?;
         }
-        Ok(Instance { store, instance, prepared: prepared.clone(), opts: opts.clone() })
+        Instance::new(store, instance, prepared, opts.clone())
     }
 
     /// Brings back an instance from `state` (its `_initialize` does not run again: its
@@ -270,7 +273,7 @@ impl Runtime {
         let shoal = &mut store.data_mut().shoal;
         shoal.infer.restore(&state.infer).map_err(restore)?;
         shoal.nn.restore(&state.nn).map_err(restore)?;
-        Ok(Instance { store, instance, prepared: prepared.clone(), opts })
+        Instance::new(store, instance, prepared, opts)
     }
 
     /// Starts a thread that advances the engine's epoch every [`EPOCH_TICK_MS`], so that
@@ -317,6 +320,21 @@ fn bits(v: &Val) -> u128 {
 }
 
 impl Instance {
+    fn new(
+        mut store: Store<HostState>,
+        instance: wasmtime::Instance,
+        prepared: &Arc<Prepared>,
+        opts: InstanceOptions,
+    ) -> Result<Instance, HostError> {
+        let alloc = instance
+            .get_typed_func::<u32, u32>(&mut store, "shoal_actor_alloc")
+            .map_err(|e| HostError::NotAnActor(format!("shoal_actor_alloc: {e:#}")))?;
+        let handle = instance
+            .get_typed_func::<(u32, u32), i32>(&mut store, "shoal_actor_message")
+            .map_err(|e| HostError::NotAnActor(format!("shoal_actor_message: {e:#}")))?;
+        Ok(Instance { store, instance, prepared: prepared.clone(), opts, alloc, handle })
+    }
+
     /// The module this instance runs.
     pub fn prepared(&self) -> &Arc<Prepared> {
         &self.prepared
@@ -336,14 +354,7 @@ impl Instance {
             code: -1,
             message: format!("a message of {} bytes (at most 4 GiB)", msg.len()),
         })?;
-        let alloc = self
-            .instance
-            .get_typed_func::<u32, u32>(&mut self.store, "shoal_actor_alloc")
-            .map_err(|e| HostError::NotAnActor(format!("shoal_actor_alloc: {e:#}")))?;
-        let handle = self
-            .instance
-            .get_typed_func::<(u32, u32), i32>(&mut self.store, "shoal_actor_message")
-            .map_err(|e| HostError::NotAnActor(format!("shoal_actor_message: {e:#}")))?;
+        let (alloc, handle) = (self.alloc.clone(), self.handle.clone());
         let ticks = deadline.map_or(NO_DEADLINE, |d| (d.as_millis() as u64).div_ceil(EPOCH_TICK_MS).max(1) + 1);
         self.store.set_epoch_deadline(ticks);
         let r = (|| {

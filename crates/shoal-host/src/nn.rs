@@ -276,16 +276,27 @@ fn load(c: &mut C<'_>, builders: u32, n: u32, encoding: u32, target: u32, out: u
     if n == 2 {
         options.apply(&read(c, &m, pairs[2], pairs[3])?)?;
     }
-    // The model's bytes go to a file (the engine memory-maps models), named by content.
-    let hash = model.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-    let name = format!("wasi-nn-{hash:016x}");
-    let path = std::env::temp_dir().join(format!("shoal-{}-{name}.gguf", std::process::id()));
-    std::fs::write(&path, &model).map_err(|err| e(NnErrno::RuntimeError, format!("{}: {err}", path.display())))?;
     let ctx = nn(c);
-    ctx.temp_files.push(path.clone());
-    ctx.models.add(&name, &path);
-    let model = open_model(c, &name)?;
+    let model = model_from_bytes(&ctx.models, &mut ctx.temp_files, &model, NnErrno::RuntimeError)?;
     add_graph(c, model, options, out)
+}
+
+/// A model from a guest's bytes: written to a file named by their content (the engine maps
+/// models from files; removed with the instance's state) and loaded. Bytes shoal cannot load
+/// are `unloadable`.
+pub(crate) fn model_from_bytes(
+    models: &Models,
+    temp_files: &mut Vec<std::path::PathBuf>,
+    bytes: &[u8],
+    unloadable: NnErrno,
+) -> Result<Arc<LoadedModel>, NnError> {
+    let hash = crate::instance::sha256_hex(bytes);
+    let name = format!("wasi-nn-{}", &hash[..16]);
+    let path = std::env::temp_dir().join(format!("shoal-{}-{name}.gguf", std::process::id()));
+    std::fs::write(&path, bytes).map_err(|err| e(NnErrno::RuntimeError, format!("{}: {err}", path.display())))?;
+    temp_files.push(path.clone());
+    models.add(&name, &path);
+    models.get(&name).map_err(|m| e(unloadable, format!("not a model shoal can load: {m}")))
 }
 
 fn load_by_name(c: &mut C<'_>, name: u32, len: u32, config: Option<(u32, u32)>, out: u32) -> Result<(), NnError> {

@@ -181,19 +181,11 @@ impl bindings::wasi::nn::graph::Host for NnView<'_> {
         let Some(bytes) = builders.first().filter(|b| !b.is_empty()) else {
             return self.fail(nn::e(NnErrno::InvalidArgument, "no model bytes"));
         };
-        // The engine maps models from files: the bytes go to one named by their content.
-        let hash = crate::instance::sha256_hex(bytes);
-        let name = format!("wasi-nn-{}", &hash[..16]);
-        let path = std::env::temp_dir().join(format!("shoal-{}-{name}.gguf", std::process::id()));
-        if let Err(err) = std::fs::write(&path, bytes) {
-            return self.fail(nn::e(NnErrno::RuntimeError, format!("{}: {err}", path.display())));
-        }
-        self.nn.temp_files.push(path.clone());
-        self.nn.models.add(&name, &path);
-        let model = match self.nn.models.get(&name) {
-            Ok(m) => m,
-            Err(m) => return self.fail(nn::e(NnErrno::InvalidArgument, format!("not a model shoal can load: {m}"))),
-        };
+        let model =
+            match nn::model_from_bytes(&self.nn.models, &mut self.nn.temp_files, bytes, NnErrno::InvalidArgument) {
+                Ok(m) => m,
+                Err(e) => return self.fail(e),
+            };
         Ok(Ok(self.table.push(Graph { model })?))
     }
 

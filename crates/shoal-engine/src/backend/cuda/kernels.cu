@@ -342,6 +342,18 @@ extern "C" __global__ void shoal_penalize(float* logits, const int* ids, int cou
 }
 
 // Index of the largest logit (the first on ties; NaN never wins), one block of 1024.
+// The largest value across a warp and its smallest index (ties go to the lower index).
+__device__ __forceinline__ void warp_argmax(float& best, int& bi) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > best || (ov == best && oi < bi)) {
+            best = ov;
+            bi = oi;
+        }
+    }
+}
+
 extern "C" __global__ void shoal_argmax(int* out, const float* logits, int n) {
     float best = NEG_INF;
     int bi = 0x7fffffff;
@@ -352,14 +364,7 @@ extern "C" __global__ void shoal_argmax(int* out, const float* logits, int n) {
             bi = i;
         }
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, best, o);
-        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > best || (ov == best && oi < bi)) {
-            best = ov;
-            bi = oi;
-        }
-    }
+    warp_argmax(best, bi);
     __shared__ float sv[32];
     __shared__ int si[32];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -372,14 +377,7 @@ extern "C" __global__ void shoal_argmax(int* out, const float* logits, int n) {
         int nw = blockDim.x >> 5;
         best = lane < nw ? sv[lane] : NEG_INF;
         bi = lane < nw ? si[lane] : 0x7fffffff;
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, best, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > best || (ov == best && oi < bi)) {
-                best = ov;
-                bi = oi;
-            }
-        }
+        warp_argmax(best, bi);
         if (lane == 0) out[0] = bi == 0x7fffffff ? 0 : bi;
     }
 }

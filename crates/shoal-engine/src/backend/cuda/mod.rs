@@ -582,6 +582,21 @@ impl Cuda {
         Ok(())
     }
 
+    /// A cache of `context` positions holding `len`, its pool blocks written by
+    /// `fill(device address, first block, blocks)` for each run (see [`Cuda::block_runs`]).
+    fn filled_cache(
+        &self,
+        (n_layers, kv_dim, context, len): (usize, usize, usize, usize),
+        most_bytes: usize,
+        fill: impl FnMut(u64, usize, usize) -> Result<(), EngineError>,
+    ) -> Result<CudaCache, EngineError> {
+        let mut cache = self.new_cache(n_layers, kv_dim, context)?;
+        self.take_blocks(&mut cache, len)?;
+        cache.len = len;
+        self.block_runs(&cache, most_bytes, fill)?;
+        Ok(cache)
+    }
+
     /// Calls `f(rows in the block, layer, K or V, offset in a snapshot array, floats)` for
     /// each layer's K and V rows of the staged blocks (pool layout, the cache's blocks from
     /// `first` on) that hold positions of a cache of `len`; a snapshot array is
@@ -1142,14 +1157,11 @@ impl Backend for Cuda {
         context: usize,
     ) -> Result<CudaCache, EngineError> {
         snap.check(n_layers, kv_dim, context)?;
-        let mut cache = self.new_cache(n_layers, kv_dim, context)?;
-        self.take_blocks(&mut cache, snap.len)?;
-        cache.len = snap.len;
         let len = snap.len;
         let block = n_layers * 2 * KV_BLOCK * kv_dim;
         // Rows past the length in the last block stay as they were (never read).
         let mut staged = Vec::new();
-        self.block_runs(&cache, STAGING, |dev, first, blocks| {
+        self.filled_cache((n_layers, kv_dim, context, len), STAGING, |dev, first, blocks| {
             staged.clear();
             staged.resize(blocks * block, 0f32);
             Self::each_row(&mut staged, (n_layers, kv_dim, len), first, |b, which, at| {
@@ -1161,8 +1173,7 @@ impl Backend for Cuda {
                 unsafe { sys::cuMemcpyHtoD_v2(dev, staged.as_ptr() as *const c_void, staged.len() * 4) },
                 "cuMemcpyHtoD(KV blocks)",
             )
-        })?;
-        Ok(cache)
+        })
     }
 
     fn park(&self, cache: &CudaCache) -> Result<Option<Arc<dyn crate::kv::NativeKv>>, EngineError> {
@@ -1210,17 +1221,14 @@ impl Backend for Cuda {
             }
             .into());
         }
-        let mut cache = self.new_cache(n_layers, kv_dim, context)?;
-        self.take_blocks(&mut cache, img.len)?;
-        cache.len = img.len;
         let block_bytes = n_layers * 2 * KV_BLOCK * kv_dim * 4;
-        self.block_runs(&cache, usize::MAX, |dev, first, n| {
+        self.filled_cache((n_layers, kv_dim, context, img.len), usize::MAX, |dev, first, n| {
             let src = (img.ptr as usize + first * block_bytes) as *const c_void;
             // SAFETY: as in `park`, the other way: `src` holds the image's blocks `first..`.
             let r = unsafe { sys::cuMemcpyHtoD_v2(dev, src, n * block_bytes) };
             cu(r, "cuMemcpyHtoD(KV image)")
-        })?;
-        Ok(Some(cache))
+        })
+        .map(Some)
     }
 
     fn reserve(&self, cache: &mut CudaCache, adding: usize) -> Result<(), EngineError> {
