@@ -52,6 +52,8 @@ fn disk(dir: &std::path::Path, bytes: usize) -> (f64, f64) {
 }
 
 fn main() {
+    // `RUST_LOG=debug` shows where each capture and restore spends its time.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let mut model = shoal_host::default_model_path().map(|p| p.display().to_string());
     let (mut backend, mut repeat) = (BackendKind::Cpu, 5usize);
     let mut lengths = vec![24usize, 512, 4096];
@@ -184,11 +186,39 @@ fn main() {
             back.push(t2);
         }
     }
+    // Where a resume's time goes: a fresh instance of the module (its memory made and
+    // committed, untouched), the restore alone (no actor thread), and the machine's own cost
+    // of first-touching and filling 16 MiB (a fresh allocation, copied into).
+    let (mut inst, mut direct, mut fresh) = (vec![], vec![], vec![]);
+    for r in 0..=repeat * 4 {
+        let t = Instant::now();
+        let i = rt.instantiate(&m, &InstanceOptions::default()).unwrap();
+        let t1 = ms(t);
+        drop(i);
+        let t = Instant::now();
+        let i = rt.restore(&m, &snap.state).unwrap();
+        let t2 = ms(t);
+        drop(i);
+        let t = Instant::now();
+        let mut v = Vec::<u8>::with_capacity(snap.state.page_data.len());
+        v.extend_from_slice(&snap.state.page_data);
+        let t3 = ms(t);
+        std::hint::black_box(&v);
+        drop(v);
+        if r > 0 {
+            inst.push(t1);
+            direct.push(t2);
+            fresh.push(t3);
+        }
+    }
     println!(
-        "{{\"bench\":\"idle-actor\",\"memory_bytes\":{},\"pause_ms\":{:.3},\"resume_ms\":{:.3}}}",
+        "{{\"bench\":\"idle-actor\",\"memory_bytes\":{},\"pause_ms\":{:.3},\"resume_ms\":{:.3},\"instantiate_ms\":{:.3},\"restore_ms\":{:.3},\"fresh_copy_ms\":{:.3}}}",
         snap.memory_bytes(),
         median(take),
-        median(back)
+        median(back),
+        median(inst),
+        median(direct),
+        median(fresh)
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -108,39 +108,22 @@ impl Actor {
         if config.deadline.is_some() {
             runtime.start_epoch_ticker();
         }
+        // The instance is made here, on the caller's thread (its memory is written where the
+        // snapshot was just read), and then handed to the actor's own thread.
+        let mut inst = match how {
+            Start::Fresh(opts) => runtime.instantiate(&prepared, &opts)?,
+            // Checked by `Actor::restore`.
+            Start::Restore(snap) => runtime.restore(&prepared, &snap.state)?,
+        };
         let (tx, rx) = mpsc::channel();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let status = Arc::new(Mutex::new(ActorStatus { state: "idle".into(), messages: 0, memory_bytes: 0 }));
+        let status =
+            Arc::new(Mutex::new(ActorStatus { state: "idle".into(), messages: 0, memory_bytes: inst.memory_size() }));
         let st = status.clone();
-        let p = prepared.clone();
         let thread = std::thread::Builder::new()
             .name("shoal-actor".into())
-            .spawn(move || {
-                let made = match how {
-                    Start::Fresh(opts) => runtime.instantiate(&p, &opts).map_err(ActorError::from),
-                    // Checked by `Actor::restore` before the thread started.
-                    Start::Restore(snap) => runtime.restore(&p, &snap.state).map_err(ActorError::from),
-                };
-                match made {
-                    Ok(mut inst) => {
-                        lock(&st).memory_bytes = inst.memory_size();
-                        let _ = ready_tx.send(Ok(()));
-                        run(&runtime, &mut inst, rx, &st, &config);
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                    }
-                }
-            })
+            .spawn(move || run(&runtime, &mut inst, rx, &st, &config))
             .map_err(|e| ActorError::Stopped(format!("cannot start a thread: {e}")))?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Actor { tx, thread: Some(thread), status, prepared }),
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                Err(e)
-            }
-            Err(_) => Err(ActorError::Stopped("the actor's thread ended while starting".into())),
-        }
+        Ok(Actor { tx, thread: Some(thread), status, prepared })
     }
 
     /// Puts `msg` in the mailbox; the reply streams through the receiver.

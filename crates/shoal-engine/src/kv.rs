@@ -48,6 +48,36 @@ pub enum KvError {
     },
 }
 
+/// Per-layer buffers of dropped caches, kept for the next caches of the same shape. A fresh
+/// buffer costs a page fault per 4 KiB on its first write, which is most of the time of
+/// importing a cache (restoring a snapshot) on machines with slow faults (VMs); a kept one is
+/// warm. At most [`RECYCLE_BYTES`] in all; buffers under [`RECYCLE_MIN`] are left to the
+/// allocator.
+static RECYCLED: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+const RECYCLE_BYTES: usize = 512 << 20;
+const RECYCLE_MIN: usize = 1 << 20;
+
+fn recycled() -> std::sync::MutexGuard<'static, Vec<Vec<f32>>> {
+    RECYCLED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A buffer of `floats` values, zero from `keep` on (the caller writes `..keep` itself).
+fn layer_buffer(floats: usize, keep: usize) -> Vec<f32> {
+    let kept = if floats * 4 >= RECYCLE_MIN {
+        let mut r = recycled();
+        r.iter().rposition(|b| b.len() == floats).map(|i| r.swap_remove(i))
+    } else {
+        None
+    };
+    match kept {
+        Some(mut b) => {
+            b[keep.min(floats)..].fill(0.0);
+            b
+        }
+        None => vec![0.0; floats],
+    }
+}
+
 /// Keys and values of every layer for the positions a session has processed so far.
 #[derive(Debug, Clone)]
 pub struct KvCache {
@@ -68,6 +98,12 @@ impl KvCache {
     /// Models offer a checked constructor that sizes it for themselves
     /// ([`crate::models::llama::Llama::new_cache`]).
     pub fn new(n_layers: usize, kv_dim: usize, context: usize) -> Result<Self, KvError> {
+        Self::check_size(n_layers, kv_dim, context)?;
+        Ok(Self::with_buffers(n_layers, kv_dim, context, 0))
+    }
+
+    /// Refuses an empty context, or one whose buffers could not be addressed.
+    fn check_size(n_layers: usize, kv_dim: usize, context: usize) -> Result<(), KvError> {
         if context == 0 {
             return Err(KvError::EmptyContext);
         }
@@ -79,13 +115,20 @@ impl KvCache {
             .and_then(|n| n.checked_mul(2 * std::mem::size_of::<f32>()))
             .filter(|&bytes| bytes <= isize::MAX as usize)
             .ok_or(too_large)?;
-        Ok(Self {
-            k: (0..n_layers).map(|_| vec![0.0; per_layer]).collect(),
-            v: (0..n_layers).map(|_| vec![0.0; per_layer]).collect(),
+        Ok(())
+    }
+
+    /// A cache whose layer buffers are zero from `keep` values on (`..keep` to be written by
+    /// the caller); sizes checked by [`KvCache::new`].
+    fn with_buffers(n_layers: usize, kv_dim: usize, context: usize, keep: usize) -> Self {
+        let per_layer = context * kv_dim;
+        Self {
+            k: (0..n_layers).map(|_| layer_buffer(per_layer, keep)).collect(),
+            v: (0..n_layers).map(|_| layer_buffer(per_layer, keep)).collect(),
             kv_dim,
             capacity: context,
             len: 0,
-        })
+        }
     }
 
     /// Positions processed so far (the position the next token will take).
@@ -283,6 +326,23 @@ impl KvSnapshot {
     }
 }
 
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        if self.capacity * self.kv_dim * 4 < RECYCLE_MIN {
+            return;
+        }
+        let mut r = recycled();
+        let mut total: usize = r.iter().map(|b| b.len() * 4).sum();
+        for b in self.k.drain(..).chain(self.v.drain(..)) {
+            if total + b.len() * 4 > RECYCLE_BYTES {
+                break;
+            }
+            total += b.len() * 4;
+            r.push(b);
+        }
+    }
+}
+
 impl KvCache {
     /// The positions in use as plain data.
     pub fn export(&self) -> KvSnapshot {
@@ -306,8 +366,9 @@ impl KvCache {
     /// `kv_dim`, the model's).
     pub fn import(snap: &KvSnapshot, n_layers: usize, kv_dim: usize, context: usize) -> Result<KvCache, KvError> {
         snap.check(n_layers, kv_dim, context)?;
-        let mut c = KvCache::new(n_layers, kv_dim, context)?;
+        KvCache::check_size(n_layers, kv_dim, context)?;
         let used = snap.len * kv_dim;
+        let mut c = KvCache::with_buffers(n_layers, kv_dim, context, used);
         for l in 0..n_layers {
             c.k[l][..used].copy_from_slice(&snap.k[l * used..][..used]);
             c.v[l][..used].copy_from_slice(&snap.v[l * used..][..used]);
@@ -348,6 +409,46 @@ impl KvSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dropped_caches_buffers_come_back_zeroed() {
+        // An odd shape (1 MiB and 12 bytes per layer buffer) no other test uses, so that the
+        // buffers taken are the ones dropped here.
+        let (layers, kv_dim, context) = (2, 3, (1 << 20) / 12 + 1);
+        let floats = context * kv_dim;
+        let mut a = KvCache::new(layers, kv_dim, context).unwrap();
+        for l in 0..layers {
+            let (k, v) = a.layer_mut(l);
+            k.fill(7.0);
+            v.fill(-7.0);
+        }
+        let ptrs: Vec<usize> = a.k.iter().chain(&a.v).map(|b| b.as_ptr() as usize).collect();
+        drop(a);
+        let b = KvCache::new(layers, kv_dim, context).unwrap();
+        assert!(b.k.iter().chain(&b.v).any(|k| ptrs.contains(&(k.as_ptr() as usize))), "a kept buffer is reused");
+        assert!(b.k.iter().chain(&b.v).all(|x| x.len() == floats && x.iter().all(|&f| f == 0.0)));
+        drop(b);
+        // Importing writes its positions and zeroes the rest.
+        let len = 5;
+        let snap = KvSnapshot {
+            n_layers: layers,
+            kv_dim,
+            len,
+            k: vec![1.5; layers * len * kv_dim],
+            v: vec![2.5; layers * len * kv_dim],
+        };
+        let mut c = KvCache::import(&snap, layers, kv_dim, context).unwrap();
+        for l in 0..layers {
+            c.layer_mut(l).0[len * kv_dim..].fill(9.0);
+        }
+        drop(c);
+        let c = KvCache::import(&snap, layers, kv_dim, context).unwrap();
+        for l in 0..layers {
+            assert!(c.k[l][..len * kv_dim].iter().all(|&f| f == 1.5));
+            assert!(c.v[l][..len * kv_dim].iter().all(|&f| f == 2.5));
+            assert!(c.k[l][len * kv_dim..].iter().chain(&c.v[l][len * kv_dim..]).all(|&f| f == 0.0));
+        }
+    }
 
     #[test]
     fn overflow_is_an_error() {

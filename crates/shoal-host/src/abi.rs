@@ -173,6 +173,11 @@ impl ShoalCtx {
 
     /// Fails when the instance holds state a snapshot cannot keep (device buffers, work in
     /// flight).
+    /// Whether any session or wasi-nn context holds a KV cache.
+    pub(crate) fn has_caches(&self) -> bool {
+        self.infer.has_sessions() || self.nn.has_caches()
+    }
+
     pub(crate) fn check_quiescent(&self) -> Result<(), String> {
         if !self.fences.is_empty() {
             return Err(format!("{} GEMMs are still in flight", self.fences.len()));

@@ -472,6 +472,11 @@ impl InferCtx {
     /// Copies every session's cache out (device caches come back to the host): in the
     /// backend's own fastest form when `parked` (to be restored soon, in this process), else
     /// portable.
+    /// Whether any session is open (each holds a KV cache).
+    pub(crate) fn has_sessions(&self) -> bool {
+        !self.sessions.is_empty()
+    }
+
     pub(crate) fn capture(&self, parked: bool) -> Result<InferState, EngineError> {
         let mut opened: Vec<(u32, String)> = self.opened.iter().map(|(h, m)| (*h, m.name.clone())).collect();
         opened.sort();

@@ -15,12 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+use shoal_engine::models::EngineKind;
 use wasmtime::{Module, Store, TypedFunc, Val};
 use wasmtime_wasi::WasiCtxBuilder;
 
 pub use crate::ReplySink;
-use crate::infer::InferState;
-use crate::nn::NnState;
+use crate::infer::{InferCtx, InferState};
+use crate::nn::{NnCtx, NnState};
 use crate::rewrite::{GlobalSlot, Rewritten, expose_globals, global_export_name};
 use crate::{HostError, HostState, Runtime, abi};
 
@@ -100,6 +101,11 @@ pub struct InstanceState {
 }
 
 impl InstanceState {
+    /// Whether it holds any KV cache (a session's or a wasi-nn context's).
+    pub fn has_caches(&self) -> bool {
+        !self.infer.sessions.is_empty() || self.nn.contexts.iter().any(|c| c.cache.is_some())
+    }
+
     /// The names of the models the state refers to.
     pub fn model_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.infer.opened.iter().map(|(_, n)| n.clone()).collect();
@@ -192,13 +198,69 @@ impl Runtime {
         let restore = |m: String| HostError::Restore(m);
         let opts = InstanceOptions { args: state.args.clone(), program_name: state.program_name.clone() };
         let mut store = self.store(&opts);
-        let instance = self.linker.instantiate(&mut store, &prepared.module).map_err(HostError::Instantiate)?;
+        // The KV caches (a DMA to the device on CUDA, a copy on the CPU) are rebuilt on a
+        // second thread while this one instantiates the module and writes its memory: the two
+        // share nothing, and a resume then costs the longer of them, not their sum.
+        let rebuild = || -> Result<(InferCtx, NnCtx), String> {
+            let mut infer = InferCtx::new(self.models.clone());
+            infer.restore(&state.infer)?;
+            let mut nn = NnCtx::new(self.models.clone());
+            nn.restore(&state.nn)?;
+            Ok((infer, nn))
+        };
+        let t0 = std::time::Instant::now();
+        let rebuild = || {
+            let t = std::time::Instant::now();
+            rebuild().map(|r| (r, t.elapsed()))
+        };
+        let (instance, t_instance, caches) = std::thread::scope(|s| {
+            let caches = (state.has_caches() && self.overlap_caches()).then(|| s.spawn(rebuild));
+            let instance = self.restore_instance(&mut store, prepared, state);
+            let t_instance = t0.elapsed();
+            let caches = match caches {
+                Some(h) => h.join().unwrap_or_else(|_| Err("rebuilding the KV caches panicked".into())),
+                None => rebuild(),
+            };
+            (instance, t_instance, caches)
+        });
+        let instance = instance?;
+        let ((infer, nn), t_caches) = caches.map_err(restore)?;
+        log::debug!(
+            "restore: {:.3} ms in all; instance and {} pages {:.3} ms, caches {:.3} ms",
+            t0.elapsed().as_secs_f64() * 1e3,
+            state.pages.len(),
+            t_instance.as_secs_f64() * 1e3,
+            t_caches.as_secs_f64() * 1e3
+        );
+        let shoal = &mut store.data_mut().shoal;
+        shoal.infer = infer;
+        shoal.nn = nn;
+        Instance::new(store, instance, prepared, opts)
+    }
+
+    /// Whether KV caches are copied on a second thread, beside the memory: where they go
+    /// to or come from a device (the thread waits on DMA); on the CPU engine both are
+    /// memory copies that would only contend (and a second thread's allocator arena cannot
+    /// reuse the first's freed caches).
+    fn overlap_caches(&self) -> bool {
+        self.models.engine() != EngineKind::Cpu
+    }
+
+    /// Instantiates `prepared` in `store` and writes `state`'s memory pages and globals.
+    fn restore_instance(
+        &self,
+        store: &mut Store<HostState>,
+        prepared: &Arc<Prepared>,
+        state: &InstanceState,
+    ) -> Result<wasmtime::Instance, HostError> {
+        let restore = |m: String| HostError::Restore(m);
+        let instance = self.linker.instantiate(&mut *store, &prepared.module).map_err(HostError::Instantiate)?;
         let mem = instance
-            .get_memory(&mut store, "memory")
+            .get_memory(&mut *store, "memory")
             .ok_or_else(|| restore("the module exports no memory named `memory`".into()))?;
-        let have = mem.size(&store);
+        let have = mem.size(&*store);
         if state.memory_pages > have {
-            mem.grow(&mut store, state.memory_pages - have).map_err(|e| {
+            mem.grow(&mut *store, state.memory_pages - have).map_err(|e| {
                 restore(format!("cannot grow the memory from {have} to {} pages: {e:#}", state.memory_pages))
             })?;
         } else if state.memory_pages < have {
@@ -214,7 +276,7 @@ impl Runtime {
                 state.page_data.len()
             )));
         }
-        let data = mem.data_mut(&mut store);
+        let data = mem.data_mut(&mut *store);
         // Pages the data segments wrote at instantiation and the snapshot holds as zero.
         let written: Box<dyn Iterator<Item = u32>> = match &prepared.rewritten.data_pages {
             Some(p) => Box::new(p.iter().copied()),
@@ -266,14 +328,11 @@ impl Runtime {
                 )));
             }
             let global = instance
-                .get_global(&mut store, &global_export_name(g.index))
+                .get_global(&mut *store, &global_export_name(g.index))
                 .ok_or_else(|| restore(format!("global {} is not exported", g.index)))?;
-            global.set(&mut store, to_val(slot, g.bits)).map_err(|e| restore(format!("global {}: {e:#}", g.index)))?;
+            global.set(&mut *store, to_val(slot, g.bits)).map_err(|e| restore(format!("global {}: {e:#}", g.index)))?;
         }
-        let shoal = &mut store.data_mut().shoal;
-        shoal.infer.restore(&state.infer).map_err(restore)?;
-        shoal.nn.restore(&state.nn).map_err(restore)?;
-        Instance::new(store, instance, prepared, opts)
+        Ok(instance)
     }
 
     /// Starts a thread that advances the engine's epoch every [`EPOCH_TICK_MS`], so that
@@ -387,23 +446,45 @@ impl Instance {
     /// restored soon, e.g. a paused actor), else in the portable form.
     pub fn capture(&mut self, parked: bool) -> Result<InstanceState, HostError> {
         let snap = |m: String| HostError::Snapshot(m);
-        let shoal = &self.store.data().shoal;
-        shoal.check_quiescent().map_err(snap)?;
-        let infer = shoal.infer.capture(parked).map_err(|e| snap(e.to_string()))?;
-        let nn = shoal.nn.capture(parked).map_err(snap)?;
-        let backend = shoal.models().engine().name().to_string();
+        self.store.data().shoal.check_quiescent().map_err(snap)?;
         let mem = self
             .instance
             .get_memory(&mut self.store, "memory")
             .ok_or_else(|| snap("the module exports no memory named `memory`".into()))?;
         let memory_pages = mem.size(&self.store);
-        let (mut pages, mut page_data) = (Vec::new(), Vec::new());
-        for (i, page) in mem.data(&self.store).chunks(PAGE).enumerate() {
-            if !zero(page) {
-                pages.push(i as u32);
-                page_data.extend_from_slice(page);
+        let shoal = &self.store.data().shoal;
+        let backend = shoal.models().engine().name().to_string();
+        let overlap = shoal.models().engine() != EngineKind::Cpu;
+        let (infer, nn) = (&shoal.infer, &shoal.nn);
+        let caches = || -> Result<(InferState, NnState), HostError> {
+            Ok((infer.capture(parked).map_err(|e| snap(e.to_string()))?, nn.capture(parked).map_err(snap)?))
+        };
+        // The caches come off the device on a second thread while this one copies the memory.
+        let t0 = std::time::Instant::now();
+        let ((pages, page_data), caches) = std::thread::scope(|s| {
+            let cached = (shoal.has_caches() && overlap).then(|| s.spawn(caches));
+            let (mut pages, mut page_data) = (Vec::new(), Vec::new());
+            for (i, page) in mem.data(&self.store).chunks(PAGE).enumerate() {
+                if !zero(page) {
+                    pages.push(i as u32);
+                    page_data.extend_from_slice(page);
+                }
             }
-        }
+            let t_memory = t0.elapsed();
+            let caches = match cached {
+                Some(h) => h.join().unwrap_or_else(|_| Err(snap("copying the KV caches out panicked".into()))),
+                None => caches(),
+            };
+            log::debug!(
+                "capture: {:.3} ms in all; {} of {} pages kept {:.3} ms",
+                t0.elapsed().as_secs_f64() * 1e3,
+                pages.len(),
+                memory_pages,
+                t_memory.as_secs_f64() * 1e3
+            );
+            ((pages, page_data), caches)
+        });
+        let (infer, nn) = caches?;
         let mut globals = Vec::with_capacity(self.prepared.rewritten.globals.len());
         for slot in &self.prepared.rewritten.globals {
             let g = self

@@ -757,6 +757,11 @@ impl NnCtx {
         v
     }
 
+    /// Whether a context holds a KV cache.
+    pub(crate) fn has_caches(&self) -> bool {
+        self.contexts.values().any(|c| c.cache.is_some())
+    }
+
     /// Copies the graphs and contexts out, caches included. A context in the middle of a
     /// `compute_single` stream, or a graph loaded from bytes rather than by name, cannot be
     /// captured.

@@ -1,7 +1,7 @@
 //! The Wasmtime `MemoryCreator`: reservations that never move.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use wasmtime::{Config, InstanceAllocationStrategy, LinearMemory, MemoryCreator, MemoryType};
 
@@ -18,10 +18,81 @@ const GUARD: u64 = 32 << 20;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// What the pool of released memories keeps by default, in all (`SHOAL_MEMORY_POOL_MB`).
+const POOL_BYTES: usize = 256 << 20;
+
 /// Creates every linear memory of an engine, announcing committed ranges and
 /// releases to one [`MemoryObserver`].
 pub struct GuestMemoryCreator {
     observer: Arc<dyn MemoryObserver>,
+    pool: Arc<Pool>,
+}
+
+/// Released memories kept mapped, their pages resident and zeroed, for the next memory of
+/// the same reservation: that memory then takes no page faults (a restored snapshot is
+/// written into pages that are already there), as Wasmtime's pooling allocator keeps
+/// memories resident. A kept memory is inaccessible (`PROT_NONE`) and released to the
+/// observer like any other; it is announced again, as new, when reused.
+struct Pool {
+    kept: Mutex<Vec<Kept>>,
+    /// The most resident bytes kept, in all; a memory larger than a quarter of it is unmapped.
+    most_bytes: usize,
+}
+
+/// One kept memory: a reservation of `mapped` bytes at `base`, whose first `resident`
+/// bytes are backed by zeroed pages.
+struct Kept {
+    base: usize,
+    mapped: usize,
+    resident: usize,
+}
+
+impl Pool {
+    fn new() -> Pool {
+        let most_bytes = std::env::var("SHOAL_MEMORY_POOL_MB")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .map_or(POOL_BYTES, |mb| mb << 20);
+        Pool { kept: Mutex::new(Vec::new()), most_bytes }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Kept>> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently kept memory of `mapped` bytes, if any.
+    fn take(&self, mapped: usize) -> Option<Kept> {
+        let mut kept = self.lock();
+        let i = kept.iter().rposition(|k| k.mapped == mapped)?;
+        Some(kept.remove(i))
+    }
+
+    /// Whether a memory of `resident` bytes would be kept now.
+    fn has_room(&self, resident: usize) -> bool {
+        resident > 0
+            && resident <= self.most_bytes / 4
+            && self.lock().iter().map(|k| k.resident).sum::<usize>() + resident <= self.most_bytes
+    }
+
+    /// Keeps `k`, or gives it back when the pool filled meanwhile.
+    fn offer(&self, k: Kept) -> Result<(), Kept> {
+        let mut kept = self.lock();
+        if kept.iter().map(|k| k.resident).sum::<usize>() + k.resident > self.most_bytes {
+            return Err(k);
+        }
+        kept.push(k);
+        Ok(())
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for k in self.kept.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            // SAFETY: a kept reservation is owned by the pool alone, inaccessible, and was
+            // released to the observer before it was kept.
+            unsafe { sys::release(k.base, k.mapped) };
+        }
+    }
 }
 
 impl std::fmt::Debug for GuestMemoryCreator {
@@ -33,14 +104,16 @@ impl std::fmt::Debug for GuestMemoryCreator {
 impl GuestMemoryCreator {
     /// A creator that announces to `observer`.
     pub fn new(observer: Arc<dyn MemoryObserver>) -> Self {
-        Self { observer }
+        Self { observer, pool: Arc::new(Pool::new()) }
     }
 
     /// Configures `config` so that every memory comes from a `GuestMemoryCreator`
     /// announcing to `observer`, with the settings the memory contract needs:
     /// copy-on-write initialisation off (Wasmtime issue #10740), memories that may
     /// not move, on-demand allocation (the pooling allocator bypasses the creator),
-    /// a 4 GiB reservation plus a guard for 32-bit memories.
+    /// a 4 GiB reservation plus a guard for 32-bit memories. Released memories are kept,
+    /// zeroed and resident, for the next ones (up to 256 MiB in all; `SHOAL_MEMORY_POOL_MB`
+    /// sets it, 0 turns it off).
     pub fn configure(config: &mut Config, observer: Arc<dyn MemoryObserver>) {
         config.with_host_memory(Arc::new(Self::new(observer)));
         config.memory_init_cow(false);
@@ -83,7 +156,10 @@ unsafe impl MemoryCreator for GuestMemoryCreator {
         let mapped = reservation
             .checked_add(guard_size_in_bytes)
             .ok_or_else(|| "reservation plus guard overflows".to_string())?;
-        let base = sys::reserve(mapped).map_err(|e| format!("cannot reserve {mapped} bytes: {e}"))?;
+        let (base, resident) = match self.pool.take(mapped) {
+            Some(k) => (k.base, k.resident),
+            None => (sys::reserve(mapped).map_err(|e| format!("cannot reserve {mapped} bytes: {e}"))?, 0),
+        };
 
         let mut memory = GuestMemory {
             id: MemoryId(NEXT_ID.fetch_add(1, Ordering::Relaxed)),
@@ -91,10 +167,12 @@ unsafe impl MemoryCreator for GuestMemoryCreator {
             size: 0,
             capacity,
             mapped,
+            resident,
             observer: self.observer.clone(),
+            pool: self.pool.clone(),
         };
         memory.grow_to(minimum).map_err(|e| format!("{e:#}"))?;
-        log::debug!("{:?}: reserved {mapped} bytes at {base:#x}, {minimum} committed", memory.id);
+        log::debug!("{:?}: {mapped} bytes at {base:#x} ({resident} resident), {minimum} committed", memory.id);
         Ok(Box::new(memory))
     }
 }
@@ -110,7 +188,10 @@ struct GuestMemory {
     capacity: usize,
     /// Bytes mapped (reservation plus guard), all `PROT_NONE` past `size`.
     mapped: usize,
+    /// Bytes from the base backed by pages when it was made (reused from the pool), zeroed.
+    resident: usize,
     observer: Arc<dyn MemoryObserver>,
+    pool: Arc<Pool>,
 }
 
 // SAFETY: `as_ptr` is the same for the memory's whole life, `byte_size` bytes from it
@@ -160,8 +241,27 @@ unsafe impl LinearMemory for GuestMemory {
 
 impl Drop for GuestMemory {
     fn drop(&mut self) {
-        // Contract 6: unregister from every backend before the pages go.
-        self.observer.released(self.id, self.base, round_up(self.size, page_size()));
+        let used = round_up(self.size, page_size());
+        // Contract 6: unregister from every backend before the pages go (or are reused).
+        self.observer.released(self.id, self.base, used);
+        // Past `used` the pages were never accessible in this memory's life: still zero.
+        let resident = self.resident.max(used);
+        if self.pool.has_room(resident) {
+            // SAFETY: `base..base+used` is this memory's committed, writable range; Wasmtime
+            // has dropped its instance and the observer has finished every device operation
+            // on it, so nothing else touches it. Zeroed, then made inaccessible again, it is
+            // as a fresh reservation whose pages are already there.
+            unsafe {
+                std::ptr::write_bytes(self.base as *mut u8, 0, used);
+                sys::protect(self.base, used);
+            }
+            match self.pool.offer(Kept { base: self.base, mapped: self.mapped, resident }) {
+                Ok(()) => return,
+                // SAFETY: as below; the pool did not take it.
+                Err(k) => unsafe { sys::release(k.base, k.mapped) },
+            }
+            return;
+        }
         // SAFETY: `base..base+mapped` is exactly the mapping made in `new_memory`,
         // owned by this memory; Wasmtime has dropped its instance, and the observer
         // has finished every device operation on it.
@@ -236,6 +336,16 @@ mod sys {
             libc::madvise(addr as *mut _, len, libc::MADV_DONTNEED);
             libc::mprotect(addr as *mut _, len, libc::PROT_NONE);
         }
+    }
+
+    /// Makes `addr..addr+len` inaccessible, keeping its pages.
+    ///
+    /// # Safety
+    /// The range must lie inside a reservation made by [`reserve`] and nothing may
+    /// refer to it.
+    pub unsafe fn protect(addr: usize, len: usize) {
+        // SAFETY: the caller guarantees the range is ours and unused.
+        unsafe { libc::mprotect(addr as *mut _, len, libc::PROT_NONE) };
     }
 
     /// Unmaps a whole reservation.

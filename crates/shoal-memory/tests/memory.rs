@@ -336,3 +336,36 @@ fn a_refused_initial_range_fails_instantiation() {
     assert!(format!("{err:#}").contains("refuses"), "the observer's reason is in the error: {err:#}");
     assert!(recorder.committed().is_empty());
 }
+
+#[test]
+fn a_released_memory_is_reused_zeroed_and_shrunk_to_the_new_size() {
+    let recorder = Arc::new(Recorder::default());
+    let engine = engine(recorder.clone());
+    let mut a = guest(&engine);
+    assert_ne!(a.grow(9), -1);
+    let (base, total) = (a.ptr() as usize, a.bytes());
+    for at in [0, PAGE + 17, total - 1] {
+        a.store8.call(&mut a.store, (at as i32, 0x77)).unwrap();
+    }
+    let first = recorder.committed()[0].memory;
+    drop(a);
+    assert_eq!(recorder.releases().len(), 1, "released to the observer before it is kept");
+
+    // The next memory of the same reservation takes the kept one: same pages, all zero,
+    // only its own size accessible, announced as a new memory.
+    let mut b = guest(&engine);
+    assert_eq!(b.ptr() as usize, base, "the kept reservation is reused");
+    assert_eq!(b.bytes(), PAGE);
+    assert_eq!(b.load(0).unwrap(), 0, "what the last guest wrote is gone");
+    assert_oob_trap(b.load(PAGE as u32 + 16), "a page the last guest had, past this one's size");
+    assert_oob_trap(b.load(total as u32 - 4), "the last guest's last page");
+    assert_eq!(b.grow(9), 1);
+    assert_eq!(b.load(PAGE as u32 + 16).unwrap(), 0, "grown again, the page reads zero");
+    assert_eq!(b.load(total as u32 - 4).unwrap(), 0);
+    let ranges = recorder.committed();
+    let last = ranges.iter().rev().find(|r| r.offset == 0).unwrap();
+    assert_ne!(last.memory, first, "a reused reservation is a new memory to the observer");
+    assert_eq!(last.base, base);
+    drop(b);
+    assert_eq!(recorder.releases().len(), 2);
+}

@@ -138,7 +138,7 @@ impl Shared {
         }
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = pool.as_mut() {
-            p.free.extend(blocks.drain(keep..));
+            p.free.extend(blocks.drain(keep..).rev());
         }
     }
 }
@@ -543,20 +543,23 @@ impl Cuda {
         if need > p.free.len() {
             return Err(EngineError::KvPoolFull { backend: "cuda", needed: need, free: p.free.len() });
         }
+        // The free list is a stack whose top is the lowest block: a cache's blocks ascend, so
+        // that its runs of consecutive blocks are long (one DMA each when parked).
         let at = p.free.len() - need;
-        cache.blocks.extend(p.free.drain(at..));
+        cache.blocks.extend(p.free.drain(at..).rev());
         Ok((p.ptr, p.n_layers))
     }
 
-    /// Calls `f(device address, first block index in the cache, blocks)` for each run of
-    /// the cache's blocks that are consecutive in the pool (a block holds every layer's K
-    /// and V for [`KV_BLOCK`] positions, contiguous: `[layer][K|V][position][kv_dim]`), up to
-    /// the blocks its length uses, each run at most `most_bytes`; runs are excluded meanwhile.
+    /// Calls `f(stream, device address, first block index in the cache, blocks)` for each
+    /// run of the cache's blocks that are consecutive in the pool (a block holds every
+    /// layer's K and V for [`KV_BLOCK`] positions, contiguous: `[layer][K|V][position][kv_dim]`),
+    /// up to the blocks its length uses, each run at most `most_bytes`; runs are excluded
+    /// meanwhile, and the stream is synchronised before it returns (`f` may queue copies on it).
     fn block_runs(
         &self,
         cache: &CudaCache,
         most_bytes: usize,
-        mut f: impl FnMut(u64, usize, usize) -> Result<(), EngineError>,
+        mut f: impl FnMut(sys::CUstream, u64, usize, usize) -> Result<(), EngineError>,
     ) -> Result<(), EngineError> {
         if !Arc::ptr_eq(&cache.shared, &self.shared) {
             return Err(fail("this KV cache belongs to another model's backend".into()));
@@ -566,7 +569,7 @@ impl Cuda {
             pool.as_ref().ok_or_else(|| fail("no KV pool".into()))?.ptr
         };
         self.shared.current()?;
-        let _runs = self.lock();
+        let runs = self.lock();
         let block_bytes = (cache.n_layers * 2 * KV_BLOCK * cache.kv_dim * 4) as u64;
         let used = &cache.blocks[..cache.len.div_ceil(KV_BLOCK).min(cache.blocks.len())];
         let most = (most_bytes as u64 / block_bytes).max(1) as usize;
@@ -576,19 +579,25 @@ impl Cuda {
             while n < most && i + n < used.len() && used[i + n] == used[i] + n as u32 {
                 n += 1;
             }
-            f(pool_ptr + u64::from(used[i]) * block_bytes, i, n)?;
+            if let Err(e) = f(runs.stream, pool_ptr + u64::from(used[i]) * block_bytes, i, n) {
+                // SAFETY: our stream; what was queued finishes before the error is returned.
+                unsafe { sys::cuStreamSynchronize(runs.stream) };
+                return Err(e);
+            }
             i += n;
         }
-        Ok(())
+        // SAFETY: waits for our own stream.
+        cu(unsafe { sys::cuStreamSynchronize(runs.stream) }, "cuStreamSynchronize(KV runs)")
     }
 
     /// A cache of `context` positions holding `len`, its pool blocks written by
-    /// `fill(device address, first block, blocks)` for each run (see [`Cuda::block_runs`]).
+    /// `fill(stream, device address, first block, blocks)` for each run (see
+    /// [`Cuda::block_runs`]).
     fn filled_cache(
         &self,
         (n_layers, kv_dim, context, len): (usize, usize, usize, usize),
         most_bytes: usize,
-        fill: impl FnMut(u64, usize, usize) -> Result<(), EngineError>,
+        fill: impl FnMut(sys::CUstream, u64, usize, usize) -> Result<(), EngineError>,
     ) -> Result<CudaCache, EngineError> {
         let mut cache = self.new_cache(n_layers, kv_dim, context)?;
         self.take_blocks(&mut cache, len)?;
@@ -627,6 +636,38 @@ impl Cuda {
     pub fn pool_positions(&self) -> (usize, usize) {
         let pool = self.shared.pool.lock().unwrap_or_else(|e| e.into_inner());
         pool.as_ref().map_or((0, 0), |p| (p.blocks * KV_BLOCK, p.free.len() * KV_BLOCK))
+    }
+}
+
+/// A pinned buffer for staging runs of KV blocks (taken from the kept pinned buffers, given
+/// back when dropped).
+struct Staging<'a> {
+    shared: &'a Shared,
+    ptr: usize,
+    cap: usize,
+}
+
+impl<'a> Staging<'a> {
+    /// Room for the largest run [`Cuda::block_runs`] makes with [`STAGING`] for `blocks`
+    /// blocks of `block_bytes`.
+    fn new(shared: &'a Shared, block_bytes: usize, blocks: usize) -> Result<Staging<'a>, EngineError> {
+        let bytes = ((STAGING / block_bytes).max(1) * block_bytes).min(blocks * block_bytes).max(4);
+        let (ptr, cap) = shared.take_pinned(bytes)?;
+        Ok(Staging { shared, ptr, cap })
+    }
+
+    /// The first `n` floats of the buffer.
+    fn floats(&mut self, n: usize) -> &mut [f32] {
+        assert!(n * 4 <= self.cap, "a run of {n} floats in a staging buffer of {} bytes", self.cap);
+        // SAFETY: the buffer holds `cap` ≥ `n * 4` bytes, page-aligned (so aligned for f32),
+        // owned by this value alone; any bit pattern is an f32.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut f32, n) }
+    }
+}
+
+impl Drop for Staging<'_> {
+    fn drop(&mut self) {
+        self.shared.give_pinned(self.ptr, self.cap);
     }
 }
 
@@ -1131,16 +1172,17 @@ impl Backend for Cuda {
         let (n_layers, kv_dim, len) = (cache.n_layers, cache.kv_dim, cache.len);
         let (mut k, mut v) = (vec![0f32; n_layers * len * kv_dim], vec![0f32; n_layers * len * kv_dim]);
         let block = n_layers * 2 * KV_BLOCK * kv_dim;
-        let mut staged = Vec::new();
-        // Runs of at most 16 MiB, so that the host's staging buffer stays small and warm.
-        self.block_runs(cache, STAGING, |dev, first, blocks| {
-            staged.resize(blocks * block, 0f32);
+        // Runs of at most 16 MiB through a pinned staging buffer (DMA at the link's speed),
+        // rearranged from there into the portable layout.
+        let mut stage = Staging::new(&self.shared, block * 4, len.div_ceil(KV_BLOCK))?;
+        self.block_runs(cache, STAGING, |_, dev, first, blocks| {
+            let staged = stage.floats(blocks * block);
             let dst = staged.as_mut_ptr() as *mut c_void;
             // SAFETY: `dev` starts `blocks` consecutive pool blocks, `staged` holds exactly
-            // their floats; runs are excluded by the lock `block_runs` holds.
+            // their floats (pinned); runs are excluded by the lock `block_runs` holds.
             let r = unsafe { sys::cuMemcpyDtoH_v2(dst, dev, staged.len() * 4) };
             cu(r, "cuMemcpyDtoH(KV blocks)")?;
-            Self::each_row(&mut staged, (n_layers, kv_dim, len), first, |b, which, at| {
+            Self::each_row(staged, (n_layers, kv_dim, len), first, |b, which, at| {
                 let dst = if which == 0 { &mut k } else { &mut v };
                 dst[at..at + b.len()].copy_from_slice(b);
             });
@@ -1159,12 +1201,12 @@ impl Backend for Cuda {
         snap.check(n_layers, kv_dim, context)?;
         let len = snap.len;
         let block = n_layers * 2 * KV_BLOCK * kv_dim;
-        // Rows past the length in the last block stay as they were (never read).
-        let mut staged = Vec::new();
-        self.filled_cache((n_layers, kv_dim, context, len), STAGING, |dev, first, blocks| {
-            staged.clear();
-            staged.resize(blocks * block, 0f32);
-            Self::each_row(&mut staged, (n_layers, kv_dim, len), first, |b, which, at| {
+        // Rows past the length in the last block are copied as whatever the staging buffer
+        // held (never read).
+        let mut stage = Staging::new(&self.shared, block * 4, len.div_ceil(KV_BLOCK))?;
+        self.filled_cache((n_layers, kv_dim, context, len), STAGING, |_, dev, first, blocks| {
+            let staged = stage.floats(blocks * block);
+            Self::each_row(staged, (n_layers, kv_dim, len), first, |b, which, at| {
                 let src = if which == 0 { &snap.k } else { &snap.v };
                 b.copy_from_slice(&src[at..at + b.len()]);
             });
@@ -1192,14 +1234,20 @@ impl Backend for Cuda {
             len: cache.len,
             shared: self.shared.clone(),
         };
-        // Pinned memory: one DMA per run of consecutive blocks, whatever its size.
-        self.block_runs(cache, usize::MAX, |dev, first, n| {
+        // Pinned memory: one DMA per run of consecutive blocks, whatever its size, all queued
+        // at once (`block_runs` waits for them).
+        let (t, mut runs) = (std::time::Instant::now(), 0);
+        self.block_runs(cache, usize::MAX, |stream, dev, first, n| {
             let dst = (image.ptr as usize + first * block_bytes) as *mut c_void;
+            runs += 1;
             // SAFETY: `dev` starts `n` pool blocks; `dst` has room for them (the image holds
-            // every block the cache uses); runs are excluded by `block_runs`' lock.
-            let r = unsafe { sys::cuMemcpyDtoH_v2(dst, dev, n * block_bytes) };
-            cu(r, "cuMemcpyDtoH(KV image)")
+            // every block the cache uses) and is pinned, and it outlives the copy
+            // (`block_runs` synchronises the stream before returning); runs are excluded by
+            // `block_runs`' lock.
+            let r = unsafe { sys::cuMemcpyDtoHAsync_v2(dst, dev, n * block_bytes, stream) };
+            cu(r, "cuMemcpyDtoHAsync(KV image)")
         })?;
+        log::debug!("park: {bytes} bytes in {runs} runs, {:.3} ms", t.elapsed().as_secs_f64() * 1e3);
         Ok(Some(Arc::new(image)))
     }
 
@@ -1222,13 +1270,17 @@ impl Backend for Cuda {
             .into());
         }
         let block_bytes = n_layers * 2 * KV_BLOCK * kv_dim * 4;
-        self.filled_cache((n_layers, kv_dim, context, img.len), usize::MAX, |dev, first, n| {
+        let (t, mut runs) = (std::time::Instant::now(), 0);
+        let cache = self.filled_cache((n_layers, kv_dim, context, img.len), usize::MAX, |stream, dev, first, n| {
             let src = (img.ptr as usize + first * block_bytes) as *const c_void;
-            // SAFETY: as in `park`, the other way: `src` holds the image's blocks `first..`.
-            let r = unsafe { sys::cuMemcpyHtoD_v2(dev, src, n * block_bytes) };
-            cu(r, "cuMemcpyHtoD(KV image)")
-        })
-        .map(Some)
+            runs += 1;
+            // SAFETY: as in `park`, the other way: `src` holds the image's blocks `first..`,
+            // borrowed until `filled_cache` has synchronised the stream.
+            let r = unsafe { sys::cuMemcpyHtoDAsync_v2(dev, src, n * block_bytes, stream) };
+            cu(r, "cuMemcpyHtoDAsync(KV image)")
+        })?;
+        log::debug!("unpark: {} bytes in {runs} runs, {:.3} ms", img.bytes, t.elapsed().as_secs_f64() * 1e3);
+        Ok(Some(cache))
     }
 
     fn reserve(&self, cache: &mut CudaCache, adding: usize) -> Result<(), EngineError> {
