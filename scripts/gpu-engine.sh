@@ -60,6 +60,8 @@ if has actors && [[ -n $SMOL ]]; then
   step "actors: snapshot and restore vs re-prefill on CUDA (SmolLM2, then the 1B shape)"
   $B/snapshot --model $SMOL --backend cuda --tokens 24,512,4096 --repeat 5 | sed 's/"bench":"snapshot"/"bench":"snapshot","model":"smollm2"/' | tee -a "$OUT/actors.jsonl"
   $B/snapshot --model /tmp/l1b --backend cuda --tokens 24,512,4096 --repeat 3 | sed 's/"bench":"snapshot"/"bench":"snapshot","model":"l1b"/' | tee -a "$OUT/actors.jsonl"
+  step "an idle 16 MiB actor without the pool of released memories (SHOAL_MEMORY_POOL_MB=0)"
+  SHOAL_MEMORY_POOL_MB=0 $B/snapshot --model /tmp/tiny --backend cuda --tokens 24 --repeat 5 | grep idle | sed 's/"idle-actor"/"idle-actor","pool":"off"/' | tee -a "$OUT/actors.jsonl"
   step "pinned host <-> GPU bandwidth (what bounds park and unpark)"
   python3 scripts/pinned_bw.py | tee -a "$OUT/actors.jsonl"
   step "a chat moved between backends: CUDA -> CPU -> CUDA, against one that never stopped"
