@@ -15,7 +15,9 @@
 //! (a portable snapshot held in memory). `park`/`unpark` are what `shoal serve` does to pause
 //! and resume an actor: the snapshot keeps device caches in the backend's own form (CUDA:
 //! pinned host memory in the pool's layout), restored by DMA alone; `unpark_speedup` is
-//! re-prefill over unpark.
+//! re-prefill over unpark. `park_write` writes the parked snapshot (device caches converted
+//! as they stream to the file, as `shoal serve` and `shoal chat --save` do);
+//! `snapshot_parked_MBps` is the snapshot's bytes over park + park_write.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -102,7 +104,7 @@ fn main() {
         let actor = Actor::spawn(rt.clone(), module.clone(), opts, ActorConfig::default()).unwrap();
         actor.ask(text.clone()).unwrap();
         let (mut cap, mut wr, mut rd, mut rs, mut pre) = (vec![], vec![], vec![], vec![], vec![]);
-        let (mut pk, mut upk) = (vec![], vec![]);
+        let (mut pk, mut upk, mut pw) = (vec![], vec![], vec![]);
         let (mut bytes, mut kv_bytes, mut positions) = (0u64, 0u64, 0usize);
         let gen_dir = dir.join(format!("len-{want}"));
         for r in 0..=repeat {
@@ -127,6 +129,11 @@ fn main() {
             let back = parked.restore(&rt, &module).unwrap();
             let upk_ms = ms(t);
             drop(back);
+            // Written from the parked form (what `shoal serve` and `shoal chat --save` do):
+            // device caches converted to the portable form as they stream to the file.
+            let t = Instant::now();
+            write_dir(&gen_dir, &parked).unwrap();
+            let pw_ms = ms(t);
             drop(parked);
             // Re-prefill: the session's tokens evaluated from an empty cache.
             let tokens = &snap.state.infer.sessions[0].history;
@@ -142,19 +149,21 @@ fn main() {
                 pre.push(p);
                 pk.push(pk_ms);
                 upk.push(upk_ms);
+                pw.push(pw_ms);
             }
             (bytes, kv_bytes, positions) = (rep.bytes, rep.kv_bytes, snap.kv_positions());
         }
         let (disk_w, disk_r) = disk(&dir, bytes as usize);
         let (c, w, r, s, p) = (median(cap), median(wr), median(rd), median(rs), median(pre));
-        let (pk, upk) = (median(pk), median(upk));
+        let (pk, upk, pw) = (median(pk), median(upk), median(pw));
         println!(
-            "{{\"bench\":\"snapshot\",\"backend\":\"{}\",\"tokens\":{positions},\"bytes\":{bytes},\"kv_bytes\":{kv_bytes},\"capture_ms\":{c:.3},\"write_ms\":{w:.3},\"read_ms\":{r:.3},\"restore_ms\":{s:.3},\"reprefill_ms\":{p:.3},\"restore_speedup\":{:.1},\"restore_from_memory_speedup\":{:.1},\"park_ms\":{pk:.3},\"unpark_ms\":{upk:.3},\"unpark_speedup\":{:.1},\"snapshot_MBps\":{:.0},\"resume_MBps\":{:.0},\"disk_write_fsync_MBps\":{disk_w:.0},\"disk_read_MBps\":{disk_r:.0}}}",
+            "{{\"bench\":\"snapshot\",\"backend\":\"{}\",\"tokens\":{positions},\"bytes\":{bytes},\"kv_bytes\":{kv_bytes},\"capture_ms\":{c:.3},\"write_ms\":{w:.3},\"read_ms\":{r:.3},\"restore_ms\":{s:.3},\"reprefill_ms\":{p:.3},\"restore_speedup\":{:.1},\"restore_from_memory_speedup\":{:.1},\"park_ms\":{pk:.3},\"unpark_ms\":{upk:.3},\"unpark_speedup\":{:.1},\"park_write_ms\":{pw:.3},\"snapshot_MBps\":{:.0},\"snapshot_parked_MBps\":{:.0},\"resume_MBps\":{:.0},\"disk_write_fsync_MBps\":{disk_w:.0},\"disk_read_MBps\":{disk_r:.0}}}",
             engine.name(),
             p / (r + s),
             p / s,
             p / upk,
             bytes as f64 / (c + w) * 1e-3,
+            bytes as f64 / (pk + pw) * 1e-3,
             bytes as f64 / (r + s) * 1e-3,
         );
         actor.stop();

@@ -284,8 +284,9 @@ impl Registry {
     pub fn snapshot(&self, id: u64, key: &str) -> Result<(WriteReport, f64), RegistryError> {
         let e = self.entry(id)?;
         let t0 = Instant::now();
+        // Parked: device caches come off by DMA and are converted as they are written.
         let snap = match &*lock(&e.slot) {
-            Slot::Running(a) => a.snapshot()?,
+            Slot::Running(a) => a.park()?,
             Slot::Paused(s) => (**s).clone(),
         };
         let r = self.store.put(key, &snap)?;

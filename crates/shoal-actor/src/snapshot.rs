@@ -454,7 +454,6 @@ pub fn write_dir(dir: &Path, snap: &Snapshot) -> Result<WriteReport, SnapshotErr
     let memory = put(&tmp.join("memory.bin"), &s.page_data)?;
     report.memory_bytes = memory.bytes;
     let mut kv_file = |name: String, kv: &KvImage| -> Result<FileRef, SnapshotError> {
-        let kv = kv.snapshot();
         let f = put_with(&tmp.join(name), |w| kv.write_safetensors(w))?;
         report.kv_bytes += f.bytes;
         Ok(f)

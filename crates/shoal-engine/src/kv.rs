@@ -240,17 +240,8 @@ impl KvSnapshot {
     }
 
     /// Writes the safetensors form to `w` without building it in memory first.
-    pub fn write_safetensors(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
-        let bytes = self.k.len() * 4;
-        let shape = [self.n_layers, self.len, self.kv_dim];
-        let header = format!(
-            "{{\"__metadata__\":{{\"format\":\"{}\",\"version\":\"{}\"}},\"k\":{{\"dtype\":\"F32\",\"shape\":{shape:?},\"data_offsets\":[0,{bytes}]}},\"v\":{{\"dtype\":\"F32\",\"shape\":{shape:?},\"data_offsets\":[{bytes},{}]}}}}",
-            Self::FORMAT,
-            Self::VERSION,
-            2 * bytes
-        );
-        w.write_all(&(header.len() as u64).to_le_bytes())?;
-        w.write_all(header.as_bytes())?;
+    pub fn write_safetensors(&self, w: &mut (impl std::io::Write + ?Sized)) -> std::io::Result<()> {
+        Self::write_header(w, self.n_layers, self.len, self.kv_dim)?;
         for t in [&self.k, &self.v] {
             if cfg!(target_endian = "little") {
                 w.write_all(bytemuck::cast_slice(t))?;
@@ -261,6 +252,26 @@ impl KvSnapshot {
             }
         }
         Ok(())
+    }
+
+    /// Writes the safetensors header of a cache of `n_layers` × `len` × `kv_dim` (`k` then
+    /// `v`, each `[layers, len, kv_dim]` of little-endian f32, follow it).
+    pub fn write_header(
+        w: &mut (impl std::io::Write + ?Sized),
+        n_layers: usize,
+        len: usize,
+        kv_dim: usize,
+    ) -> std::io::Result<()> {
+        let bytes = n_layers * len * kv_dim * 4;
+        let shape = [n_layers, len, kv_dim];
+        let header = format!(
+            "{{\"__metadata__\":{{\"format\":\"{}\",\"version\":\"{}\"}},\"k\":{{\"dtype\":\"F32\",\"shape\":{shape:?},\"data_offsets\":[0,{bytes}]}},\"v\":{{\"dtype\":\"F32\",\"shape\":{shape:?},\"data_offsets\":[{bytes},{}]}}}}",
+            Self::FORMAT,
+            Self::VERSION,
+            2 * bytes
+        );
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(header.as_bytes())
     }
 
     /// Writes the safetensors form to `path` atomically and durably (a temporary file in
@@ -481,6 +492,11 @@ pub trait NativeKv: Send + Sync + std::fmt::Debug {
     fn bytes(&self) -> usize;
     /// The portable form (to write to disk, or to restore on another backend).
     fn to_snapshot(&self) -> KvSnapshot;
+    /// Writes the portable form's safetensors bytes ([`KvSnapshot::write_safetensors`]);
+    /// an image may stream them without building the portable form in memory.
+    fn write_safetensors(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        self.to_snapshot().write_safetensors(w)
+    }
     /// For the backend that made it to recognise it.
     fn as_any(&self) -> &dyn std::any::Any;
 }
@@ -513,6 +529,14 @@ impl KvImage {
         match self {
             KvImage::Portable(s) => 4 * (s.k.len() + s.v.len()),
             KvImage::Native(n) => n.bytes(),
+        }
+    }
+
+    /// Writes the portable form's safetensors bytes (streamed from a native image).
+    pub fn write_safetensors(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
+        match self {
+            KvImage::Portable(s) => s.write_safetensors(w),
+            KvImage::Native(n) => n.write_safetensors(w),
         }
     }
 

@@ -292,6 +292,12 @@ fn a_parked_cache_comes_back_by_dma_and_converts_to_the_portable_form() {
     assert_eq!(image.len(), g.len());
     // Its portable form is exactly what export gives.
     assert_eq!(*image.snapshot(), p.cuda.export_cache(&g).unwrap());
+    // Written straight from the pinned image, the file is the portable form's, byte for byte.
+    let (mut streamed, mut portable) = (Vec::new(), Vec::new());
+    image.write_safetensors(&mut streamed).unwrap();
+    image.snapshot().write_safetensors(&mut portable).unwrap();
+    assert_eq!(streamed.len(), portable.len());
+    assert!(streamed == portable, "the streamed safetensors differ from the portable form's");
     // Back on the GPU (DMA alone), the continuation is the one that never left.
     let mut back = p.cuda.import_image(&image, 512).unwrap();
     assert_eq!(back.len(), g.len());

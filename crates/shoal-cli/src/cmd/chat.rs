@@ -129,7 +129,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     }
     if let Some(dir) = &a.save {
         let t0 = Instant::now();
-        let snap = actor.snapshot().context("taking the snapshot")?;
+        // Parked: device caches come off by DMA and are converted as they are written.
+        let snap = actor.park().context("taking the snapshot")?;
         let t1 = Instant::now();
         let r =
             shoal_actor::write_dir(dir, &snap).with_context(|| format!("writing the snapshot to {}", dir.display()))?;

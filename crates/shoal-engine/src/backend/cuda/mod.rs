@@ -732,6 +732,34 @@ impl crate::kv::NativeKv for PinnedKv {
         crate::kv::KvSnapshot { n_layers, kv_dim, len, k, v }
     }
 
+    fn write_safetensors(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        use std::io::Write;
+        let (n_layers, kv_dim, len) = (self.n_layers, self.kv_dim, self.len);
+        // Rows of one block and layer are small: gathered into large writes.
+        let mut w = std::io::BufWriter::with_capacity(4 << 20, w);
+        crate::kv::KvSnapshot::write_header(&mut w, n_layers, len, kv_dim)?;
+        let row = KV_BLOCK * kv_dim;
+        let floats = self.blocks * n_layers * 2 * row;
+        // SAFETY: as in `to_snapshot`.
+        let staged = unsafe { std::slice::from_raw_parts(self.ptr as *const f32, floats) };
+        for which in 0..2 {
+            for l in 0..n_layers {
+                for (j, block) in staged.chunks_exact(n_layers * 2 * row).enumerate() {
+                    let rows = (len - j * KV_BLOCK).min(KV_BLOCK) * kv_dim;
+                    let src = &block[(l * 2 + which) * row..][..rows];
+                    if cfg!(target_endian = "little") {
+                        w.write_all(bytemuck::cast_slice(src))?;
+                    } else {
+                        for x in src {
+                            w.write_all(&x.to_le_bytes())?;
+                        }
+                    }
+                }
+            }
+        }
+        w.flush()
+    }
+
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
