@@ -55,7 +55,7 @@ pub enum KvError {
 /// allocator.
 static RECYCLED: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
 const RECYCLE_BYTES: usize = 512 << 20;
-const RECYCLE_MIN: usize = 1 << 20;
+const RECYCLE_MIN: usize = 64 << 10;
 
 fn recycled() -> std::sync::MutexGuard<'static, Vec<Vec<f32>>> {
     RECYCLED.lock().unwrap_or_else(|e| e.into_inner())
@@ -423,7 +423,7 @@ mod tests {
 
     #[test]
     fn a_dropped_caches_buffers_come_back_zeroed() {
-        // An odd shape (1 MiB and 12 bytes per layer buffer) no other test uses, so that the
+        // An odd shape (1 MiB and 12 bytes per layer buffer, above RECYCLE_MIN) no other test uses, so that the
         // buffers taken are the ones dropped here.
         let (layers, kv_dim, context) = (2, 3, (1 << 20) / 12 + 1);
         let floats = context * kv_dim;
