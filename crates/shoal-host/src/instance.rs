@@ -201,20 +201,17 @@ impl Runtime {
         // The KV caches (a DMA to the device on CUDA, a copy on the CPU) are rebuilt on a
         // second thread while this one instantiates the module and writes its memory: the two
         // share nothing, and a resume then costs the longer of them, not their sum.
-        let rebuild = || -> Result<(InferCtx, NnCtx), String> {
+        let t0 = std::time::Instant::now();
+        let rebuild = || -> Result<((InferCtx, NnCtx), Duration), String> {
+            let t = std::time::Instant::now();
             let mut infer = InferCtx::new(self.models.clone());
             infer.restore(&state.infer)?;
             let mut nn = NnCtx::new(self.models.clone());
             nn.restore(&state.nn)?;
-            Ok((infer, nn))
-        };
-        let t0 = std::time::Instant::now();
-        let rebuild = || {
-            let t = std::time::Instant::now();
-            rebuild().map(|r| (r, t.elapsed()))
+            Ok(((infer, nn), t.elapsed()))
         };
         let (instance, t_instance, caches) = std::thread::scope(|s| {
-            let caches = (state.has_caches() && self.overlap_caches()).then(|| s.spawn(rebuild));
+            let caches = (state.has_caches() && overlap_caches(self.models.engine())).then(|| s.spawn(rebuild));
             let instance = self.restore_instance(&mut store, prepared, state);
             let t_instance = t0.elapsed();
             let caches = match caches {
@@ -236,14 +233,6 @@ impl Runtime {
         shoal.infer = infer;
         shoal.nn = nn;
         Instance::new(store, instance, prepared, opts)
-    }
-
-    /// Whether KV caches are copied on a second thread, beside the memory: where they go
-    /// to or come from a device (the thread waits on DMA); on the CPU engine both are
-    /// memory copies that would only contend (and a second thread's allocator arena cannot
-    /// reuse the first's freed caches).
-    fn overlap_caches(&self) -> bool {
-        self.models.engine() != EngineKind::Cpu
     }
 
     /// Instantiates `prepared` in `store` and writes `state`'s memory pages and globals.
@@ -354,6 +343,14 @@ impl Runtime {
     }
 }
 
+/// Whether KV caches are copied on a second thread, beside the memory (capture and restore):
+/// where they go to or come from a device (the thread waits on DMA); on the CPU engine both
+/// are memory copies that would only contend (and a second thread's allocator arena cannot
+/// reuse the first's freed caches).
+fn overlap_caches(engine: EngineKind) -> bool {
+    engine != EngineKind::Cpu
+}
+
 /// A deadline that never comes (the epoch only advances once per tick).
 pub(crate) const NO_DEADLINE: u64 = u64::MAX / 2;
 
@@ -454,7 +451,7 @@ impl Instance {
         let memory_pages = mem.size(&self.store);
         let shoal = &self.store.data().shoal;
         let backend = shoal.models().engine().name().to_string();
-        let overlap = shoal.models().engine() != EngineKind::Cpu;
+        let overlap = overlap_caches(shoal.models().engine());
         let (infer, nn) = (&shoal.infer, &shoal.nn);
         let caches = || -> Result<(InferState, NnState), HostError> {
             Ok((infer.capture(parked).map_err(|e| snap(e.to_string()))?, nn.capture(parked).map_err(snap)?))
