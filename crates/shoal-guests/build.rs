@@ -16,7 +16,7 @@ fn main() {
     let target_dir = root.join("target").join("guests");
     // Every source file, not just the folders: a folder's own time does not change
     // when a file in it is edited.
-    for dir in [guests.clone(), root.join("crates/shoal-guest")] {
+    for dir in [guests.clone(), root.join("crates/shoal-guest"), root.join("crates/shoal-abi")] {
         watch(&dir);
     }
 

@@ -100,6 +100,7 @@ fn main() {
                 .map(|s| s.to_string())
                 .collect(),
             program_name: Some("chat_actor.wasm".into()),
+            ..Default::default()
         };
         let actor = Actor::spawn(rt.clone(), module.clone(), opts, ActorConfig::default()).unwrap();
         actor.ask(text.clone()).unwrap();

@@ -216,7 +216,11 @@ fn model_runtime(test: &str, name: &str) -> Option<Arc<Runtime>> {
 
 fn chat_opts() -> InstanceOptions {
     let args = ["--temperature", "0", "--max-tokens", "24"];
-    InstanceOptions { args: args.iter().map(|s| s.to_string()).collect(), program_name: Some("chat_actor.wasm".into()) }
+    InstanceOptions {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        program_name: Some("chat_actor.wasm".into()),
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -269,6 +273,7 @@ fn a_wasi_nn_context_and_its_kv_cache_travel_with_the_actor() {
     let opts = InstanceOptions {
         args: ["--temperature", "0", "--n-predict", "24", "--stats"].iter().map(|s| s.to_string()).collect(),
         program_name: Some("nnchat_actor.wasm".into()),
+        ..Default::default()
     };
     let q = ["What is the capital of France?", "And of Germany?"];
     // Each reply: the answer, then output 1 (token counts) as a JSON line.

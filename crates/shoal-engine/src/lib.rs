@@ -29,10 +29,13 @@
 //!   feature `cuda`, [`backend::cuda::Cuda`] (bf16 weights, cuBLAS prompts, fused one-token
 //!   kernels replayed as a CUDA graph, a paged KV pool, sampling on the GPU);
 //!   [`models::Model`] picks one at run time.
+//!
+//! - [`interrupt`]: deadlines and kills, checked between the pieces of a forward pass.
 
 pub mod backend;
 pub mod cpu;
 pub mod gguf;
+pub mod interrupt;
 pub mod kv;
 mod mapped;
 pub mod models;

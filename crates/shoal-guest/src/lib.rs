@@ -14,7 +14,9 @@
 //! assert_eq!(c, a);
 //! ```
 //!
-//! The layouts and status codes are those of `docs/abi.md`.
+//! The layouts and status codes are those of `docs/abi.md`; the SDK encodes and decodes
+//! them with the `shoal-abi` crate, which the host uses too. It is re-exported as [`abi`],
+//! for what the SDK does not wrap (an f16 or bf16 GEMM descriptor, for instance).
 
 #![no_std]
 
@@ -24,6 +26,9 @@ use alloc::string::String;
 use alloc::vec;
 use core::fmt;
 use core::marker::PhantomData;
+
+/// The ABI's layouts, status codes and constants (the `shoal-abi` crate).
+pub use shoal_abi as abi;
 
 mod sys {
     #[link(wasm_import_module = "shoal_v1")]
@@ -45,7 +50,7 @@ mod sys {
         pub fn model_info(model: u32, out: *mut u8) -> i32;
         pub fn chat_render(
             model: u32,
-            msgs: *const u32,
+            msgs: *const u8,
             n: u32,
             add_gen: u32,
             out: *mut u8,
@@ -87,20 +92,8 @@ impl Error {
 
     /// The status code's name.
     pub fn name(&self) -> &'static str {
-        match self.code {
-            1 => "invalid argument",
-            2 => "out of bounds",
-            3 => "misaligned",
-            4 => "overlap",
-            5 => "too large",
-            6 => "bad handle",
-            7 => "unsupported",
-            8 => "device error",
-            9 => "busy",
-            10 => "no memory export",
-            11 => "model not found",
-            12 => "buffer too small",
-            13 => "context full",
+        match abi::Status::from_i32(self.code) {
+            Some(s) if !s.is_ok() => s.name(),
             _ => "unknown status",
         }
     }
@@ -116,7 +109,7 @@ impl fmt::Display for Error {
 pub type Result<T> = core::result::Result<T, Error>;
 
 fn check(code: i32) -> Result<()> {
-    if code == 0 { Ok(()) } else { Err(Error::from_code(code)) }
+    if code == abi::Status::Ok.code() { Ok(()) } else { Err(Error::from_code(code)) }
 }
 
 /// The ABI version the host implements.
@@ -168,22 +161,21 @@ pub struct DeviceInfo {
 
 /// Asks the host what it computes on.
 pub fn device_info() -> Result<DeviceInfo> {
-    let mut b = [0u8; 64];
-    // SAFETY: `b` is 64 writable bytes, the size of the record.
+    let mut b = [0u8; abi::DeviceInfo::SIZE];
+    // SAFETY: `b` is writable and as long as the record.
     check(unsafe { sys::device_info(b.as_mut_ptr()) })?;
-    let u = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let len = (u(12) as usize).min(48);
+    let info = abi::DeviceInfo::from_bytes(&b);
     Ok(DeviceInfo {
-        abi_version: u(0),
-        backend: match u(4) {
-            0 => Backend::Cpu,
-            1 => Backend::Vulkan,
-            2 => Backend::Cuda,
-            3 => Backend::Metal,
-            x => Backend::Other(x),
+        abi_version: info.abi_version,
+        backend: match abi::Backend::from_u32(info.backend) {
+            Some(abi::Backend::Cpu) => Backend::Cpu,
+            Some(abi::Backend::Vulkan) => Backend::Vulkan,
+            Some(abi::Backend::Cuda) => Backend::Cuda,
+            Some(abi::Backend::Metal) => Backend::Metal,
+            None => Backend::Other(info.backend),
         },
-        in_place: u(8) & 1 != 0,
-        name: String::from_utf8_lossy(&b[16..16 + len]).into_owned(),
+        in_place: info.in_place(),
+        name: String::from_utf8_lossy(info.name()).into_owned(),
     })
 }
 
@@ -217,22 +209,21 @@ pub struct OpInfo {
 
 /// Reports the last operation.
 pub fn last_op() -> Result<OpInfo> {
-    let mut b = [0u8; 24];
-    // SAFETY: `b` is 24 writable bytes, the size of the record.
+    let mut b = [0u8; abi::LastOp::SIZE];
+    // SAFETY: `b` is writable and as long as the record.
     check(unsafe { sys::last_op(b.as_mut_ptr()) })?;
-    let u32_ = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap_or([0; 4]));
-    let u64_ = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+    let op = abi::LastOp::from_bytes(&b);
     Ok(OpInfo {
-        path: match u32_(0) {
-            0 => Path::InPlace,
-            1 => Path::Copy,
-            2 => Path::Dma,
-            3 => Path::Device,
-            x => Path::Other(x),
+        path: match abi::Path::from_u32(op.path) {
+            Some(abi::Path::InPlace) => Path::InPlace,
+            Some(abi::Path::Copy) => Path::Copy,
+            Some(abi::Path::Dma) => Path::Dma,
+            Some(abi::Path::Device) => Path::Device,
+            None => Path::Other(op.path),
         },
-        dispatches: u32_(4),
-        bytes_copied: u64_(8),
-        rss_delta_bytes: u64_(16) as i64,
+        dispatches: op.dispatches,
+        bytes_copied: op.bytes_copied,
+        rss_delta_bytes: op.rss_delta_bytes,
     })
 }
 
@@ -280,7 +271,7 @@ impl Gemm {
         self
     }
 
-    fn desc(&self, a: &[f32], b: &[f32], c: &[f32]) -> [u8; 100] {
+    fn desc(&self, a: &[f32], b: &[f32], c: &[f32]) -> [u8; abi::GemmDesc::SIZE_WITH_HANDLES] {
         self.desc_in([
             (a.as_ptr() as u64, a.len(), 0),
             (b.as_ptr() as u64, b.len(), 0),
@@ -288,24 +279,31 @@ impl Gemm {
         ])
     }
 
-    /// The descriptor, with each operand as (offset, elements, buffer handle or 0).
-    fn desc_in(&self, views: [(u64, usize, u32); 3]) -> [u8; 100] {
-        let lda = self.lda.unwrap_or(if self.trans_a { self.m } else { self.k });
-        let ldb = self.ldb.unwrap_or(if self.trans_b { self.k } else { self.n });
-        let ldc = self.ldc.unwrap_or(self.n);
-        let buffers = views.iter().any(|v| v.2 != 0);
-        let flags = u32::from(self.trans_a) | (u32::from(self.trans_b) << 1) | (u32::from(buffers) << 2);
-        let mut d = [0u8; 100];
-        let words = [0, flags, self.m, self.n, self.k, lda, ldb, ldc, self.alpha.to_bits(), self.beta.to_bits()];
-        for (i, w) in words.iter().enumerate() {
-            d[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
-        }
-        for (i, (off, len, handle)) in views.iter().enumerate() {
-            d[40 + i * 16..48 + i * 16].copy_from_slice(&off.to_le_bytes());
-            d[48 + i * 16..56 + i * 16].copy_from_slice(&((*len as u64) * 4).to_le_bytes());
-            d[88 + i * 4..92 + i * 4].copy_from_slice(&handle.to_le_bytes());
-        }
-        d
+    /// The descriptor and its buffer handles (read by the host only when one is non-zero),
+    /// with each operand as (offset, elements, buffer handle or 0).
+    fn desc_in(&self, views: [(u64, usize, u32); 3]) -> [u8; abi::GemmDesc::SIZE_WITH_HANDLES] {
+        let [a, b, c] = views.map(|(offset, len, _)| abi::View { offset, len: (len as u64) * 4 });
+        let handles = abi::GemmHandles { a: views[0].2, b: views[1].2, c: views[2].2 };
+        let flag = |on: bool, bit: u32| if on { bit } else { 0 };
+        let flags = flag(self.trans_a, abi::GEMM_TRANS_A)
+            | flag(self.trans_b, abi::GEMM_TRANS_B)
+            | flag(handles.any(), abi::GEMM_BUFFERS);
+        let desc = abi::GemmDesc {
+            dtype: abi::DType::F32.code(),
+            flags,
+            m: self.m,
+            n: self.n,
+            k: self.k,
+            lda: self.lda.unwrap_or(if self.trans_a { self.m } else { self.k }),
+            ldb: self.ldb.unwrap_or(if self.trans_b { self.k } else { self.n }),
+            ldc: self.ldc.unwrap_or(self.n),
+            alpha: self.alpha,
+            beta: self.beta,
+            a,
+            b,
+            c,
+        };
+        desc.to_bytes_with_handles(&handles)
     }
 
     /// Runs the product on operands in guest memory or in device buffers (data that
@@ -481,27 +479,33 @@ impl Model {
         let mut handle = 0u32;
         // SAFETY: names exactly `name` and a writable u32.
         check(unsafe { sys::model_open(name.as_ptr(), name.len() as u32, &mut handle) })?;
-        let mut b = [0u8; 32];
-        // SAFETY: 32 writable bytes, the record's size.
+        let mut b = [0u8; abi::ModelInfo::SIZE];
+        // SAFETY: writable and as long as the record.
         check(unsafe { sys::model_info(handle, b.as_mut_ptr()) })?;
-        let w = |i: usize| u32::from_le_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]]);
-        let opt = |v: u32| (v != u32::MAX).then_some(v);
-        let n_stop = (w(4) as usize).min(3);
+        let r = abi::ModelInfo::from_bytes(&b);
         let info = ModelInfo {
-            vocab_size: w(0),
-            context_length: w(1),
-            bos: opt(w(2)),
-            eos: opt(w(3)),
-            stop: (0..n_stop).map(|i| w(5 + i)).collect(),
+            vocab_size: r.vocab_size,
+            context_length: r.context_length,
+            bos: r.bos_id(),
+            eos: r.eos_id(),
+            stop: r.stop_ids().to_vec(),
         };
         Ok(Model { handle, info })
     }
 
     /// The conversation `(role, content)` rendered with the model's chat template.
     pub fn render(&self, messages: &[(&str, &str)], add_generation_prompt: bool) -> Result<String> {
-        let table: alloc::vec::Vec<u32> = messages
+        let table: alloc::vec::Vec<u8> = messages
             .iter()
-            .flat_map(|(r, c)| [r.as_ptr() as u32, r.len() as u32, c.as_ptr() as u32, c.len() as u32])
+            .flat_map(|(r, c)| {
+                abi::ChatMessage {
+                    role_ptr: r.as_ptr() as u32,
+                    role_len: r.len() as u32,
+                    content_ptr: c.as_ptr() as u32,
+                    content_len: c.len() as u32,
+                }
+                .to_bytes()
+            })
             .collect();
         let mut cap = 4096usize;
         loop {
@@ -519,7 +523,7 @@ impl Model {
                     &mut len,
                 )
             };
-            if st == 12 && len as usize > cap {
+            if st == abi::Status::TooSmall.code() && len as usize > cap {
                 cap = len as usize;
                 continue;
             }
@@ -547,7 +551,7 @@ impl Model {
                     &mut n,
                 )
             };
-            if st == 12 && n as usize > cap {
+            if st == abi::Status::TooSmall.code() && n as usize > cap {
                 cap = n as usize;
                 continue;
             }
@@ -620,14 +624,16 @@ impl Session {
 
     /// Runs `ids` through the model and samples the next token.
     pub fn decode(&mut self, ids: &[u32], params: &SamplerParams) -> Result<u32> {
-        let mut p = [0u8; 24];
-        p[0..4].copy_from_slice(&params.temperature.to_le_bytes());
-        p[4..8].copy_from_slice(&params.top_k.to_le_bytes());
-        p[8..12].copy_from_slice(&params.top_p.to_le_bytes());
-        p[12..16].copy_from_slice(&params.repetition_penalty.to_le_bytes());
-        p[16..24].copy_from_slice(&params.seed.to_le_bytes());
+        let p = abi::SamplerParams {
+            temperature: params.temperature,
+            top_k: params.top_k,
+            top_p: params.top_p,
+            repetition_penalty: params.repetition_penalty,
+            seed: params.seed,
+        }
+        .to_bytes();
         let mut next = 0u32;
-        // SAFETY: names `ids`, the 24-byte record and a writable u32.
+        // SAFETY: names `ids`, the sampler record and a writable u32.
         check(unsafe { sys::session_decode(self.handle, ids.as_ptr(), ids.len() as u32, p.as_ptr(), &mut next) })?;
         Ok(next)
     }

@@ -2,29 +2,42 @@
 //! instance), sessions with their own KV cache, tokenize / detokenize, chat rendering,
 //! and evaluation with sampling. Token ids and logits live in the guest's memory.
 //!
+//! What a call makes the host hold is bounded by what the guest passed: text calls take at
+//! most [`MAX_TEXT`] bytes, a chat rendering at most the guest's memory in all its messages,
+//! and a session's KV cache is charged to the instance's budget before it is made, its
+//! context capped by the model's and by `--max-context`.
+//!
 //! Layouts are in `docs/abi.md` ("Inference").
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use shoal_abi::{ChatMessage, ModelInfo, SamplerParams};
 use shoal_engine::models::{Cache, EngineError};
 use shoal_engine::sampler::Sampler;
 use shoal_engine::template::Message;
 use wasmtime::{Caller, Linker};
 
-use crate::HostState;
-use crate::abi::{AbiError, MODULE, Status, err, finish, memory, read_vec, write};
+use crate::budget::{Charge, Quota};
+use crate::error::{GuestError, Kind, err};
+use crate::guest::{check_writable, memory, read_array, read_str, read_vec, write};
 use crate::models::{LoadedModel, Models};
+use crate::v1::{MODULE, V1Host, finish};
 
 /// Sessions one instance may hold.
 const MAX_SESSIONS: usize = 256;
 /// The most tokens one call takes.
 const MAX_TOKENS_PER_CALL: u32 = 1 << 20;
+/// The most bytes of text one call takes (a prompt of millions of tokens, far past any
+/// context).
+pub const MAX_TEXT: u32 = 16 << 20;
 
 struct Session {
     model: Arc<LoadedModel>,
     cache: Cache,
+    /// The cache's bytes, charged to the instance.
+    _charge: Charge,
     /// Every token evaluated, for the repetition penalty.
     history: Vec<u32>,
     /// Tokens sampled so far (the sampler's step).
@@ -34,6 +47,7 @@ struct Session {
 /// Per-instance inference state.
 pub(crate) struct InferCtx {
     models: Arc<Models>,
+    quota: Quota,
     opened: HashMap<u32, Arc<LoadedModel>>,
     sessions: HashMap<u32, Session>,
     next: u32,
@@ -45,9 +59,10 @@ pub(crate) struct InferCtx {
 }
 
 impl InferCtx {
-    pub(crate) fn new(models: Arc<Models>) -> InferCtx {
+    pub(crate) fn new(models: Arc<Models>, quota: Quota) -> InferCtx {
         InferCtx {
             models,
+            quota,
             opened: HashMap::new(),
             sessions: HashMap::new(),
             next: 1,
@@ -69,111 +84,100 @@ impl InferCtx {
     }
 }
 
-fn engine_err(e: EngineError) -> AbiError {
-    let status = match &e {
-        EngineError::ContextTooLong { .. } | EngineError::Kv(_) | EngineError::KvPoolFull { .. } => Status::ContextFull,
-        EngineError::TokenOutOfRange { .. } | EngineError::EmptyInput => Status::InvalidArgument,
-        _ => Status::Device,
-    };
-    err(status, e.to_string())
+/// A store whose guests call the inference level of `shoal_v1`.
+pub(crate) trait InferHost: V1Host {
+    /// The instance's inference state.
+    fn infer(&mut self) -> &mut InferCtx;
 }
 
-fn model(caller: &Caller<'_, HostState>, handle: u32) -> Result<Arc<LoadedModel>, AbiError> {
-    caller
-        .data()
-        .shoal
-        .infer
-        .opened
-        .get(&handle)
-        .cloned()
-        .ok_or_else(|| err(Status::BadHandle, format!("no open model with handle {handle}")))
+fn ctx<'a, T: InferHost>(caller: &'a mut Caller<'_, T>) -> &'a mut InferCtx {
+    caller.data_mut().infer()
 }
 
-fn session_mut<'a>(caller: &'a mut Caller<'_, HostState>, handle: u32) -> Result<&'a mut Session, AbiError> {
-    caller
-        .data_mut()
-        .shoal
-        .infer
-        .sessions
-        .get_mut(&handle)
-        .ok_or_else(|| err(Status::BadHandle, format!("this instance has no session {handle}")))
+fn model<T: InferHost>(caller: &mut Caller<'_, T>, handle: u32) -> Result<Arc<LoadedModel>, GuestError> {
+    ctx(caller).opened.get(&handle).cloned().ok_or_else(|| err(Kind::BadHandle, format!("no open model with handle {handle}")))
 }
 
-fn read_str(caller: &Caller<'_, HostState>, mem: &wasmtime::Memory, ptr: u32, len: u32) -> Result<String, AbiError> {
-    let bytes = read_vec(caller, mem, ptr, len)?;
-    String::from_utf8(bytes).map_err(|e| err(Status::InvalidArgument, format!("text is not UTF-8: {e}")))
+fn session_mut<'a, T: InferHost>(caller: &'a mut Caller<'_, T>, handle: u32) -> Result<&'a mut Session, GuestError> {
+    ctx(caller).sessions.get_mut(&handle).ok_or_else(|| err(Kind::BadHandle, format!("this instance has no session {handle}")))
 }
 
-fn read_tokens(
-    caller: &Caller<'_, HostState>,
+/// Text of at most [`MAX_TEXT`] bytes.
+fn read_text<T: InferHost>(caller: &mut Caller<'_, T>, mem: &wasmtime::Memory, ptr: u32, len: u32) -> Result<String, GuestError> {
+    if len > MAX_TEXT {
+        return Err(err(Kind::TooLarge, format!("{len} bytes of text in one call (at most {MAX_TEXT})")));
+    }
+    read_str(&*caller, mem, ptr, len)
+}
+
+fn read_tokens<T: InferHost>(
+    caller: &mut Caller<'_, T>,
     mem: &wasmtime::Memory,
     ptr: u32,
     n: u32,
     vocab: usize,
-) -> Result<Vec<u32>, AbiError> {
+) -> Result<Vec<u32>, GuestError> {
     if n > MAX_TOKENS_PER_CALL {
-        return Err(err(Status::TooLarge, format!("{n} tokens in one call (at most {MAX_TOKENS_PER_CALL})")));
+        return Err(err(Kind::TooLarge, format!("{n} tokens in one call (at most {MAX_TOKENS_PER_CALL})")));
     }
-    let bytes = read_vec(caller, mem, ptr, n.checked_mul(4).ok_or_else(|| err(Status::TooLarge, "overflow"))?)?;
-    let ids: Vec<u32> = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let ids = crate::guest::read_u32s(&*caller, mem, ptr, n)?;
     if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-        return Err(err(Status::InvalidArgument, format!("token {bad} is not in the vocabulary of {vocab}")));
+        return Err(err(Kind::InvalidArgument, format!("token {bad} is not in the vocabulary of {vocab}")));
     }
     Ok(ids)
 }
 
 /// Writes `bytes` if they fit in `cap`, and their length to `len_out` either way.
-fn write_sized(
-    caller: &mut Caller<'_, HostState>,
+fn write_sized<T: InferHost>(
+    caller: &mut Caller<'_, T>,
     mem: &wasmtime::Memory,
     bytes: &[u8],
     out: u32,
     cap: u32,
     len_out: u32,
-) -> Result<(), AbiError> {
-    write(caller, mem, len_out, &(bytes.len() as u32).to_le_bytes())?;
+) -> Result<(), GuestError> {
+    write(&mut *caller, mem, len_out, &(bytes.len() as u32).to_le_bytes())?;
     if bytes.len() > cap as usize {
-        return Err(err(Status::TooSmall, format!("{} bytes do not fit the {cap}-byte buffer", bytes.len())));
+        return Err(err(Kind::TooSmall, format!("{} bytes do not fit the {cap}-byte buffer", bytes.len())));
     }
     write(caller, mem, out, bytes)
 }
 
-fn model_open(caller: &mut Caller<'_, HostState>, name: u32, len: u32, out: u32) -> Result<(), AbiError> {
+fn model_open<T: InferHost>(caller: &mut Caller<'_, T>, name: u32, len: u32, out: u32) -> Result<(), GuestError> {
     let mem = memory(caller)?;
-    let name = read_str(caller, &mem, name, len)?;
-    crate::abi::check_writable(caller, &mem, out, 4)?;
-    let models = caller.data().shoal.infer.models.clone();
-    let m = models.get(&name).map_err(|e| err(Status::ModelNotFound, e))?;
-    let ctx = &mut caller.data_mut().shoal.infer;
+    if len > 4096 {
+        return Err(err(Kind::TooLarge, format!("a model name of {len} bytes (at most 4096)")));
+    }
+    let name = read_str(&*caller, &mem, name, len)?;
+    check_writable(&*caller, &mem, out, 4)?;
+    let models = ctx(caller).models.clone();
+    let m = models.get(&name).map_err(|e| err(Kind::ModelNotFound, e))?;
+    let ctx = ctx(caller);
+    if ctx.opened.len() >= MAX_SESSIONS {
+        return Err(err(Kind::Busy, format!("this instance already has {MAX_SESSIONS} open models")));
+    }
     let h = ctx.handle();
     ctx.opened.insert(h, m);
     write(caller, &mem, out, &h.to_le_bytes())
 }
 
-fn model_info(caller: &mut Caller<'_, HostState>, handle: u32, out: u32) -> Result<(), AbiError> {
+fn model_info<T: InferHost>(caller: &mut Caller<'_, T>, handle: u32, out: u32) -> Result<(), GuestError> {
     let mem = memory(caller)?;
     let m = model(caller, handle)?;
-    let mut b = [0u8; 32];
-    let none = u32::MAX;
-    let words = [
-        m.llama.config().vocab_size as u32,
-        m.llama.config().context_length as u32,
-        m.tokenizer.bos().unwrap_or(none),
-        m.tokenizer.eos().unwrap_or(none),
-        m.stop.len().min(4) as u32,
-    ];
-    for (i, w) in words.iter().enumerate() {
-        b[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
-    }
-    for (i, s) in m.stop.iter().take(3).enumerate() {
-        b[20 + i * 4..24 + i * 4].copy_from_slice(&s.to_le_bytes());
-    }
-    write(caller, &mem, out, &b)
+    let c = m.llama.config();
+    let record = ModelInfo::new(
+        c.vocab_size as u32,
+        c.context_length.min(u32::MAX as usize) as u32,
+        m.tokenizer.bos(),
+        m.tokenizer.eos(),
+        &m.stop,
+    );
+    write(caller, &mem, out, &record.to_bytes())
 }
 
 #[allow(clippy::too_many_arguments)]
-fn chat_render(
-    caller: &mut Caller<'_, HostState>,
+fn chat_render<T: InferHost>(
+    caller: &mut Caller<'_, T>,
     handle: u32,
     msgs: u32,
     n: u32,
@@ -181,18 +185,31 @@ fn chat_render(
     out: u32,
     cap: u32,
     len_out: u32,
-) -> Result<(), AbiError> {
+) -> Result<(), GuestError> {
     let mem = memory(caller)?;
     let m = model(caller, handle)?;
     if n > 4096 {
-        return Err(err(Status::TooLarge, format!("{n} messages (at most 4096)")));
+        return Err(err(Kind::TooLarge, format!("{n} messages (at most 4096)")));
     }
-    let table = read_vec(caller, &mem, msgs, n * 16)?;
-    let mut messages = Vec::with_capacity(n as usize);
-    for rec in table.chunks_exact(16) {
-        let w = |i: usize| u32::from_le_bytes([rec[i], rec[i + 1], rec[i + 2], rec[i + 3]]);
-        let role = read_str(caller, &mem, w(0), w(4))?;
-        let content = read_str(caller, &mem, w(8), w(12))?;
+    let table = read_vec(&*caller, &mem, msgs, n * ChatMessage::SIZE as u32)?;
+    let records: Vec<ChatMessage> = table
+        .chunks_exact(ChatMessage::SIZE)
+        .map(|r| ChatMessage::from_bytes(r.try_into().expect("a whole record")))
+        .collect();
+    // Records may all point at one long string: the host copies no more text than the
+    // guest's memory holds (nor than one call's text), whatever the records say.
+    let total: u64 = records.iter().map(|r| u64::from(r.role_len) + u64::from(r.content_len)).sum();
+    let most = (mem.data_size(&*caller) as u64).min(u64::from(MAX_TEXT));
+    if total > most {
+        return Err(err(
+            Kind::TooLarge,
+            format!("{n} messages of {total} bytes in all; a call takes at most {most} bytes of text"),
+        ));
+    }
+    let mut messages = Vec::with_capacity(records.len());
+    for r in &records {
+        let role = read_str(&*caller, &mem, r.role_ptr, r.role_len)?;
+        let content = read_str(&*caller, &mem, r.content_ptr, r.content_len)?;
         messages.push(Message::new(role, content));
     }
     let text = m.template.render(&messages, add_gen != 0);
@@ -200,8 +217,8 @@ fn chat_render(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn tokenize(
-    caller: &mut Caller<'_, HostState>,
+fn tokenize<T: InferHost>(
+    caller: &mut Caller<'_, T>,
     handle: u32,
     text: u32,
     len: u32,
@@ -209,76 +226,95 @@ fn tokenize(
     out: u32,
     cap: u32,
     n_out: u32,
-) -> Result<(), AbiError> {
+) -> Result<(), GuestError> {
     let mem = memory(caller)?;
     let m = model(caller, handle)?;
-    let text = read_str(caller, &mem, text, len)?;
+    let text = read_text(caller, &mem, text, len)?;
     let ids = m.tokenizer.encode(&text, special != 0);
-    write(caller, &mem, n_out, &(ids.len() as u32).to_le_bytes())?;
+    write(&mut *caller, &mem, n_out, &(ids.len() as u32).to_le_bytes())?;
     if ids.len() > cap as usize {
-        return Err(err(Status::TooSmall, format!("{} tokens do not fit the room for {cap}", ids.len())));
+        return Err(err(Kind::TooSmall, format!("{} tokens do not fit the room for {cap}", ids.len())));
     }
     let bytes: Vec<u8> = ids.iter().flat_map(|t| t.to_le_bytes()).collect();
     write(caller, &mem, out, &bytes)
 }
 
-fn token_piece(
-    caller: &mut Caller<'_, HostState>,
+fn token_piece<T: InferHost>(
+    caller: &mut Caller<'_, T>,
     handle: u32,
     id: u32,
     out: u32,
     cap: u32,
     len_out: u32,
-) -> Result<(), AbiError> {
+) -> Result<(), GuestError> {
     let mem = memory(caller)?;
     let m = model(caller, handle)?;
     if id as usize >= m.tokenizer.vocab_size() {
-        return Err(err(Status::InvalidArgument, format!("token {id} is not in the vocabulary")));
+        return Err(err(Kind::InvalidArgument, format!("token {id} is not in the vocabulary")));
     }
     let piece = m.tokenizer.token_piece(id).to_vec();
     write_sized(caller, &mem, &piece, out, cap, len_out)
 }
 
-fn session_create(caller: &mut Caller<'_, HostState>, handle: u32, context: u32, out: u32) -> Result<(), AbiError> {
+fn session_create<T: InferHost>(caller: &mut Caller<'_, T>, handle: u32, context: u32, out: u32) -> Result<(), GuestError> {
     let mem = memory(caller)?;
     let m = model(caller, handle)?;
-    crate::abi::check_writable(caller, &mem, out, 4)?;
-    if caller.data().shoal.infer.sessions.len() >= MAX_SESSIONS {
-        return Err(err(Status::Busy, format!("this instance already has {MAX_SESSIONS} sessions")));
+    check_writable(&*caller, &mem, out, 4)?;
+    let ctx = ctx(caller);
+    if ctx.sessions.len() >= MAX_SESSIONS {
+        return Err(err(Kind::Busy, format!("this instance already has {MAX_SESSIONS} sessions")));
     }
-    let ctx_len = if context == 0 { m.llama.config().context_length.min(4096) } else { context as usize };
-    let cache = m.llama.new_cache(ctx_len).map_err(engine_err)?;
-    let ctx = &mut caller.data_mut().shoal.infer;
+    // The model file's own context length is not trusted for a default: 4,096 at most.
+    let ctx_len = if context == 0 {
+        ctx.quota.most_positions(&m).min(4096)
+    } else {
+        context as usize
+    };
+    let charge = ctx.quota.kv_cache(&m, ctx_len)?;
+    let cache = m.llama.new_cache(ctx_len)?;
     let h = ctx.handle();
-    ctx.sessions.insert(h, Session { model: m, cache, history: Vec::new(), step: 0 });
+    ctx.sessions.insert(h, Session { model: m, cache, _charge: charge, history: Vec::new(), step: 0 });
     write(caller, &mem, out, &h.to_le_bytes())
 }
 
-fn session_free(caller: &mut Caller<'_, HostState>, handle: u32) -> Result<(), AbiError> {
-    caller
-        .data_mut()
-        .shoal
-        .infer
+fn session_free<T: InferHost>(caller: &mut Caller<'_, T>, handle: u32) -> Result<(), GuestError> {
+    ctx(caller)
         .sessions
         .remove(&handle)
         .map(drop)
-        .ok_or_else(|| err(Status::BadHandle, format!("this instance has no session {handle}")))
+        .ok_or_else(|| err(Kind::BadHandle, format!("this instance has no session {handle}")))
+}
+
+/// Fails, naming the numbers, when `adding` tokens do not fit in the session's context.
+fn check_room(s: &Session, adding: usize) -> Result<(), GuestError> {
+    if adding > s.cache.remaining() {
+        return Err(err(
+            Kind::ContextFull,
+            format!(
+                "context_length_exceeded: {adding} tokens do not fit: the session holds {} of its {} positions",
+                s.cache.len(),
+                s.cache.capacity()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Runs `ids` through the session's model; returns the last logits.
-fn eval(caller: &mut Caller<'_, HostState>, handle: u32, ids: &[u32]) -> Result<Vec<f32>, AbiError> {
+fn eval<T: InferHost>(caller: &mut Caller<'_, T>, handle: u32, ids: &[u32]) -> Result<Vec<f32>, GuestError> {
     let t0 = Instant::now();
     let s = session_mut(caller, handle)?;
-    let logits = s.model.llama.forward(ids, &mut s.cache).map_err(engine_err)?;
+    check_room(s, ids.len())?;
+    let logits = s.model.llama.forward(ids, &mut s.cache)?;
     s.history.extend_from_slice(ids);
     record(caller, ids.len(), t0);
     Ok(logits)
 }
 
 /// Counts a forward pass of `n` tokens that began at `t0` (for tokens/s reports).
-fn record(caller: &mut Caller<'_, HostState>, n: usize, t0: Instant) {
+fn record<T: InferHost>(caller: &mut Caller<'_, T>, n: usize, t0: Instant) {
     let dt = t0.elapsed().as_secs_f64();
-    let ctx = &mut caller.data_mut().shoal.infer;
+    let ctx = ctx(caller);
     if n == 1 {
         ctx.decode_steps += 1;
         ctx.decode_seconds += dt;
@@ -288,22 +324,22 @@ fn record(caller: &mut Caller<'_, HostState>, n: usize, t0: Instant) {
     }
 }
 
-fn session_eval(
-    caller: &mut Caller<'_, HostState>,
+fn session_eval<T: InferHost>(
+    caller: &mut Caller<'_, T>,
     handle: u32,
     ids: u32,
     n: u32,
     logits_out: u32,
     logits_cap: u32,
-) -> Result<(), AbiError> {
+) -> Result<(), GuestError> {
     let mem = memory(caller)?;
     let vocab = session_mut(caller, handle)?.model.llama.config().vocab_size;
     let tokens = read_tokens(caller, &mem, ids, n, vocab)?;
     if logits_out != 0 {
         if (logits_cap as usize) < vocab {
-            return Err(err(Status::TooSmall, format!("room for {logits_cap} logits; the vocabulary has {vocab}")));
+            return Err(err(Kind::TooSmall, format!("room for {logits_cap} logits; the vocabulary has {vocab}")));
         }
-        crate::abi::check_writable(caller, &mem, logits_out, vocab * 4)?;
+        check_writable(&*caller, &mem, logits_out, vocab * 4)?;
     }
     let logits = eval(caller, handle, &tokens)?;
     if logits_out != 0 {
@@ -313,49 +349,49 @@ fn session_eval(
     Ok(())
 }
 
-fn session_decode(
-    caller: &mut Caller<'_, HostState>,
+fn session_decode<T: InferHost>(
+    caller: &mut Caller<'_, T>,
     handle: u32,
     ids: u32,
     n: u32,
     params: u32,
     token_out: u32,
-) -> Result<(), AbiError> {
+) -> Result<(), GuestError> {
     let mem = memory(caller)?;
     let vocab = session_mut(caller, handle)?.model.llama.config().vocab_size;
     let tokens = read_tokens(caller, &mem, ids, n, vocab)?;
-    let p = crate::abi::read_array::<24>(caller, &mem, params)?;
-    let f = |i: usize| f32::from_le_bytes([p[i], p[i + 1], p[i + 2], p[i + 3]]);
+    let p = SamplerParams::from_bytes(&read_array::<{ SamplerParams::SIZE }>(&*caller, &mem, params)?);
     let sampler = Sampler {
-        temperature: f(0),
-        top_k: u32::from_le_bytes([p[4], p[5], p[6], p[7]]) as usize,
-        top_p: f(8),
-        repetition_penalty: f(12),
-        seed: u64::from_le_bytes([p[16], p[17], p[18], p[19], p[20], p[21], p[22], p[23]]),
+        temperature: p.temperature,
+        top_k: p.top_k as usize,
+        top_p: p.top_p,
+        repetition_penalty: p.repetition_penalty,
+        seed: p.seed,
     };
-    crate::abi::check_writable(caller, &mem, token_out, 4)?;
+    check_writable(&*caller, &mem, token_out, 4)?;
     let t0 = Instant::now();
     let s = session_mut(caller, handle)?;
+    check_room(s, tokens.len())?;
     let mut window: Vec<u32> = s.history[s.history.len().saturating_sub(63)..].to_vec();
     window.extend_from_slice(&tokens[tokens.len().saturating_sub(64)..]);
     let window = &window[window.len().saturating_sub(64)..];
-    let next = s.model.llama.forward_sample(&tokens, &mut s.cache, &sampler, window, s.step).map_err(engine_err)?;
+    let next = s.model.llama.forward_sample(&tokens, &mut s.cache, &sampler, window, s.step)?;
     s.history.extend_from_slice(&tokens);
     s.step += 1;
     record(caller, tokens.len(), t0);
     write(caller, &mem, token_out, &next.to_le_bytes())
 }
 
-fn session_len(caller: &mut Caller<'_, HostState>, handle: u32, out: u32) -> Result<(), AbiError> {
+fn session_len<T: InferHost>(caller: &mut Caller<'_, T>, handle: u32, out: u32) -> Result<(), GuestError> {
     let mem = memory(caller)?;
     let len = session_mut(caller, handle)?.cache.len() as u32;
     write(caller, &mem, out, &len.to_le_bytes())
 }
 
-fn session_truncate(caller: &mut Caller<'_, HostState>, handle: u32, n: u32) -> Result<(), AbiError> {
+fn session_truncate<T: InferHost>(caller: &mut Caller<'_, T>, handle: u32, n: u32) -> Result<(), GuestError> {
     let s = session_mut(caller, handle)?;
     if n as usize > s.cache.len() {
-        return Err(err(Status::InvalidArgument, format!("cannot truncate {} tokens to {n}", s.cache.len())));
+        return Err(err(Kind::InvalidArgument, format!("cannot truncate {} tokens to {n}", s.cache.len())));
     }
     s.cache.truncate(n as usize);
     s.history.truncate(n as usize);
@@ -363,19 +399,19 @@ fn session_truncate(caller: &mut Caller<'_, HostState>, handle: u32, n: u32) -> 
 }
 
 /// Adds the inference functions to `linker`.
-pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    linker.func_wrap(MODULE, "model_open", |mut c: Caller<'_, HostState>, name: u32, len: u32, out: u32| {
+pub(crate) fn add_to_linker<T: InferHost>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+    linker.func_wrap(MODULE, "model_open", |mut c: Caller<'_, T>, name: u32, len: u32, out: u32| {
         let r = model_open(&mut c, name, len, out);
         finish(&mut c, "model_open", r)
     })?;
-    linker.func_wrap(MODULE, "model_info", |mut c: Caller<'_, HostState>, m: u32, out: u32| {
+    linker.func_wrap(MODULE, "model_info", |mut c: Caller<'_, T>, m: u32, out: u32| {
         let r = model_info(&mut c, m, out);
         finish(&mut c, "model_info", r)
     })?;
     linker.func_wrap(
         MODULE,
         "chat_render",
-        |mut c: Caller<'_, HostState>, m: u32, msgs: u32, n: u32, add_gen: u32, out: u32, cap: u32, len_out: u32| {
+        |mut c: Caller<'_, T>, m: u32, msgs: u32, n: u32, add_gen: u32, out: u32, cap: u32, len_out: u32| {
             let r = chat_render(&mut c, m, msgs, n, add_gen, out, cap, len_out);
             finish(&mut c, "chat_render", r)
         },
@@ -383,7 +419,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
     linker.func_wrap(
         MODULE,
         "tokenize",
-        |mut c: Caller<'_, HostState>, m: u32, text: u32, len: u32, special: u32, out: u32, cap: u32, n_out: u32| {
+        |mut c: Caller<'_, T>, m: u32, text: u32, len: u32, special: u32, out: u32, cap: u32, n_out: u32| {
             let r = tokenize(&mut c, m, text, len, special, out, cap, n_out);
             finish(&mut c, "tokenize", r)
         },
@@ -391,23 +427,23 @@ pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
     linker.func_wrap(
         MODULE,
         "token_piece",
-        |mut c: Caller<'_, HostState>, m: u32, id: u32, out: u32, cap: u32, len_out: u32| {
+        |mut c: Caller<'_, T>, m: u32, id: u32, out: u32, cap: u32, len_out: u32| {
             let r = token_piece(&mut c, m, id, out, cap, len_out);
             finish(&mut c, "token_piece", r)
         },
     )?;
-    linker.func_wrap(MODULE, "session_create", |mut c: Caller<'_, HostState>, m: u32, ctx: u32, out: u32| {
+    linker.func_wrap(MODULE, "session_create", |mut c: Caller<'_, T>, m: u32, ctx: u32, out: u32| {
         let r = session_create(&mut c, m, ctx, out);
         finish(&mut c, "session_create", r)
     })?;
-    linker.func_wrap(MODULE, "session_free", |mut c: Caller<'_, HostState>, s: u32| {
+    linker.func_wrap(MODULE, "session_free", |mut c: Caller<'_, T>, s: u32| {
         let r = session_free(&mut c, s);
         finish(&mut c, "session_free", r)
     })?;
     linker.func_wrap(
         MODULE,
         "session_eval",
-        |mut c: Caller<'_, HostState>, s: u32, ids: u32, n: u32, logits: u32, cap: u32| {
+        |mut c: Caller<'_, T>, s: u32, ids: u32, n: u32, logits: u32, cap: u32| {
             let r = session_eval(&mut c, s, ids, n, logits, cap);
             finish(&mut c, "session_eval", r)
         },
@@ -415,16 +451,16 @@ pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
     linker.func_wrap(
         MODULE,
         "session_decode",
-        |mut c: Caller<'_, HostState>, s: u32, ids: u32, n: u32, params: u32, out: u32| {
+        |mut c: Caller<'_, T>, s: u32, ids: u32, n: u32, params: u32, out: u32| {
             let r = session_decode(&mut c, s, ids, n, params, out);
             finish(&mut c, "session_decode", r)
         },
     )?;
-    linker.func_wrap(MODULE, "session_len", |mut c: Caller<'_, HostState>, s: u32, out: u32| {
+    linker.func_wrap(MODULE, "session_len", |mut c: Caller<'_, T>, s: u32, out: u32| {
         let r = session_len(&mut c, s, out);
         finish(&mut c, "session_len", r)
     })?;
-    linker.func_wrap(MODULE, "session_truncate", |mut c: Caller<'_, HostState>, s: u32, n: u32| {
+    linker.func_wrap(MODULE, "session_truncate", |mut c: Caller<'_, T>, s: u32, n: u32| {
         let r = session_truncate(&mut c, s, n);
         finish(&mut c, "session_truncate", r)
     })?;
@@ -506,11 +542,14 @@ impl InferCtx {
         }
         for s in &st.sessions {
             let model = self.models.get(&s.model)?;
-            let cache = model
-                .llama
-                .import_image(&s.kv, s.context)
-                .map_err(|e| format!("session {} on model `{}`: {e}", s.handle, s.model))?;
-            self.sessions.insert(s.handle, Session { model, cache, history: s.history.clone(), step: s.step });
+            let what = |e: &dyn std::fmt::Display| format!("session {} on model `{}`: {e}", s.handle, s.model);
+            // A snapshot's sessions are held to the same limits as new ones.
+            let charge = self.quota.kv_cache(&model, s.context).map_err(|e| what(&e))?;
+            let cache = model.llama.import_image(&s.kv, s.context).map_err(|e| what(&e))?;
+            self.sessions.insert(
+                s.handle,
+                Session { model, cache, _charge: charge, history: s.history.clone(), step: s.step },
+            );
         }
         self.next = st.next.max(1);
         Ok(())

@@ -14,16 +14,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use shoal_engine::models::EngineKind;
 use wasmtime::{Module, Store, TypedFunc, Val};
 use wasmtime_wasi::WasiCtxBuilder;
 
-pub use crate::ReplySink;
+use crate::budget::{Interrupt, Limits};
+pub use crate::digest::{hex, sha256_hex};
 use crate::infer::{InferCtx, InferState};
 use crate::nn::{NnCtx, NnState};
 use crate::rewrite::{GlobalSlot, Rewritten, expose_globals, global_export_name};
-use crate::{HostError, HostState, Runtime, abi};
+pub use crate::state::ReplySink;
+use crate::{HostError, HostState, Runtime};
 
 /// Bytes in a page of linear memory.
 pub const PAGE: usize = 65536;
@@ -47,16 +48,6 @@ impl std::fmt::Debug for Prepared {
     }
 }
 
-/// Hex SHA-256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
-
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// How to start an instance.
 #[derive(Clone, Debug, Default)]
 pub struct InstanceOptions {
@@ -64,6 +55,8 @@ pub struct InstanceOptions {
     pub args: Vec<String>,
     /// `argv[0]`.
     pub program_name: Option<String>,
+    /// What the instance may use; its deadline also bounds `_initialize`.
+    pub limits: Limits,
 }
 
 /// A mutable global's value: its type and its bits.
@@ -171,23 +164,25 @@ impl Runtime {
         let mut argv = vec![opts.program_name.clone().unwrap_or_else(|| "actor.wasm".into())];
         argv.extend(opts.args.iter().cloned());
         wasi.args(&argv).inherit_stderr();
-        let state = HostState {
-            wasi: wasi.build_p1(),
-            shoal: abi::ShoalCtx::new(self.device.clone(), self.models.clone(), false),
-            reply: None,
-        };
-        let mut store = Store::new(&self.engine, state);
-        store.set_epoch_deadline(NO_DEADLINE);
-        store
+        let state = HostState::new(wasi.build_p1(), self.device.clone(), self.models.clone(), &opts.limits, false);
+        crate::state::bounded_store(&self.engine, state)
     }
 
-    /// Instantiates `prepared` and runs its `_initialize`, if any.
+    /// Instantiates `prepared` and runs its `_initialize`, if any, within the deadline of
+    /// `opts.limits` (an `_initialize` that never returns is stopped like a handler).
     pub fn instantiate(&self, prepared: &Arc<Prepared>, opts: &InstanceOptions) -> Result<Instance, HostError> {
         let mut store = self.store(opts);
-        let instance = self.linker.instantiate(&mut store, &prepared.module).map_err(HostError::Instantiate)?;
+        let interrupt = store.data().interrupt.clone();
+        interrupt.set_deadline(opts.limits.deadline);
+        let _current = interrupt.enter();
+        let instance = self
+            .linker
+            .instantiate(&mut store, &prepared.module)
+            .map_err(|e| stopped(&interrupt, e, HostError::Instantiate))?;
         if let Ok(init) = instance.get_typed_func::<(), ()>(&mut store, "_initialize") {
-            init.call(&mut store, ()).map_err(HostError::Trap)?;
+            init.call(&mut store, ()).map_err(|e| stopped(&interrupt, e, HostError::Trap))?;
         }
+        interrupt.set_deadline(None);
         Instance::new(store, instance, prepared, opts.clone())
     }
 
@@ -195,18 +190,31 @@ impl Runtime {
     /// effects are in the memory). Sessions are rebuilt on this runtime's models by name,
     /// whatever backend they were captured on.
     pub fn restore(&self, prepared: &Arc<Prepared>, state: &InstanceState) -> Result<Instance, HostError> {
+        self.restore_with(prepared, state, &Limits::default())
+    }
+
+    /// [`Runtime::restore`] under `limits` (the snapshot's memory and caches are charged to
+    /// them as a new instance's are).
+    pub fn restore_with(
+        &self,
+        prepared: &Arc<Prepared>,
+        state: &InstanceState,
+        limits: &Limits,
+    ) -> Result<Instance, HostError> {
         let restore = |m: String| HostError::Restore(m);
-        let opts = InstanceOptions { args: state.args.clone(), program_name: state.program_name.clone() };
+        let opts =
+            InstanceOptions { args: state.args.clone(), program_name: state.program_name.clone(), limits: limits.clone() };
         let mut store = self.store(&opts);
+        let quota = store.data().quota.clone();
         // The KV caches (a DMA to the device on CUDA, a copy on the CPU) are rebuilt on a
         // second thread while this one instantiates the module and writes its memory: the two
         // share nothing, and a resume then costs the longer of them, not their sum.
         let t0 = std::time::Instant::now();
         let rebuild = || -> Result<((InferCtx, NnCtx), Duration), String> {
             let t = std::time::Instant::now();
-            let mut infer = InferCtx::new(self.models.clone());
+            let mut infer = InferCtx::new(self.models.clone(), quota.clone());
             infer.restore(&state.infer)?;
-            let mut nn = NnCtx::new(self.models.clone());
+            let mut nn = NnCtx::new(self.models.clone(), quota.clone());
             nn.restore(&state.nn)?;
             Ok(((infer, nn), t.elapsed()))
         };
@@ -229,9 +237,9 @@ impl Runtime {
             t_instance.as_secs_f64() * 1e3,
             t_caches.as_secs_f64() * 1e3
         );
-        let shoal = &mut store.data_mut().shoal;
-        shoal.infer = infer;
-        shoal.nn = nn;
+        let data = store.data_mut();
+        data.infer = infer;
+        data.nn = nn;
         Instance::new(store, instance, prepared, opts)
     }
 
@@ -351,8 +359,14 @@ fn overlap_caches(engine: EngineKind) -> bool {
     engine != EngineKind::Cpu
 }
 
-/// A deadline that never comes (the epoch only advances once per tick).
-pub(crate) const NO_DEADLINE: u64 = u64::MAX / 2;
+/// What a failed entry into the guest means: a trap raised by the instance's interrupt is
+/// its deadline or its kill; anything else is `other`.
+pub(crate) fn stopped(interrupt: &Interrupt, e: wasmtime::Error, other: fn(wasmtime::Error) -> HostError) -> HostError {
+    if matches!(e.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
+        return if interrupt.is_killed() { HostError::Killed } else { HostError::Deadline };
+    }
+    other(e)
+}
 
 fn to_val(slot: &GlobalSlot, bits: u128) -> Val {
     match slot.ty {
@@ -401,18 +415,32 @@ impl Instance {
         self.instance.get_memory(&mut self.store, "memory").map_or(0, |m| m.data_size(&self.store))
     }
 
+    /// The switch that stops this instance from another thread ([`Interrupt::kill`]): the
+    /// guest's code within a tick of the epoch, a host call between two of its pieces; the
+    /// call in progress then fails with [`HostError::Killed`].
+    pub fn interrupt(&self) -> Interrupt {
+        self.store.data().interrupt.clone()
+    }
+
+    /// The most bytes the instance held at once against its limit, and its limit.
+    pub fn peak_charged(&self) -> (u64, u64) {
+        let b = &self.store.data().quota.budget;
+        (b.peak(), b.limit())
+    }
+
     /// Delivers one message; every `shoal_v1.reply` of the guest goes to `sink` as it is
-    /// made. With a `deadline`, a handler that runs longer is interrupted
-    /// ([`HostError::Deadline`]; needs [`Runtime::start_epoch_ticker`]). After any error but
-    /// [`HostError::Handler`] the instance must not be used again.
+    /// made. With a `deadline`, a handler that runs longer, host calls included, is stopped
+    /// ([`HostError::Deadline`]). After any error but [`HostError::Handler`] the instance must
+    /// not be used again.
     pub fn message(&mut self, msg: &[u8], deadline: Option<Duration>, sink: ReplySink) -> Result<(), HostError> {
         let len = u32::try_from(msg.len()).map_err(|_| HostError::Handler {
             code: -1,
             message: format!("a message of {} bytes (at most 4 GiB)", msg.len()),
         })?;
         let (alloc, handle) = (self.alloc.clone(), self.handle.clone());
-        let ticks = deadline.map_or(NO_DEADLINE, |d| (d.as_millis() as u64).div_ceil(EPOCH_TICK_MS).max(1) + 1);
-        self.store.set_epoch_deadline(ticks);
+        let interrupt = self.interrupt();
+        interrupt.set_deadline(deadline);
+        let _current = interrupt.enter();
         let r = (|| {
             let ptr = alloc.call(&mut self.store, len).map_err(trap)?;
             if ptr == 0 && len > 0 {
@@ -426,16 +454,19 @@ impl Instance {
                 code: -1,
                 message: format!("shoal_actor_alloc returned {ptr:#x}, where {len} bytes do not fit"),
             })?;
-            self.store.data_mut().reply = Some(sink);
+            self.store.data_mut().set_reply(Some(sink));
             let code = handle.call(&mut self.store, (ptr, len)).map_err(trap)?;
             if code != 0 {
                 return Err(HostError::Handler { code, message: format!("the handler returned {code}") });
             }
             Ok(())
         })();
-        self.store.data_mut().reply = None;
-        self.store.set_epoch_deadline(NO_DEADLINE);
-        r
+        self.store.data_mut().set_reply(None);
+        interrupt.set_deadline(None);
+        r.map_err(|e| match e {
+            HostError::Deadline if interrupt.is_killed() => HostError::Killed,
+            e => e,
+        })
     }
 
     /// Captures the instance (between messages). Device caches are copied to the host: in
@@ -443,23 +474,23 @@ impl Instance {
     /// restored soon, e.g. a paused actor), else in the portable form.
     pub fn capture(&mut self, parked: bool) -> Result<InstanceState, HostError> {
         let snap = |m: String| HostError::Snapshot(m);
-        self.store.data().shoal.check_quiescent().map_err(snap)?;
+        self.store.data().compute.check_quiescent().map_err(snap)?;
         let mem = self
             .instance
             .get_memory(&mut self.store, "memory")
             .ok_or_else(|| snap("the module exports no memory named `memory`".into()))?;
         let memory_pages = mem.size(&self.store);
-        let shoal = &self.store.data().shoal;
-        let backend = shoal.models().engine().name().to_string();
-        let overlap = overlap_caches(shoal.models().engine());
-        let (infer, nn) = (&shoal.infer, &shoal.nn);
+        let data = self.store.data();
+        let engine = data.infer.models().engine();
+        let (backend, overlap) = (engine.name().to_string(), overlap_caches(engine));
+        let (infer, nn) = (&data.infer, &data.nn);
         let caches = || -> Result<(InferState, NnState), HostError> {
             Ok((infer.capture(parked).map_err(|e| snap(e.to_string()))?, nn.capture(parked).map_err(snap)?))
         };
         // The caches come off the device on a second thread while this one copies the memory.
         let t0 = std::time::Instant::now();
         let ((pages, page_data), caches) = std::thread::scope(|s| {
-            let cached = (shoal.has_caches() && overlap).then(|| s.spawn(caches));
+            let cached = (data.has_caches() && overlap).then(|| s.spawn(caches));
             let (mut pages, mut page_data) = (Vec::new(), Vec::new());
             for (i, page) in mem.data(&self.store).chunks(PAGE).enumerate() {
                 if !zero(page) {
@@ -509,7 +540,7 @@ impl Instance {
 
     /// The names of the models this instance has open.
     pub fn model_names(&self) -> Vec<String> {
-        let s = &self.store.data().shoal;
+        let s = self.store.data();
         let mut v = s.infer.model_names();
         v.extend(s.nn.model_names());
         v.sort();

@@ -5,6 +5,15 @@
 //! `shoal-memory` and announced to one compute [`Device`]; it runs `wasm32-wasip1`
 //! guests that import WASI and `shoal_v1`.
 //!
+//! Guests are not trusted: every instance runs under [`Limits`] (memory in all, context
+//! length, replies, a deadline), charged before anything is allocated (see [`budget`]), and
+//! can be stopped from another thread through its [`Interrupt`].
+//!
+//! Modules: [`error`] and [`guest`] are the leaves every ABI uses (errors and their codes;
+//! reading guest memory); [`budget`] the limits; `compute`, `infer` and [`nn`] the ABIs, each
+//! with its own state; `state` the instance's state that aggregates them; [`instance`] the
+//! long-lived instances of actors.
+//!
 //! ```no_run
 //! use std::sync::Arc;
 //! use shoal_gpu::{BackendKind, Device};
@@ -16,26 +25,35 @@
 //! println!("exit code {}", outcome.exit_code);
 //! ```
 
-mod abi;
+pub mod budget;
+mod compute;
+pub mod digest;
+pub mod error;
+mod guest;
 mod infer;
 pub mod instance;
 pub mod models;
 pub mod nn;
 pub mod nn_wit;
 pub mod rewrite;
+mod state;
+mod v1;
 
 use std::sync::{Arc, OnceLock};
 
-pub use abi::{ABI_VERSION, GuestStats, MODULE, Status};
+pub use budget::{Interrupt, Limits};
+pub use compute::ABI_VERSION;
+pub use error::{GuestError, Status};
 pub use infer::{InferState, SessionState};
 pub use instance::{GlobalValue, Instance, InstanceOptions, InstanceState, Prepared};
 pub use models::{DEFAULT_MODEL, LoadedModel, Models, default_model_path, engine_for};
 pub use nn::{ContextState, GraphState, NnState};
 use shoal_gpu::Device;
 use shoal_memory::GuestMemoryCreator;
-use wasmtime::{Config, Engine, Linker, Module, Store};
+pub use state::{HostState, ReplySink};
+pub use v1::{GuestStats, MODULE};
+use wasmtime::{Config, Engine, Linker, Module};
 use wasmtime_wasi::WasiCtxBuilder;
-use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
 /// Errors of the runtime itself (guest errors are status codes, not these).
@@ -67,9 +85,13 @@ pub enum HostError {
         /// Details.
         message: String,
     },
-    /// The handler ran past its deadline and was interrupted.
-    #[error("the guest ran past its deadline and was stopped")]
+    /// The handler (or the run, or `_initialize`) ran past its deadline and was stopped,
+    /// host calls included.
+    #[error("the guest ran past its deadline and was stopped (--deadline)")]
     Deadline,
+    /// The instance was killed while it ran.
+    #[error("the guest was killed")]
+    Killed,
     /// The guest called `proc_exit` inside a handler.
     #[error("the guest exited with code {0} inside its handler")]
     Exited(i32),
@@ -93,6 +115,8 @@ pub struct RunOptions {
     /// Measure the growth of resident memory across each operation (reads
     /// `/proc/self/statm` twice per call: a few microseconds; off for benchmarks).
     pub measure_rss: bool,
+    /// What the guest may use (memory, context, a deadline over the whole run).
+    pub limits: Limits,
 }
 
 /// What a run ended with.
@@ -106,22 +130,22 @@ pub struct RunOutcome {
     pub stdout: Option<Vec<u8>>,
 }
 
-/// Where an actor's replies go while it handles a message.
-pub type ReplySink = Box<dyn FnMut(&[u8]) + Send>;
-
-/// Per-instance state: WASI and the shoal ABI's tables.
-pub struct HostState {
-    wasi: WasiP1Ctx,
-    shoal: abi::ShoalCtx,
-    /// The current message's reply sink (actors only).
-    reply: Option<ReplySink>,
-}
-
 /// Per-instance state of a component guest: WASI (preview 2) and `wasi:nn`.
 struct ComponentState {
     wasi: wasmtime_wasi::WasiCtx,
     table: wasmtime::component::ResourceTable,
     nn: nn_wit::NnWit,
+    limiter: budget::MemoryLimiter,
+    interrupt: Interrupt,
+}
+
+impl state::Bounded for ComponentState {
+    fn limiter(&mut self) -> &mut budget::MemoryLimiter {
+        &mut self.limiter
+    }
+    fn interrupt(&self) -> &Interrupt {
+        &self.interrupt
+    }
 }
 
 impl wasmtime_wasi::WasiView for ComponentState {
@@ -160,7 +184,7 @@ pub struct Runtime {
     linker: Linker<HostState>,
     device: Arc<Device>,
     models: Arc<Models>,
-    /// The epoch thread, once started (deadlines).
+    /// The epoch thread (deadlines and kills), started with the runtime.
     ticker: OnceLock<()>,
     /// The linker of component guests (WASI preview 2 and `wasi:nn`), made on first use.
     components: OnceLock<Result<wasmtime::component::Linker<ComponentState>, String>>,
@@ -182,15 +206,18 @@ impl Runtime {
     pub fn with_models(device: Arc<Device>, models: Arc<Models>) -> Result<Runtime, HostError> {
         let mut config = Config::new();
         GuestMemoryCreator::configure(&mut config, device.clone());
-        // Deadlines for actors' handlers; a store without one never reaches it.
+        // Deadlines and kills: every store checks its interrupt at each tick of the epoch.
         config.epoch_interruption(true);
         let engine = Engine::new(&config).map_err(HostError::Engine)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut HostState| &mut s.wasi)
             .map_err(HostError::Engine)?;
-        abi::add_to_linker(&mut linker).map_err(HostError::Engine)?;
+        compute::add_to_linker(&mut linker).map_err(HostError::Engine)?;
+        infer::add_to_linker(&mut linker).map_err(HostError::Engine)?;
         nn::add_to_linker(&mut linker).map_err(HostError::Engine)?;
-        Ok(Runtime { engine, linker, device, models, ticker: OnceLock::new(), components: OnceLock::new() })
+        let runtime = Runtime { engine, linker, device, models, ticker: OnceLock::new(), components: OnceLock::new() };
+        runtime.start_epoch_ticker();
+        Ok(runtime)
     }
 
     /// The models guests open by name.
@@ -222,23 +249,24 @@ impl Runtime {
     /// Runs a compiled WASI command to completion.
     pub fn run_module(&self, module: &Module, opts: &RunOptions) -> Result<RunOutcome, HostError> {
         let (mut wasi, pipe) = wasi_for(opts);
-        let state = HostState {
-            wasi: wasi.build_p1(),
-            shoal: abi::ShoalCtx::new(self.device.clone(), self.models.clone(), opts.measure_rss),
-            reply: None,
-        };
-        let mut store = Store::new(&self.engine, state);
-        store.set_epoch_deadline(instance::NO_DEADLINE);
-        let instance = self.linker.instantiate(&mut store, module).map_err(HostError::Instantiate)?;
+        let state =
+            HostState::new(wasi.build_p1(), self.device.clone(), self.models.clone(), &opts.limits, opts.measure_rss);
+        let mut store = state::bounded_store(&self.engine, state);
+        let interrupt = store.data().interrupt.clone();
+        // The deadline covers the whole run: instantiation, `_start`, every host call.
+        interrupt.set_deadline(opts.limits.deadline);
+        let _current = interrupt.enter();
+        let instance =
+            self.linker.instantiate(&mut store, module).map_err(|e| instance::stopped(&interrupt, e, HostError::Instantiate))?;
         let start = instance.get_typed_func::<(), ()>(&mut store, "_start").map_err(|_| HostError::NoStart)?;
         let exit_code = match start.call(&mut store, ()) {
             Ok(()) => 0,
             Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
                 Some(exit) => exit.0,
-                None => return Err(HostError::Trap(e)),
+                None => return Err(instance::stopped(&interrupt, e, HostError::Trap)),
             },
         };
-        let stats = store.data_mut().shoal.finish();
+        let stats = store.data_mut().stats();
         drop(store);
         Ok(RunOutcome { exit_code, stats, stdout: pipe.map(|p| p.contents().to_vec()) })
     }
@@ -259,40 +287,47 @@ impl Runtime {
             .as_ref()
             .map_err(|e| HostError::Engine(wasmtime::Error::msg(e.clone())))?;
         let (mut wasi, pipe) = wasi_for(opts);
+        let quota = budget::Quota::new(&opts.limits);
         let state = ComponentState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
-            nn: nn_wit::NnWit::new(self.models.clone()),
+            nn: nn_wit::NnWit::new(self.models.clone(), quota.clone()),
+            limiter: budget::MemoryLimiter::new(quota.budget.clone()),
+            interrupt: Interrupt::new(),
         };
-        let mut store = Store::new(&self.engine, state);
-        store.set_epoch_deadline(instance::NO_DEADLINE);
+        let mut store = state::bounded_store(&self.engine, state);
+        let interrupt = store.data().interrupt.clone();
+        interrupt.set_deadline(opts.limits.deadline);
+        let _current = interrupt.enter();
         let command = wasmtime_wasi::p2::bindings::sync::Command::instantiate(&mut store, &component, linker)
-            .map_err(HostError::Instantiate)?;
+            .map_err(|e| instance::stopped(&interrupt, e, HostError::Instantiate))?;
         let exit_code = match command.wasi_cli_run().call_run(&mut store) {
             Ok(Ok(())) => 0,
             Ok(Err(())) => 1,
             Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
                 Some(exit) => exit.0,
-                None => return Err(HostError::Trap(e)),
+                None => return Err(instance::stopped(&interrupt, e, HostError::Trap)),
             },
         };
         drop(store);
-        Ok(RunOutcome { exit_code, stats: GuestStats::default(), stdout: pipe.map(|p| p.contents().to_vec()) })
+        let stats = GuestStats { peak_charged_bytes: quota.budget.peak(), ..GuestStats::default() };
+        Ok(RunOutcome { exit_code, stats, stdout: pipe.map(|p| p.contents().to_vec()) })
     }
 
     /// Instantiates a module and calls one export `() -> ()` (tests, reactors).
     pub fn call_export(&self, wasm: &[u8], name: &str) -> Result<GuestStats, HostError> {
         let module = self.compile(wasm)?;
-        let state = HostState {
-            wasi: WasiCtxBuilder::new().build_p1(),
-            shoal: abi::ShoalCtx::new(self.device.clone(), self.models.clone(), true),
-            reply: None,
-        };
-        let mut store = Store::new(&self.engine, state);
-        store.set_epoch_deadline(instance::NO_DEADLINE);
+        let state = HostState::new(
+            WasiCtxBuilder::new().build_p1(),
+            self.device.clone(),
+            self.models.clone(),
+            &Limits::default(),
+            true,
+        );
+        let mut store = state::bounded_store(&self.engine, state);
         let instance = self.linker.instantiate(&mut store, &module).map_err(HostError::Instantiate)?;
         let f = instance.get_typed_func::<(), ()>(&mut store, name).map_err(HostError::Instantiate)?;
         f.call(&mut store, ()).map_err(HostError::Trap)?;
-        Ok(store.data_mut().shoal.finish())
+        Ok(store.data_mut().stats())
     }
 }

@@ -69,7 +69,7 @@ fn fingerprint(path: &Path) -> std::io::Result<String> {
             h.update(&buf);
         }
     }
-    Ok(crate::instance::hex(&h.finalize()))
+    Ok(crate::digest::hex(&h.finalize()))
 }
 
 struct Entry {
@@ -139,37 +139,65 @@ impl Models {
 }
 
 fn load(name: &str, path: &Path, engine: EngineKind) -> Result<LoadedModel, String> {
+    if !path.is_dir() {
+        let file = GgufFile::open(path).map_err(|e| format!("model `{name}`: {e}"))?;
+        return from_gguf(name, path, &file, engine);
+    }
+    // A Hugging Face directory: config.json, safetensors, tokenizer.json and the chat
+    // template of tokenizer_config.json.
     let t0 = std::time::Instant::now();
     let what = |e: &dyn std::fmt::Display| format!("model `{name}` ({}): {e}", path.display());
-    let (llama, tokenizer, template) = if path.is_dir() {
-        // A Hugging Face directory: config.json, safetensors, tokenizer.json and the chat
-        // template of tokenizer_config.json.
-        let llama = Model::load_safetensors(path, engine).map_err(|e| what(&e))?;
-        let json =
-            std::fs::read_to_string(path.join("tokenizer.json")).map_err(|e| what(&format!("tokenizer.json: {e}")))?;
-        let tokenizer = Tokenizer::from_tokenizer_json(&json).map_err(|e| what(&e))?;
-        let template = std::fs::read_to_string(path.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v.get("chat_template").and_then(|t| t.as_str()).and_then(template::detect))
-            .unwrap_or_else(ChatTemplate::chat_ml);
-        (llama, tokenizer, template)
-    } else {
-        let file = GgufFile::open(path).map_err(|e| format!("model `{name}`: {e}"))?;
-        let llama = Model::load_gguf(&file, engine).map_err(|e| what(&e))?;
-        let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| what(&e))?;
-        let template = file
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.as_str())
-            .and_then(template::detect)
-            .unwrap_or_else(ChatTemplate::chat_ml);
-        (llama, tokenizer, template)
-    };
+    let llama = Model::load_safetensors(path, engine).map_err(|e| what(&e))?;
+    let json =
+        std::fs::read_to_string(path.join("tokenizer.json")).map_err(|e| what(&format!("tokenizer.json: {e}")))?;
+    let tokenizer = Tokenizer::from_tokenizer_json(&json).map_err(|e| what(&e))?;
+    let template = std::fs::read_to_string(path.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("chat_template").and_then(|t| t.as_str()).and_then(template::detect))
+        .unwrap_or_else(ChatTemplate::chat_ml);
+    Ok(finish(name, path, llama, tokenizer, template, t0))
+}
+
+/// A model from a parsed GGUF file (`path` is where it came from, for messages).
+fn from_gguf(name: &str, path: &Path, file: &GgufFile, engine: EngineKind) -> Result<LoadedModel, String> {
+    let t0 = std::time::Instant::now();
+    let what = |e: &dyn std::fmt::Display| format!("model `{name}` ({}): {e}", path.display());
+    let llama = Model::load_gguf(file, engine).map_err(|e| what(&e))?;
+    let tokenizer = Tokenizer::from_gguf(file).map_err(|e| what(&e))?;
+    let template = file
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.as_str())
+        .and_then(template::detect)
+        .unwrap_or_else(ChatTemplate::chat_ml);
+    Ok(finish(name, path, llama, tokenizer, template, t0))
+}
+
+/// A model from GGUF bytes in memory (a guest's own model): checked as a file is, never
+/// written anywhere, known by no name in the registry. Its weights take at most
+/// [`weights_bytes`] of the parsed file.
+pub fn from_gguf_bytes(name: &str, file: &GgufFile, engine: EngineKind) -> Result<LoadedModel, String> {
+    from_gguf(name, Path::new("(bytes from the guest)"), file, engine)
+}
+
+/// The most bytes the weights of `file` take once loaded (f32 on the CPU; less on a GPU).
+pub fn weights_bytes(file: &GgufFile) -> u64 {
+    file.tensors.iter().fold(0u64, |acc, t| acc.saturating_add(t.n_elements().saturating_mul(4)))
+}
+
+fn finish(
+    name: &str,
+    path: &Path,
+    llama: Model,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    t0: std::time::Instant,
+) -> LoadedModel {
     let mut stop: Vec<u32> = template.stop_tokens().iter().filter_map(|s| tokenizer.token_id(s)).collect();
     stop.extend(tokenizer.eos());
     stop.dedup();
     log::info!("loaded model `{name}` from {} on {} in {:.2?}", path.display(), llama.backend_name(), t0.elapsed());
-    Ok(LoadedModel {
+    LoadedModel {
         name: name.to_string(),
         path: path.to_path_buf(),
         llama,
@@ -177,7 +205,7 @@ fn load(name: &str, path: &Path, engine: EngineKind) -> Result<LoadedModel, Stri
         template,
         stop,
         fingerprint: OnceLock::new(),
-    })
+    }
 }
 
 /// Where the default model is looked for: `$SHOAL_MODELS`, `./models`, and `models/` in the

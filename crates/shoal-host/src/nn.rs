@@ -20,7 +20,9 @@ use shoal_engine::sampler::Sampler;
 use shoal_engine::tokenizer::StreamDecoder;
 use wasmtime::{Caller, Linker};
 
-use crate::HostState;
+use crate::budget::{Charge, Quota, human_bytes};
+use crate::error::{GuestError, Kind};
+use crate::guest::{memory, read_u32s, read_vec, write};
 use crate::models::{LoadedModel, Models};
 
 /// The module name guests import.
@@ -31,43 +33,17 @@ const MAX_HANDLES: usize = 64;
 const ENCODING_GGML: u32 = 6;
 const ENCODING_AUTODETECT: u32 = 5;
 
-/// `wasi_ephemeral_nn` error codes, including the LLM ones of the GGML backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(i32)]
-pub enum NnErrno {
-    /// Success.
-    Success = 0,
-    /// A bad argument (handle, index, pointer, JSON).
-    InvalidArgument = 1,
-    /// Not the GGML encoding.
-    InvalidEncoding = 2,
-    /// The module exports no memory.
-    MissingMemory = 3,
-    /// Too many graphs or contexts.
-    Busy = 4,
-    /// The engine failed.
-    RuntimeError = 5,
-    /// Not supported (e.g. embedding mode).
-    UnsupportedOperation = 6,
-    /// An output larger than the guest's buffer.
-    TooLarge = 7,
-    /// Nothing there (no input set).
-    NotFound = 8,
-    /// Generation ended (`compute_single`).
-    EndOfSequence = 100,
-    /// The context is full.
-    ContextFull = 101,
-    /// The prompt does not fit in the context.
-    PromptTooLong = 102,
-    /// No model by that name.
-    ModelNotFound = 103,
+pub use crate::error::NnErrno;
+
+/// A failed `wasi_ephemeral_nn` call (its code is [`GuestError::nn_errno`]).
+pub(crate) type NnError = GuestError;
+
+pub(crate) fn e(kind: Kind, msg: impl Into<String>) -> NnError {
+    GuestError::new(kind, msg)
 }
 
-pub(crate) struct NnError(pub(crate) NnErrno, pub(crate) String);
-
-pub(crate) fn e(code: NnErrno, msg: impl Into<String>) -> NnError {
-    NnError(code, msg.into())
-}
+/// The most bytes of a prompt or of metadata one `set_input` takes.
+const MAX_INPUT: u32 = 16 << 20;
 
 /// Generation settings from the metadata JSON (WasmEdge's keys).
 #[derive(Debug, Clone)]
@@ -102,14 +78,14 @@ impl Options {
     /// Applies the keys of `json`; unknown keys are accepted and logged.
     pub(crate) fn apply(&mut self, json: &[u8]) -> Result<(), NnError> {
         let v: serde_json::Value = serde_json::from_slice(json)
-            .map_err(|err| e(NnErrno::InvalidArgument, format!("metadata is not valid JSON: {err}")))?;
-        let obj = v.as_object().ok_or_else(|| e(NnErrno::InvalidArgument, "metadata must be a JSON object"))?;
+            .map_err(|err| e(Kind::InvalidArgument, format!("metadata is not valid JSON: {err}")))?;
+        let obj = v.as_object().ok_or_else(|| e(Kind::InvalidArgument, "metadata must be a JSON object"))?;
         let num = |k: &str, v: &serde_json::Value| {
-            v.as_f64().ok_or_else(|| e(NnErrno::InvalidArgument, format!("metadata `{k}` must be a number, not {v}")))
+            v.as_f64().ok_or_else(|| e(Kind::InvalidArgument, format!("metadata `{k}` must be a number, not {v}")))
         };
         let flag = |k: &str, v: &serde_json::Value| {
             v.as_bool()
-                .ok_or_else(|| e(NnErrno::InvalidArgument, format!("metadata `{k}` must be true or false, not {v}")))
+                .ok_or_else(|| e(Kind::InvalidArgument, format!("metadata `{k}` must be true or false, not {v}")))
         };
         for (k, v) in obj {
             match k.as_str() {
@@ -137,8 +113,23 @@ impl Options {
     }
 }
 
+/// A graph's model: the host's (by name), or the instance's own (from its bytes), which
+/// holds its charge until the last graph or context using it goes.
+#[derive(Clone)]
+pub(crate) struct GraphModel {
+    pub(crate) model: Arc<LoadedModel>,
+    pub(crate) private: Option<Arc<Charge>>,
+}
+
+impl GraphModel {
+    /// The host's model.
+    pub(crate) fn shared(model: Arc<LoadedModel>) -> GraphModel {
+        GraphModel { model, private: None }
+    }
+}
+
 struct Graph {
-    model: Arc<LoadedModel>,
+    model: GraphModel,
     options: Options,
 }
 
@@ -155,6 +146,11 @@ struct Single {
 
 pub(crate) struct Context {
     model: Arc<LoadedModel>,
+    /// The charge of a model from the guest's bytes, kept while this context uses it.
+    _private: Option<Arc<Charge>>,
+    quota: Quota,
+    /// The charge of the KV cache.
+    cache_charge: Option<Charge>,
     pub(crate) options: Options,
     pub(crate) prompt: Option<Vec<u8>>,
     /// The KV cache and the tokens in it.
@@ -171,28 +167,22 @@ pub(crate) struct Context {
 /// Per-instance `wasi_ephemeral_nn` state.
 pub(crate) struct NnCtx {
     models: Arc<Models>,
+    quota: Quota,
     graphs: HashMap<u32, Graph>,
     contexts: HashMap<u32, Context>,
     next: u32,
-    temp_files: Vec<std::path::PathBuf>,
-}
-
-impl Drop for NnCtx {
-    fn drop(&mut self) {
-        for f in &self.temp_files {
-            let _ = std::fs::remove_file(f);
-        }
-    }
+    /// The last failure, for the host's report (wasi-nn has no `last_error`).
+    pub(crate) last_error: Option<String>,
 }
 
 impl NnCtx {
-    pub(crate) fn new(models: Arc<Models>) -> NnCtx {
-        NnCtx { models, graphs: HashMap::new(), contexts: HashMap::new(), next: 1, temp_files: Vec::new() }
+    pub(crate) fn new(models: Arc<Models>, quota: Quota) -> NnCtx {
+        NnCtx { models, quota, graphs: HashMap::new(), contexts: HashMap::new(), next: 1, last_error: None }
     }
 
     fn handle(&mut self) -> Result<u32, NnError> {
         if self.graphs.len() + self.contexts.len() >= MAX_HANDLES {
-            return Err(e(NnErrno::Busy, format!("this instance already holds {MAX_HANDLES} graphs and contexts")));
+            return Err(e(Kind::Busy, format!("this instance already holds {MAX_HANDLES} graphs and contexts")));
         }
         let h = self.next;
         self.next = self.next.wrapping_add(1).max(1);
@@ -200,132 +190,131 @@ impl NnCtx {
     }
 }
 
-type C<'a> = Caller<'a, HostState>;
-
-fn mem(c: &mut C<'_>) -> Result<wasmtime::Memory, NnError> {
-    c.get_export("memory")
-        .and_then(wasmtime::Extern::into_memory)
-        .ok_or_else(|| e(NnErrno::MissingMemory, "the module exports no memory named `memory`"))
+/// A store whose guests call `wasi_ephemeral_nn`.
+pub(crate) trait NnHost: Send + 'static {
+    /// The instance's wasi-nn state.
+    fn nn(&mut self) -> &mut NnCtx;
 }
 
-fn read(c: &C<'_>, m: &wasmtime::Memory, at: u32, len: u32) -> Result<Vec<u8>, NnError> {
-    let range = shoal_memory::check_view(m.data_size(c), at.into(), len.into(), 1)
-        .map_err(|err| e(NnErrno::InvalidArgument, err.to_string()))?;
-    Ok(m.data(c)[range].to_vec())
-}
+type C<'a, T> = Caller<'a, T>;
 
-fn read_u32s(c: &C<'_>, m: &wasmtime::Memory, at: u32, n: u32) -> Result<Vec<u32>, NnError> {
-    let bytes = read(c, m, at, n.checked_mul(4).ok_or_else(|| e(NnErrno::InvalidArgument, "array too long"))?)?;
-    Ok(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
-}
-
-fn write(c: &mut C<'_>, m: &wasmtime::Memory, at: u32, bytes: &[u8]) -> Result<(), NnError> {
-    let size = m.data_size(&*c);
-    m.write(c, at as usize, bytes).map_err(|_| {
-        e(NnErrno::InvalidArgument, format!("{} bytes at {at:#x} end past the memory's {size} bytes", bytes.len()))
-    })
-}
-
-fn nn<'a>(c: &'a mut C<'_>) -> &'a mut NnCtx {
-    &mut c.data_mut().shoal.nn
-}
-
-fn open_model(c: &mut C<'_>, name: &str) -> Result<Arc<LoadedModel>, NnError> {
-    open_named(&nn(c).models.clone(), name)
+fn nn<'a, T: NnHost>(c: &'a mut C<'_, T>) -> &'a mut NnCtx {
+    c.data_mut().nn()
 }
 
 /// The host's model `name` (`--nn-preload`), loaded.
 pub(crate) fn open_named(models: &Models, name: &str) -> Result<Arc<LoadedModel>, NnError> {
     if !models.names().iter().any(|n| n == name) {
         return Err(e(
-            NnErrno::ModelNotFound,
+            Kind::ModelNotFound,
             format!(
                 "no model named `{name}` (preloaded: {}); name one with --nn-preload NAME:GGML:AUTO:PATH",
                 models.names().join(", ")
             ),
         ));
     }
-    models.get(name).map_err(|m| e(NnErrno::RuntimeError, m))
+    models.get(name).map_err(|m| e(Kind::Device, m))
 }
 
-fn add_graph(c: &mut C<'_>, model: Arc<LoadedModel>, options: Options, out: u32) -> Result<(), NnError> {
-    let m = mem(c)?;
+fn add_graph<T: NnHost>(c: &mut C<'_, T>, model: GraphModel, options: Options, out: u32) -> Result<(), NnError> {
+    let m = memory(c)?;
     let h = nn(c).handle()?;
-    write(c, &m, out, &h.to_le_bytes())?;
+    write(&mut *c, &m, out, &h.to_le_bytes())?;
     nn(c).graphs.insert(h, Graph { model, options });
     Ok(())
 }
 
-fn load(c: &mut C<'_>, builders: u32, n: u32, encoding: u32, target: u32, out: u32) -> Result<(), NnError> {
+fn load<T: NnHost>(c: &mut C<'_, T>, builders: u32, n: u32, encoding: u32, target: u32, out: u32) -> Result<(), NnError> {
     if encoding != ENCODING_GGML && encoding != ENCODING_AUTODETECT {
-        return Err(e(NnErrno::InvalidEncoding, format!("graph encoding {encoding}: shoal runs GGML (6) models")));
+        return Err(e(Kind::InvalidEncoding, format!("graph encoding {encoding}: shoal runs GGML (6) models")));
     }
     if target > 3 {
-        return Err(e(NnErrno::InvalidArgument, format!("execution target {target} (0 CPU, 1 GPU, 2 TPU, 3 AUTO)")));
+        return Err(e(Kind::InvalidArgument, format!("execution target {target} (0 CPU, 1 GPU, 2 TPU, 3 AUTO)")));
     }
-    let m = mem(c)?;
+    let m = memory(c)?;
     if n == 0 || n > 2 {
-        return Err(e(
-            NnErrno::InvalidArgument,
-            format!("{n} graph builders: GGML takes the model bytes and optional metadata"),
-        ));
+        return Err(e(Kind::InvalidArgument, format!("{n} graph builders: GGML takes the model bytes and optional metadata")));
     }
-    let pairs = read_u32s(c, &m, builders, n * 2)?;
-    let model = read(c, &m, pairs[0], pairs[1])?;
+    let pairs = read_u32s(&*c, &m, builders, n * 2)?;
+    // The bytes are charged before they are copied out of the guest.
+    let quota = nn(c).quota.clone();
+    let copy = quota.budget.charge(&format!("a copy of the {} bytes of a model", pairs[1]), pairs[1].into())?;
+    let model = read_vec(&*c, &m, pairs[0], pairs[1])?;
     let mut options = Options::default();
     if n == 2 {
-        options.apply(&read(c, &m, pairs[2], pairs[3])?)?;
+        options.apply(&read_input(c, &m, pairs[2], pairs[3])?)?;
     }
-    let ctx = nn(c);
-    let model = model_from_bytes(&ctx.models, &mut ctx.temp_files, &model, NnErrno::RuntimeError)?;
+    let engine = nn(c).models.engine();
+    let model = model_from_bytes(&quota, engine, model, copy, Kind::Device)?;
     add_graph(c, model, options, out)
 }
 
-/// A model from a guest's bytes: written to a file named by their content (the engine maps
-/// models from files; removed with the instance's state) and loaded. Bytes shoal cannot load
-/// are `unloadable`.
+/// A model from a guest's bytes, private to its instance: parsed from memory (no file is
+/// written), its weights charged to the instance before they are made, freed with the last
+/// graph or context that uses it. `copy` is the charge of the bytes themselves, given back
+/// once the weights are loaded. Bytes shoal cannot load are `unloadable`.
 pub(crate) fn model_from_bytes(
-    models: &Models,
-    temp_files: &mut Vec<std::path::PathBuf>,
-    bytes: &[u8],
-    unloadable: NnErrno,
-) -> Result<Arc<LoadedModel>, NnError> {
-    let hash = crate::instance::sha256_hex(bytes);
-    let name = format!("wasi-nn-{}", &hash[..16]);
-    let path = std::env::temp_dir().join(format!("shoal-{}-{name}.gguf", std::process::id()));
-    std::fs::write(&path, bytes).map_err(|err| e(NnErrno::RuntimeError, format!("{}: {err}", path.display())))?;
-    temp_files.push(path.clone());
-    models.add(&name, &path);
-    models.get(&name).map_err(|m| e(unloadable, format!("not a model shoal can load: {m}")))
+    quota: &Quota,
+    engine: shoal_engine::models::EngineKind,
+    bytes: Vec<u8>,
+    copy: Charge,
+    unloadable: Kind,
+) -> Result<GraphModel, NnError> {
+    let len = bytes.len();
+    let file = shoal_engine::gguf::GgufFile::from_bytes(bytes)
+        .map_err(|err| e(unloadable, format!("not a model shoal can load: {err}")))?;
+    let weights = crate::models::weights_bytes(&file);
+    let charge = quota.budget.charge(&format!("the weights of a {len}-byte model ({})", human_bytes(weights)), weights)?;
+    let name = format!("guest model of {len} bytes");
+    let model = crate::models::from_gguf_bytes(&name, &file, engine)
+        .map_err(|err| e(unloadable, format!("not a model shoal can load: {err}")))?;
+    drop((file, copy));
+    Ok(GraphModel { model: Arc::new(model), private: Some(Arc::new(charge)) })
 }
 
-fn load_by_name(c: &mut C<'_>, name: u32, len: u32, config: Option<(u32, u32)>, out: u32) -> Result<(), NnError> {
-    let m = mem(c)?;
-    let name = String::from_utf8(read(c, &m, name, len)?)
-        .map_err(|_| e(NnErrno::InvalidArgument, "the model name is not UTF-8"))?;
+/// A prompt or metadata of at most [`MAX_INPUT`] bytes.
+fn read_input<T: NnHost>(c: &mut C<'_, T>, m: &wasmtime::Memory, at: u32, len: u32) -> Result<Vec<u8>, NnError> {
+    if len > MAX_INPUT {
+        return Err(e(Kind::TooLarge, format!("an input of {len} bytes (at most {MAX_INPUT})")));
+    }
+    read_vec(&*c, m, at, len)
+}
+
+fn load_by_name<T: NnHost>(c: &mut C<'_, T>, name: u32, len: u32, config: Option<(u32, u32)>, out: u32) -> Result<(), NnError> {
+    let m = memory(c)?;
+    if len > 4096 {
+        return Err(e(Kind::InvalidArgument, format!("a model name of {len} bytes (at most 4096)")));
+    }
+    let name = String::from_utf8(read_vec(&*c, &m, name, len)?)
+        .map_err(|_| e(Kind::InvalidArgument, "the model name is not UTF-8"))?;
     let mut options = Options::default();
     if let Some((p, l)) = config {
-        options.apply(&read(c, &m, p, l)?)?;
+        options.apply(&read_input(c, &m, p, l)?)?;
     }
-    let model = open_model(c, &name)?;
-    add_graph(c, model, options, out)
+    let models = nn(c).models.clone();
+    let model = open_named(&models, &name)?;
+    add_graph(c, GraphModel::shared(model), options, out)
 }
 
-fn init_execution_context(c: &mut C<'_>, graph: u32, out: u32) -> Result<(), NnError> {
-    let m = mem(c)?;
-    let g = nn(c).graphs.get(&graph).ok_or_else(|| e(NnErrno::InvalidArgument, format!("no graph {graph}")))?;
+fn init_execution_context<T: NnHost>(c: &mut C<'_, T>, graph: u32, out: u32) -> Result<(), NnError> {
+    let m = memory(c)?;
+    let g = nn(c).graphs.get(&graph).ok_or_else(|| e(Kind::InvalidArgument, format!("no graph {graph}")))?;
     let (model, options) = (g.model.clone(), g.options.clone());
     let h = nn(c).handle()?;
-    write(c, &m, out, &h.to_le_bytes())?;
-    nn(c).contexts.insert(h, Context::new(model, options));
+    write(&mut *c, &m, out, &h.to_le_bytes())?;
+    let quota = nn(c).quota.clone();
+    nn(c).contexts.insert(h, Context::new(model, options, quota));
     Ok(())
 }
 
 impl Context {
     /// A context for `model` with no prompt and no cache yet.
-    pub(crate) fn new(model: Arc<LoadedModel>, options: Options) -> Context {
+    pub(crate) fn new(model: GraphModel, options: Options, quota: Quota) -> Context {
         Context {
-            model,
+            model: model.model,
+            _private: model.private,
+            quota,
+            cache_charge: None,
             options,
             prompt: None,
             cache: None,
@@ -339,45 +328,49 @@ impl Context {
     }
 }
 
-fn context<'a>(c: &'a mut C<'_>, h: u32) -> Result<&'a mut Context, NnError> {
-    nn(c).contexts.get_mut(&h).ok_or_else(|| e(NnErrno::InvalidArgument, format!("no execution context {h}")))
+fn context<'a, T: NnHost>(c: &'a mut C<'_, T>, h: u32) -> Result<&'a mut Context, NnError> {
+    nn(c).contexts.get_mut(&h).ok_or_else(|| e(Kind::InvalidArgument, format!("no execution context {h}")))
 }
 
-fn set_input(c: &mut C<'_>, ctx: u32, index: u32, tensor: u32) -> Result<(), NnError> {
-    let m = mem(c)?;
+fn set_input<T: NnHost>(c: &mut C<'_, T>, ctx: u32, index: u32, tensor: u32) -> Result<(), NnError> {
+    let m = memory(c)?;
     context(c, ctx)?;
-    let t = read_u32s(c, &m, tensor, 5)?;
+    let t = read_u32s(&*c, &m, tensor, 5)?;
     let (dims_ptr, dims_len, ty, data_ptr, data_len) = (t[0], t[1], t[2] & 0xff, t[3], t[4]);
     // Dimensions must be readable; GGML ignores their values (apps pass [1] for a prompt).
-    read_u32s(c, &m, dims_ptr, dims_len)?;
-    if ty > 5 {
-        return Err(e(NnErrno::InvalidArgument, format!("tensor type {ty} (0 F16 … 5 I64)")));
+    if dims_len > 8 {
+        return Err(e(Kind::InvalidArgument, format!("a tensor of {dims_len} dimensions (at most 8)")));
     }
-    let data = read(c, &m, data_ptr, data_len)?;
+    read_u32s(&*c, &m, dims_ptr, dims_len)?;
+    if ty > 5 {
+        return Err(e(Kind::InvalidArgument, format!("tensor type {ty} (0 F16 … 5 I64)")));
+    }
+    let data = read_input(c, &m, data_ptr, data_len)?;
     let cx = context(c, ctx)?;
     match index {
         0 => {
-            String::from_utf8(data.clone()).map_err(|_| e(NnErrno::InvalidArgument, "the prompt is not UTF-8"))?;
+            String::from_utf8(data.clone()).map_err(|_| e(Kind::InvalidArgument, "the prompt is not UTF-8"))?;
             cx.prompt = Some(data);
             cx.single = None;
         }
         1 => cx.options.apply(&data)?,
-        _ => return Err(e(NnErrno::InvalidArgument, format!("input {index}: 0 is the prompt, 1 the metadata"))),
+        _ => return Err(e(Kind::InvalidArgument, format!("input {index}: 0 is the prompt, 1 the metadata"))),
     }
     Ok(())
 }
 
 /// The prompt's tokens and the context size, checked: a prompt is set, not empty, and fits.
 fn prompt_ids(cx: &Context) -> Result<(Vec<u32>, usize), NnError> {
-    let prompt = cx.prompt.as_ref().ok_or_else(|| e(NnErrno::NotFound, "no prompt: set input 0 first"))?;
+    let prompt = cx.prompt.as_ref().ok_or_else(|| e(Kind::NotFound, "no prompt: set input 0 first"))?;
     let ids = cx.model.tokenizer.encode(&String::from_utf8_lossy(prompt), true);
     if ids.is_empty() {
-        return Err(e(NnErrno::InvalidArgument, "the prompt is empty"));
+        return Err(e(Kind::InvalidArgument, "the prompt is empty"));
     }
-    let ctx_size = cx.options.ctx_size.min(cx.model.llama.config().context_length);
+    // The context asked for, within the model's and the instance's limits.
+    let ctx_size = cx.options.ctx_size.min(cx.quota.most_positions(&cx.model));
     if ids.len() > ctx_size {
         return Err(e(
-            NnErrno::PromptTooLong,
+            Kind::PromptTooLong,
             format!("the prompt has {} tokens; the context holds {ctx_size}", ids.len()),
         ));
     }
@@ -394,8 +387,13 @@ fn start(cx: &mut Context) -> Result<u32, NnError> {
         None => true,
     };
     if fresh {
-        let cache = model.llama.new_cache(ctx_size).map_err(|err| e(NnErrno::RuntimeError, err.to_string()))?;
+        // The old cache and its charge go before the new one is charged.
+        cx.cache = None;
+        cx.cache_charge = None;
+        let charge = cx.quota.kv_cache(&model, ctx_size)?;
+        let cache = model.llama.new_cache(ctx_size)?;
         cx.cache = Some((cache, Vec::new()));
+        cx.cache_charge = Some(charge);
     }
     let (cache, seen) = cx.cache.as_mut().expect("just made");
     let common = if cx.options.prefix_reuse {
@@ -413,8 +411,7 @@ fn start(cx: &mut Context) -> Result<u32, NnError> {
     let window = &ids[ids.len().saturating_sub(64)..];
     let next = model
         .llama
-        .forward_sample(&ids[common..], cache, &cx.options.sampler, window, 0)
-        .map_err(|err| e(NnErrno::RuntimeError, err.to_string()))?;
+        .forward_sample(&ids[common..], cache, &cx.options.sampler, window, 0)?;
     seen.extend_from_slice(&ids[common..]);
     if cx.options.log {
         log::info!("wasi-nn: prompt of {} tokens, {common} reused from the cache", ids.len());
@@ -447,9 +444,9 @@ fn emit(cx: &mut Context, s: &mut Single, token: u32) -> bool {
 /// One step: evaluates the pending token and samples the next.
 fn step(cx: &mut Context, token: u32) -> Result<u32, NnError> {
     let model = cx.model.clone();
-    let (cache, seen) = cx.cache.as_mut().ok_or_else(|| e(NnErrno::RuntimeError, "no session"))?;
+    let (cache, seen) = cx.cache.as_mut().ok_or_else(|| e(Kind::Device, "no session"))?;
     if cache.remaining() == 0 {
-        return Err(e(NnErrno::ContextFull, format!("the context of {} tokens is full", cache.capacity())));
+        return Err(e(Kind::ContextFull, format!("the context of {} tokens is full", cache.capacity())));
     }
     let window = &seen[seen.len().saturating_sub(63)..];
     let mut w = window.to_vec();
@@ -457,8 +454,7 @@ fn step(cx: &mut Context, token: u32) -> Result<u32, NnError> {
     let step = cx.output_tokens as u64;
     let next = model
         .llama
-        .forward_sample(&[token], cache, &cx.options.sampler, &w, step)
-        .map_err(|err| e(NnErrno::RuntimeError, err.to_string()))?;
+        .forward_sample(&[token], cache, &cx.options.sampler, &w, step)?;
     seen.push(token);
     Ok(next)
 }
@@ -469,8 +465,9 @@ fn embed(cx: &mut Context) -> Result<(), NnError> {
     let (ids, _) = prompt_ids(cx)?;
     let model = cx.model.clone();
     // Its own cache: an embedding is of this text alone.
-    let mut cache = model.llama.new_cache(ids.len()).map_err(|err| e(NnErrno::RuntimeError, err.to_string()))?;
-    let mut h = model.llama.hidden(&ids, &mut cache).map_err(|err| e(NnErrno::RuntimeError, err.to_string()))?;
+    let _charge = cx.quota.kv_cache(&model, ids.len())?;
+    let mut cache = model.llama.new_cache(ids.len())?;
+    let mut h = model.llama.hidden(&ids, &mut cache)?;
     let norm = h.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt();
     if norm > 0.0 {
         h.iter_mut().for_each(|v| *v = (f64::from(*v) / norm) as f32);
@@ -492,7 +489,7 @@ fn answer(options: &Options, mut text: String) -> Vec<u8> {
     text.into_bytes()
 }
 
-fn compute(c: &mut C<'_>, ctx: u32) -> Result<(), NnError> {
+fn compute<T: NnHost>(c: &mut C<'_, T>, ctx: u32) -> Result<(), NnError> {
     compute_context(context(c, ctx)?)
 }
 
@@ -517,10 +514,10 @@ pub(crate) fn compute_context(cx: &mut Context) -> Result<(), NnError> {
     result
 }
 
-fn compute_single(c: &mut C<'_>, ctx: u32) -> Result<(), NnError> {
+fn compute_single<T: NnHost>(c: &mut C<'_, T>, ctx: u32) -> Result<(), NnError> {
     let cx = context(c, ctx)?;
     if cx.options.embedding {
-        return Err(e(NnErrno::UnsupportedOperation, "embedding mode computes with `compute`, not `compute_single`"));
+        return Err(e(Kind::Unsupported, "embedding mode computes with `compute`, not `compute_single`"));
     }
     let mut s = match cx.single.take() {
         Some(s) => s,
@@ -531,15 +528,15 @@ fn compute_single(c: &mut C<'_>, ctx: u32) -> Result<(), NnError> {
     };
     let r = (|| {
         let token = match (s.done, s.first.take(), s.last.take()) {
-            (true, _, _) => return Err(e(NnErrno::EndOfSequence, "the generation has ended")),
+            (true, _, _) => return Err(e(Kind::EndOfSequence, "the generation has ended")),
             (_, Some(t), _) => t,
             (_, None, Some(last)) => step(cx, last)?,
-            (_, None, None) => return Err(e(NnErrno::EndOfSequence, "the generation has ended")),
+            (_, None, None) => return Err(e(Kind::EndOfSequence, "the generation has ended")),
         };
         if is_stop(cx, token) {
             s.done = true;
             cx.last_piece.clear();
-            return Err(e(NnErrno::EndOfSequence, "end of sequence"));
+            return Err(e(Kind::EndOfSequence, "end of sequence"));
         }
         // The piece is readable now; when it ends the answer, the next call says so.
         s.done = emit(cx, &mut s, token);
@@ -550,7 +547,7 @@ fn compute_single(c: &mut C<'_>, ctx: u32) -> Result<(), NnError> {
     r
 }
 
-fn fini_single(c: &mut C<'_>, ctx: u32) -> Result<(), NnError> {
+fn fini_single<T: NnHost>(c: &mut C<'_, T>, ctx: u32) -> Result<(), NnError> {
     let cx = context(c, ctx)?;
     if let Some(s) = cx.single.take() {
         cx.output = answer(&cx.options, s.text);
@@ -570,8 +567,8 @@ pub(crate) fn metadata(cx: &Context) -> Vec<u8> {
     .into_bytes()
 }
 
-fn get_output(
-    c: &mut C<'_>,
+fn get_output<T: NnHost>(
+    c: &mut C<'_, T>,
     ctx: u32,
     index: u32,
     out: u32,
@@ -579,7 +576,7 @@ fn get_output(
     size_out: u32,
     single: bool,
 ) -> Result<(), NnError> {
-    let m = mem(c)?;
+    let m = memory(c)?;
     let cx = context(c, ctx)?;
     let bytes = match index {
         0 if single => cx.last_piece.clone(),
@@ -588,70 +585,78 @@ fn get_output(
             None => cx.output.clone(),
         },
         1 => metadata(cx),
-        _ => return Err(e(NnErrno::InvalidArgument, format!("output {index}: 0 is the text, 1 the token counts"))),
+        _ => return Err(e(Kind::InvalidArgument, format!("output {index}: 0 is the text, 1 the token counts"))),
     };
+    // The size is written either way, so a guest whose buffer is too small learns how
+    // large a one it needs.
+    write(&mut *c, &m, size_out, &(bytes.len() as u32).to_le_bytes())?;
     if bytes.len() > cap as usize {
-        return Err(e(NnErrno::TooLarge, format!("output {index} has {} bytes; the buffer holds {cap}", bytes.len())));
+        return Err(e(Kind::TooSmall, format!("output {index} has {} bytes; the buffer holds {cap}", bytes.len())));
     }
-    write(c, &m, out, &bytes)?;
-    write(c, &m, size_out, &(bytes.len() as u32).to_le_bytes())
+    write(c, &m, out, &bytes)
 }
 
-fn ret(c: &mut C<'_>, name: &str, r: Result<(), NnError>) -> i32 {
+/// The call's code; an interrupted call (deadline, kill) stops the guest with a trap.
+fn ret<T: NnHost>(c: &mut C<'_, T>, name: &str, r: Result<(), NnError>) -> wasmtime::Result<i32> {
     match r {
-        Ok(()) => 0,
-        Err(NnError(code, msg)) => {
-            if code != NnErrno::EndOfSequence {
-                log::debug!("wasi-nn {name}: {msg} ({code:?})");
-                c.data_mut().shoal.nn_last_error = Some(format!("{name}: {msg}"));
+        Ok(()) => Ok(0),
+        Err(err) => {
+            if let Some(why) = err.interrupted() {
+                log::info!("wasi-nn {name} stopped: {why}");
+                return Err(wasmtime::Trap::Interrupt.into());
             }
-            code as i32
+            let code = err.nn_errno();
+            if code != NnErrno::EndOfSequence {
+                log::debug!("wasi-nn {name}: {} ({code:?})", err.message);
+                nn(c).last_error = Some(format!("{name}: {}", err.message));
+            }
+            Ok(code as i32)
         }
     }
 }
 
 /// Adds `wasi_ephemeral_nn` to `linker`.
-pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    linker.func_wrap(MODULE, "load", |mut c: C<'_>, b: u32, n: u32, enc: u32, target: u32, out: u32| {
+pub(crate) fn add_to_linker<T: NnHost>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
+    linker.func_wrap(MODULE, "load", |mut c: C<'_, T>, b: u32, n: u32, enc: u32, target: u32, out: u32| {
         let r = load(&mut c, b, n, enc, target, out);
         ret(&mut c, "load", r)
     })?;
-    linker.func_wrap(MODULE, "load_by_name", |mut c: C<'_>, name: u32, len: u32, out: u32| {
+    linker.func_wrap(MODULE, "load_by_name", |mut c: C<'_, T>, name: u32, len: u32, out: u32| {
         let r = load_by_name(&mut c, name, len, None, out);
         ret(&mut c, "load_by_name", r)
     })?;
     linker.func_wrap(
         MODULE,
         "load_by_name_with_config",
-        |mut c: C<'_>, name: u32, len: u32, cfg: u32, cfg_len: u32, out: u32| {
+        |mut c: C<'_, T>, name: u32, len: u32, cfg: u32, cfg_len: u32, out: u32| {
             let r = load_by_name(&mut c, name, len, Some((cfg, cfg_len)), out);
             ret(&mut c, "load_by_name_with_config", r)
         },
     )?;
-    linker.func_wrap(MODULE, "init_execution_context", |mut c: C<'_>, g: u32, out: u32| {
+    linker.func_wrap(MODULE, "init_execution_context", |mut c: C<'_, T>, g: u32, out: u32| {
         let r = init_execution_context(&mut c, g, out);
         ret(&mut c, "init_execution_context", r)
     })?;
-    linker.func_wrap(MODULE, "set_input", |mut c: C<'_>, ctx: u32, index: u32, tensor: u32| {
+    linker.func_wrap(MODULE, "set_input", |mut c: C<'_, T>, ctx: u32, index: u32, tensor: u32| {
         let r = set_input(&mut c, ctx, index, tensor);
         ret(&mut c, "set_input", r)
     })?;
-    linker.func_wrap(MODULE, "compute", |mut c: C<'_>, ctx: u32| {
+    linker.func_wrap(MODULE, "compute", |mut c: C<'_, T>, ctx: u32| {
         let r = compute(&mut c, ctx);
         ret(&mut c, "compute", r)
     })?;
-    linker.func_wrap(MODULE, "compute_single", |mut c: C<'_>, ctx: u32| {
+    linker.func_wrap(MODULE, "compute_single", |mut c: C<'_, T>, ctx: u32| {
         let r = compute_single(&mut c, ctx);
         ret(&mut c, "compute_single", r)
     })?;
-    linker.func_wrap(MODULE, "fini_single", |mut c: C<'_>, ctx: u32| {
+    linker.func_wrap(MODULE, "fini_single", |mut c: C<'_, T>, ctx: u32| {
         let r = fini_single(&mut c, ctx);
         ret(&mut c, "fini_single", r)
     })?;
     linker.func_wrap(
         MODULE,
         "get_output",
-        |mut c: C<'_>, ctx: u32, index: u32, out: u32, cap: u32, size_out: u32| {
+        |mut c: C<'_, T>, ctx: u32, index: u32, out: u32, cap: u32, size_out: u32| {
             let r = get_output(&mut c, ctx, index, out, cap, size_out, false);
             ret(&mut c, "get_output", r)
         },
@@ -659,22 +664,22 @@ pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<
     linker.func_wrap(
         MODULE,
         "get_output_single",
-        |mut c: C<'_>, ctx: u32, index: u32, out: u32, cap: u32, size_out: u32| {
+        |mut c: C<'_, T>, ctx: u32, index: u32, out: u32, cap: u32, size_out: u32| {
             let r = get_output(&mut c, ctx, index, out, cap, size_out, true);
             ret(&mut c, "get_output_single", r)
         },
     )?;
-    linker.func_wrap(MODULE, "unload", |mut c: C<'_>, g: u32| {
+    linker.func_wrap(MODULE, "unload", |mut c: C<'_, T>, g: u32| {
         let r =
-            nn(&mut c).graphs.remove(&g).map(drop).ok_or_else(|| e(NnErrno::InvalidArgument, format!("no graph {g}")));
+            nn(&mut c).graphs.remove(&g).map(drop).ok_or_else(|| e(Kind::InvalidArgument, format!("no graph {g}")));
         ret(&mut c, "unload", r)
     })?;
-    linker.func_wrap(MODULE, "finalize_execution_context", |mut c: C<'_>, ctx: u32| {
+    linker.func_wrap(MODULE, "finalize_execution_context", |mut c: C<'_, T>, ctx: u32| {
         let r = nn(&mut c)
             .contexts
             .remove(&ctx)
             .map(drop)
-            .ok_or_else(|| e(NnErrno::InvalidArgument, format!("no execution context {ctx}")));
+            .ok_or_else(|| e(Kind::InvalidArgument, format!("no execution context {ctx}")));
         ret(&mut c, "finalize_execution_context", r)
     })?;
     Ok(())
@@ -701,7 +706,7 @@ impl Options {
 
     fn from_json(v: &serde_json::Value) -> Result<Options, String> {
         let mut o = Options::default();
-        o.apply(v.to_string().as_bytes()).map_err(|err| err.1)?;
+        o.apply(v.to_string().as_bytes()).map_err(|err| err.message)?;
         Ok(o)
     }
 }
@@ -750,7 +755,7 @@ pub struct NnState {
 impl NnCtx {
     /// The models this instance's graphs use.
     pub(crate) fn model_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.graphs.values().map(|g| g.model.name.clone()).collect();
+        let mut v: Vec<String> = self.graphs.values().map(|g| g.model.model.name.clone()).collect();
         v.extend(self.contexts.values().map(|c| c.model.name.clone()));
         v.sort();
         v.dedup();
@@ -766,19 +771,18 @@ impl NnCtx {
     /// `compute_single` stream, or a graph loaded from bytes rather than by name, cannot be
     /// captured.
     pub(crate) fn capture(&self, parked: bool) -> Result<NnState, String> {
-        let from_bytes = |m: &LoadedModel| m.name.starts_with("wasi-nn-");
         let mut graphs = Vec::new();
         for (&handle, g) in &self.graphs {
-            if from_bytes(&g.model) {
+            if g.model.private.is_some() {
                 return Err(format!(
                     "wasi-nn graph {handle} was loaded from bytes; only graphs loaded by name (--nn-preload) can be snapshotted"
                 ));
             }
-            graphs.push(GraphState { handle, model: g.model.name.clone(), options: g.options.to_json() });
+            graphs.push(GraphState { handle, model: g.model.model.name.clone(), options: g.options.to_json() });
         }
         let mut contexts = Vec::new();
         for (&handle, cx) in &self.contexts {
-            if from_bytes(&cx.model) {
+            if cx._private.is_some() {
                 return Err(format!("wasi-nn context {handle} runs a graph loaded from bytes"));
             }
             if cx.single.as_ref().is_some_and(|s| !s.done) {
@@ -820,23 +824,26 @@ impl NnCtx {
     /// Rebuilds `st` on this host's models.
     pub(crate) fn restore(&mut self, st: &NnState) -> Result<(), String> {
         for g in &st.graphs {
-            let model = self.models.get(&g.model)?;
+            let model = GraphModel::shared(self.models.get(&g.model)?);
             self.graphs.insert(g.handle, Graph { model, options: Options::from_json(&g.options)? });
         }
         for s in &st.contexts {
             let model = self.models.get(&s.model)?;
-            let cache = match &s.cache {
-                Some((context, seen, kv)) => Some((
-                    model
-                        .llama
-                        .import_image(kv, *context)
-                        .map_err(|err| format!("wasi-nn context {}: {err}", s.handle))?,
-                    seen.clone(),
-                )),
-                None => None,
+            let what = |err: &dyn std::fmt::Display| format!("wasi-nn context {}: {err}", s.handle);
+            let (cache, cache_charge) = match &s.cache {
+                Some((context, seen, kv)) => {
+                    // Held to the same limits as a new cache.
+                    let charge = self.quota.kv_cache(&model, *context).map_err(|err| what(&err))?;
+                    let cache = model.llama.import_image(kv, *context).map_err(|err| what(&err))?;
+                    (Some((cache, seen.clone())), Some(charge))
+                }
+                None => (None, None),
             };
             let cx = Context {
                 model,
+                _private: None,
+                quota: self.quota.clone(),
+                cache_charge,
                 options: Options::from_json(&s.options)?,
                 prompt: s.prompt.clone(),
                 cache,

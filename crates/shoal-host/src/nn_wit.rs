@@ -12,8 +12,10 @@ use std::sync::Arc;
 
 use wasmtime::component::{Resource, ResourceTable};
 
-use crate::models::{LoadedModel, Models};
-use crate::nn::{self, Context, NnErrno, NnError, Options};
+use crate::budget::{Charge, Quota};
+use crate::error::{Kind, NnErrno};
+use crate::models::Models;
+use crate::nn::{self, Context, GraphModel, NnError, Options};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -38,11 +40,13 @@ pub struct Tensor {
     dimensions: Vec<u32>,
     ty: TensorType,
     data: Vec<u8>,
+    /// Its bytes, charged to the instance.
+    _charge: Charge,
 }
 
 /// A loaded model and the settings its contexts start with.
 pub struct Graph {
-    model: Arc<LoadedModel>,
+    model: GraphModel,
 }
 
 /// An execution context: the KV cache and the generation settings.
@@ -57,21 +61,20 @@ pub struct Error {
 /// The `wasi:nn` state of one component instance.
 pub struct NnWit {
     models: Arc<Models>,
-    temp_files: Vec<std::path::PathBuf>,
+    quota: Quota,
 }
 
 impl NnWit {
-    /// `wasi:nn` over `models` (their names are what `load-by-name` finds).
-    pub fn new(models: Arc<Models>) -> NnWit {
-        NnWit { models, temp_files: Vec::new() }
+    /// `wasi:nn` over `models` (their names are what `load-by-name` finds), charging what
+    /// the guest makes to `quota`.
+    pub fn new(models: Arc<Models>, quota: Quota) -> NnWit {
+        NnWit { models, quota }
     }
-}
 
-impl Drop for NnWit {
-    fn drop(&mut self) {
-        for f in &self.temp_files {
-            let _ = std::fs::remove_file(f);
-        }
+    /// A tensor of `data`, charged to the instance.
+    fn tensor(&self, dimensions: Vec<u32>, ty: TensorType, data: Vec<u8>) -> Result<Tensor, NnError> {
+        let charge = self.quota.budget.charge(&format!("a tensor of {} bytes", data.len()), data.len() as u64)?;
+        Ok(Tensor { dimensions, ty, data, _charge: charge })
     }
 }
 
@@ -105,6 +108,7 @@ pub fn add_to_linker<T: 'static>(
 }
 
 fn code(e: NnErrno) -> ErrorCode {
+    // The WIT interface has fewer codes than the core-module one.
     match e {
         NnErrno::InvalidArgument | NnErrno::MissingMemory => ErrorCode::InvalidArgument,
         NnErrno::InvalidEncoding => ErrorCode::InvalidEncoding,
@@ -120,8 +124,12 @@ type R<T> = wasmtime::Result<Result<T, Resource<Error>>>;
 
 impl NnView<'_> {
     fn fail<T>(&mut self, e: NnError) -> R<T> {
-        log::info!("wasi:nn: {:?}: {}", e.0, e.1);
-        Ok(Err(self.table.push(Error { code: code(e.0), data: e.1 })?))
+        if let Some(why) = e.interrupted() {
+            log::info!("wasi:nn: stopped: {why}");
+            return Err(wasmtime::Trap::Interrupt.into());
+        }
+        log::info!("wasi:nn: {:?}: {}", e.kind, e.message);
+        Ok(Err(self.table.push(Error { code: code(e.nn_errno()), data: e.message })?))
     }
 }
 
@@ -146,7 +154,9 @@ impl bindings::wasi::nn::tensor::Host for NnView<'_> {}
 
 impl bindings::wasi::nn::tensor::HostTensor for NnView<'_> {
     fn new(&mut self, dimensions: Vec<u32>, ty: TensorType, data: Vec<u8>) -> wasmtime::Result<Resource<Tensor>> {
-        Ok(self.table.push(Tensor { dimensions, ty, data })?)
+        // The interface has no error here: a tensor past the instance's limit stops it.
+        let t = self.nn.tensor(dimensions, ty, data).map_err(|e| wasmtime::Error::msg(e.message))?;
+        Ok(self.table.push(t)?)
     }
 
     fn dimensions(&mut self, t: Resource<Tensor>) -> wasmtime::Result<Vec<u32>> {
@@ -176,22 +186,29 @@ impl bindings::wasi::nn::graph::Host for NnView<'_> {
     ) -> R<Resource<Graph>> {
         if !matches!(encoding, GraphEncoding::Ggml | GraphEncoding::Autodetect) {
             let msg = format!("graph encoding {encoding:?}: shoal runs GGML models");
-            return self.fail(nn::e(NnErrno::InvalidEncoding, msg));
+            return self.fail(nn::e(Kind::InvalidEncoding, msg));
         }
         let Some(bytes) = builders.first().filter(|b| !b.is_empty()) else {
-            return self.fail(nn::e(NnErrno::InvalidArgument, "no model bytes"));
+            return self.fail(nn::e(Kind::InvalidArgument, "no model bytes"));
         };
-        let model =
-            match nn::model_from_bytes(&self.nn.models, &mut self.nn.temp_files, bytes, NnErrno::InvalidArgument) {
-                Ok(m) => m,
-                Err(e) => return self.fail(e),
-            };
-        Ok(Ok(self.table.push(Graph { model })?))
+        // The bytes were copied out of the guest by the bindings; they are charged now.
+        let loaded = self
+            .nn
+            .quota
+            .budget
+            .charge(&format!("a copy of the {} bytes of a model", bytes.len()), bytes.len() as u64)
+            .and_then(|copy| {
+                nn::model_from_bytes(&self.nn.quota, self.nn.models.engine(), bytes.clone(), copy, Kind::InvalidArgument)
+            });
+        match loaded {
+            Ok(model) => Ok(Ok(self.table.push(Graph { model })?)),
+            Err(e) => self.fail(e),
+        }
     }
 
     fn load_by_name(&mut self, name: String) -> R<Resource<Graph>> {
         match nn::open_named(&self.nn.models, &name) {
-            Ok(model) => Ok(Ok(self.table.push(Graph { model })?)),
+            Ok(model) => Ok(Ok(self.table.push(Graph { model: GraphModel::shared(model) })?)),
             Err(e) => self.fail(e),
         }
     }
@@ -200,7 +217,8 @@ impl bindings::wasi::nn::graph::Host for NnView<'_> {
 impl bindings::wasi::nn::graph::HostGraph for NnView<'_> {
     fn init_execution_context(&mut self, g: Resource<Graph>) -> R<Resource<ExecContext>> {
         let model = self.table.get(&g)?.model.clone();
-        Ok(Ok(self.table.push(ExecContext(Context::new(model, Options::default())))?))
+        let quota = self.nn.quota.clone();
+        Ok(Ok(self.table.push(ExecContext(Context::new(model, Options::default(), quota)))?))
     }
 
     fn drop(&mut self, g: Resource<Graph>) -> wasmtime::Result<()> {
@@ -223,7 +241,7 @@ impl bindings::wasi::nn::inference::HostGraphExecutionContext for NnView<'_> {
             let t = self.table.get(t)?;
             if t.ty != TensorType::U8 {
                 let msg = format!("input `{name}` is {:?}; GGML takes U8 tensors (prompt, metadata)", t.ty);
-                return self.fail(nn::e(NnErrno::InvalidArgument, msg));
+                return self.fail(nn::e(Kind::InvalidArgument, msg));
             }
             match name.as_str() {
                 "metadata" => metadata = Some(t.data.clone()),
@@ -233,10 +251,10 @@ impl bindings::wasi::nn::inference::HostGraphExecutionContext for NnView<'_> {
             }
         }
         let Some(prompt) = prompt else {
-            return self.fail(nn::e(NnErrno::InvalidArgument, "no prompt: pass a U8 tensor named `prompt`"));
+            return self.fail(nn::e(Kind::InvalidArgument, "no prompt: pass a U8 tensor named `prompt`"));
         };
         if String::from_utf8(prompt.clone()).is_err() {
-            return self.fail(nn::e(NnErrno::InvalidArgument, "the prompt is not UTF-8"));
+            return self.fail(nn::e(Kind::InvalidArgument, "the prompt is not UTF-8"));
         }
         let cx = &mut self.table.get_mut(&ctx)?.0;
         let r = (|| {
@@ -250,8 +268,14 @@ impl bindings::wasi::nn::inference::HostGraphExecutionContext for NnView<'_> {
             return self.fail(e);
         }
         let (text, meta) = (cx.output.clone(), nn::metadata(cx));
-        let out = Tensor { dimensions: vec![text.len() as u32], ty: TensorType::U8, data: text };
-        let counts = Tensor { dimensions: vec![meta.len() as u32], ty: TensorType::U8, data: meta };
+        let tensors = self
+            .nn
+            .tensor(vec![text.len() as u32], TensorType::U8, text)
+            .and_then(|out| Ok((out, self.nn.tensor(vec![meta.len() as u32], TensorType::U8, meta)?)));
+        let (out, counts) = match tensors {
+            Ok(t) => t,
+            Err(e) => return self.fail(e),
+        };
         let out = self.table.push(out)?;
         let counts = self.table.push(counts)?;
         Ok(Ok(vec![("output".to_string(), out), ("metadata".to_string(), counts)]))

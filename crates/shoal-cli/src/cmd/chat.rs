@@ -111,7 +111,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             if a.stats {
                 args.push("--stats".into());
             }
-            let opts = InstanceOptions { args, program_name: Some("chat_actor.wasm".into()) };
+            let opts = InstanceOptions { args, program_name: Some("chat_actor.wasm".into()), ..Default::default() };
             Actor::spawn(runtime.clone(), module, opts, ActorConfig::default()).context("starting the chat actor")?
         }
     };

@@ -45,7 +45,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let runtime = Runtime::with_models(device, models)?;
     let name = a.module.file_name().map(|n| n.to_string_lossy().into_owned());
     let outcome = runtime
-        .run(&wasm, &RunOptions { args: a.args, capture_stdout: false, program_name: name, measure_rss: false })
+        .run(&wasm, &RunOptions { args: a.args, capture_stdout: false, program_name: name, measure_rss: false, ..Default::default() })
         .with_context(|| format!("running {}", a.module.display()))?;
     Ok(outcome.exit_code)
 }

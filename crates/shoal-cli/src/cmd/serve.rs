@@ -238,7 +238,7 @@ fn spawn(d: &Daemon, req: &Request) -> Result<u64, (u16, String)> {
     if name == "chat" && !args.iter().any(|a| a == "--model") {
         args.splice(0..0, ["--model".to_string(), d.default_model.clone()]);
     }
-    let opts = InstanceOptions { args, program_name: Some(format!("{name}.wasm")) };
+    let opts = InstanceOptions { args, program_name: Some(format!("{name}.wasm")), ..Default::default() };
     let tag = b.get("tag").and_then(Value::as_str).unwrap_or("api");
     d.registry.spawn(name, module, opts, tag).map_err(|e| (status_of(&e), e.to_string()))
 }
@@ -344,6 +344,7 @@ fn completions(d: &Daemon, req: &Request, w: &mut impl Write) -> std::io::Result
             let opts = InstanceOptions {
                 args: vec!["--model".into(), model.clone()],
                 program_name: Some("chat_actor.wasm".into()),
+                ..Default::default()
             };
             match d.registry.spawn("chat", d.chat.clone(), opts, "openai") {
                 Ok(id) => id,

@@ -627,13 +627,25 @@ impl<B: Backend> Llama<B> {
         }
         cache.check_room(tokens.len())?;
         self.backend.reserve(cache, tokens.len())?;
+        crate::interrupt::check()?;
         let chunk = self.backend.max_chunk().max(1);
         let n_chunks = tokens.len().div_ceil(chunk);
+        let start = cache.len();
         let mut out = Output::Nothing;
         for (i, part) in tokens.chunks(chunk).enumerate() {
             let w = if i + 1 == n_chunks { want } else { Want::Nothing };
             let hidden = matches!(w, Want::Hidden);
-            out = self.backend.run(part, cache, w, &mut |ops, cache| self.body(ops, cache, hidden))?;
+            let r = crate::interrupt::check()
+                .map_err(EngineError::from)
+                .and_then(|()| self.backend.run(part, cache, w, &mut |ops, cache| self.body(ops, cache, hidden)));
+            match r {
+                Ok(o) => out = o,
+                // Stopped (or failed) part-way: the call leaves the cache as it found it.
+                Err(e) => {
+                    cache.truncate(start);
+                    return Err(e);
+                }
+            }
         }
         Ok(out)
     }
@@ -659,6 +671,12 @@ impl<B: Backend> Llama<B> {
         let mut gate = ops.act(n, ffn);
 
         for (l, layer) in self.layers.iter().enumerate() {
+            // A prompt stops between layers when its deadline passes (the CPU runs each op as
+            // it is called; on a GPU the check costs nothing). One-token steps run whole: a
+            // recorded CUDA graph must not be cut.
+            if n > 1 {
+                crate::interrupt::check()?;
+            }
             // Attention block.
             ops.rmsnorm(&mut xn, &x, &layer.attn_norm, c.rms_eps);
             ops.matmul_qkv(&mut q, &mut k, &mut v, &xn, &layer.wq, &layer.wk, &layer.wv);

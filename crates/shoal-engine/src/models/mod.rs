@@ -139,6 +139,10 @@ pub enum EngineError {
         /// Blocks free.
         free: usize,
     },
+    /// The work was stopped between two pieces (its deadline passed, or it was killed); the
+    /// cache holds what it held before the call.
+    #[error("stopped before the end: {0}")]
+    Interrupted(#[from] crate::interrupt::Interrupted),
     /// A KV cache made for another model was passed to a forward pass.
     #[error(
         "the KV cache has {found_layers} layers of {found_kv_dim} values per position, but \
