@@ -201,10 +201,8 @@ impl Quota {
             .saturating_mul(c.kv_dim() as u64)
             .saturating_mul(2 * KV_BYTES_PER_VALUE)
             .saturating_mul(context as u64);
-        self.budget.charge(
-            &format!("a KV cache of {context} positions on model `{}` ({})", m.name, human_bytes(bytes)),
-            bytes,
-        )
+        self.budget
+            .charge(&format!("a KV cache of {context} positions on model `{}` ({})", m.name, human_bytes(bytes)), bytes)
     }
 }
 

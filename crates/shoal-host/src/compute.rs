@@ -311,7 +311,10 @@ fn buffer_create<T: ComputeHost>(caller: &mut Caller<'_, T>, len: u64, handle_ou
     check_writable(&*caller, &mem, handle_out, 4)?;
     let ctx = ctx(caller);
     if ctx.buffers.len() >= MAX_BUFFERS {
-        return Err(err(Kind::Busy, format!("the instance already holds {MAX_BUFFERS} device buffers; free one first")));
+        return Err(err(
+            Kind::Busy,
+            format!("the instance already holds {MAX_BUFFERS} device buffers; free one first"),
+        ));
     }
     if len == 0 || len > shoal_gpu::MAX_BUFFER_BYTES {
         let most = shoal_gpu::MAX_BUFFER_BYTES;
@@ -436,21 +439,27 @@ pub(crate) fn add_to_linker<T: ComputeHost>(linker: &mut Linker<T>) -> wasmtime:
         let r = buffer_free(&mut c, handle);
         finish(&mut c, "buffer_free", r)
     })?;
-    linker.func_wrap(MODULE, "buffer_write", |mut c: Caller<'_, T>, handle: u32, offset: u64, src: u32, len: u32| {
-        let r = buffer_transfer(&mut c, handle, offset, src, len, true);
-        finish(&mut c, "buffer_write", r)
-    })?;
+    linker.func_wrap(
+        MODULE,
+        "buffer_write",
+        |mut c: Caller<'_, T>, handle: u32, offset: u64, src: u32, len: u32| {
+            let r = buffer_transfer(&mut c, handle, offset, src, len, true);
+            finish(&mut c, "buffer_write", r)
+        },
+    )?;
     linker.func_wrap(MODULE, "buffer_read", |mut c: Caller<'_, T>, handle: u32, offset: u64, dst: u32, len: u32| {
         let r = buffer_transfer(&mut c, handle, offset, dst, len, false);
         finish(&mut c, "buffer_read", r)
     })?;
     // last_error does not overwrite the message it reports.
-    linker.func_wrap(MODULE, "last_error", |mut c: Caller<'_, T>, buf: u32, cap: u32, len_out: u32| {
-        match last_error(&mut c, buf, cap, len_out) {
+    linker.func_wrap(
+        MODULE,
+        "last_error",
+        |mut c: Caller<'_, T>, buf: u32, cap: u32, len_out: u32| match last_error(&mut c, buf, cap, len_out) {
             Ok(()) => shoal_abi::Status::Ok as i32,
             Err(e) => e.status() as i32,
-        }
-    })?;
+        },
+    )?;
     Ok(())
 }
 

@@ -95,15 +95,27 @@ fn ctx<'a, T: InferHost>(caller: &'a mut Caller<'_, T>) -> &'a mut InferCtx {
 }
 
 fn model<T: InferHost>(caller: &mut Caller<'_, T>, handle: u32) -> Result<Arc<LoadedModel>, GuestError> {
-    ctx(caller).opened.get(&handle).cloned().ok_or_else(|| err(Kind::BadHandle, format!("no open model with handle {handle}")))
+    ctx(caller)
+        .opened
+        .get(&handle)
+        .cloned()
+        .ok_or_else(|| err(Kind::BadHandle, format!("no open model with handle {handle}")))
 }
 
 fn session_mut<'a, T: InferHost>(caller: &'a mut Caller<'_, T>, handle: u32) -> Result<&'a mut Session, GuestError> {
-    ctx(caller).sessions.get_mut(&handle).ok_or_else(|| err(Kind::BadHandle, format!("this instance has no session {handle}")))
+    ctx(caller)
+        .sessions
+        .get_mut(&handle)
+        .ok_or_else(|| err(Kind::BadHandle, format!("this instance has no session {handle}")))
 }
 
 /// Text of at most [`MAX_TEXT`] bytes.
-fn read_text<T: InferHost>(caller: &mut Caller<'_, T>, mem: &wasmtime::Memory, ptr: u32, len: u32) -> Result<String, GuestError> {
+fn read_text<T: InferHost>(
+    caller: &mut Caller<'_, T>,
+    mem: &wasmtime::Memory,
+    ptr: u32,
+    len: u32,
+) -> Result<String, GuestError> {
     if len > MAX_TEXT {
         return Err(err(Kind::TooLarge, format!("{len} bytes of text in one call (at most {MAX_TEXT})")));
     }
@@ -256,7 +268,12 @@ fn token_piece<T: InferHost>(
     write_sized(caller, &mem, &piece, out, cap, len_out)
 }
 
-fn session_create<T: InferHost>(caller: &mut Caller<'_, T>, handle: u32, context: u32, out: u32) -> Result<(), GuestError> {
+fn session_create<T: InferHost>(
+    caller: &mut Caller<'_, T>,
+    handle: u32,
+    context: u32,
+    out: u32,
+) -> Result<(), GuestError> {
     let mem = memory(caller)?;
     let m = model(caller, handle)?;
     check_writable(&*caller, &mem, out, 4)?;
@@ -265,11 +282,7 @@ fn session_create<T: InferHost>(caller: &mut Caller<'_, T>, handle: u32, context
         return Err(err(Kind::Busy, format!("this instance already has {MAX_SESSIONS} sessions")));
     }
     // The model file's own context length is not trusted for a default: 4,096 at most.
-    let ctx_len = if context == 0 {
-        ctx.quota.most_positions(&m).min(4096)
-    } else {
-        context as usize
-    };
+    let ctx_len = if context == 0 { ctx.quota.most_positions(&m).min(4096) } else { context as usize };
     let charge = ctx.quota.kv_cache(&m, ctx_len)?;
     let cache = m.llama.new_cache(ctx_len)?;
     let h = ctx.handle();
@@ -546,10 +559,8 @@ impl InferCtx {
             // A snapshot's sessions are held to the same limits as new ones.
             let charge = self.quota.kv_cache(&model, s.context).map_err(|e| what(&e))?;
             let cache = model.llama.import_image(&s.kv, s.context).map_err(|e| what(&e))?;
-            self.sessions.insert(
-                s.handle,
-                Session { model, cache, _charge: charge, history: s.history.clone(), step: s.step },
-            );
+            self.sessions
+                .insert(s.handle, Session { model, cache, _charge: charge, history: s.history.clone(), step: s.step });
         }
         self.next = st.next.max(1);
         Ok(())

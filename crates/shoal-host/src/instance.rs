@@ -202,8 +202,11 @@ impl Runtime {
         limits: &Limits,
     ) -> Result<Instance, HostError> {
         let restore = |m: String| HostError::Restore(m);
-        let opts =
-            InstanceOptions { args: state.args.clone(), program_name: state.program_name.clone(), limits: limits.clone() };
+        let opts = InstanceOptions {
+            args: state.args.clone(),
+            program_name: state.program_name.clone(),
+            limits: limits.clone(),
+        };
         let mut store = self.store(&opts);
         let quota = store.data().quota.clone();
         // The KV caches (a DMA to the device on CUDA, a copy on the CPU) are rebuilt on a

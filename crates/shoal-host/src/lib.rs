@@ -256,8 +256,10 @@ impl Runtime {
         // The deadline covers the whole run: instantiation, `_start`, every host call.
         interrupt.set_deadline(opts.limits.deadline);
         let _current = interrupt.enter();
-        let instance =
-            self.linker.instantiate(&mut store, module).map_err(|e| instance::stopped(&interrupt, e, HostError::Instantiate))?;
+        let instance = self
+            .linker
+            .instantiate(&mut store, module)
+            .map_err(|e| instance::stopped(&interrupt, e, HostError::Instantiate))?;
         let start = instance.get_typed_func::<(), ()>(&mut store, "_start").map_err(|_| HostError::NoStart)?;
         let exit_code = match start.call(&mut store, ()) {
             Ok(()) => 0,

@@ -224,7 +224,14 @@ fn add_graph<T: NnHost>(c: &mut C<'_, T>, model: GraphModel, options: Options, o
     Ok(())
 }
 
-fn load<T: NnHost>(c: &mut C<'_, T>, builders: u32, n: u32, encoding: u32, target: u32, out: u32) -> Result<(), NnError> {
+fn load<T: NnHost>(
+    c: &mut C<'_, T>,
+    builders: u32,
+    n: u32,
+    encoding: u32,
+    target: u32,
+    out: u32,
+) -> Result<(), NnError> {
     if encoding != ENCODING_GGML && encoding != ENCODING_AUTODETECT {
         return Err(e(Kind::InvalidEncoding, format!("graph encoding {encoding}: shoal runs GGML (6) models")));
     }
@@ -233,7 +240,10 @@ fn load<T: NnHost>(c: &mut C<'_, T>, builders: u32, n: u32, encoding: u32, targe
     }
     let m = memory(c)?;
     if n == 0 || n > 2 {
-        return Err(e(Kind::InvalidArgument, format!("{n} graph builders: GGML takes the model bytes and optional metadata")));
+        return Err(e(
+            Kind::InvalidArgument,
+            format!("{n} graph builders: GGML takes the model bytes and optional metadata"),
+        ));
     }
     let pairs = read_u32s(&*c, &m, builders, n * 2)?;
     // The bytes are charged before they are copied out of the guest.
@@ -264,7 +274,8 @@ pub(crate) fn model_from_bytes(
     let file = shoal_engine::gguf::GgufFile::from_bytes(bytes)
         .map_err(|err| e(unloadable, format!("not a model shoal can load: {err}")))?;
     let weights = crate::models::weights_bytes(&file);
-    let charge = quota.budget.charge(&format!("the weights of a {len}-byte model ({})", human_bytes(weights)), weights)?;
+    let charge =
+        quota.budget.charge(&format!("the weights of a {len}-byte model ({})", human_bytes(weights)), weights)?;
     let name = format!("guest model of {len} bytes");
     let model = crate::models::from_gguf_bytes(&name, &file, engine)
         .map_err(|err| e(unloadable, format!("not a model shoal can load: {err}")))?;
@@ -280,7 +291,13 @@ fn read_input<T: NnHost>(c: &mut C<'_, T>, m: &wasmtime::Memory, at: u32, len: u
     read_vec(&*c, m, at, len)
 }
 
-fn load_by_name<T: NnHost>(c: &mut C<'_, T>, name: u32, len: u32, config: Option<(u32, u32)>, out: u32) -> Result<(), NnError> {
+fn load_by_name<T: NnHost>(
+    c: &mut C<'_, T>,
+    name: u32,
+    len: u32,
+    config: Option<(u32, u32)>,
+    out: u32,
+) -> Result<(), NnError> {
     let m = memory(c)?;
     if len > 4096 {
         return Err(e(Kind::InvalidArgument, format!("a model name of {len} bytes (at most 4096)")));
@@ -409,9 +426,7 @@ fn start(cx: &mut Context) -> Result<u32, NnError> {
     cx.output.clear();
     cx.last_piece.clear();
     let window = &ids[ids.len().saturating_sub(64)..];
-    let next = model
-        .llama
-        .forward_sample(&ids[common..], cache, &cx.options.sampler, window, 0)?;
+    let next = model.llama.forward_sample(&ids[common..], cache, &cx.options.sampler, window, 0)?;
     seen.extend_from_slice(&ids[common..]);
     if cx.options.log {
         log::info!("wasi-nn: prompt of {} tokens, {common} reused from the cache", ids.len());
@@ -452,9 +467,7 @@ fn step(cx: &mut Context, token: u32) -> Result<u32, NnError> {
     let mut w = window.to_vec();
     w.push(token);
     let step = cx.output_tokens as u64;
-    let next = model
-        .llama
-        .forward_sample(&[token], cache, &cx.options.sampler, &w, step)?;
+    let next = model.llama.forward_sample(&[token], cache, &cx.options.sampler, &w, step)?;
     seen.push(token);
     Ok(next)
 }
@@ -670,8 +683,7 @@ pub(crate) fn add_to_linker<T: NnHost>(linker: &mut Linker<T>) -> wasmtime::Resu
         },
     )?;
     linker.func_wrap(MODULE, "unload", |mut c: C<'_, T>, g: u32| {
-        let r =
-            nn(&mut c).graphs.remove(&g).map(drop).ok_or_else(|| e(Kind::InvalidArgument, format!("no graph {g}")));
+        let r = nn(&mut c).graphs.remove(&g).map(drop).ok_or_else(|| e(Kind::InvalidArgument, format!("no graph {g}")));
         ret(&mut c, "unload", r)
     })?;
     linker.func_wrap(MODULE, "finalize_execution_context", |mut c: C<'_, T>, ctx: u32| {

@@ -198,7 +198,13 @@ impl bindings::wasi::nn::graph::Host for NnView<'_> {
             .budget
             .charge(&format!("a copy of the {} bytes of a model", bytes.len()), bytes.len() as u64)
             .and_then(|copy| {
-                nn::model_from_bytes(&self.nn.quota, self.nn.models.engine(), bytes.clone(), copy, Kind::InvalidArgument)
+                nn::model_from_bytes(
+                    &self.nn.quota,
+                    self.nn.models.engine(),
+                    bytes.clone(),
+                    copy,
+                    Kind::InvalidArgument,
+                )
             });
         match loaded {
             Ok(model) => Ok(Ok(self.table.push(Graph { model })?)),

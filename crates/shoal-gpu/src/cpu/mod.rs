@@ -8,7 +8,6 @@ use std::thread::JoinHandle;
 
 use rayon::prelude::*;
 
-use std::alloc::Layout;
 use std::ops::Range;
 use std::ptr::NonNull;
 
@@ -16,7 +15,9 @@ use crate::{
     BackendKind, BufferId, BufferTable, DType, DeviceInfo, Gemm, GuestSpan, OpError, OpReport, OperandMapping, Scal,
 };
 
-/// A "device" buffer of the CPU backend: plain host memory, 64-byte aligned.
+/// A "device" buffer of the CPU backend: an anonymous private mapping, page-aligned and
+/// committed lazily (a page costs memory once it is first touched, so a buffer a guest makes
+/// and never fills holds next to nothing).
 pub struct HostBuffer {
     ptr: NonNull<u8>,
     /// Size in bytes.
@@ -30,13 +31,23 @@ unsafe impl Send for HostBuffer {}
 unsafe impl Sync for HostBuffer {}
 
 impl HostBuffer {
-    fn layout(len: usize) -> Layout {
-        Layout::from_size_align(len, 64).expect("len was checked against MAX_BUFFER_BYTES")
-    }
     fn new(len: usize) -> Result<HostBuffer, OpError> {
-        // SAFETY: a non-zero size (Device::create_buffer refuses 0).
-        let p = unsafe { std::alloc::alloc_zeroed(Self::layout(len)) };
-        let ptr = NonNull::new(p).ok_or_else(|| OpError::Device(format!("cannot allocate {len} bytes")))?;
+        // SAFETY: a fresh anonymous private mapping of a non-zero size (Device::create_buffer
+        // refuses 0); it aliases nothing, and reads as zero until written.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(OpError::Device(format!("cannot map {len} bytes: {}", std::io::Error::last_os_error())));
+        }
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| OpError::Device(format!("cannot map {len} bytes")))?;
         Ok(HostBuffer { ptr, len })
     }
     fn addr(&self) -> usize {
@@ -46,8 +57,8 @@ impl HostBuffer {
 
 impl Drop for HostBuffer {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout; no operation holds it (they hold an Arc).
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) };
+        // SAFETY: mapped in `new` with this length; no operation holds it (they hold an Arc).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
 
