@@ -313,3 +313,28 @@ fn a_parked_cache_comes_back_by_dma_and_converts_to_the_portable_form() {
     // Too long for the context asked: a clear error.
     assert!(p.cuda.import_image(&image, 16).is_err());
 }
+
+#[test]
+fn an_interrupted_prompt_leaves_the_cache_and_its_blocks_as_they_were() {
+    use shoal_engine::interrupt::{Interrupt, Interrupted};
+    use shoal_engine::models::EngineError;
+    let Some(p) = pair() else { return };
+    let ids = prompt(&p.tokenizer, "Write a sentence about the sea.");
+    let mut c = p.cuda.new_cache(512).unwrap();
+    let first = p.cuda.forward(&ids[..4], &mut c).unwrap();
+    let (len, blocks) = (c.len(), c.blocks());
+    {
+        let stop = Interrupt::new();
+        stop.kill();
+        let _in = stop.enter();
+        let e = p.cuda.forward(&ids[4..], &mut c).unwrap_err();
+        assert!(matches!(e, EngineError::Interrupted(Interrupted::Killed)), "{e}");
+    }
+    assert_eq!((c.len(), c.blocks()), (len, blocks), "the stopped prompt left its positions behind");
+    // The rest of the prompt then gives what one uninterrupted pass gives.
+    let rest = p.cuda.forward(&ids[4..], &mut c).unwrap();
+    let mut whole = p.cuda.new_cache(512).unwrap();
+    let want = p.cuda.forward(&ids, &mut whole).unwrap();
+    assert!(rel_err(&want, &rest) < 1e-3, "{}", rel_err(&want, &rest));
+    assert!(!first.is_empty());
+}
