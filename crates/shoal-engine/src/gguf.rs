@@ -15,7 +15,17 @@
 //! Every length, count and offset is checked against the bytes that are actually there
 //! before anything is read or allocated, so that a truncated or corrupt file gives a
 //! [`GgufError`] rather than a panic or an attempt to allocate an absurd amount of
-//! memory. Tensor data stays in the mapping: [`GgufFile::tensor_bytes`] borrows it and
+//! memory.
+//!
+//! The reader is written by hand, with every check in sight, because model files come
+//! from anywhere (downloads, a guest's `--model`, a snapshot) and must be treated as
+//! hostile: a count must fit in the bytes left (an array of N elements of s bytes needs
+//! N·s), and what the parsed header takes in memory is charged before each allocation
+//! against a fixed budget ([`MAX_PARSED_MEMORY`]), since an element of one byte in the file
+//! becomes a [`Value`] of 32. Errors describe what they found and never quote it whole:
+//! keys, names and strings from the file are escaped and cut.
+//!
+//! Tensor data stays in the mapping: [`GgufFile::tensor_bytes`] borrows it and
 //! [`GgufFile::tensor_f32`] dequantizes it (see [`crate::quant`]).
 //!
 //! Dimensions are listed innermost first, as ggml does: a matrix that PyTorch calls
@@ -25,7 +35,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::mapped::Storage;
+use crate::mapped::{Storage, quote};
 use crate::quant;
 
 /// The four bytes every GGUF file starts with.
@@ -39,6 +49,26 @@ const MAX_DIMS: u32 = 4;
 
 /// How deep arrays may nest inside arrays (llama.cpp writes none).
 const MAX_ARRAY_DEPTH: usize = 8;
+
+/// The most memory the parsed metadata and tensor infos of one file may take (256 MiB),
+/// estimated and charged before each allocation. The largest vocabularies (Gemma's 262,144
+/// tokens with their scores and types) take about 30 MiB, a whole embedded
+/// `tokenizer.huggingface.json` a few tens more.
+pub const MAX_PARSED_MEMORY: u64 = 256 << 20;
+
+/// The most metadata keys a file may declare (llama.cpp writes a few dozen). The count is
+/// also checked against the bytes left, 13 bytes a pair at least.
+pub const MAX_METADATA_KEYS: u64 = 1 << 16;
+
+/// The longest metadata key, in bytes (the GGUF specification's limit, 2^16 - 1).
+const MAX_KEY_LEN: u64 = u16::MAX as u64;
+
+/// The most tensors a file may declare (the largest models have a few thousand per file).
+/// The count is also checked against the bytes left, 24 bytes a tensor info at least.
+pub const MAX_TENSORS: u64 = 1 << 20;
+
+/// The longest tensor name, in bytes (llama.cpp refuses names of 64 bytes and more).
+const MAX_TENSOR_NAME: u64 = 256;
 
 /// Value type ids on the wire.
 mod wire {
@@ -170,10 +200,7 @@ impl Value {
     /// A short description for error messages: the type and the value, shortened.
     fn describe(&self) -> String {
         match self {
-            Value::String(s) if s.chars().count() > 40 => {
-                format!("string {:?}...", s.chars().take(40).collect::<String>())
-            }
-            Value::String(s) => format!("string {s:?}"),
+            Value::String(s) => format!("string \"{}\"", quote(s.as_bytes())),
             Value::Array(a) => match a.first() {
                 Some(first) => format!("array of {} {} values", a.len(), first.type_name()),
                 None => "empty array".to_string(),
@@ -346,13 +373,15 @@ impl TensorInfo {
     /// number of blocks, or the size overflows.
     pub fn n_bytes(&self) -> Result<u64, GgufError> {
         let (block_elems, block_bytes) = quant::type_size(self.ggml_type)
-            .ok_or_else(|| GgufError::UnsupportedType { tensor: self.name.clone(), ty: self.ggml_type })?;
+            .ok_or_else(|| GgufError::UnsupportedType { tensor: quote(self.name.as_bytes()), ty: self.ggml_type })?;
         let (block_elems, block_bytes) = (block_elems as u64, block_bytes as u64);
         let inner = self.dims.first().copied().unwrap_or(1);
         if !inner.is_multiple_of(block_elems) {
             return Err(GgufError::Corrupt(format!(
                 "tensor `{}`: innermost dimension {inner} is not a multiple of the {}-element blocks of {}",
-                self.name, block_elems, self.ggml_type
+                quote(self.name.as_bytes()),
+                block_elems,
+                self.ggml_type
             )));
         }
         self.dims
@@ -360,12 +389,20 @@ impl TensorInfo {
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
             .and_then(|n| (n / block_elems).checked_mul(block_bytes))
             .ok_or_else(|| {
-                GgufError::Corrupt(format!("tensor `{}`: dimensions {:?} overflow a 64-bit size", self.name, self.dims))
+                GgufError::Corrupt(format!(
+                    "tensor `{}`: dimensions {} overflow a 64-bit size",
+                    quote(self.name.as_bytes()),
+                    crate::mapped::dims(&self.dims)
+                ))
             })
     }
 }
 
 /// Errors from reading a GGUF file.
+///
+/// Text that comes from a file (keys, tensor names, string values) is escaped and cut to
+/// about 64 characters in every field and message, so that an error stays short and
+/// printable whatever the file holds.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     /// The file could not be opened or mapped.
@@ -395,7 +432,7 @@ pub enum GgufError {
          remain; the file may be an incomplete download (fetch it again, e.g. with scripts/fetch-model.sh)"
     )]
     Truncated {
-        /// What was being read.
+        /// What was being read (file-derived names in it escaped and cut).
         what: String,
         /// Where in the file.
         offset: u64,
@@ -415,7 +452,7 @@ pub enum GgufError {
     /// A metadata value has another type than the caller needs.
     #[error("metadata key `{key}` is {found}, expected {expected}")]
     WrongType {
-        /// The key.
+        /// The key (escaped and cut).
         key: String,
         /// What the caller wanted (`"an unsigned integer"`).
         expected: &'static str,
@@ -431,7 +468,7 @@ pub enum GgufError {
          Q5_1, Q8_0, Q4_K, Q5_K, Q6_K); use a model quantized to one of those"
     )]
     UnsupportedType {
-        /// The tensor.
+        /// The tensor's name (escaped and cut).
         tensor: String,
         /// Its type.
         ty: GgmlType,
@@ -502,7 +539,6 @@ impl GgufFile {
 
     fn parse(storage: Storage) -> Result<GgufFile, GgufError> {
         let header = parse_header(storage.bytes())?;
-        let index = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         Ok(GgufFile {
             version: header.version,
             metadata: header.metadata,
@@ -510,7 +546,7 @@ impl GgufFile {
             storage,
             data_offset: header.data_offset,
             alignment: header.alignment,
-            index,
+            index: header.index,
         })
     }
 
@@ -525,8 +561,12 @@ impl GgufFile {
         expected: &'static str,
         convert: impl FnOnce(&'a Value) -> Option<T>,
     ) -> Result<T, GgufError> {
-        let value = self.get(key).ok_or_else(|| GgufError::MissingKey(key.to_string()))?;
-        convert(value).ok_or_else(|| GgufError::WrongType { key: key.to_string(), expected, found: value.describe() })
+        let value = self.get(key).ok_or_else(|| GgufError::MissingKey(quote(key.as_bytes())))?;
+        convert(value).ok_or_else(|| GgufError::WrongType {
+            key: quote(key.as_bytes()),
+            expected,
+            found: value.describe(),
+        })
     }
 
     /// The metadata value for `key` as an unsigned integer (see [`Value::as_u64`]).
@@ -574,7 +614,7 @@ impl GgufFile {
         let size = info.n_bytes()?;
         let start = self.data_offset.checked_add(info.offset);
         let truncated = || GgufError::Truncated {
-            what: format!("the data of tensor `{}`", info.name),
+            what: format!("the data of tensor `{}`", quote(info.name.as_bytes())),
             offset: start.unwrap_or(u64::MAX),
             needed: size,
             available: start.map_or(0, |s| (bytes.len() as u64).saturating_sub(s)),
@@ -593,16 +633,19 @@ impl GgufFile {
     /// The values are in storage order: with `dims == [in, out]` that is `out` rows of
     /// `in` values each (row-major, innermost dimension first).
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>, GgufError> {
-        let info = self.tensor(name).ok_or_else(|| GgufError::MissingTensor(name.to_string()))?;
+        let shown = || quote(name.as_bytes());
+        let info = self.tensor(name).ok_or_else(|| GgufError::MissingTensor(shown()))?;
         if !quant::is_supported(info.ggml_type) {
-            return Err(GgufError::UnsupportedType { tensor: name.to_string(), ty: info.ggml_type });
+            return Err(GgufError::UnsupportedType { tensor: shown(), ty: info.ggml_type });
         }
+        // The data is in the file (checked here), so the values take at most about seven
+        // times its size (4-bit quants).
         let bytes = self.tensor_bytes(info)?;
         let n = usize::try_from(info.n_elements())
-            .map_err(|_| GgufError::Corrupt(format!("tensor `{name}` has too many elements for this machine")))?;
+            .map_err(|_| GgufError::Corrupt(format!("tensor `{}` has too many elements for this machine", shown())))?;
         let mut out = vec![0f32; n];
         quant::dequantize(info.ggml_type, bytes, n, &mut out)
-            .map_err(|e| GgufError::Corrupt(format!("tensor `{name}`: {e}")))?;
+            .map_err(|e| GgufError::Corrupt(format!("tensor `{}`: {e}", shown())))?;
         Ok(out)
     }
 }
@@ -612,14 +655,45 @@ struct Header {
     version: u32,
     metadata: BTreeMap<String, Value>,
     tensors: Vec<TensorInfo>,
+    index: HashMap<String, usize>,
     alignment: u64,
     data_offset: u64,
 }
 
-/// Reads little-endian fields, checking each against the bytes that remain.
+/// The GGUF name of a wire value type, for messages.
+fn wire_name(ty: u32) -> &'static str {
+    match ty {
+        wire::U8 => "uint8",
+        wire::I8 => "int8",
+        wire::U16 => "uint16",
+        wire::I16 => "int16",
+        wire::U32 => "uint32",
+        wire::I32 => "int32",
+        wire::F32 => "float32",
+        wire::BOOL => "bool",
+        wire::STRING => "string",
+        wire::ARRAY => "array",
+        wire::U64 => "uint64",
+        wire::I64 => "int64",
+        wire::F64 => "float64",
+        _ => "unknown",
+    }
+}
+
+/// The length of `String::from_utf8_lossy(bytes)`, computed without allocating: every
+/// invalid sequence becomes U+FFFD, three bytes.
+fn lossy_len(bytes: &[u8]) -> u64 {
+    bytes.utf8_chunks().map(|c| c.valid().len() as u64 + if c.invalid().is_empty() { 0 } else { 3 }).sum()
+}
+
+/// Reads little-endian fields, checking each against the bytes that remain and every
+/// allocation against what the parsed header may take.
 struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Bytes of memory the parsed metadata and tensor infos may still take (it starts at
+    /// [`MAX_PARSED_MEMORY`]).
+    budget: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -660,19 +734,37 @@ impl<'a> Cursor<'a> {
         self.array(what).map(u64::from_le_bytes)
     }
 
-    /// A string: `u64` length, then the bytes.
-    fn bytes(&mut self, what: &str) -> Result<&'a [u8], GgufError> {
-        let len = self.u64(what)?;
-        self.take(len, what)
+    /// Takes `bytes` from the memory budget before they are allocated; `what` says what
+    /// they are for (`"an array of 67108864 uint8 values"`).
+    fn charge(&mut self, bytes: u64, what: impl FnOnce() -> String) -> Result<(), GgufError> {
+        if bytes > self.budget {
+            return Err(GgufError::Corrupt(format!(
+                "{} would take {bytes} bytes of memory once parsed, but only {} of the {MAX_PARSED_MEMORY} bytes \
+                 shoal allows for a file's metadata and tensor infos are left; the file is damaged or made to \
+                 exhaust memory",
+                what(),
+                self.budget
+            )));
+        }
+        self.budget -= bytes;
+        Ok(())
     }
 
-    /// A string that must be UTF-8 (keys and tensor names).
-    fn name(&mut self, what: &str) -> Result<String, GgufError> {
+    /// A string that must be UTF-8 and at most `max_len` bytes (keys and tensor names),
+    /// charged to the budget.
+    fn name(&mut self, what: &str, max_len: u64) -> Result<String, GgufError> {
         let start = self.pos;
-        let bytes = self.bytes(what)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| {
-            GgufError::Corrupt(format!("{what} at offset {start} is not UTF-8: {:?}", bytes.escape_ascii().to_string()))
-        })
+        let len = self.u64(what)?;
+        if len > max_len {
+            return Err(GgufError::Corrupt(format!(
+                "{what} at offset {start} is {len} bytes long; shoal reads at most {max_len}"
+            )));
+        }
+        let bytes = self.take(len, what)?;
+        let s = std::str::from_utf8(bytes)
+            .map_err(|_| GgufError::Corrupt(format!("{what} at offset {start} is not UTF-8: `{}`", quote(bytes))))?;
+        self.charge(len, || format!("{what} at offset {start}"))?;
+        Ok(s.to_string())
     }
 
     /// Fails early if `count` items of at least `min_size` bytes each cannot fit in
@@ -705,7 +797,14 @@ impl<'a> Cursor<'a> {
                     b => return Err(GgufError::Corrupt(format!("{what}: bool byte {b} at offset {offset}"))),
                 }
             }
-            wire::STRING => Value::String(String::from_utf8_lossy(self.bytes(what)?).into_owned()),
+            wire::STRING => {
+                let start = self.pos;
+                let len = self.u64(what)?;
+                let bytes = self.take(len, what)?;
+                // Bytes that are not UTF-8 grow by up to three times when replaced.
+                self.charge(lossy_len(bytes), || format!("{what}: the string of {len} bytes at offset {start}"))?;
+                Value::String(String::from_utf8_lossy(bytes).into_owned())
+            }
             wire::ARRAY => {
                 if depth >= MAX_ARRAY_DEPTH {
                     return Err(GgufError::Corrupt(format!(
@@ -713,6 +812,7 @@ impl<'a> Cursor<'a> {
                         self.pos
                     )));
                 }
+                let start = self.pos;
                 let elem_ty = self.u32(what)?;
                 let count = self.u64(what)?;
                 let min_size = match elem_ty {
@@ -724,6 +824,11 @@ impl<'a> Cursor<'a> {
                     other => return Err(self.bad_type(other, what)),
                 };
                 let count = self.check_count(count, min_size, &format!("{what}: array"))?;
+                // Every element becomes a `Value` of 32 bytes, whatever its size in the file:
+                // an array of 64 Mi bytes would take 2 GiB.
+                self.charge((count as u64).saturating_mul(VALUE_SIZE), || {
+                    format!("{what}: the array of {count} {} values at offset {start}", wire_name(elem_ty))
+                })?;
                 let mut items = Vec::with_capacity(count);
                 for _ in 0..count {
                     items.push(self.value(elem_ty, what, depth + 1)?);
@@ -742,6 +847,18 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// What one `Value` takes in memory (an array element, or a metadata entry's value).
+const VALUE_SIZE: u64 = std::mem::size_of::<Value>() as u64;
+
+/// What one metadata entry takes besides its key's bytes and its value's contents: the
+/// key's `String`, the `Value`, and a share of the B-tree node.
+const ENTRY_SIZE: u64 = std::mem::size_of::<String>() as u64 + VALUE_SIZE + 16;
+
+/// What one tensor info takes besides its name's bytes (counted twice, for the index) and
+/// its dimensions: the `TensorInfo`, and the index's `String` and `usize` with a hash
+/// table's slack.
+const TENSOR_SIZE: u64 = std::mem::size_of::<TensorInfo>() as u64 + 2 * (std::mem::size_of::<String>() as u64 + 8);
+
 fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
     if buf.len() < 4 || buf[..4] != GGUF_MAGIC {
         let found = buf[..buf.len().min(4)].to_vec();
@@ -756,7 +873,7 @@ fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
         }
         return Err(GgufError::NotGguf { found });
     }
-    let mut c = Cursor { buf, pos: 4 };
+    let mut c = Cursor { buf, pos: 4, budget: MAX_PARSED_MEMORY };
     let version = c.u32("the version")?;
     if !matches!(version, 2 | 3) {
         return Err(GgufError::Version { version });
@@ -764,16 +881,24 @@ fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
     let tensor_count = c.u64("the tensor count")?;
     let kv_count = c.u64("the metadata count")?;
 
+    if kv_count > MAX_METADATA_KEYS {
+        return Err(GgufError::Corrupt(format!(
+            "the header declares {kv_count} metadata keys; shoal reads at most {MAX_METADATA_KEYS} (models have \
+             a few dozen)"
+        )));
+    }
     // A key/value pair is at least an 8-byte key length, a 4-byte type and a 1-byte value.
     let kv_count = c.check_count(kv_count, 13, "metadata key/value pairs")?;
     let mut metadata = BTreeMap::new();
     for i in 0..kv_count {
-        let key = c.name(&format!("metadata key {i}"))?;
-        let what = format!("metadata value `{key}`");
+        let key = c.name(&format!("metadata key {i}"), MAX_KEY_LEN)?;
+        let shown = quote(key.as_bytes());
+        let what = format!("metadata value `{shown}`");
+        c.charge(ENTRY_SIZE, || what.clone())?;
         let ty = c.u32(&what)?;
         let value = c.value(ty, &what, 0)?;
-        if metadata.insert(key.clone(), value).is_some() {
-            return Err(GgufError::Corrupt(format!("metadata key `{key}` appears twice")));
+        if metadata.insert(key, value).is_some() {
+            return Err(GgufError::Corrupt(format!("metadata key `{shown}` appears twice")));
         }
     }
 
@@ -790,33 +915,42 @@ fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
         },
     };
 
+    if tensor_count > MAX_TENSORS {
+        return Err(GgufError::Corrupt(format!(
+            "the header declares {tensor_count} tensors; shoal reads at most {MAX_TENSORS} (models have a few \
+             thousand at most)"
+        )));
+    }
     // A tensor info is at least an 8-byte name length, a 4-byte dimension count, a
     // 4-byte type and an 8-byte offset.
     let tensor_count = c.check_count(tensor_count, 24, "tensor infos")?;
+    c.charge(tensor_count as u64 * TENSOR_SIZE, || format!("the infos of {tensor_count} tensors"))?;
     let mut tensors = Vec::with_capacity(tensor_count);
-    let mut names = HashMap::with_capacity(tensor_count);
+    let mut index = HashMap::with_capacity(tensor_count);
     for i in 0..tensor_count {
-        let name = c.name(&format!("the name of tensor {i}"))?;
-        let what = format!("the info of tensor `{name}`");
+        let name = c.name(&format!("the name of tensor {i}"), MAX_TENSOR_NAME)?;
+        let shown = quote(name.as_bytes());
+        let what = format!("the info of tensor `{shown}`");
         let n_dims = c.u32(&what)?;
         if n_dims > MAX_DIMS {
-            return Err(GgufError::Corrupt(format!("tensor `{name}` has {n_dims} dimensions (at most {MAX_DIMS})")));
+            return Err(GgufError::Corrupt(format!("tensor `{shown}` has {n_dims} dimensions (at most {MAX_DIMS})")));
         }
+        // The name again for the index, and the dimensions.
+        c.charge(name.len() as u64 + 8 * u64::from(n_dims), || what.clone())?;
         let dims = (0..n_dims).map(|_| c.u64(&what)).collect::<Result<Vec<_>, _>>()?;
         let ggml_type = GgmlType::from_id(c.u32(&what)?);
         let offset = c.u64(&what)?;
         let info = TensorInfo { name, dims, ggml_type, offset };
         if info.dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).is_none() {
-            return Err(GgufError::Corrupt(format!("tensor `{}`: dimensions {:?} overflow", info.name, info.dims)));
+            return Err(GgufError::Corrupt(format!("tensor `{shown}`: dimensions {:?} overflow", info.dims)));
         }
         if !offset.is_multiple_of(alignment) {
             return Err(GgufError::Corrupt(format!(
-                "tensor `{}`: data offset {offset} is not a multiple of the alignment {alignment}",
-                info.name
+                "tensor `{shown}`: data offset {offset} is not a multiple of the alignment {alignment}"
             )));
         }
-        if names.insert(info.name.clone(), i).is_some() {
-            return Err(GgufError::Corrupt(format!("tensor `{}` appears twice", info.name)));
+        if index.insert(info.name.clone(), i).is_some() {
+            return Err(GgufError::Corrupt(format!("tensor `{shown}` appears twice")));
         }
         tensors.push(info);
     }
@@ -838,7 +972,12 @@ fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
             Some(end) if end <= file_len => {}
             _ => {
                 return Err(GgufError::Truncated {
-                    what: format!("the data of tensor `{}` ({} {:?})", info.name, info.ggml_type, info.dims),
+                    what: format!(
+                        "the data of tensor `{}` ({} {:?})",
+                        quote(info.name.as_bytes()),
+                        info.ggml_type,
+                        info.dims
+                    ),
                     offset: start.unwrap_or(u64::MAX),
                     needed: size,
                     available: start.map_or(0, |s| file_len.saturating_sub(s)),
@@ -846,5 +985,5 @@ fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
             }
         }
     }
-    Ok(Header { version, metadata, tensors, alignment, data_offset })
+    Ok(Header { version, metadata, tensors, index, alignment, data_offset })
 }

@@ -6,18 +6,37 @@
 //! offsets relative to the end of the header. Files are memory-mapped; every length and
 //! offset is checked against the file before a byte is read, and tensors of F32, F16 and
 //! BF16 are converted to f32.
+//!
+//! The reader is written by hand over `serde_json`, with every check in sight, because
+//! model files come from anywhere and must be treated as hostile: the header length must
+//! fit in the file and in [`MAX_HEADER`]; before the JSON is parsed, one pass over its bytes
+//! bounds what the parsed tree would take ([`MAX_HEADER_MEMORY`]: a 100 MB header of `[0,0,…`
+//! or `{"":0},…` would otherwise become gigabytes of `serde_json::Value`); then shapes must
+//! not overflow, offsets must match the dtype's size and lie in the data. Errors describe
+//! what they found and never quote it whole: names and dtypes are escaped and cut.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 
-use crate::mapped::Storage;
+use crate::mapped::{Storage, dims, quote};
 
-/// The largest JSON header read (the reference implementation's limit is 100 MB).
-const MAX_HEADER: u64 = 100 * 1024 * 1024;
+/// The largest JSON header read, in bytes (the reference implementation's limit is 100 MB).
+/// `model.safetensors.index.json` has the same limit.
+pub const MAX_HEADER: u64 = 100 * 1024 * 1024;
+
+/// The most memory the parsed JSON of a header (or of an index) may take, estimated from its
+/// bytes before it is parsed (256 MiB). A tensor's entry is estimated at about 1.8 KB (it
+/// takes about 1 KB), so this allows some 140,000 tensors, where the largest files have a
+/// few thousand; tests/fuzz_parsers.rs checks that the estimate bounds what `serde_json`
+/// allocates.
+pub const MAX_HEADER_MEMORY: u64 = 256 << 20;
 
 /// Errors from reading safetensors files and their `config.json`.
+///
+/// Text that comes from a file (tensor names, dtypes, file names in an index) is escaped
+/// and cut to about 64 characters in every field and message.
 #[derive(Debug, thiserror::Error)]
 pub enum SafetensorsError {
     /// A file could not be opened, mapped or read.
@@ -58,9 +77,9 @@ pub enum SafetensorsError {
     /// A tensor has a dtype this crate does not convert.
     #[error("tensor `{tensor}` has dtype {dtype}; shoal reads F32, F16 and BF16 safetensors")]
     UnsupportedDtype {
-        /// The tensor.
+        /// The tensor's name (escaped and cut).
         tensor: String,
-        /// Its dtype as written in the header.
+        /// Its dtype as written in the header (escaped and cut).
         dtype: String,
     },
     /// A tensor asked for is in none of the files.
@@ -194,27 +213,112 @@ impl SafetensorsFile {
 
     /// The raw bytes of `name`.
     pub fn tensor_bytes(&self, name: &str) -> Result<&[u8], SafetensorsError> {
-        let info = self.tensor(name).ok_or_else(|| SafetensorsError::MissingTensor(name.to_string()))?;
+        let info = self.tensor(name).ok_or_else(|| SafetensorsError::MissingTensor(quote(name.as_bytes())))?;
         // The range was checked against the file length when the header was parsed.
         Ok(&self.storage.bytes()[info.range.clone()])
     }
 
     /// The values of `name` converted to f32 (F32, F16 and BF16).
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>, SafetensorsError> {
-        let info = self.tensor(name).ok_or_else(|| SafetensorsError::MissingTensor(name.to_string()))?;
+        let info = self.tensor(name).ok_or_else(|| SafetensorsError::MissingTensor(quote(name.as_bytes())))?;
         let bytes = self.tensor_bytes(name)?;
         Ok(match info.dtype {
             Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::Other(ref d) => {
-                return Err(SafetensorsError::UnsupportedDtype { tensor: name.to_string(), dtype: d.clone() });
+                return Err(SafetensorsError::UnsupportedDtype {
+                    tensor: quote(name.as_bytes()),
+                    dtype: quote(d.as_bytes()),
+                });
             }
         })
     }
 }
 
 type Header = (HashMap<String, TensorInfo>, HashMap<String, String>);
+
+/// What parsing a JSON text into a `serde_json::Value` would allocate, bounded from above
+/// in one pass over its bytes, without parsing it.
+///
+/// A `Value` is 32 bytes and sits in a `Vec` that may be twice too large (64 a value); a
+/// non-empty array's `Vec` starts at 4 values (128); an object is a B-tree whose leaf node
+/// takes about 640 bytes however few its members; a string's heap block is at least 32;
+/// the characters themselves are at most the text's length. Values are counted from the
+/// structure: the root, one per `:` (an object member), one per `,` (an array element, or
+/// a member already counted, which only overestimates) and one per `[` (a first element).
+#[derive(Debug, Default)]
+struct JsonCost {
+    values: u64,
+    arrays: u64,
+    objects: u64,
+    strings: u64,
+    /// Members of the outermost object (tensors, and `__metadata__`).
+    top_members: u64,
+    /// The estimate, in bytes.
+    bytes: u64,
+}
+
+fn json_cost(text: &[u8]) -> JsonCost {
+    let mut cost = JsonCost { values: 1, ..JsonCost::default() };
+    let (mut in_string, mut escaped, mut depth) = (false, false, 0u64);
+    for &b in text {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => {
+                in_string = true;
+                cost.strings += 1;
+            }
+            b'{' => {
+                cost.objects += 1;
+                depth += 1;
+            }
+            b'[' => {
+                cost.arrays += 1;
+                cost.values += 1;
+                depth += 1;
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b':' => {
+                cost.values += 1;
+                cost.top_members += u64::from(depth == 1);
+            }
+            b',' => cost.values += 1,
+            _ => {}
+        }
+    }
+    cost.bytes = 64 * cost.values + 128 * cost.arrays + 640 * cost.objects + 32 * cost.strings + text.len() as u64;
+    cost
+}
+
+/// Refuses a JSON text whose parsed tree would take more than [`MAX_HEADER_MEMORY`], before
+/// it is parsed; `what` names it in the message (`"the header"`).
+fn check_json_cost(text: &[u8], what: &str) -> Result<(), String> {
+    let cost = json_cost(text);
+    if cost.bytes > MAX_HEADER_MEMORY {
+        return Err(format!(
+            "{what} ({} bytes of JSON: {} values, {} arrays, {} objects, {} strings; {} entries at the top) would \
+             take about {} bytes once parsed, more than the {MAX_HEADER_MEMORY} shoal allows; the file is damaged or \
+             made to exhaust memory",
+            text.len(),
+            cost.values,
+            cost.arrays,
+            cost.objects,
+            cost.strings,
+            cost.top_members,
+            cost.bytes
+        ));
+    }
+    Ok(())
+}
 
 fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header, SafetensorsError> {
     let file_len = bytes.len() as u64;
@@ -239,8 +343,13 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header, SafetensorsError> {
         return Err(truncated("the JSON header", 8, header_len));
     }
     let data_start = 8 + header_len as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..data_start])
-        .map_err(|e| corrupt(format!("the header is not valid JSON: {e}")))?;
+    let text = &bytes[8..data_start];
+    if text.trim_ascii_start().first() != Some(&b'{') {
+        return Err(corrupt("the header is not a JSON object".into()));
+    }
+    check_json_cost(text, "the header").map_err(corrupt)?;
+    let header: serde_json::Value =
+        serde_json::from_slice(text).map_err(|e| corrupt(format!("the header is not valid JSON: {e}")))?;
     let serde_json::Value::Object(entries) = header else {
         return Err(corrupt("the header is not a JSON object".into()));
     };
@@ -254,13 +363,14 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header, SafetensorsError> {
             };
             for (k, v) in m {
                 let serde_json::Value::String(v) = v else {
-                    return Err(corrupt(format!("`__metadata__.{k}` is not a string")));
+                    return Err(corrupt(format!("`__metadata__.{}` is not a string", quote(k.as_bytes()))));
                 };
                 metadata.insert(k, v);
             }
             continue;
         }
-        let bad = |what: &str| corrupt(format!("tensor `{name}`: {what}"));
+        let shown = quote(name.as_bytes());
+        let bad = |what: &str| corrupt(format!("tensor `{shown}`: {what}"));
         let dtype = entry.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad("no string `dtype`"))?;
         let dtype = Dtype::parse(dtype);
         let shape: Vec<u64> = entry
@@ -281,20 +391,25 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header, SafetensorsError> {
         if begin > end {
             return Err(bad(&format!("`data_offsets` [{begin}, {end}] end before they begin")));
         }
-        let elem = dtype.size().ok_or_else(|| bad(&format!("unknown dtype {}", dtype.name())))?;
+        let elem = dtype.size().ok_or_else(|| bad(&format!("unknown dtype `{}`", quote(dtype.name().as_bytes()))))?;
         let expected = shape
             .iter()
             .try_fold(elem, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| bad(&format!("shape {shape:?} overflows a 64-bit size")))?;
+            .ok_or_else(|| bad(&format!("shape {} overflows a 64-bit size", dims(&shape))))?;
         if end - begin != expected {
             return Err(bad(&format!(
-                "`data_offsets` [{begin}, {end}] span {} bytes, but {} of shape {shape:?} needs {expected}",
+                "`data_offsets` [{begin}, {end}] span {} bytes, but {} of shape {} needs {expected}",
                 end - begin,
-                dtype.name()
+                dtype.name(),
+                dims(&shape)
             )));
         }
         if end > data_len {
-            return Err(truncated(&format!("tensor `{name}`"), (data_start as u64).saturating_add(begin), end - begin));
+            return Err(truncated(
+                &format!("tensor `{shown}`"),
+                (data_start as u64).saturating_add(begin),
+                end - begin,
+            ));
         }
         let range = data_start + begin as usize..data_start + end as usize;
         tensors.insert(name, TensorInfo { dtype, shape, range });
@@ -319,33 +434,45 @@ impl SafetensorsModel {
         if !index_path.exists() {
             return Self::from_files(vec![SafetensorsFile::open(&single)?]);
         }
-        let text = std::fs::read_to_string(&index_path)
-            .map_err(|source| SafetensorsError::Io { path: index_path.clone(), source })?;
+        let io = |source| SafetensorsError::Io { path: index_path.clone(), source };
         let corrupt = |reason: String| SafetensorsError::Corrupt { path: index_path.clone(), reason };
+        // The index is JSON from anywhere too: its size and its parsed size are bounded first.
+        let size = std::fs::metadata(&index_path).map_err(io)?.len();
+        if size > MAX_HEADER {
+            return Err(corrupt(format!("the index is {size} bytes, more than the {MAX_HEADER} shoal reads")));
+        }
+        let text = std::fs::read(&index_path).map_err(io)?;
+        check_json_cost(&text, "the index").map_err(corrupt)?;
         let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| corrupt(format!("not valid JSON: {e}")))?;
+            serde_json::from_slice(&text).map_err(|e| corrupt(format!("not valid JSON: {e}")))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| corrupt("no `weight_map` object".into()))?;
-        let mut names: Vec<&str> = Vec::new();
+        let mut names: BTreeSet<&str> = BTreeSet::new();
         for (tensor, file) in map {
+            let tensor = quote(tensor.as_bytes());
             let file = file.as_str().ok_or_else(|| corrupt(format!("`weight_map.{tensor}` is not a string")))?;
             let plain = Path::new(file).file_name().is_some_and(|f| f == std::ffi::OsStr::new(file));
             if !plain {
-                return Err(corrupt(format!("`weight_map.{tensor}` names `{file}`, which is not a plain file name")));
+                return Err(corrupt(format!(
+                    "`weight_map.{tensor}` names `{}`, which is not a plain file name",
+                    quote(file.as_bytes())
+                )));
             }
-            if !names.contains(&file) {
-                names.push(file);
-            }
+            names.insert(file);
         }
-        names.sort_unstable();
         let files = names.iter().map(|f| SafetensorsFile::open(&dir.join(f))).collect::<Result<Vec<_>, _>>()?;
         let model = Self::from_files(files)?;
         for (tensor, file) in map {
             let found = model.index.get(tensor).map(|&i| model.files[i].path());
-            if found != Some(dir.join(file.as_str().unwrap_or_default()).as_path()) {
-                return Err(corrupt(format!("`{tensor}` is not in `{}` as `weight_map` says", file)));
+            let file = file.as_str().unwrap_or_default();
+            if found != Some(dir.join(file).as_path()) {
+                return Err(corrupt(format!(
+                    "`{}` is not in `{}` as `weight_map` says",
+                    quote(tensor.as_bytes()),
+                    quote(file.as_bytes())
+                )));
             }
         }
         Ok(model)
@@ -359,7 +486,7 @@ impl SafetensorsModel {
                 if let Some(j) = index.insert(name.clone(), i) {
                     return Err(SafetensorsError::Corrupt {
                         path: f.path.clone(),
-                        reason: format!("tensor `{name}` is also in {}", files[j].path.display()),
+                        reason: format!("tensor `{}` is also in {}", quote(name.as_bytes()), files[j].path.display()),
                     });
                 }
             }
@@ -374,7 +501,7 @@ impl SafetensorsModel {
 
     /// The values of `name` converted to f32.
     pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>, SafetensorsError> {
-        let &i = self.index.get(name).ok_or_else(|| SafetensorsError::MissingTensor(name.to_string()))?;
+        let &i = self.index.get(name).ok_or_else(|| SafetensorsError::MissingTensor(quote(name.as_bytes())))?;
         self.files[i].tensor_f32(name)
     }
 

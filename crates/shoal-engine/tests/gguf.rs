@@ -805,3 +805,155 @@ fn smollm2_model_file() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Hostile files: refused before they allocate, and described without being quoted.
+
+/// A GGUF v3 file: the header's counts, then `body` as it is.
+fn raw_gguf(tensor_count: u64, kv_count: u64, body: &[u8]) -> Vec<u8> {
+    let mut out = b"GGUF".to_vec();
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&tensor_count.to_le_bytes());
+    out.extend_from_slice(&kv_count.to_le_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// A key (any bytes) and its value type.
+fn raw_key(key: &[u8], ty: u32) -> Vec<u8> {
+    let mut out = (key.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(key);
+    out.extend_from_slice(&ty.to_le_bytes());
+    out
+}
+
+/// An array's element type and count.
+fn raw_array(elem: u32, count: u64) -> Vec<u8> {
+    [elem.to_le_bytes().as_slice(), &count.to_le_bytes()].concat()
+}
+
+/// A string value: length, then the bytes.
+fn raw_str(s: &[u8]) -> Vec<u8> {
+    [(s.len() as u64).to_le_bytes().as_slice(), s].concat()
+}
+
+/// An error message is short and printable, whatever the file held.
+fn assert_described(err: &GgufError) -> String {
+    let msg = err.to_string();
+    assert!(msg.len() <= 1024, "{} bytes: {}", msg.len(), msg.chars().take(300).collect::<String>());
+    assert!(!msg.chars().any(char::is_control), "{msg:?}");
+    msg
+}
+
+#[test]
+fn arrays_that_would_take_gigabytes_are_refused_before_they_are_allocated() {
+    // The report: 64 Mi uint8 elements are 64 MiB in the file but were 2 GiB of 32-byte
+    // `Value`s, allocated before the file was refused (tests/fuzz_parsers.rs measures it).
+    let mut bytes = raw_gguf(0, 1, &[raw_key(b"a", 9), raw_array(0, 64 << 20)].concat());
+    bytes.resize(bytes.len() + (64 << 20), 7);
+    let err = GgufFile::from_bytes(bytes).unwrap_err();
+    assert!(matches!(err, GgufError::Corrupt(_)), "{err}");
+    let msg = assert_described(&err);
+    assert!(msg.contains("67108864 uint8 values") && msg.contains("would take 2147483648 bytes"), "{msg}");
+
+    // Empty strings: 8 bytes each in the file, 32 parsed.
+    let mut bytes = raw_gguf(0, 1, &[raw_key(b"s", 9), raw_array(8, 9 << 20)].concat());
+    bytes.resize(bytes.len() + (72 << 20), 0);
+    let msg = assert_described(&GgufFile::from_bytes(bytes).unwrap_err());
+    assert!(msg.contains("9437184 string values"), "{msg}");
+
+    // The budget is the whole file's: three arrays nested in one, each within it, are
+    // refused together.
+    let mut body = [raw_key(b"n", 9), raw_array(9, 3)].concat();
+    for _ in 0..3 {
+        body.extend_from_slice(&raw_array(0, 3 << 20));
+        body.resize(body.len() + (3 << 20), 0);
+    }
+    let msg = assert_described(&GgufFile::from_bytes(raw_gguf(0, 1, &body)).unwrap_err());
+    assert!(msg.contains("3145728 uint8 values") && msg.contains("would take"), "{msg}");
+
+    // A real vocabulary's worth is fine.
+    let mut bytes = raw_gguf(0, 1, &[raw_key(b"ok", 9), raw_array(5, 1 << 20)].concat());
+    bytes.resize(bytes.len() + (4 << 20), 0);
+    let file = GgufFile::from_bytes(bytes).unwrap();
+    assert_eq!(file.get("ok").and_then(Value::as_array).map(<[_]>::len), Some(1 << 20));
+}
+
+#[test]
+fn counts_and_lengths_past_fixed_limits_are_refused() {
+    use shoal_engine::gguf::{MAX_METADATA_KEYS, MAX_TENSORS};
+    for (what, bytes, says) in [
+        ("2^32 tensors", raw_gguf(1 << 32, 0, &[0; 64]), "4294967296 tensors"),
+        ("too many tensors", raw_gguf(MAX_TENSORS + 1, 0, &[0; 64]), "tensors; shoal reads at most"),
+        ("2^32 keys", raw_gguf(0, 1 << 32, &[0; 64]), "4294967296 metadata keys"),
+        ("too many keys", raw_gguf(0, MAX_METADATA_KEYS + 1, &[0; 64]), "metadata keys; shoal reads at most"),
+        ("a 70,000-byte key", raw_gguf(0, 1, &raw_key(&[b'k'; 70_000], 4)), "70000 bytes long"),
+    ] {
+        let err = GgufFile::from_bytes(bytes).expect_err(what);
+        assert!(matches!(err, GgufError::Corrupt(_)), "{what}: {err}");
+        let msg = assert_described(&err);
+        assert!(msg.contains(says), "{what}: {msg}");
+    }
+    // A tensor name longer than 256 bytes.
+    let long = "w".repeat(300);
+    let t = || T { name: Box::leak(long.clone().into_boxed_str()), dims: vec![4], ty: 0, data: vec![0; 16] };
+    let err = GgufFile::from_bytes(write_gguf(3, &[], &[t()])).unwrap_err();
+    assert!(assert_described(&err).contains("300 bytes long"), "{err}");
+}
+
+#[test]
+fn binary_keys_names_and_strings_are_escaped_and_cut_in_errors() {
+    // The report: 290 KB of binary printed by one error. Binary with terminal escapes:
+    let binary: Vec<u8> = (0..290_000u32).map(|i| [0x1B, b'[', 0xFF, 0, b'\n', 0xC3][i as usize % 6]).collect();
+    // Valid UTF-8, but full of control characters (keys may have up to 65,535 bytes).
+    let controls: Vec<u8> = b"\x1b[2J\x1b]0;owned\x07\r\n".iter().copied().cycle().take(60_000).collect();
+    let mut cases: Vec<(&str, GgufError)> = Vec::new();
+    let parse_err = |bytes: Vec<u8>| GgufFile::from_bytes(bytes).unwrap_err();
+
+    // A key that is not UTF-8.
+    cases.push(("binary key", parse_err(raw_gguf(0, 1, &raw_key(&binary[..60_000], 4)))));
+    // A key of control characters whose value is cut off.
+    cases.push(("controls key, truncated", parse_err(raw_gguf(0, 1, &raw_key(&controls, 4)))));
+    // The same key twice.
+    let kv = [raw_key(&controls, 4), 1u32.to_le_bytes().to_vec()].concat();
+    cases.push(("controls key twice", parse_err(raw_gguf(0, 2, &[kv.clone(), kv].concat()))));
+    // An array retyped as strings over binary bytes: the strings' lengths are binary too,
+    // and the next key is read from the middle of them.
+    let mut body = [raw_key(b"tokenizer.ggml.tokens", 9), raw_array(8, 2), raw_str(&binary)].concat();
+    body.extend_from_slice(&[raw_str(b"ok"), raw_str(&binary[1..]), binary.clone()].concat());
+    cases.push(("retyped array", parse_err(raw_gguf(0, 2, &body))));
+    // general.alignment as a binary string.
+    let body = [raw_key(b"general.alignment", 8), raw_str(&binary)].concat();
+    cases.push(("alignment string", parse_err(raw_gguf(0, 1, &body))));
+    // A key whose value is an unexpected type, asked for by a getter.
+    let body = [raw_key(b"general.architecture", 8), raw_str(&binary), raw_key(&controls, 4), vec![0; 4]].concat();
+    let file = GgufFile::from_bytes(raw_gguf(0, 2, &body)).unwrap();
+    cases.push(("wrong type", file.get_u64("general.architecture").unwrap_err()));
+    let key = String::from_utf8(controls.clone()).unwrap();
+    cases.push(("wrong type, controls key", file.get_str(&key).unwrap_err()));
+    cases.push(("missing key", file.get_u64(&format!("{key}.x")).unwrap_err()));
+    cases.push(("missing tensor", file.tensor_f32(&key).unwrap_err()));
+    // Tensor names: binary, and duplicated with control characters.
+    let info = |name: &[u8]| [raw_str(name), 1u32.to_le_bytes().to_vec(), vec![0; 8 + 4 + 8]].concat();
+    cases.push(("binary tensor name", parse_err(raw_gguf(1, 0, &info(&binary[..200])))));
+    let name = &controls[..250];
+    cases.push(("tensor twice", parse_err(raw_gguf(2, 0, &[info(name), info(name)].concat()))));
+    // A tensor whose data is missing, and one of an unknown type read anyway.
+    let mut lost = info(name);
+    let n = lost.len();
+    lost[n - 8..].copy_from_slice(&(1u64 << 20).to_le_bytes());
+    cases.push(("tensor data missing", parse_err(raw_gguf(1, 0, &lost))));
+
+    for (what, err) in &cases {
+        let msg = assert_described(err);
+        println!("{what}: {msg}");
+        assert!(msg.len() < 400, "{what}: {msg}");
+    }
+    // Escaped, and cut with the length said.
+    let shown: Vec<String> = cases.iter().map(|(_, e)| e.to_string()).collect();
+    assert!(shown[0].contains(r"\u{1b}[\xff\0\n") && shown[0].contains("…(60000 bytes)"), "{}", shown[0]);
+    assert!(shown[1].contains(r"\u{1b}[2J\u{1b}]0;owned\u{7}\r\n"), "{}", shown[1]);
+    // The getters' fields hold the key escaped and cut too.
+    let Err(GgufError::WrongType { key: k, .. }) = file.get_str(&key) else { panic!() };
+    assert!(k.len() < 100 && k.ends_with("…(60000 bytes)"), "{k}");
+}

@@ -560,3 +560,107 @@ fn synth_weights_tiny_loads_and_runs() {
     assert!(synth_weights::run(&["--out".into(), "x".into(), "--shape".into(), "huge".into()]).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+// ---------------------------------------------------------------------------------------
+// Hostile files: refused before they allocate, and described without being quoted.
+
+/// An error message is short and printable, whatever the file held.
+fn assert_described(err: &SafetensorsError) -> String {
+    let msg = err.to_string();
+    assert!(msg.len() <= 1024, "{} bytes: {}", msg.len(), msg.chars().take(300).collect::<String>());
+    assert!(!msg.chars().any(char::is_control), "{msg:?}");
+    msg
+}
+
+#[test]
+fn json_that_would_parse_into_gigabytes_is_refused_before_it_is_parsed() {
+    // 16 MiB of `0,` were 8 Mi `serde_json::Value`s of 32 bytes, in a Vec up to twice that.
+    let mut header = String::from(r#"{"a":["#);
+    header.push_str(&"0,".repeat(8 << 20));
+    header.push_str("0]}");
+    let err = SafetensorsFile::from_bytes("zeros", with_header(&header, 0)).unwrap_err();
+    assert!(matches!(err, SafetensorsError::Corrupt { .. }), "{err}");
+    let msg = assert_described(&err);
+    assert!(msg.contains("8388611 values") && msg.contains("would take about"), "{msg}");
+    // 7 bytes of `{"":0},` were a B-tree node of some 640 bytes.
+    let mut header = String::from(r#"{"a":["#);
+    header.push_str(&r#"{"":0},"#.repeat(1 << 20));
+    header.push_str("{}]}");
+    let msg = assert_described(&SafetensorsFile::from_bytes("objects", with_header(&header, 0)).unwrap_err());
+    assert!(msg.contains("1048578 objects"), "{msg}");
+    // Not an object: refused before anything is parsed.
+    let msg = assert_described(&SafetensorsFile::from_bytes("array", with_header(" [0, 0]", 0)).unwrap_err());
+    assert!(msg.contains("not a JSON object"), "{msg}");
+    // Braces and quotes inside strings are not structure.
+    let header = format!(r#"{{"__metadata__": {{"k": "{}"}}}}"#, r#"[{\"\\:,"#.repeat(1 << 20));
+    let f = SafetensorsFile::from_bytes("strings", with_header(&header, 0)).unwrap();
+    assert_eq!(f.metadata()["k"].len(), 6 << 20);
+}
+
+#[test]
+fn names_dtypes_and_shapes_are_escaped_and_cut_in_errors() {
+    // The report: 290 KB of binary printed by one error. A name of terminal escapes:
+    let name = r"\u001b[2J\u001b]0;owned\u0007\r\n".repeat(10_000);
+    let entry = |dtype: &str, shape: &str, offsets: &str| {
+        format!(r#"{{"{name}": {{"dtype": "{dtype}", "shape": [{shape}], "data_offsets": [{offsets}]}}}}"#)
+    };
+    let long_dtype = r"Q\u001b\u0000".repeat(20_000);
+    let wide = vec!["3"; 100_000].join(",");
+    let ones = vec!["1"; 100_000].join(",");
+    let cases: Vec<(&str, String, usize)> = vec![
+        ("no dtype", format!(r#"{{"{name}": {{"shape": [2]}}}}"#), 0),
+        ("unknown dtype", entry(&long_dtype, "2", "0, 8"), 8),
+        ("overflowing shape", entry("F32", &wide, "0, 8"), 8),
+        ("size mismatch", entry("F32", &ones, "0, 8"), 8),
+        ("past the end", entry("F32", "4", "0, 16"), 8),
+        ("metadata not a string", format!(r#"{{"__metadata__": {{"{name}": 1}}}}"#), 0),
+    ];
+    let mut errors: Vec<(&str, SafetensorsError)> = cases
+        .into_iter()
+        .map(|(what, header, data)| (what, SafetensorsFile::from_bytes(what, with_header(&header, data)).unwrap_err()))
+        .collect();
+    // A dtype that parses but is not converted, and a missing tensor, asked by that name.
+    let f = SafetensorsFile::from_bytes("i64", with_header(&entry("I64", "1", "0, 8"), 8)).unwrap();
+    let real_name = f.tensors().keys().next().unwrap().clone();
+    errors.push(("unsupported dtype", f.tensor_f32(&real_name).unwrap_err()));
+    errors.push(("missing tensor", f.tensor_f32(&format!("{real_name}x")).unwrap_err()));
+    for (what, err) in &errors {
+        let msg = assert_described(err);
+        println!("{what}: {msg}");
+        assert!(msg.len() < 400, "{what}: {msg}");
+    }
+    let msg = errors[0].1.to_string();
+    assert!(msg.contains(r"\u{1b}[2J\u{1b}]0;owned\u{7}\r\n") && msg.contains("…(160000 bytes)"), "{msg}");
+    assert!(errors[2].1.to_string().contains("3, …(100000 dimensions)]"), "{}", errors[2].1);
+    let Err(SafetensorsError::UnsupportedDtype { tensor, .. }) = f.tensor_f32(&real_name) else { panic!() };
+    assert!(tensor.ends_with("…(160000 bytes)"), "{tensor}");
+}
+
+#[test]
+fn an_index_too_large_or_naming_odd_files_is_refused_briefly() {
+    let dir = scratch("hostile-index");
+    let index = dir.join("model.safetensors.index.json");
+    // Larger than a header may be: refused by its size, unread (the file is sparse).
+    std::fs::File::create(&index).unwrap().set_len(100 * 1024 * 1024 + 1).unwrap();
+    let msg = assert_described(&SafetensorsModel::open_dir(&dir).unwrap_err());
+    assert!(msg.contains("104857601 bytes"), "{msg}");
+    // A long name of control characters, naming a path outside the directory.
+    let name = "\u{1b}[2J\n".repeat(20_000);
+    for file in ["../model.safetensors".to_string(), format!("{name}/x")] {
+        let json = serde_json::json!({"weight_map": {name.clone(): file}});
+        std::fs::write(&index, json.to_string()).unwrap();
+        let err = SafetensorsModel::open_dir(&dir).unwrap_err();
+        assert!(matches!(err, SafetensorsError::Corrupt { .. }), "{err}");
+        let msg = assert_described(&err);
+        assert!(msg.len() < 600 && msg.contains("…(100000 bytes)"), "{msg}");
+    }
+    // An index naming half a million different files is refused quickly by the first of them
+    // (the names were once deduplicated by a scan of a list: a trillion comparisons).
+    let map: serde_json::Map<String, serde_json::Value> =
+        (0..500_000).map(|i| (format!("t{i}"), format!("f{i}.safetensors").into())).collect();
+    std::fs::write(&index, serde_json::json!({ "weight_map": map }).to_string()).unwrap();
+    let start = std::time::Instant::now();
+    assert!(matches!(SafetensorsModel::open_dir(&dir), Err(SafetensorsError::Io { .. })));
+    assert!(start.elapsed().as_secs() < 20, "{:?}", start.elapsed());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
