@@ -14,15 +14,20 @@
 //! directory, renames it into place, then replaces `CURRENT` the same way; only then is the
 //! previous generation removed. A process killed at any point leaves the previous snapshot
 //! intact and readable. A read checks the manifest against `CURRENT`'s checksum, the format
-//! and version, and every file's length and CRC-32 before using it.
+//! and version, and every file's length and CRC-32 before using it. A snapshot is input from
+//! outside: every size it declares is checked against the limits ([`MAX_MANIFEST_BYTES`],
+//! [`MAX_MEMORY_PAGES`], [`MAX_CONTEXT`], [`MAX_ENTRIES`], [`MAX_NAME`]) and against the files'
+//! real lengths before anything is allocated for it, and errors never quote the files
+//! (`tests/fuzz_snapshot.rs` fuzzes the reader).
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde::de::{Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use shoal_engine::kv::{KvImage, KvSnapshot};
-use shoal_engine::safetensors::{SafetensorsError, SafetensorsFile};
+use shoal_engine::safetensors::SafetensorsError;
 use shoal_host::{
     ContextState, GlobalValue, GraphState, InferState, InstanceState, NnState, Prepared, Runtime, SessionState,
 };
@@ -31,6 +36,31 @@ use shoal_host::{
 pub const FORMAT: &str = "shoal-actor-snapshot";
 /// The manifest version written, and the only one read.
 pub const VERSION: u32 = 1;
+
+// Limits: a snapshot is input from outside, and every size it declares is checked against
+// these and against the files' real lengths before anything is allocated for it
+// (docs/snapshot.md, "Limits"). `write_dir` refuses a state beyond them, so that every
+// snapshot written can be read back.
+
+/// The largest `manifest.json` read (its length is checked before a byte is read). The
+/// manifest holds the token histories, under 8 bytes a token: 64 MiB is dozens of sessions
+/// of the longest context.
+pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+/// The largest linear memory, in 64 KiB pages: 65,536 pages are 4 GiB, all a 32-bit
+/// memory can address.
+pub const MAX_MEMORY_PAGES: u64 = 65_536;
+/// The longest context of a session or a wasi-nn context, in positions, and so the longest
+/// token history (a history is never longer than its context). 1,048,576 is 8 times the
+/// longest context of the models shoal runs (128 Ki positions).
+pub const MAX_CONTEXT: usize = 1 << 20;
+/// The most entries of every other list of a manifest: arguments, models, open models,
+/// globals, sessions, graphs, contexts, and each array or object of a wasi-nn options
+/// value. An instance holds at most 256 sessions and 64 graphs and contexts.
+pub const MAX_ENTRIES: usize = 65_536;
+/// The longest name a manifest gives a file, a model, a fingerprint or a backend.
+pub const MAX_NAME: usize = 255;
+/// `CURRENT` is `gen-N CRC LEN` and a newline: a few dozen bytes.
+const MAX_CURRENT_BYTES: u64 = 256;
 
 /// Errors of snapshots and their stores.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +113,15 @@ pub enum SnapshotError {
         /// What is wrong.
         reason: String,
     },
+    /// The state is beyond what a snapshot holds (see the limits, [`MAX_CONTEXT`] and the
+    /// others); written, it could not be read back.
+    #[error("cannot write the snapshot to {}: {reason}", path.display())]
+    TooLarge {
+        /// Where it was to be written.
+        path: PathBuf,
+        /// What is too large.
+        reason: String,
+    },
     /// Capturing or restoring the instance failed.
     #[error(transparent)]
     Host(#[from] shoal_host::HostError),
@@ -92,8 +131,75 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     move |source| SnapshotError::Io { path: path.to_path_buf(), source }
 }
 
+/// A `Corrupt` error. `reason` may hold file-derived text (a parser's message quoting the
+/// JSON): it is escaped and cut to at most 512 bytes, and names from the files are cut to
+/// 64 bytes where they are formatted ([`shown`]).
 fn corrupt(path: &Path, reason: impl Into<String>) -> SnapshotError {
-    SnapshotError::Corrupt { path: path.to_path_buf(), reason: reason.into() }
+    SnapshotError::Corrupt { path: path.to_path_buf(), reason: shown(&reason.into(), 512) }
+}
+
+/// A JSON parser's message with the manifest's string it quotes (`invalid type: string
+/// "…", expected u32`) cut to 64 bytes; the rest of it (what was expected, the line and
+/// column) is the parser's own.
+fn json_error(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    let Some(at) = msg.find("string \"").map(|i| i + "string \"".len()) else { return msg };
+    // The string is written as Rust's `{:?}` writes it: it ends at the first unescaped quote.
+    let mut escaped = false;
+    let end = msg[at..].char_indices().find(|&(_, c)| {
+        let quote = c == '"' && !escaped;
+        escaped = c == '\\' && !escaped;
+        quote
+    });
+    match end {
+        Some((n, _)) => format!("{}{}{}", &msg[..at], shown(&msg[at..at + n], 64), &msg[at + n..]),
+        None => msg,
+    }
+}
+
+/// Whether `c` may not be printed as it is: a control character, or one that reorders
+/// the text around it (bidirectional marks, embeddings, overrides and isolates).
+fn odd(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` as it may appear in an error: control and bidirectional-override characters
+/// escaped, and cut in the middle (keeping both ends, e.g. a parser's "at line L column
+/// C") to at most about `max` bytes. Errors describe, they do not quote.
+fn shown(s: &str, max: usize) -> String {
+    let width = |c: char| if odd(c) { c.escape_unicode().count() } else { c.len_utf8() };
+    let push = |out: &mut String, c: char| {
+        if odd(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    };
+    let mut out = String::new();
+    if s.chars().map(width).sum::<usize>() <= max {
+        s.chars().for_each(|c| push(&mut out, c));
+        return out;
+    }
+    let (head, tail) = (max * 2 / 3, max / 3);
+    let mut n = 0;
+    for c in s.chars() {
+        n += width(c);
+        if n > head {
+            break;
+        }
+        push(&mut out, c);
+    }
+    out.push('…');
+    let (mut n, mut from) = (0, s.len());
+    for (i, c) in s.char_indices().rev() {
+        n += width(c);
+        if n > tail {
+            break;
+        }
+        from = i;
+    }
+    s[from..].chars().for_each(|c| push(&mut out, c));
+    out
 }
 
 /// A model a snapshot refers to.
@@ -207,6 +313,10 @@ impl Snapshot {
 }
 
 // ---- the manifest ----
+//
+// Every list is read by a visitor that refuses it past its limit (`MAX_CONTEXT` tokens,
+// `MAX_MEMORY_PAGES` runs, `MAX_ENTRIES` others), so that no list of the manifest grows
+// past a few MiB, however long the manifest.
 
 #[derive(Serialize, Deserialize)]
 struct FileRef {
@@ -226,6 +336,7 @@ struct MemoryRef {
     /// The memory's size in pages.
     pages: u64,
     /// Runs of non-zero pages: `[first, count]`.
+    #[serde(deserialize_with = "page_runs")]
     nonzero: Vec<[u32; 2]>,
     file: FileRef,
 }
@@ -247,6 +358,7 @@ struct SessionRef {
     step: u64,
     /// Positions in the cache.
     len: usize,
+    #[serde(deserialize_with = "tokens")]
     history: Vec<u32>,
     kv: FileRef,
 }
@@ -254,13 +366,16 @@ struct SessionRef {
 #[derive(Serialize, Deserialize)]
 struct InferRef {
     next: u32,
+    #[serde(deserialize_with = "entries")]
     opened: Vec<(u32, String)>,
+    #[serde(deserialize_with = "entries")]
     sessions: Vec<SessionRef>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct CacheRef {
     context: usize,
+    #[serde(deserialize_with = "tokens")]
     tokens: Vec<u32>,
     kv: FileRef,
 }
@@ -269,6 +384,7 @@ struct CacheRef {
 struct ContextRef {
     handle: u32,
     model: String,
+    #[serde(deserialize_with = "options")]
     options: serde_json::Value,
     /// Hex bytes.
     prompt: Option<String>,
@@ -282,13 +398,16 @@ struct ContextRef {
 struct GraphRef {
     handle: u32,
     model: String,
+    #[serde(deserialize_with = "options")]
     options: serde_json::Value,
 }
 
 #[derive(Serialize, Deserialize)]
 struct NnRef {
     next: u32,
+    #[serde(deserialize_with = "entries")]
     graphs: Vec<GraphRef>,
+    #[serde(deserialize_with = "entries")]
     contexts: Vec<ContextRef>,
 }
 
@@ -300,26 +419,217 @@ struct Manifest {
     module: ModuleRef,
     /// The engine the caches were on when taken (informative: any backend restores).
     backend: String,
+    #[serde(deserialize_with = "entries")]
     args: Vec<String>,
     program_name: Option<String>,
+    #[serde(deserialize_with = "entries")]
     models: Vec<ModelRef>,
     memory: MemoryRef,
+    #[serde(deserialize_with = "entries")]
     globals: Vec<GlobalRef>,
     infer: InferRef,
     nn: NnRef,
+}
+
+/// A JSON array of at most `max` elements, refused at the first one past it.
+fn at_most<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+    max: usize,
+    what: &'static str,
+) -> Result<Vec<T>, D::Error> {
+    struct Bounded<T> {
+        max: usize,
+        what: &'static str,
+        t: std::marker::PhantomData<T>,
+    }
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for Bounded<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "an array of at most {} {}", self.max, self.what)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut v = Vec::new();
+            while let Some(x) = seq.next_element()? {
+                if v.len() == self.max {
+                    return Err(A::Error::custom(format!("more than {} {}", self.max, self.what)));
+                }
+                v.push(x);
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_seq(Bounded { max, what, t: std::marker::PhantomData })
+}
+
+fn tokens<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+    at_most(d, MAX_CONTEXT, "tokens (the longest context a snapshot holds)")
+}
+
+fn page_runs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<[u32; 2]>, D::Error> {
+    at_most(d, MAX_MEMORY_PAGES as usize, "page runs")
+}
+
+fn entries<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    at_most(d, MAX_ENTRIES, "entries")
+}
+
+/// A wasi-nn options value: any JSON, each array or object of at most [`MAX_ENTRIES`]
+/// entries (a `serde_json::Value` would grow one array of the manifest's length).
+fn options<'de, D: Deserializer<'de>>(d: D) -> Result<serde_json::Value, D::Error> {
+    struct Json;
+    impl<'de> serde::de::DeserializeSeed<'de> for Json {
+        type Value = serde_json::Value;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<serde_json::Value, D::Error> {
+            d.deserialize_any(Json)
+        }
+    }
+    impl<'de> Visitor<'de> for Json {
+        type Value = serde_json::Value;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a JSON value whose arrays and objects have at most {MAX_ENTRIES} entries")
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<serde_json::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<serde_json::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<serde_json::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<serde_json::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_str<E>(self, v: &str) -> Result<serde_json::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_string<E>(self, v: String) -> Result<serde_json::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_unit<E>(self) -> Result<serde_json::Value, E> {
+            Ok(serde_json::Value::Null)
+        }
+        fn visit_none<E>(self) -> Result<serde_json::Value, E> {
+            Ok(serde_json::Value::Null)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<serde_json::Value, D::Error> {
+            d.deserialize_any(Json)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<serde_json::Value, A::Error> {
+            let mut v = Vec::new();
+            while let Some(x) = seq.next_element_seed(Json)? {
+                if v.len() == MAX_ENTRIES {
+                    return Err(A::Error::custom(format!("an options array of more than {MAX_ENTRIES} entries")));
+                }
+                v.push(x);
+            }
+            Ok(serde_json::Value::Array(v))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<serde_json::Value, A::Error> {
+            let mut m = serde_json::Map::new();
+            while let Some(k) = map.next_key::<String>()? {
+                if m.len() == MAX_ENTRIES {
+                    return Err(A::Error::custom(format!("an options object of more than {MAX_ENTRIES} entries")));
+                }
+                let v = map.next_value_seed(Json)?;
+                m.insert(k, v);
+            }
+            Ok(serde_json::Value::Object(m))
+        }
+    }
+    d.deserialize_any(Json)
+}
+
+/// The two fields of a manifest read first, so that another format or version is named as
+/// such (and not as whatever else of it this version would not understand).
+#[derive(Deserialize)]
+struct Probe {
+    #[serde(default)]
+    format: Option<Seen>,
+    #[serde(default)]
+    version: Option<Seen>,
+}
+
+/// A JSON value read only to be compared and described: a short string, a number, or what
+/// kind of value it was (its contents skipped, not kept).
+enum Seen {
+    /// A string of at most 64 bytes.
+    Str(String),
+    /// A longer string, of this many bytes.
+    Long(usize),
+    /// A non-negative integer.
+    Num(u64),
+    /// Anything else.
+    Other(&'static str),
+}
+
+impl std::fmt::Display for Seen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Seen::Str(s) => write!(f, "\"{}\"", shown(s, 64)),
+            Seen::Long(n) => write!(f, "a string of {n} bytes"),
+            Seen::Num(n) => write!(f, "{n}"),
+            Seen::Other(what) => f.write_str(what),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Seen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Seen, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Seen;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Seen, E> {
+                Ok(Seen::Other("a boolean"))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Seen, E> {
+                Ok(u64::try_from(v).map_or(Seen::Other("a negative number"), Seen::Num))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Seen, E> {
+                Ok(Seen::Num(v))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Seen, E> {
+                Ok(Seen::Other("a fraction"))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Seen, E> {
+                Ok(if v.len() <= 64 { Seen::Str(v.to_string()) } else { Seen::Long(v.len()) })
+            }
+            fn visit_unit<E>(self) -> Result<Seen, E> {
+                Ok(Seen::Other("null"))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Seen, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Seen::Other("an array"))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Seen, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Seen::Other("an object"))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
     shoal_host::instance::hex(bytes)
 }
 
-fn unhex(path: &Path, s: &str) -> Result<Vec<u8>, SnapshotError> {
+/// Hex to bytes (`what` names the field in errors; the text itself is not quoted).
+fn unhex(path: &Path, what: &str, s: &str) -> Result<Vec<u8>, SnapshotError> {
+    let s = s.as_bytes();
     if !s.len().is_multiple_of(2) {
-        return Err(corrupt(path, "odd-length hex string"));
+        return Err(corrupt(path, format!("{what}: odd-length hex string")));
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| corrupt(path, format!("bad hex `{}`", &s[i..i + 2]))))
+    let digit = |c: u8| char::from(c).to_digit(16);
+    s.chunks_exact(2)
+        .enumerate()
+        .map(|(i, p)| match (digit(p[0]), digit(p[1])) {
+            (Some(h), Some(l)) => Ok((h * 16 + l) as u8),
+            _ => Err(corrupt(path, format!("{what}: not hex at offset {}", 2 * i))),
+        })
         .collect()
 }
 
@@ -399,28 +709,69 @@ fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
-/// Reads a file the manifest lists, checking its length and checksum.
+/// Opens a file a snapshot lists and checks, before a byte is read, that it is a regular
+/// file (a pipe or a device could block or never end) of `bytes` bytes.
+fn open_sized(path: &Path, bytes: u64) -> Result<std::fs::File, SnapshotError> {
+    let file = open_regular(path).map_err(io(path))?.map_err(|reason| corrupt(path, reason))?;
+    let len = file.metadata().map_err(io(path))?.len();
+    if len != bytes {
+        return Err(corrupt(path, format!("{len} bytes; the snapshot lists {bytes} (truncated?)")));
+    }
+    Ok(file)
+}
+
+/// Opens `path` for reading if it is a regular file (without blocking on a FIFO).
+fn open_regular(path: &Path) -> std::io::Result<Result<std::fs::File, &'static str>> {
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Opening a FIFO for reading blocks until a writer comes; non-blocking, it does not.
+        // Reads of a regular file ignore the flag.
+        o.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = o.open(path)?;
+    Ok(if file.metadata()?.is_file() { Ok(file) } else { Err("not a regular file") })
+}
+
+/// Reads a file the manifest lists, checking its length before reading it and its checksum
+/// after.
 fn get(dir: &Path, f: &FileRef) -> Result<Vec<u8>, SnapshotError> {
     let path = checked_name(dir, &f.name)?;
-    let bytes = std::fs::read(&path).map_err(io(&path))?;
+    let file = open_sized(&path, f.bytes)?;
+    // The length is the file's (checked above), so the buffer is made once, at its size.
+    let mut bytes = Vec::with_capacity(usize::try_from(f.bytes).unwrap_or(0));
+    file.take(f.bytes).read_to_end(&mut bytes).map_err(io(&path))?;
     check_bytes(&path, &bytes, f)?;
     Ok(bytes)
 }
 
 fn kv(dir: &Path, f: &FileRef) -> Result<KvSnapshot, SnapshotError> {
     let path = checked_name(dir, &f.name)?;
-    // Mapped, checked, then decoded: the bytes are copied once.
-    let file = SafetensorsFile::open(&path).map_err(|e| match e {
+    drop(open_sized(&path, f.bytes)?);
+    let err = |e: SafetensorsError, open: bool| match e {
         SafetensorsError::Io { source, .. } => SnapshotError::Io { path: path.clone(), source },
-        other => corrupt(&path, format!("{other} (truncated?)")),
-    })?;
+        other if open => corrupt(&path, format!("{other} (truncated?)")),
+        other => corrupt(&path, other.to_string()),
+    };
+    // Mapped (its header checked and parsed, no larger than KvSnapshot::MAX_HEADER), its
+    // bytes checked, then decoded, each tensor into one buffer of its length in the file.
+    let file = KvSnapshot::open(&path).map_err(|e| err(e, true))?;
     check_bytes(&path, file.bytes(), f)?;
-    KvSnapshot::from_file(file).map_err(|e| corrupt(&path, e.to_string()))
+    KvSnapshot::from_file(file).map_err(|e| err(e, false))
 }
 
+/// `dir/name` for a plain file name of a snapshot: letters, digits, `-`, `_` and `.`, not
+/// first, at most [`MAX_NAME`] bytes (what `write_dir` writes: `memory.bin`,
+/// `kv-session-H.safetensors`, `kv-nn-H.safetensors`).
 fn checked_name(dir: &Path, name: &str) -> Result<PathBuf, SnapshotError> {
-    if name.contains('/') || name.contains('\\') || name.starts_with('.') {
-        return Err(corrupt(dir, format!("file name `{name}` leaves the snapshot")));
+    let plain = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !plain {
+        return Err(corrupt(dir, format!("file name `{}` is not a plain file name of the snapshot", shown(name, 64))));
     }
     Ok(dir.join(name))
 }
@@ -436,21 +787,29 @@ fn check_bytes(path: &Path, bytes: &[u8], f: &FileRef) -> Result<(), SnapshotErr
     Ok(())
 }
 
+/// `CURRENT`: the generation's name, its manifest's CRC-32 and length; `None` without one.
 fn current(dir: &Path) -> Result<Option<(String, u32, u64)>, SnapshotError> {
     let path = dir.join("CURRENT");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
+    let file = match open_regular(&path) {
+        Ok(f) => f.map_err(|reason| corrupt(&path, reason))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io(&path)(e)),
     };
+    let mut bytes = Vec::new();
+    file.take(MAX_CURRENT_BYTES + 1).read_to_end(&mut bytes).map_err(io(&path))?;
+    if bytes.len() as u64 > MAX_CURRENT_BYTES {
+        return Err(corrupt(&path, format!("longer than {MAX_CURRENT_BYTES} bytes; it is `gen-N CRC LEN`")));
+    }
+    let text = String::from_utf8_lossy(&bytes);
     let mut w = text.split_whitespace();
     let parsed = (|| {
         let gen_name = w.next()?.to_string();
         let crc = u32::from_str_radix(w.next()?, 16).ok()?;
         let len = w.next()?.parse().ok()?;
-        (gen_name.starts_with("gen-") && !gen_name.contains('/')).then_some((gen_name, crc, len))
+        let plain = gen_name.len() <= 24 && generation(&gen_name).is_some() && !gen_name[4..].starts_with('+');
+        (plain && w.next().is_none()).then_some((gen_name, crc, len))
     })();
-    parsed.map(Some).ok_or_else(|| corrupt(&path, format!("`{}` is not `gen-N CRC LEN`", text.trim())))
+    parsed.map(Some).ok_or_else(|| corrupt(&path, format!("`{}` is not `gen-N CRC LEN`", shown(text.trim(), 64))))
 }
 
 fn generation(name: &str) -> Option<u64> {
@@ -459,6 +818,7 @@ fn generation(name: &str) -> Option<u64> {
 
 /// Writes `snap` into `dir` atomically and durably (see the module docs).
 pub fn write_dir(dir: &Path, snap: &Snapshot) -> Result<WriteReport, SnapshotError> {
+    check_limits(dir, &snap.state)?;
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mut last = current(dir).ok().flatten().and_then(|(g, _, _)| generation(&g)).unwrap_or(0);
     for e in std::fs::read_dir(dir).map_err(io(dir))?.flatten() {
@@ -562,43 +922,53 @@ pub fn write_dir(dir: &Path, snap: &Snapshot) -> Result<WriteReport, SnapshotErr
     Ok(report)
 }
 
-/// Reads the snapshot in `dir`, checking everything (see the module docs).
+/// Reads the snapshot in `dir`, checking everything (see the module docs): every size the
+/// manifest declares is checked against the limits (`MAX_*`) and against the files' real
+/// lengths before anything is allocated for it, and errors never quote the files.
 pub fn read_dir(dir: &Path) -> Result<Snapshot, SnapshotError> {
     let (gen_name, crc, len) = current(dir)?.ok_or_else(|| SnapshotError::NotFound { dir: dir.to_path_buf() })?;
     let g = dir.join(&gen_name);
     let mpath = g.join("manifest.json");
+    if len > MAX_MANIFEST_BYTES {
+        return Err(corrupt(
+            &dir.join("CURRENT"),
+            format!("names a manifest of {len} bytes; a manifest has at most {MAX_MANIFEST_BYTES}"),
+        ));
+    }
     let json = get(&g, &FileRef { name: "manifest.json".into(), bytes: len, crc32: crc })?;
-    let v: serde_json::Value = serde_json::from_slice(&json).map_err(|e| corrupt(&mpath, e.to_string()))?;
-    if v.get("format").and_then(|f| f.as_str()) != Some(FORMAT) {
-        return Err(corrupt(&mpath, format!("not a shoal actor snapshot (format {:?})", v.get("format"))));
-    }
-    let version = v.get("version").and_then(|x| x.as_u64()).unwrap_or(0) as u32;
-    if version != VERSION {
-        return Err(SnapshotError::Version { path: mpath, found: version });
-    }
-    let m: Manifest = serde_json::from_value(v).map_err(|e| corrupt(&mpath, e.to_string()))?;
-    let page_data = get(&g, &m.memory.file)?;
-    let mut pages = Vec::new();
-    for [first, count] in &m.memory.nonzero {
-        let end = first.checked_add(*count).filter(|&e| u64::from(e) <= m.memory.pages);
-        let end = end.ok_or_else(|| corrupt(&mpath, format!("pages {first}+{count} lie past the memory")))?;
-        if pages.last().is_some_and(|&l| l >= *first) {
-            return Err(corrupt(&mpath, "page runs out of order"));
+    let bad_json = |e: serde_json::Error| corrupt(&mpath, json_error(&e));
+    let probe: Probe = serde_json::from_slice(&json).map_err(bad_json)?;
+    match &probe.format {
+        Some(Seen::Str(f)) if f == FORMAT => {}
+        other => {
+            let found = other.as_ref().map_or("none".to_string(), Seen::to_string);
+            return Err(corrupt(&mpath, format!("not a shoal actor snapshot (format {found})")));
         }
-        pages.extend(*first..end);
     }
-    if page_data.len() != pages.len() * shoal_host::instance::PAGE {
-        return Err(corrupt(&mpath, format!("{} pages listed, {} bytes of pages", pages.len(), page_data.len())));
+    match probe.version {
+        Some(Seen::Num(n)) if n == u64::from(VERSION) => {}
+        Some(Seen::Num(n)) => {
+            return Err(SnapshotError::Version { path: mpath, found: u32::try_from(n).unwrap_or(u32::MAX) });
+        }
+        _ => return Err(SnapshotError::Version { path: mpath, found: 0 }),
     }
-    let mut globals = Vec::new();
+    let m: Manifest = serde_json::from_slice(&json).map_err(bad_json)?;
+    drop(json);
+    // Everything the manifest declares is checked before another file is opened.
+    let pages = check_manifest(&mpath, &m)?;
+    let page_data = get(&g, &m.memory.file)?;
+    let mut globals = Vec::with_capacity(m.globals.len());
     for x in &m.globals {
-        let bits = u128::from_str_radix(&x.bits, 16).map_err(|_| corrupt(&mpath, format!("global {}", x.index)))?;
+        let bits = u128::from_str_radix(&x.bits, 16)
+            .ok()
+            .filter(|_| !x.bits.starts_with('+'))
+            .ok_or_else(|| corrupt(&mpath, format!("global {}: its bits are not hex", x.index)))?;
         globals.push(GlobalValue { index: x.index, ty: x.ty.clone(), bits });
     }
-    let mut sessions = Vec::new();
+    let mut sessions = Vec::with_capacity(m.infer.sessions.len());
     for x in &m.infer.sessions {
         let kv = kv(&g, &x.kv)?;
-        if kv.len != x.len || x.history.len() < kv.len {
+        if kv.len != x.len {
             return Err(corrupt(
                 &mpath,
                 format!("session {}: {} positions cached, {} listed", x.handle, kv.len, x.len),
@@ -613,18 +983,31 @@ pub fn read_dir(dir: &Path) -> Result<Snapshot, SnapshotError> {
             kv: KvImage::Portable(kv),
         });
     }
-    let mut contexts = Vec::new();
+    let mut contexts = Vec::with_capacity(m.nn.contexts.len());
     for c in &m.nn.contexts {
         let cache = match &c.cache {
-            Some(r) => Some((r.context, r.tokens.clone(), KvImage::Portable(kv(&g, &r.kv)?))),
+            Some(r) => {
+                let kv = kv(&g, &r.kv)?;
+                if kv.len > r.context {
+                    return Err(corrupt(
+                        &mpath,
+                        format!(
+                            "wasi-nn context {}: {} positions cached in a context of {}",
+                            c.handle, kv.len, r.context
+                        ),
+                    ));
+                }
+                Some((r.context, r.tokens.clone(), KvImage::Portable(kv)))
+            }
             None => None,
         };
+        let what = format!("wasi-nn context {}", c.handle);
         contexts.push(ContextState {
             handle: c.handle,
             model: c.model.clone(),
             options: c.options.clone(),
-            prompt: c.prompt.as_deref().map(|p| unhex(&mpath, p)).transpose()?,
-            output: unhex(&mpath, &c.output)?,
+            prompt: c.prompt.as_deref().map(|p| unhex(&mpath, &format!("{what}: prompt"), p)).transpose()?,
+            output: unhex(&mpath, &format!("{what}: output"), &c.output)?,
             counts: c.counts,
             cache,
         });
@@ -651,6 +1034,130 @@ pub fn read_dir(dir: &Path) -> Result<Snapshot, SnapshotError> {
             backend: m.backend,
         },
     })
+}
+
+/// Checks every size and name the manifest declares, against the limits and against each
+/// other, before any file it lists is read; returns the non-zero pages' indices.
+fn check_manifest(path: &Path, m: &Manifest) -> Result<Vec<u32>, SnapshotError> {
+    let bad = |reason: String| corrupt(path, reason);
+    // Names that later errors (restore's) quote: short, no control characters.
+    let name = |what: &str, s: &str| {
+        if s.is_empty() || s.len() > MAX_NAME || s.chars().any(odd) {
+            return Err(bad(format!("{what} `{}` is not a name of 1 to {MAX_NAME} printable bytes", shown(s, 64))));
+        }
+        Ok(())
+    };
+    let sha = &m.module.sha256;
+    if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad(format!("the module's SHA-256 `{}` is not 64 hex digits", shown(sha, 64))));
+    }
+    name("the backend", &m.backend)?;
+    for x in &m.models {
+        name("a model", &x.name)?;
+        name("a model's fingerprint", &x.fingerprint)?;
+    }
+    for x in &m.globals {
+        if !matches!(x.ty.as_str(), "i32" | "i64" | "f32" | "f64" | "v128") {
+            return Err(bad(format!("global {}: type `{}` is not a Wasm value type", x.index, shown(&x.ty, 16))));
+        }
+    }
+    for (_, model) in &m.infer.opened {
+        name("an open model", model)?;
+    }
+    for x in &m.infer.sessions {
+        let h = x.handle;
+        name("a session's model", &x.model)?;
+        if x.context == 0 || x.context > MAX_CONTEXT {
+            return Err(bad(format!(
+                "session {h}: a context of {} positions; a snapshot holds 1 to {MAX_CONTEXT}",
+                x.context
+            )));
+        }
+        if x.len > x.context || x.history.len() > x.context || x.history.len() < x.len {
+            return Err(bad(format!(
+                "session {h}: {} positions cached and {} tokens of history in a context of {}",
+                x.len,
+                x.history.len(),
+                x.context
+            )));
+        }
+    }
+    for x in &m.nn.graphs {
+        name("a wasi-nn graph's model", &x.model)?;
+    }
+    for c in &m.nn.contexts {
+        name("a wasi-nn context's model", &c.model)?;
+        if let Some(r) = &c.cache
+            && (r.context == 0 || r.context > MAX_CONTEXT || r.tokens.len() > r.context)
+        {
+            return Err(bad(format!(
+                "wasi-nn context {}: {} tokens in a context of {} positions; a snapshot holds 1 to {MAX_CONTEXT}",
+                c.handle,
+                r.tokens.len(),
+                r.context
+            )));
+        }
+    }
+    // The memory: its size, then the runs, in order and inside it, counted before the list of
+    // pages is made; the page file's declared length must be that count of pages.
+    let mem = &m.memory;
+    if mem.pages > MAX_MEMORY_PAGES {
+        return Err(bad(format!(
+            "a memory of {} pages; a snapshot holds at most {MAX_MEMORY_PAGES} (4 GiB)",
+            mem.pages
+        )));
+    }
+    let (mut total, mut next) = (0u64, 0u64);
+    for &[first, count] in &mem.nonzero {
+        let end = u64::from(first) + u64::from(count);
+        if count == 0 || u64::from(first) < next {
+            return Err(bad(format!("page runs out of order (pages {first}+{count})")));
+        }
+        if end > mem.pages {
+            return Err(bad(format!("pages {first}+{count} lie past the memory ({} pages)", mem.pages)));
+        }
+        total += u64::from(count);
+        next = end;
+    }
+    if total * shoal_host::instance::PAGE as u64 != mem.file.bytes {
+        return Err(bad(format!("{total} pages listed, {} bytes of pages", mem.file.bytes)));
+    }
+    let mut pages = Vec::with_capacity(total as usize);
+    for &[first, count] in &mem.nonzero {
+        pages.extend(first..first + count);
+    }
+    Ok(pages)
+}
+
+/// Refuses to write a state that [`read_dir`] would refuse for its size.
+fn check_limits(path: &Path, s: &InstanceState) -> Result<(), SnapshotError> {
+    let too_large = |reason: String| Err(SnapshotError::TooLarge { path: path.to_path_buf(), reason });
+    if s.memory_pages > MAX_MEMORY_PAGES {
+        return too_large(format!("a memory of {} pages; a snapshot holds at most {MAX_MEMORY_PAGES}", s.memory_pages));
+    }
+    let lists = [
+        ("arguments", s.args.len()),
+        ("globals", s.globals.len()),
+        ("open models", s.infer.opened.len()),
+        ("sessions", s.infer.sessions.len()),
+        ("wasi-nn graphs", s.nn.graphs.len()),
+        ("wasi-nn contexts", s.nn.contexts.len()),
+    ];
+    for (what, n) in lists {
+        if n > MAX_ENTRIES {
+            return too_large(format!("{n} {what}; a snapshot holds at most {MAX_ENTRIES}"));
+        }
+    }
+    let contexts = s.infer.sessions.iter().map(|x| (x.handle, x.context, x.history.len()));
+    let caches = s.nn.contexts.iter().filter_map(|c| c.cache.as_ref().map(|(n, t, _)| (c.handle, *n, t.len())));
+    for (handle, context, tokens) in contexts.chain(caches) {
+        if context > MAX_CONTEXT || tokens > MAX_CONTEXT {
+            return too_large(format!(
+                "handle {handle}: a context of {context} positions and {tokens} tokens; a snapshot holds at most {MAX_CONTEXT}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Where snapshots are kept, by key. A local directory now ([`LocalStore`]); an object store

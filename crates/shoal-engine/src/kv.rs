@@ -291,26 +291,53 @@ impl KvSnapshot {
         Ok(())
     }
 
+    /// The largest safetensors header a KV cache file may have. The header shoal writes is
+    /// under 300 bytes; a larger one is refused before it is parsed, so a crafted file cannot
+    /// make the JSON parser build a large tree.
+    pub const MAX_HEADER: u64 = 64 << 10;
+
     /// Reads a file [`KvSnapshot::write`] wrote, refusing other formats and versions,
     /// inconsistent shapes, truncated or corrupt files with a clear error.
     pub fn read(path: &std::path::Path) -> Result<KvSnapshot, crate::safetensors::SafetensorsError> {
-        Self::parse(crate::safetensors::SafetensorsFile::open(path)?)
+        Self::parse(Self::open(path)?)
+    }
+
+    /// Maps the file at `path` and parses its header, refusing a header larger than
+    /// [`KvSnapshot::MAX_HEADER`] (or longer than the file) before it is parsed; then check
+    /// the bytes as you wish and decode it with [`KvSnapshot::from_file`].
+    pub fn open(
+        path: &std::path::Path,
+    ) -> Result<crate::safetensors::SafetensorsFile, crate::safetensors::SafetensorsError> {
+        use std::io::Read;
+        let io = |source| crate::safetensors::SafetensorsError::Io { path: path.to_path_buf(), source };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let mut prefix = Vec::with_capacity(8);
+        file.take(8).read_to_end(&mut prefix).map_err(io)?;
+        check_prefix(path, &prefix, len)?;
+        crate::safetensors::SafetensorsFile::open(path).map_err(tidy)
     }
 
     /// [`KvSnapshot::read`] of bytes already in memory (`name` is used in errors).
     pub fn from_safetensors(name: &str, bytes: Vec<u8>) -> Result<KvSnapshot, crate::safetensors::SafetensorsError> {
-        Self::parse(crate::safetensors::SafetensorsFile::from_bytes(name, bytes)?)
+        let path = std::path::Path::new(name);
+        check_prefix(path, &bytes, bytes.len() as u64)?;
+        Self::parse(crate::safetensors::SafetensorsFile::from_bytes(name, bytes).map_err(tidy)?)
     }
 
-    /// [`KvSnapshot::read`] of a file already opened (e.g. after checking its bytes).
+    /// [`KvSnapshot::read`] of a file already opened (e.g. by [`KvSnapshot::open`], after
+    /// checking its bytes).
     pub fn from_file(
         f: crate::safetensors::SafetensorsFile,
     ) -> Result<KvSnapshot, crate::safetensors::SafetensorsError> {
         Self::parse(f)
     }
 
+    /// Checks the format, the version, and that `k` and `v` are F32 tensors of one
+    /// `[layers, len, kv_dim]` shape whose size is their bytes' length, before any buffer is
+    /// made for them (each is then one buffer of its bytes' length).
     fn parse(f: crate::safetensors::SafetensorsFile) -> Result<KvSnapshot, crate::safetensors::SafetensorsError> {
-        use crate::safetensors::SafetensorsError;
+        use crate::safetensors::{Dtype, SafetensorsError};
         let path = f.path().to_path_buf();
         let corrupt = |reason: String| SafetensorsError::Corrupt { path: path.clone(), reason };
         let meta = f.metadata();
@@ -318,22 +345,140 @@ impl KvSnapshot {
             (Some(Self::FORMAT), Some(Self::VERSION)) => {}
             (Some(Self::FORMAT), v) => {
                 return Err(corrupt(format!(
-                    "a KV cache of format version {v:?}; this shoal reads version {}",
+                    "a KV cache of format version {}; this shoal reads version {}",
+                    v.map_or("(none)".into(), |v| format!("\"{}\"", shown(v, 64))),
                     Self::VERSION
                 )));
             }
-            (other, _) => return Err(corrupt(format!("not a shoal KV cache (format {other:?})"))),
+            (other, _) => {
+                return Err(corrupt(format!(
+                    "not a shoal KV cache (format {})",
+                    other.map_or("(none)".into(), |v| format!("\"{}\"", shown(v, 64)))
+                )));
+            }
         }
-        let shape = |name: &str| -> Result<Vec<u64>, SafetensorsError> {
-            Ok(f.tensor(name).ok_or_else(|| corrupt(format!("no tensor `{name}`")))?.shape.clone())
-        };
-        let (ks, vs) = (shape("k")?, shape("v")?);
-        if ks.len() != 3 || ks != vs {
-            return Err(corrupt(format!("k has shape {ks:?} and v {vs:?}; both must be [layers, len, kv_dim]")));
+        let tensor = |name: &str| f.tensor(name).ok_or_else(|| corrupt(format!("no tensor `{name}`")));
+        let (k, v) = (tensor("k")?, tensor("v")?);
+        if k.shape.len() != 3 || k.shape != v.shape {
+            return Err(corrupt(format!(
+                "k has shape {} and v {}; both must be [layers, len, kv_dim]",
+                shown(&format!("{:?}", k.shape), 64),
+                shown(&format!("{:?}", v.shape), 64)
+            )));
         }
-        let k = f.tensor_f32("k")?;
-        let v = f.tensor_f32("v")?;
-        Ok(KvSnapshot { n_layers: ks[0] as usize, len: ks[1] as usize, kv_dim: ks[2] as usize, k, v })
+        for (name, t) in [("k", k), ("v", v)] {
+            if t.dtype != Dtype::F32 {
+                return Err(corrupt(format!("`{name}` is {}; a shoal KV cache holds F32", shown(t.dtype.name(), 16))));
+            }
+        }
+        let dims: Vec<usize> = k.shape.iter().map(|&d| usize::try_from(d).unwrap_or(usize::MAX)).collect();
+        let bytes = dims.iter().try_fold(4usize, |acc, &d| acc.checked_mul(d));
+        for name in ["k", "v"] {
+            let have = f.tensor_bytes(name).map_err(tidy)?.len();
+            if bytes != Some(have) {
+                return Err(corrupt(format!(
+                    "`{name}` of shape {:?} needs {} bytes; it has {have}",
+                    dims,
+                    bytes.map_or("more than a usize of".into(), |b| b.to_string())
+                )));
+            }
+        }
+        let k = f.tensor_f32("k").map_err(tidy)?;
+        let v = f.tensor_f32("v").map_err(tidy)?;
+        Ok(KvSnapshot { n_layers: dims[0], len: dims[1], kv_dim: dims[2], k, v })
+    }
+}
+
+/// Checks a KV cache file's first bytes, of a file of `len` bytes: a header length no larger
+/// than [`KvSnapshot::MAX_HEADER`], inside the file.
+fn check_prefix(path: &std::path::Path, prefix: &[u8], len: u64) -> Result<(), crate::safetensors::SafetensorsError> {
+    use crate::safetensors::SafetensorsError;
+    let Some(head) = prefix.get(..8) else {
+        return Err(SafetensorsError::Truncated {
+            path: path.to_path_buf(),
+            what: "the header length".into(),
+            offset: 0,
+            needed: 8,
+            len,
+        });
+    };
+    let header = u64::from_le_bytes(head.try_into().expect("8 bytes"));
+    if header > KvSnapshot::MAX_HEADER {
+        return Err(SafetensorsError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!(
+                "the header claims {header} bytes; a KV cache's header has at most {}",
+                KvSnapshot::MAX_HEADER
+            ),
+        });
+    }
+    if header > len.saturating_sub(8) {
+        return Err(SafetensorsError::Truncated {
+            path: path.to_path_buf(),
+            what: "the JSON header".into(),
+            offset: 8,
+            needed: header,
+            len,
+        });
+    }
+    Ok(())
+}
+
+/// `s` as it may appear in an error: control and bidirectional-override characters
+/// escaped, and cut in the middle to about `max` bytes (errors describe, they do not quote).
+fn shown(s: &str, max: usize) -> String {
+    let odd = |c: char| {
+        c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    let width = |c: char| if odd(c) { c.escape_unicode().count() } else { c.len_utf8() };
+    let push = |out: &mut String, c: char| {
+        if odd(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    };
+    let mut out = String::new();
+    if s.chars().map(width).sum::<usize>() <= max {
+        s.chars().for_each(|c| push(&mut out, c));
+        return out;
+    }
+    let (head, tail) = (max * 2 / 3, max / 3);
+    let mut n = 0;
+    for c in s.chars() {
+        n += width(c);
+        if n > head {
+            break;
+        }
+        push(&mut out, c);
+    }
+    out.push('…');
+    let (mut n, mut from) = (0, s.len());
+    for (i, c) in s.char_indices().rev() {
+        n += width(c);
+        if n > tail {
+            break;
+        }
+        from = i;
+    }
+    s[from..].chars().for_each(|c| push(&mut out, c));
+    out
+}
+
+/// The same error with every string taken from the file shown by [`shown`] (the
+/// safetensors reader quotes tensor names and dtypes as they are).
+fn tidy(e: crate::safetensors::SafetensorsError) -> crate::safetensors::SafetensorsError {
+    use crate::safetensors::SafetensorsError as E;
+    match e {
+        E::Corrupt { path, reason } => E::Corrupt { path, reason: shown(&reason, 192) },
+        E::Truncated { path, what, offset, needed, len } => {
+            E::Truncated { path, what: shown(&what, 96), offset, needed, len }
+        }
+        E::UnsupportedDtype { tensor, dtype } => {
+            E::UnsupportedDtype { tensor: shown(&tensor, 64), dtype: shown(&dtype, 16) }
+        }
+        E::MissingTensor(name) => E::MissingTensor(shown(&name, 64)),
+        other => other,
     }
 }
 
