@@ -1,12 +1,16 @@
 //! An actor: one Wasm instance on its own thread, and a mailbox. Messages are handled one
 //! at a time, in order; snapshots are taken between them, when the instance is quiescent.
+//!
+//! An actor can be stopped at any time, even inside a handler that never returns:
+//! [`Actor::kill`] (and dropping it) fires the instance's [`Interrupt`], which stops guest
+//! code within a tick of the epoch and a host call between two of its pieces.
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use shoal_host::{HostError, Instance, InstanceOptions, Prepared, Runtime};
+use shoal_host::{HostError, Instance, InstanceOptions, Interrupt, Limits, Prepared, Runtime};
 
 use crate::snapshot::{Snapshot, SnapshotError};
 
@@ -22,14 +26,27 @@ pub enum ActorError {
     /// The actor has stopped (killed, or its guest trapped or ran past its deadline).
     #[error("the actor has stopped: {0}")]
     Stopped(String),
+    /// The module's `_initialize` ran past its deadline at spawn, and was stopped.
+    #[error("the module's `_initialize` did not return within {0:.1?} and was stopped (--init-deadline)")]
+    InitDeadline(Duration),
+    /// The handler failed on this message (returned an error code); the actor lives on.
+    #[error("the actor's handler failed: {0}")]
+    Failed(String),
 }
+
+/// How a handler says why it failed: a reply part that begins with these bytes (NAK,
+/// `error`, the unit separator) is not part of the reply but the error's message, reported
+/// in [`Event::Done`] when the handler then returns an error code (and dropped if it returns
+/// 0). Without one, the error is "the handler returned CODE".
+pub const ERROR_MARK: &[u8] = b"\x15error\x1f";
 
 /// Part of a reply.
 #[derive(Debug)]
 pub enum Event {
     /// Bytes the guest replied, as it replied them.
     Chunk(Vec<u8>),
-    /// The handler returned: `Ok` or why not.
+    /// The handler returned: `Ok` or why not (the message the handler gave with
+    /// [`ERROR_MARK`], or what stopped it).
     Done(Result<(), String>),
 }
 
@@ -43,8 +60,23 @@ enum Command {
 /// How an actor runs.
 #[derive(Clone, Debug, Default)]
 pub struct ActorConfig {
-    /// The longest a handler may run (needs the runtime's epoch ticker, started by spawn).
+    /// The longest a handler may run, host calls included; it also bounds `_initialize` at
+    /// spawn unless [`ActorConfig::init_deadline`] is given.
     pub deadline: Option<Duration>,
+    /// The longest `_initialize` may run at spawn (`None`: [`ActorConfig::deadline`]). Used
+    /// when the spawn's own [`InstanceOptions::limits`] has no deadline.
+    pub init_deadline: Option<Duration>,
+    /// What an instance brought back from a snapshot may use (memory, context, replies; its
+    /// `deadline` is not used: see the fields above). A spawn runs under its own
+    /// [`InstanceOptions::limits`] ([`crate::Registry`] gives every spawn these).
+    pub limits: Limits,
+}
+
+impl ActorConfig {
+    /// The deadline of a spawn's `_initialize`.
+    pub fn init(&self) -> Option<Duration> {
+        self.init_deadline.or(self.deadline)
+    }
 }
 
 /// What an actor is doing, for listings.
@@ -58,12 +90,15 @@ pub struct ActorStatus {
     pub memory_bytes: usize,
 }
 
-/// A running actor (see the module docs). Dropping it stops it.
+/// A running actor (see the module docs). Dropping it kills it ([`Actor::kill`]); to let it
+/// finish the messages in its mailbox first, [`Actor::stop`] it.
 pub struct Actor {
     tx: mpsc::Sender<Command>,
     thread: Option<JoinHandle<()>>,
     status: Arc<Mutex<ActorStatus>>,
     prepared: Arc<Prepared>,
+    /// The instance's kill switch, kept here: the instance itself lives on the actor's thread.
+    interrupt: Interrupt,
 }
 
 impl std::fmt::Debug for Actor {
@@ -78,17 +113,24 @@ enum Start {
 }
 
 impl Actor {
-    /// Starts an actor running `prepared` with `opts` (its arguments).
+    /// Starts an actor running `prepared` with `opts` (its arguments and limits). Its
+    /// `_initialize` runs here, within `opts.limits.deadline`, or [`ActorConfig::init`] when
+    /// that is `None`: one that does not return in time fails the spawn with
+    /// [`ActorError::InitDeadline`].
     pub fn spawn(
         runtime: Arc<Runtime>,
         prepared: Arc<Prepared>,
-        opts: InstanceOptions,
+        mut opts: InstanceOptions,
         config: ActorConfig,
     ) -> Result<Actor, ActorError> {
+        if opts.limits.deadline.is_none() {
+            opts.limits.deadline = config.init();
+        }
         Self::start(runtime, prepared, Start::Fresh(opts), config)
     }
 
-    /// Brings an actor back from `snapshot` (taken of the same module, on any backend).
+    /// Brings an actor back from `snapshot` (taken of the same module, on any backend), under
+    /// `config.limits`.
     pub fn restore(
         runtime: Arc<Runtime>,
         prepared: Arc<Prepared>,
@@ -105,16 +147,24 @@ impl Actor {
         how: Start,
         config: ActorConfig,
     ) -> Result<Actor, ActorError> {
-        if config.deadline.is_some() {
-            runtime.start_epoch_ticker();
-        }
+        // Deadlines and kills need the epoch ticker (idempotent).
+        runtime.start_epoch_ticker();
         // The instance is made here, on the caller's thread (its memory is written where the
         // snapshot was just read), and then handed to the actor's own thread.
         let mut inst = match how {
-            Start::Fresh(opts) => runtime.instantiate(&prepared, &opts)?,
+            Start::Fresh(opts) => {
+                runtime.instantiate(&prepared, &opts).map_err(|e| match (e, opts.limits.deadline) {
+                    (HostError::Deadline, Some(d)) => ActorError::InitDeadline(d),
+                    (e, _) => ActorError::Host(e),
+                })?
+            }
             // Checked by `Actor::restore`.
-            Start::Restore(snap) => runtime.restore(&prepared, &snap.state)?,
+            Start::Restore(snap) => {
+                let limits = Limits { deadline: None, ..config.limits.clone() };
+                runtime.restore_with(&prepared, &snap.state, &limits)?
+            }
         };
+        let interrupt = inst.interrupt();
         let (tx, rx) = mpsc::channel();
         let status =
             Arc::new(Mutex::new(ActorStatus { state: "idle".into(), messages: 0, memory_bytes: inst.memory_size() }));
@@ -123,7 +173,7 @@ impl Actor {
             .name("shoal-actor".into())
             .spawn(move || run(&runtime, &mut inst, rx, &st, &config))
             .map_err(|e| ActorError::Stopped(format!("cannot start a thread: {e}")))?;
-        Ok(Actor { tx, thread: Some(thread), status, prepared })
+        Ok(Actor { tx, thread: Some(thread), status, prepared, interrupt })
     }
 
     /// Puts `msg` in the mailbox; the reply streams through the receiver.
@@ -141,7 +191,10 @@ impl Actor {
             match ev {
                 Event::Chunk(c) => out.extend_from_slice(&c),
                 Event::Done(Ok(())) => return Ok(out),
-                Event::Done(Err(e)) => return Err(ActorError::Stopped(e)),
+                Event::Done(Err(e)) if lock(&self.status).state.starts_with("stopped") => {
+                    return Err(ActorError::Stopped(e));
+                }
+                Event::Done(Err(e)) => return Err(ActorError::Failed(e)),
             }
         }
         Err(self.stopped())
@@ -181,6 +234,28 @@ impl Actor {
         self.shutdown();
     }
 
+    /// Stops the actor now, even inside a handler that never returns, and waits for its
+    /// thread: the message it is handling, and those still in its mailbox, end with an error;
+    /// its state says `stopped: killed`.
+    pub fn kill(mut self) {
+        self.kill_now();
+    }
+
+    /// A switch that kills the actor's instance from any thread, without waiting
+    /// ([`Actor::kill`] also joins its thread).
+    pub fn interrupt(&self) -> Interrupt {
+        self.interrupt.clone()
+    }
+
+    fn kill_now(&mut self) {
+        if self.thread.is_none() {
+            return;
+        }
+        self.interrupt.kill();
+        self.shutdown();
+        lock(&self.status).state = "stopped: killed".into();
+    }
+
     fn shutdown(&mut self) {
         let _ = self.tx.send(Command::Stop);
         if let Some(t) = self.thread.take() {
@@ -195,7 +270,8 @@ impl Actor {
 
 impl Drop for Actor {
     fn drop(&mut self) {
-        self.shutdown();
+        // Not stopped yet: kill, so that a handler that loops cannot make the drop hang.
+        self.kill_now();
     }
 }
 
@@ -225,13 +301,23 @@ fn run(
                 lock(status).state = "busy".into();
                 let t0 = Instant::now();
                 let chunks = reply.clone();
+                // The error message the handler gave, if any (see `ERROR_MARK`).
+                let said = Arc::new(Mutex::new(None::<String>));
+                let said_in = said.clone();
                 let r = inst.message(
                     &msg,
                     config.deadline,
-                    Box::new(move |b: &[u8]| {
-                        let _ = chunks.send(Event::Chunk(b.to_vec()));
+                    Box::new(move |b: &[u8]| match b.strip_prefix(ERROR_MARK) {
+                        Some(m) => {
+                            *said_in.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(String::from_utf8_lossy(m).trim_end().to_string());
+                        }
+                        None => {
+                            let _ = chunks.send(Event::Chunk(b.to_vec()));
+                        }
                     }),
                 );
+                let said = said.lock().unwrap_or_else(|e| e.into_inner()).take();
                 let mut s = lock(status);
                 s.messages += 1;
                 s.memory_bytes = inst.memory_size();
@@ -242,7 +328,14 @@ fn run(
                     }
                     Err(HostError::Handler { message, .. }) => {
                         s.state = "idle".into();
-                        let _ = reply.send(Event::Done(Err(message)));
+                        let _ = reply.send(Event::Done(Err(said.unwrap_or(message))));
+                    }
+                    Err(HostError::Killed) => {
+                        s.state = "stopped: killed".into();
+                        let why = format!("the actor was killed {:.1?} into its handler", t0.elapsed());
+                        log::info!("{why}");
+                        let _ = reply.send(Event::Done(Err(why)));
+                        dead = Some("killed".into());
                     }
                     Err(e) => {
                         let why = format!("{e} (after {:.1?})", t0.elapsed());

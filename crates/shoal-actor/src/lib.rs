@@ -1,6 +1,8 @@
 //! shoal's actors: one Wasm instance plus a mailbox ([`Actor`]), and snapshots of their whole
 //! state (linear memory, mutable globals, sessions and KV caches) as plain, versioned data
-//! ([`Snapshot`], `docs/snapshot.md`), kept in a [`SnapshotStore`].
+//! ([`Snapshot`], `docs/snapshot.md`), kept in a [`SnapshotStore`]. Every instance runs
+//! under the [`shoal_host::Limits`] of its [`ActorConfig`]; [`Actor::kill`] stops one at once,
+//! even inside a handler that never returns.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -22,6 +24,6 @@ mod actor;
 pub mod registry;
 pub mod snapshot;
 
-pub use actor::{Actor, ActorConfig, ActorError, ActorStatus, Event};
+pub use actor::{Actor, ActorConfig, ActorError, ActorStatus, ERROR_MARK, Event};
 pub use registry::{ActorInfo, Registry, RegistryError, Timing};
 pub use snapshot::{LocalStore, ModelRef, Snapshot, SnapshotError, SnapshotStore, WriteReport, read_dir, write_dir};

@@ -1,13 +1,17 @@
 //! Many actors on one host, by id: what `shoal serve` manages. Actors share the runtime's
 //! models (one copy of the weights); each can be paused (snapshotted in memory and its
-//! instance dropped), resumed, snapshotted to the store, restored from it, or killed.
+//! instance dropped), resumed, snapshotted to the store, restored from it, or killed (at
+//! once, even inside a handler that never returns).
+//!
+//! Every actor runs under the registry's [`ActorConfig`]: its limits for every instance,
+//! spawned or restored, its deadline for each message, its `_initialize` deadline at spawn.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Instant;
 
-use shoal_host::{InstanceOptions, Prepared, Runtime};
+use shoal_host::{InstanceOptions, Interrupt, Prepared, Runtime};
 
 use crate::{Actor, ActorConfig, ActorError, Event, Snapshot, SnapshotStore, WriteReport};
 
@@ -45,6 +49,8 @@ impl From<crate::SnapshotError> for RegistryError {
 enum Slot {
     Running(Actor),
     Paused(Box<Snapshot>),
+    /// Killed while someone else still held the entry.
+    Killed,
 }
 
 struct Entry {
@@ -52,6 +58,9 @@ struct Entry {
     module: Arc<Prepared>,
     tag: String,
     slot: Mutex<Slot>,
+    /// The running instance's kill switch, reachable without the slot's lock (which a pause
+    /// or snapshot waiting on a busy actor holds).
+    interrupt: Mutex<Option<Interrupt>>,
     /// The runtime (and so the backend) it runs on: an index into `Registry::runtimes`.
     runtime: Mutex<usize>,
 }
@@ -184,29 +193,32 @@ impl Registry {
         lock(&self.actors).get(&id).cloned().ok_or(RegistryError::NoSuchActor(id))
     }
 
-    fn add(&self, module_name: &str, module: Arc<Prepared>, tag: &str, slot: Slot) -> u64 {
+    fn add(&self, module_name: &str, module: Arc<Prepared>, tag: &str, actor: Actor) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let e = Entry {
             module_name: module_name.to_string(),
             module,
             tag: tag.to_string(),
-            slot: Mutex::new(slot),
+            interrupt: Mutex::new(Some(actor.interrupt())),
+            slot: Mutex::new(Slot::Running(actor)),
             runtime: Mutex::new(0),
         };
         lock(&self.actors).insert(id, Arc::new(e));
         id
     }
 
-    /// Starts an actor of `module` with `opts`; returns its id.
+    /// Starts an actor of `module` with `opts` (their limits replaced by the registry's);
+    /// returns its id. An `_initialize` that runs past the registry's init deadline fails it.
     pub fn spawn(
         &self,
         module_name: &str,
         module: Arc<Prepared>,
-        opts: InstanceOptions,
+        mut opts: InstanceOptions,
         tag: &str,
     ) -> Result<u64, RegistryError> {
+        opts.limits = shoal_host::Limits { deadline: self.config.init(), ..self.config.limits.clone() };
         let actor = Actor::spawn(self.runtimes[0].clone(), module.clone(), opts, self.config.clone())?;
-        Ok(self.add(module_name, module, tag, Slot::Running(actor)))
+        Ok(self.add(module_name, module, tag, actor))
     }
 
     /// Every actor, by id.
@@ -221,6 +233,7 @@ impl Registry {
                         (s.state, s.messages, s.memory_bytes)
                     }
                     Slot::Paused(s) => ("paused".to_string(), 0, s.state.memory_pages as usize * 65536),
+                    Slot::Killed => ("stopped: killed".to_string(), 0, 0),
                 };
                 ActorInfo {
                     id,
@@ -243,6 +256,7 @@ impl Registry {
         match &*slot {
             Slot::Running(a) => Ok(a.send(msg)?),
             Slot::Paused(_) => Err(RegistryError::WrongState { id, state: "paused; resume it first" }),
+            Slot::Killed => Err(RegistryError::WrongState { id, state: "killed" }),
         }
     }
 
@@ -255,8 +269,10 @@ impl Registry {
         let snap = match &*slot {
             Slot::Running(a) => a.park()?,
             Slot::Paused(_) => return Err(RegistryError::WrongState { id, state: "already paused" }),
+            Slot::Killed => return Err(RegistryError::WrongState { id, state: "killed" }),
         };
         let bytes = snapshot_bytes(&snap);
+        *lock(&e.interrupt) = None;
         if let Slot::Running(a) = std::mem::replace(&mut *slot, Slot::Paused(Box::new(snap))) {
             a.stop();
         }
@@ -275,6 +291,7 @@ impl Registry {
         let i = *lock(&e.runtime);
         let module = self.module_for(&e.module, i)?;
         let actor = Actor::restore(self.runtimes[i].clone(), module, (**snap).clone(), self.config.clone())?;
+        *lock(&e.interrupt) = Some(actor.interrupt());
         *slot = Slot::Running(actor);
         Ok(Timing { id, ms: t0.elapsed().as_secs_f64() * 1e3, bytes })
     }
@@ -288,6 +305,7 @@ impl Registry {
         let snap = match &*lock(&e.slot) {
             Slot::Running(a) => a.park()?,
             Slot::Paused(s) => (**s).clone(),
+            Slot::Killed => return Err(RegistryError::WrongState { id, state: "killed" }),
         };
         let r = self.store.put(key, &snap)?;
         Ok((r, t0.elapsed().as_secs_f64() * 1e3))
@@ -302,7 +320,7 @@ impl Registry {
             .and_then(|k| Some((k.name.clone(), k.compiled.get(&0)?.clone())))
             .ok_or_else(|| RegistryError::UnknownModule(snap.module_sha256.clone()))?;
         let actor = Actor::restore(self.runtimes[0].clone(), module.clone(), snap, self.config.clone())?;
-        let id = self.add(&name, module, tag, Slot::Running(actor));
+        let id = self.add(&name, module, tag, actor);
         Ok((id, t0.elapsed().as_secs_f64() * 1e3))
     }
 
@@ -320,10 +338,12 @@ impl Registry {
         let module = self.module_for(&e.module, to)?;
         let bytes = match &*slot {
             Slot::Paused(s) => snapshot_bytes(s),
+            Slot::Killed => return Err(RegistryError::WrongState { id, state: "killed" }),
             Slot::Running(a) => {
                 let snap = a.snapshot()?;
                 let bytes = snapshot_bytes(&snap);
                 let moved = Actor::restore(self.runtimes[to].clone(), module, snap, self.config.clone())?;
+                *lock(&e.interrupt) = Some(moved.interrupt());
                 if let Slot::Running(old) = std::mem::replace(&mut *slot, Slot::Running(moved)) {
                     old.stop();
                 }
@@ -334,11 +354,21 @@ impl Registry {
         Ok(Timing { id, ms: t0.elapsed().as_secs_f64() * 1e3, bytes })
     }
 
-    /// Stops actor `id` and forgets it.
+    /// Stops actor `id` now, even inside a handler that never returns, and forgets it.
     pub fn kill(&self, id: u64) -> Result<(), RegistryError> {
         let e = lock(&self.actors).remove(&id).ok_or(RegistryError::NoSuchActor(id))?;
-        // Dropping the actor stops its thread after the message it is handling.
-        drop(e);
+        // First the switch: a pause or a snapshot waiting on this actor's busy handler holds
+        // the slot's lock, and lets it go once the handler is stopped.
+        if let Some(i) = lock(&e.interrupt).take() {
+            i.kill();
+        }
+        let running = match std::mem::replace(&mut *lock(&e.slot), Slot::Killed) {
+            Slot::Running(a) => Some(a),
+            Slot::Paused(_) | Slot::Killed => None,
+        };
+        if let Some(a) = running {
+            a.kill();
+        }
         Ok(())
     }
 

@@ -1,12 +1,15 @@
 //! Actors and snapshots: state (memory, globals not exported, sessions with their KV cache)
 //! survives a snapshot written to disk and a restore into a fresh runtime; bad snapshots
-//! are refused with a clear error; a guest that traps or loops stops alone.
+//! are refused with a clear error; a guest that traps or loops stops alone; a kill stops a
+//! handler that never returns.
 //! The chat tests need the default model (`scripts/fetch-model.sh`; `make test` fetches it).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_actor::{Actor, ActorConfig, ActorError, LocalStore, SnapshotError, SnapshotStore, read_dir, write_dir};
+use shoal_actor::{
+    Actor, ActorConfig, ActorError, Event, LocalStore, SnapshotError, SnapshotStore, read_dir, write_dir,
+};
 use shoal_gpu::{BackendKind, Device};
 use shoal_host::{InstanceOptions, Models, Runtime};
 
@@ -169,7 +172,7 @@ fn a_guest_that_traps_or_loops_stops_alone() {
         (if (i32.eq (i32.load8_u (local.get $p)) (i32.const 101)) (then (return (i32.const 7))))
         (i32.const 0)))"#;
     let m = rt.prepare(wat.as_bytes()).unwrap();
-    let cfg = ActorConfig { deadline: Some(Duration::from_millis(100)) };
+    let cfg = ActorConfig { deadline: Some(Duration::from_millis(100)), ..Default::default() };
     let looping = Actor::spawn(rt.clone(), m.clone(), InstanceOptions::default(), cfg.clone()).unwrap();
     let trapping = Actor::spawn(rt.clone(), m.clone(), InstanceOptions::default(), cfg.clone()).unwrap();
     let fine = Actor::spawn(rt.clone(), m.clone(), InstanceOptions::default(), cfg).unwrap();
@@ -197,6 +200,76 @@ fn a_guest_that_traps_or_loops_stops_alone() {
     let imported = wat
         .replace("(memory (export \"memory\") 1)", "(import \"env\" \"m\" (memory 1)) (export \"memory\" (memory 0))");
     assert!(rt.prepare(imported.as_bytes()).is_err());
+}
+
+/// An actor whose handler never returns (and, when `init` is set, whose `_initialize` never
+/// returns either).
+fn spinning(init: bool) -> String {
+    format!(
+        r#"(module
+      (memory (export "memory") 1)
+      {}
+      (func (export "shoal_actor_alloc") (param i32) (result i32) (i32.const 64))
+      (func (export "shoal_actor_message") (param i32 i32) (result i32)
+        (loop $l (br $l))
+        (i32.const 0)))"#,
+        if init { r#"(func (export "_initialize") (loop $l (br $l)))"# } else { "" }
+    )
+}
+
+#[test]
+fn killing_an_actor_stuck_in_its_handler_does_not_hang() {
+    let rt = runtime(Models::new());
+    let m = rt.prepare(spinning(false).as_bytes()).unwrap();
+    // No deadline: only the kill can stop it.
+    let a = Actor::spawn(rt.clone(), m.clone(), InstanceOptions::default(), ActorConfig::default()).unwrap();
+    let rx = a.send(b"spin".to_vec()).unwrap();
+    let queued = a.send(b"after".to_vec()).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(a.status().state, "busy");
+    let t0 = std::time::Instant::now();
+    a.kill();
+    assert!(t0.elapsed() < Duration::from_secs(2), "the kill took {:?}", t0.elapsed());
+    let done = rx.into_iter().find_map(|e| match e {
+        Event::Done(r) => Some(r),
+        Event::Chunk(_) => None,
+    });
+    let e = done.expect("the message ends").unwrap_err();
+    assert!(e.contains("killed"), "{e}");
+    let later = queued.into_iter().find_map(|e| match e {
+        Event::Done(r) => Some(r),
+        Event::Chunk(_) => None,
+    });
+    assert!(later.is_none_or(|r| r.is_err()), "a message queued behind the kill is not handled");
+
+    // Dropping a busy actor kills it too, rather than waiting for a handler that never ends.
+    let b = Actor::spawn(rt.clone(), m, InstanceOptions::default(), ActorConfig::default()).unwrap();
+    let _rx = b.send(b"spin".to_vec()).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let t0 = std::time::Instant::now();
+    drop(b);
+    assert!(t0.elapsed() < Duration::from_secs(2), "the drop took {:?}", t0.elapsed());
+}
+
+#[test]
+fn a_spawn_whose_initialize_never_returns_fails_at_its_deadline() {
+    let rt = runtime(Models::new());
+    let m = rt.prepare(spinning(true).as_bytes()).unwrap();
+    let cfg = ActorConfig { deadline: Some(Duration::from_millis(200)), ..Default::default() };
+    let t0 = std::time::Instant::now();
+    let e = Actor::spawn(rt.clone(), m.clone(), InstanceOptions::default(), cfg).unwrap_err();
+    assert!(matches!(e, ActorError::InitDeadline(_)) && e.to_string().contains("_initialize"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    // Its own deadline for `_initialize` wins over the handlers'.
+    let cfg = ActorConfig {
+        deadline: Some(Duration::from_secs(3600)),
+        init_deadline: Some(Duration::from_millis(100)),
+        ..Default::default()
+    };
+    assert!(matches!(
+        Actor::spawn(rt, m, InstanceOptions::default(), cfg),
+        Err(ActorError::InitDeadline(d)) if d == Duration::from_millis(100)
+    ));
 }
 
 fn chat_runtime(test: &str) -> Option<Arc<Runtime>> {

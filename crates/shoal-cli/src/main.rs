@@ -9,9 +9,13 @@ use clap::{Parser, Subcommand};
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  0  success (for `run`: the guest's own exit code is passed through)
-  1  a check failed (the demo found wrong results)
-  2  shoal could not do what was asked (bad flags, unreadable module, no such backend)";
+  0    success (for `run`: the guest's own exit code is passed through)
+  1    a check failed (the demo found wrong results)
+  2    shoal could not do what was asked (bad flags, unreadable module, no such backend,
+       a guest that trapped)
+  3    `send`: the actor answered with an error (its handler failed, or it has stopped)
+  124  `run`: the guest ran past --deadline and was stopped
+  137  `run`: the guest was killed";
 
 /// Sandboxed WebAssembly actors that compute on the GPU with zero copies.
 #[derive(Parser)]
@@ -40,7 +44,8 @@ enum Command {
     Ps(cmd::ctl::Ps),
     /// Start an actor on the daemon (`chat` or a module path); prints its id.
     Spawn(cmd::ctl::Spawn),
-    /// Send an actor a message and print its reply as it streams.
+    /// Send an actor a message and print its reply as it streams (exit code 3 when the actor
+    /// answers with an error, e.g. `context_length_exceeded`).
     Send(cmd::ctl::Send),
     /// Pause an actor: snapshot it in the daemon's memory and free its instance.
     Pause(cmd::ctl::Id),
@@ -53,7 +58,7 @@ enum Command {
     Move(cmd::ctl::Move),
     /// Start a new actor from a snapshot in the daemon's store; prints its id.
     Restore(cmd::ctl::Restore),
-    /// Stop an actor and forget it.
+    /// Stop an actor at once, even inside a handler that never returns, and forget it.
     Kill(cmd::ctl::Id),
 }
 
@@ -89,7 +94,7 @@ fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("shoal: error: {e:#}");
-            std::process::exit(2);
+            std::process::exit(e.downcast_ref::<cmd::Failure>().map_or(2, |f| f.code));
         }
     }
 }

@@ -1,7 +1,8 @@
 //! `shoal serve`, driven over loopback as its clients drive it: many chat actors sharing one
 //! copy of the weights answering at once, a load test that loses no message, the OpenAI
-//! endpoint, guests that trap or loop, and a daemon killed (SIGKILL) while it writes a
-//! snapshot. The chat parts need the default model (`scripts/fetch-model.sh`).
+//! endpoint, guests that trap or loop (and are killed while they loop, or loop in their
+//! `_initialize`), conversations longer than the context, and a daemon killed (SIGKILL) while
+//! it writes a snapshot. The chat parts need the default model (`scripts/fetch-model.sh`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -305,5 +306,152 @@ fn a_daemon_killed_while_writing_a_snapshot_leaves_the_previous_one_intact() {
     }
     let answer = send(&d.addr, id, "And of Germany?").unwrap();
     assert!(answer.contains("Berlin"), "{answer}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// CPU time the process has used (user and system), in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis; utime and stime are the 14th and 15th.
+    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+fn state_of(addr: &str, id: u64) -> Option<String> {
+    let (_, list) = call(addr, "GET", "/v1/actors", b"");
+    let list: Value = serde_json::from_slice(&list).unwrap();
+    list["actors"].as_array().unwrap().iter().find(|a| a["id"] == json!(id)).map(|a| a["state"].to_string())
+}
+
+#[test]
+fn deleting_an_actor_stuck_in_a_loop_stops_it_at_once() {
+    let dir = tmp("spin");
+    let wasm = dir.join("echo.wat");
+    std::fs::write(&wasm, ECHO).unwrap();
+    // The default deadline (600 s): only the kill can stop the loop in time.
+    let d = start(&dir.join("store"), &[]);
+    let module = wasm.display().to_string();
+    let (spinner, other) = (spawn(&d.addr, &module, &[]), spawn(&d.addr, &module, &[]));
+    let addr = d.addr.clone();
+    let stuck = std::thread::spawn(move || send(&addr, spinner, "loop"));
+    let t0 = Instant::now();
+    while state_of(&d.addr, spinner).as_deref() != Some("\"busy\"") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the actor never got busy");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t0 = Instant::now();
+    let (status, body) = call(&d.addr, "DELETE", &format!("/v1/actors/{spinner}"), b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(t0.elapsed() < Duration::from_secs(3), "the kill took {:?}", t0.elapsed());
+    let e = stuck.join().unwrap().unwrap_err();
+    assert!(e.contains("killed"), "{e}");
+    assert!(state_of(&d.addr, spinner).is_none(), "the actor is forgotten");
+    // No core keeps spinning: the idle daemon uses (almost) no CPU.
+    let before = cpu_ticks(d.child.id());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(d.child.id()) - before;
+    assert!(used < 30, "the daemon used {used} ticks of CPU in the second after the kill");
+    assert_eq!(send(&d.addr, other, "still here").unwrap(), "still here");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An actor whose `_initialize` never returns.
+const SPIN_AT_START: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "_initialize") (loop $l (br $l)))
+  (func (export "shoal_actor_alloc") (param i32) (result i32) (i32.const 64))
+  (func (export "shoal_actor_message") (param i32 i32) (result i32) (i32.const 0)))"#;
+
+#[test]
+fn a_spawn_whose_initialize_loops_fails_at_the_init_deadline() {
+    let dir = tmp("init");
+    let (spin, echo) = (dir.join("spin.wat"), dir.join("echo.wat"));
+    std::fs::write(&spin, SPIN_AT_START).unwrap();
+    std::fs::write(&echo, ECHO).unwrap();
+    let d = start(&dir.join("store"), &["--init-deadline", "0.5"]);
+    let t0 = Instant::now();
+    let (s, v) = post(&d.addr, "/v1/actors", &json!({"module": spin.display().to_string()}));
+    assert_eq!(s, 422, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("_initialize") && msg.contains("--init-deadline"), "{msg}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "the spawn took {:?}", t0.elapsed());
+    // The daemon goes on.
+    let id = spawn(&d.addr, &echo.display().to_string(), &[]);
+    assert_eq!(send(&d.addr, id, "fine").unwrap(), "fine");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_chat_longer_than_the_context_is_a_400_and_the_actor_answers_the_next_one() {
+    if model().is_none() {
+        eprintln!("skipping: no default model; run scripts/fetch-model.sh");
+        return;
+    }
+    let dir = tmp("overflow");
+    let d = start(&dir.join("store"), &["--max-context", "128"]);
+    let long = "the quiet river runs past old stone mills and green fields ".repeat(30);
+    let chat = |content: &str, stream: bool| {
+        let body = json!({"model": "smollm2", "temperature": 0, "max_tokens": 16, "stream": stream,
+                          "messages": [{"role": "user", "content": content}]});
+        call(&d.addr, "POST", "/v1/chat/completions", &serde_json::to_vec(&body).unwrap())
+    };
+    for stream in [false, true] {
+        let (s, body) = chat(&long, stream);
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        assert_eq!(s, 400, "{}", String::from_utf8_lossy(&body));
+        let e = &v["error"];
+        assert_eq!(
+            (&e["code"], &e["type"], &e["param"]),
+            (&json!("context_length_exceeded"), &json!("invalid_request_error"), &json!("messages")),
+            "{v}"
+        );
+        assert!(e["message"].as_str().unwrap().starts_with("context_length_exceeded"), "{v}");
+    }
+    let (s, body) = chat("What is the capital of France?", false);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert!(v["choices"][0]["message"]["content"].as_str().unwrap().contains("Paris"), "{v}");
+    // One actor served all three: the failures left it usable.
+    let (_, list) = call(&d.addr, "GET", "/v1/actors", b"");
+    let list: Value = serde_json::from_slice(&list).unwrap();
+    assert_eq!(list["actors"].as_array().unwrap().len(), 1, "{list}");
+
+    // A chat actor: a turn too long fails with its name, `shoal send` exits with 3, and the
+    // turn is not kept: the next one is answered.
+    let id = spawn(&d.addr, "chat", &["--temperature", "0", "--max-tokens", "12"]);
+    let e = send(&d.addr, id, &long).unwrap_err();
+    assert!(e.starts_with("context_length_exceeded"), "{e}");
+    let shoal = |text: &str| {
+        Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["send", "--addr", &d.addr, &id.to_string(), text])
+            .output()
+            .unwrap()
+    };
+    let out = shoal(&long);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("context_length_exceeded"), "{out:?}");
+    let out = shoal("What is the capital of France?");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"), "{out:?}");
+
+    // A conversation that outgrows the context: with the default policy it fails once it no
+    // longer fits; with `--context-policy truncate` the oldest turns go and it goes on.
+    let args = |policy: &'static str| ["--temperature", "0", "--max-tokens", "12", "--context-policy", policy];
+    let (strict, lenient) = (spawn(&d.addr, "chat", &args("error")), spawn(&d.addr, "chat", &args("truncate")));
+    let questions = ["What is the capital of France?", "And of Germany?", "And of Italy?", "And of Spain?"];
+    let mut strict_failed = false;
+    for q in questions.iter().cycle().take(10) {
+        match send(&d.addr, strict, q) {
+            Ok(_) => assert!(!strict_failed, "the conversation only grows"),
+            Err(e) => {
+                assert!(e.starts_with("context_length_exceeded"), "{e}");
+                strict_failed = true;
+            }
+        }
+        let answer = send(&d.addr, lenient, q).unwrap();
+        assert!(!answer.trim().is_empty(), "{q}: an empty answer");
+    }
+    assert!(strict_failed, "ten turns outgrow a context of 128 positions");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -3,7 +3,7 @@
 //! are evaluated (the KV cache keeps the rest), and the answer streams to stdout.
 //!
 //! Usage: chat [--model NAME] [--temperature T] [--seed S] [--max-tokens N]
-//!             [--context N] [--prompt TEXT]... [--stats]
+//!             [--context N] [--context-policy error|truncate] [--prompt TEXT]... [--stats]
 //! Without --prompt it reads one user turn per line from stdin.
 //!
 //! `chat --bench [--model NAME] [--prompt-tokens 128] [--gen 128] [--repeat 5]` measures
@@ -20,7 +20,7 @@ use shoal_guest::{Model, SamplerParams, Session};
 fn usage(msg: &str) -> ! {
     eprintln!("chat: {msg}");
     eprintln!(
-        "usage: chat [--model NAME] [--temperature T] [--seed S] [--max-tokens N] [--context N] [--prompt TEXT]..."
+        "usage: chat [--model NAME] [--temperature T] [--seed S] [--max-tokens N] [--context N] [--context-policy error|truncate] [--prompt TEXT]..."
     );
     std::process::exit(2);
 }
@@ -76,7 +76,7 @@ fn main() {
     let mut out = stdout.lock();
     if !a.prompts.is_empty() {
         for p in &a.prompts {
-            chat.turn(p, &a, &mut out).unwrap_or_else(|e| fail(&e));
+            chat.turn(p, &a, &mut out).unwrap_or_else(|e| fail(&e.to_string()));
         }
         return;
     }
@@ -86,6 +86,11 @@ fn main() {
         if line.trim().is_empty() {
             continue;
         }
-        chat.turn(&line, &a, &mut out).unwrap_or_else(|e| fail(&e));
+        // A turn too long for the context is said and skipped; the chat goes on.
+        match chat.turn(&line, &a, &mut out) {
+            Ok(_) => {}
+            Err(e @ chat_actor::TurnError::ContextFull(_)) => eprintln!("chat: {e}"),
+            Err(e) => fail(&e.to_string()),
+        }
     }
 }

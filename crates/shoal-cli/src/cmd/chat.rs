@@ -119,8 +119,13 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         eprintln!("shoal chat: type a message and press enter; end with Ctrl-D");
         for line in std::io::stdin().lines() {
             let line = line?;
-            if !line.trim().is_empty() {
-                turn(&actor, &line)?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match turn(&actor, &line) {
+                // The turn is not kept: say so, and go on with the next one.
+                Err(e) if format!("{e:#}").contains("context_length_exceeded") => eprintln!("shoal chat: {e:#}"),
+                r => r?,
             }
         }
     }

@@ -6,8 +6,8 @@ use std::io::Write;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use super::http;
 use super::serve::DEFAULT_ADDR;
+use super::{EXIT_ACTOR_ERROR, Failure, http};
 
 /// Where the daemon is.
 #[derive(clap::Args, Clone)]
@@ -35,7 +35,8 @@ pub struct Spawn {
     /// `chat` (the built-in chat actor) or the path of an actor module.
     #[arg(default_value = "chat")]
     module: String,
-    /// The actor's arguments (for `chat`: --model, --temperature, --seed, --max-tokens…).
+    /// The actor's arguments (for `chat`: --model, --temperature, --seed, --max-tokens,
+    /// --context N, --context-policy error|truncate…).
     #[arg(last = true)]
     args: Vec<String>,
 }
@@ -163,10 +164,13 @@ pub fn send(a: Send) -> anyhow::Result<i32> {
     if status >= 300 && failed.is_none() {
         bail!("the daemon answered HTTP {status}");
     }
-    if let Some(e) = failed {
-        bail!("{e}");
+    match failed {
+        // A refusal of the daemon's (no such actor, paused) is an HTTP error: exit code 2.
+        Some(e) if status >= 300 => bail!("{e} (HTTP {status})"),
+        // The actor answered, with an error.
+        Some(e) => Err(Failure { code: EXIT_ACTOR_ERROR, message: format!("actor {}: {e}", a.id) }.into()),
+        None => Ok(0),
     }
-    Ok(0)
 }
 
 fn op(addr: &str, id: u64, what: &str) -> anyhow::Result<Value> {

@@ -140,7 +140,13 @@ fn gemm(a: &Args) -> anyhow::Result<i32> {
     let outcome = runtime
         .run(
             shoal_guests::GEMM,
-            &RunOptions { args, capture_stdout: true, program_name: Some("gemm.wasm".into()), measure_rss: true, ..Default::default() },
+            &RunOptions {
+                args,
+                capture_stdout: true,
+                program_name: Some("gemm.wasm".into()),
+                measure_rss: true,
+                ..Default::default()
+            },
         )
         .context("running the gemm guest")?;
     let stdout = String::from_utf8_lossy(outcome.stdout.as_deref().unwrap_or_default()).into_owned();

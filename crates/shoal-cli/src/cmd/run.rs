@@ -1,11 +1,13 @@
-//! `shoal run MODULE.wasm [--backend B] [-- ARGS]`
+//! `shoal run MODULE.wasm [--backend B] [--deadline SECS] [--max-memory SIZE]
+//! [--max-context N] [-- ARGS]`
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
-use shoal_host::{RunOptions, Runtime};
+use shoal_host::{HostError, RunOptions, Runtime};
 
-use super::{BackendChoice, open_device};
+use super::{BackendChoice, EXIT_DEADLINE, EXIT_KILLED, Failure, LimitArgs, open_device, parse_secs};
 
 /// Flags of `shoal run`.
 #[derive(clap::Args)]
@@ -23,6 +25,13 @@ pub struct Args {
     /// AUTO, CPU or GPU; the model runs on this host's engine either way). Repeatable.
     #[arg(long = "nn-preload", value_name = "NAME:GGML:TARGET:PATH")]
     nn_preload: Vec<String>,
+    /// The longest the whole run may take, in seconds, host calls included (a prompt stops
+    /// between its chunks, a GEMM between its pieces); past it the guest is stopped and shoal
+    /// exits with 124. Default: no limit.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    deadline: Option<f64>,
+    #[command(flatten)]
+    limits: LimitArgs,
     /// Arguments passed to the guest (after `--`).
     #[arg(last = true)]
     args: Vec<String>,
@@ -44,9 +53,26 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     };
     let runtime = Runtime::with_models(device, models)?;
     let name = a.module.file_name().map(|n| n.to_string_lossy().into_owned());
-    let outcome = runtime
-        .run(&wasm, &RunOptions { args: a.args, capture_stdout: false, program_name: name, measure_rss: false, ..Default::default() })
-        .with_context(|| format!("running {}", a.module.display()))?;
+    let limits = a.limits.limits(a.deadline.map(Duration::from_secs_f64));
+    let opts = RunOptions { args: a.args, capture_stdout: false, program_name: name, measure_rss: false, limits };
+    let outcome = match runtime.run(&wasm, &opts) {
+        Ok(o) => o,
+        Err(HostError::Deadline) => {
+            return Err(Failure {
+                code: EXIT_DEADLINE,
+                message: format!(
+                    "{} ran past its deadline of {} s and was stopped (raise --deadline)",
+                    a.module.display(),
+                    a.deadline.unwrap_or(0.0)
+                ),
+            }
+            .into());
+        }
+        Err(HostError::Killed) => {
+            return Err(Failure { code: EXIT_KILLED, message: format!("{} was killed", a.module.display()) }.into());
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("running {}", a.module.display()))),
+    };
     Ok(outcome.exit_code)
 }
 

@@ -10,11 +10,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use serde_json::{Value, json};
-use shoal_actor::{ActorConfig, Event, LocalStore, Registry, RegistryError};
+use shoal_actor::{ActorConfig, ActorError, Event, LocalStore, Registry, RegistryError};
 use shoal_host::{InstanceOptions, Models, Prepared, Runtime};
 
 use super::http::{self, Chunked, Request};
-use super::{BackendChoice, models, open_device};
+use super::{BackendChoice, LimitArgs, models, open_device, parse_secs};
 
 /// The daemon's default address.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:7433";
@@ -36,9 +36,17 @@ pub struct Args {
     /// ~/.local/share/shoal/snapshots).
     #[arg(long, value_name = "DIR")]
     store: Option<PathBuf>,
-    /// The longest one message may take, in seconds; a guest that runs longer is stopped.
-    #[arg(long, default_value_t = 600.0)]
+    /// The longest one message may take, in seconds, host calls included; a guest that runs
+    /// longer is stopped, and its actor with it.
+    #[arg(long, value_name = "SECS", default_value_t = 600.0, value_parser = parse_secs)]
     deadline: f64,
+    /// The longest an actor's `_initialize` may take when it is spawned, in seconds: a module
+    /// whose start never returns fails its spawn instead of holding a core forever.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = parse_secs)]
+    init_deadline: f64,
+    /// What each actor may use, whether spawned or restored from a snapshot.
+    #[command(flatten)]
+    limits: LimitArgs,
     /// The most actors the OpenAI endpoint keeps for reuse (each holds a conversation's
     /// KV cache).
     #[arg(long, default_value_t = 16)]
@@ -77,7 +85,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     }
     let runtime = Arc::new(Runtime::with_models(device.clone(), models.clone())?);
     let store_dir = a.store.unwrap_or_else(default_store);
-    let config = ActorConfig { deadline: Some(Duration::from_secs_f64(a.deadline.max(0.01))) };
+    let config = ActorConfig {
+        deadline: Some(Duration::from_secs_f64(a.deadline)),
+        init_deadline: Some(Duration::from_secs_f64(a.init_deadline)),
+        limits: a.limits.limits(None),
+    };
     let mut registry = Registry::new(runtime, Arc::new(LocalStore::new(&store_dir)), config);
     if models.engine() != shoal_engine::models::EngineKind::Cpu {
         // Actors can be moved to the CPU engine (its models load there on first use).
@@ -131,6 +143,8 @@ fn status_of(e: &RegistryError) -> u16 {
         RegistryError::NoSuchActor(_) => 404,
         RegistryError::WrongState { .. } => 409,
         RegistryError::UnknownModule(_) | RegistryError::NoBackend(_) => 422,
+        // The module's fault, not the daemon's.
+        RegistryError::Actor(ActorError::InitDeadline(_)) => 422,
         RegistryError::Actor(_) => 500,
     }
 }
@@ -336,26 +350,33 @@ fn completions(d: &Daemon, req: &Request, w: &mut impl Write) -> std::io::Result
             .filter(|(_, p)| p.model == model)
             .max_by_key(|(_, p)| p.conversation.iter().zip(&conversation).take_while(|(a, b)| a == b).count())
             .map(|(i, _)| i);
-        best.map(|i| pool.swap_remove(i).id)
+        best.map(|i| pool.swap_remove(i))
     };
-    let id = match taken {
-        Some(id) => id,
-        None => {
-            let opts = InstanceOptions {
-                args: vec!["--model".into(), model.clone()],
-                program_name: Some("chat_actor.wasm".into()),
-                ..Default::default()
-            };
-            match d.registry.spawn("chat", d.chat.clone(), opts, "openai") {
+    let (id, before) = match taken {
+        Some(p) => (p.id, p.conversation),
+        None => (
+            match d.registry.spawn("chat", d.chat.clone(), chat_opts(&model), "openai") {
                 Ok(id) => id,
                 Err(e) => return http::error(w, status_of(&e), &e.to_string()),
-            }
-        }
+            },
+            Vec::new(),
+        ),
     };
     let rx = match d.registry.send(id, msg.into_bytes()) {
         Ok(rx) => rx,
         Err(e) => return http::error(w, status_of(&e), &e.to_string()),
     };
+    // Nothing is answered before the actor's first event: a conversation that does not fit
+    // in its context fails before any token, and gets its 400 even when streamed.
+    let first = rx.recv().ok();
+    if let Some(Event::Done(Err(e))) = &first
+        && let Some(why) = context_overflow(e)
+    {
+        // The actor kept its conversation and cache as they were before this request.
+        pool_put(d, Pooled { id, model: model.clone(), conversation: before });
+        return overflow(w, why);
+    }
+    let events = first.into_iter().chain(rx);
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |t| t.as_secs());
     let cid = format!("chatcmpl-shoal-{id}-{created}");
     let mut text = String::new();
@@ -372,7 +393,7 @@ fn completions(d: &Daemon, req: &Request, w: &mut impl Write) -> std::io::Result
     // The guest ends its answer with a newline, which is not part of the answer: hold back
     // a trailing newline until more text comes.
     let mut held = String::new();
-    for ev in rx {
+    for ev in events {
         match ev {
             Event::Chunk(c) => {
                 let s = String::from_utf8_lossy(&c).into_owned();
@@ -408,14 +429,9 @@ fn completions(d: &Daemon, req: &Request, w: &mut impl Write) -> std::io::Result
             let _ = d.registry.kill(id);
         }
         None => {
-            let mut pool = d.pool.lock().unwrap_or_else(|e| e.into_inner());
             let mut conv = conversation.clone();
             conv.push(("assistant".into(), text.clone()));
-            pool.push(Pooled { id, model: model.clone(), conversation: conv });
-            if pool.len() > d.pool_max {
-                let old = pool.remove(0);
-                let _ = d.registry.kill(old.id);
-            }
+            pool_put(d, Pooled { id, model: model.clone(), conversation: conv });
         }
     }
     let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -430,7 +446,10 @@ fn completions(d: &Daemon, req: &Request, w: &mut impl Write) -> std::io::Result
             o.send(format!("data: {}\n\n", json!({"error": {"message": e}})).as_bytes())?;
             o.end()
         }
-        (None, Some(e)) => http::error(w, 500, &format!("the chat actor failed: {e}")),
+        (None, Some(e)) => match context_overflow(&e) {
+            Some(why) => overflow(w, why),
+            None => http::error(w, 500, &format!("the chat actor failed: {e}")),
+        },
         (None, None) => http::json(
             w,
             200,
@@ -440,4 +459,39 @@ fn completions(d: &Daemon, req: &Request, w: &mut impl Write) -> std::io::Result
                     "usage": usage}),
         ),
     }
+}
+
+/// The chat actor's spawn options for `model`.
+fn chat_opts(model: &str) -> InstanceOptions {
+    InstanceOptions {
+        args: vec!["--model".into(), model.to_string()],
+        program_name: Some("chat_actor.wasm".into()),
+        ..Default::default()
+    }
+}
+
+/// Keeps an idle chat actor for reuse; the oldest goes when the pool is full.
+fn pool_put(d: &Daemon, p: Pooled) {
+    let mut pool = d.pool.lock().unwrap_or_else(|e| e.into_inner());
+    pool.push(p);
+    if pool.len() > d.pool_max {
+        let old = pool.remove(0);
+        let _ = d.registry.kill(old.id);
+    }
+}
+
+/// The chat actor's message when a conversation did not fit in its context (it starts with
+/// `context_length_exceeded`, see guests/chat).
+fn context_overflow(e: &str) -> Option<&str> {
+    e.starts_with("context_length_exceeded").then_some(e)
+}
+
+/// OpenAI's answer to a conversation longer than the model's context.
+fn overflow(w: &mut impl Write, message: &str) -> std::io::Result<()> {
+    http::json(
+        w,
+        400,
+        &json!({"error": {"message": message, "type": "invalid_request_error", "param": "messages",
+                          "code": "context_length_exceeded"}}),
+    )
 }
