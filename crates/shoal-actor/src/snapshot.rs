@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use serde::de::{Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
-use shoal_engine::kv::{KvImage, KvSnapshot};
+use shoal_engine::kv::{KvImage, KvSnapshot, shown};
 use shoal_engine::safetensors::SafetensorsError;
 use shoal_host::{
     ContextState, GlobalValue, GraphState, InferState, InstanceState, NnState, Prepared, Runtime, SessionState,
@@ -161,45 +161,6 @@ fn json_error(e: &serde_json::Error) -> String {
 /// the text around it (bidirectional marks, embeddings, overrides and isolates).
 fn odd(c: char) -> bool {
     c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-}
-
-/// `s` as it may appear in an error: control and bidirectional-override characters
-/// escaped, and cut in the middle (keeping both ends, e.g. a parser's "at line L column
-/// C") to at most about `max` bytes. Errors describe, they do not quote.
-fn shown(s: &str, max: usize) -> String {
-    let width = |c: char| if odd(c) { c.escape_unicode().count() } else { c.len_utf8() };
-    let push = |out: &mut String, c: char| {
-        if odd(c) {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
-    };
-    let mut out = String::new();
-    if s.chars().map(width).sum::<usize>() <= max {
-        s.chars().for_each(|c| push(&mut out, c));
-        return out;
-    }
-    let (head, tail) = (max * 2 / 3, max / 3);
-    let mut n = 0;
-    for c in s.chars() {
-        n += width(c);
-        if n > head {
-            break;
-        }
-        push(&mut out, c);
-    }
-    out.push('…');
-    let (mut n, mut from) = (0, s.len());
-    for (i, c) in s.char_indices().rev() {
-        n += width(c);
-        if n > tail {
-            break;
-        }
-        from = i;
-    }
-    s[from..].chars().for_each(|c| push(&mut out, c));
-    out
 }
 
 /// A model a snapshot refers to.

@@ -425,8 +425,9 @@ fn check_prefix(path: &std::path::Path, prefix: &[u8], len: u64) -> Result<(), c
 }
 
 /// `s` as it may appear in an error: control and bidirectional-override characters
-/// escaped, and cut in the middle to about `max` bytes (errors describe, they do not quote).
-fn shown(s: &str, max: usize) -> String {
+/// escaped, and cut in the middle (keeping both ends, e.g. a parser's "at line L column C")
+/// to about `max` bytes (errors describe, they do not quote). The snapshot reader uses it too.
+pub fn shown(s: &str, max: usize) -> String {
     let odd = |c: char| {
         c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
     };
