@@ -253,9 +253,11 @@ impl Runtime {
             HostState::new(wasi.build_p1(), self.device.clone(), self.models.clone(), &opts.limits, opts.measure_rss);
         let mut store = state::bounded_store(&self.engine, state);
         let interrupt = store.data().interrupt.clone();
-        // The deadline covers the whole run: instantiation, `_start`, every host call.
+        // The deadline covers the whole run: instantiation, `_start`, every host call. Without
+        // one nothing can stop a command's host calls, so they run unchecked and whole (a
+        // GEMM in one piece).
         interrupt.set_deadline(opts.limits.deadline);
-        let _current = interrupt.enter();
+        let _current = opts.limits.deadline.is_some().then(|| interrupt.enter());
         let instance = self
             .linker
             .instantiate(&mut store, module)
@@ -300,7 +302,7 @@ impl Runtime {
         let mut store = state::bounded_store(&self.engine, state);
         let interrupt = store.data().interrupt.clone();
         interrupt.set_deadline(opts.limits.deadline);
-        let _current = interrupt.enter();
+        let _current = opts.limits.deadline.is_some().then(|| interrupt.enter());
         let command = wasmtime_wasi::p2::bindings::sync::Command::instantiate(&mut store, &component, linker)
             .map_err(|e| instance::stopped(&interrupt, e, HostError::Instantiate))?;
         let exit_code = match command.wasi_cli_run().call_run(&mut store) {
