@@ -4,8 +4,14 @@
 //! An actor can be stopped at any time, even inside a handler that never returns:
 //! [`Actor::kill`] (and dropping it) fires the instance's [`Interrupt`], which stops guest
 //! code within a tick of the epoch and a host call between two of its pieces.
+//!
+//! Replies are bounded: a message's reply is a queue of at most [`REPLY_QUEUE`] parts. While
+//! it is full, the guest's `reply` waits (the actor slows down to its reader); once the reader
+//! has gone, or the actor is killed or past its deadline, `reply` fails at once, so that a
+//! client that never reads cannot grow the host, nor hold a kill or a deadline back.
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -29,6 +35,9 @@ pub enum ActorError {
     /// The module's `_initialize` ran past its deadline at spawn, and was stopped.
     #[error("the module's `_initialize` did not return within {0:.1?} and was stopped (--init-deadline)")]
     InitDeadline(Duration),
+    /// The actor's mailbox holds its most messages ([`MAILBOX`]) waiting for it.
+    #[error("the actor's mailbox is full: {0} messages wait for it; send more once it has answered some")]
+    MailboxFull(usize),
     /// The handler failed on this message (returned an error code); the actor lives on.
     #[error("the actor's handler failed: {0}")]
     Failed(String),
@@ -39,6 +48,18 @@ pub enum ActorError {
 /// in [`Event::Done`] when the handler then returns an error code (and dropped if it returns
 /// 0). Without one, the error is "the handler returned CODE".
 pub const ERROR_MARK: &[u8] = b"\x15error\x1f";
+
+/// The most messages waiting in one actor's mailbox (the one it handles included): past it,
+/// [`Actor::send`] fails with [`ActorError::MailboxFull`], so that a client cannot pile
+/// messages (and their bytes) onto a busy actor without bound.
+pub const MAILBOX: usize = 64;
+
+/// The most parts of a reply ([`Event`]s) queued for its reader: once that many wait, the
+/// actor's next `reply` waits until the reader takes one (or has gone, or the actor is killed
+/// or past its deadline). A slow reader slows its actor down; one that never reads holds at
+/// most this many parts (each at most the guest's reply, itself bounded by
+/// [`Limits::max_reply_bytes`]).
+pub const REPLY_QUEUE: usize = 64;
 
 /// Part of a reply.
 #[derive(Debug)]
@@ -51,9 +72,10 @@ pub enum Event {
 }
 
 enum Command {
-    Message(Vec<u8>, mpsc::Sender<Event>),
+    Message(Vec<u8>, mpsc::SyncSender<Event>),
     /// A snapshot; `true`: device caches kept in the backend's own form (see [`Actor::park`]).
-    Snapshot(bool, mpsc::Sender<Result<Snapshot, ActorError>>),
+    /// Taken only if still [`ASKED`] (see [`Pending`]).
+    Snapshot(bool, mpsc::Sender<Result<Snapshot, ActorError>>, Arc<AtomicU8>),
     Stop,
 }
 
@@ -96,6 +118,8 @@ pub struct Actor {
     tx: mpsc::Sender<Command>,
     thread: Option<JoinHandle<()>>,
     status: Arc<Mutex<ActorStatus>>,
+    /// Messages in the mailbox or being handled.
+    queued: Arc<AtomicUsize>,
     prepared: Arc<Prepared>,
     /// The instance's kill switch, kept here: the instance itself lives on the actor's thread.
     interrupt: Interrupt,
@@ -168,18 +192,29 @@ impl Actor {
         let (tx, rx) = mpsc::channel();
         let status =
             Arc::new(Mutex::new(ActorStatus { state: "idle".into(), messages: 0, memory_bytes: inst.memory_size() }));
-        let st = status.clone();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (st, q) = (status.clone(), queued.clone());
         let thread = std::thread::Builder::new()
             .name("shoal-actor".into())
-            .spawn(move || run(&runtime, &mut inst, rx, &st, &config))
+            .spawn(move || run(&runtime, &mut inst, rx, &st, &q, &config))
             .map_err(|e| ActorError::Stopped(format!("cannot start a thread: {e}")))?;
-        Ok(Actor { tx, thread: Some(thread), status, prepared, interrupt })
+        Ok(Actor { tx, thread: Some(thread), status, queued, prepared, interrupt })
     }
 
-    /// Puts `msg` in the mailbox; the reply streams through the receiver.
+    /// Puts `msg` in the mailbox; the reply streams through the receiver, which holds at most
+    /// [`REPLY_QUEUE`] parts not yet read (the actor waits for its reader beyond that).
+    /// Dropping the receiver abandons the reply: the guest's next `reply` fails, telling it
+    /// to stop the message.
     pub fn send(&self, msg: Vec<u8>) -> Result<mpsc::Receiver<Event>, ActorError> {
-        let (tx, rx) = mpsc::channel();
-        self.tx.send(Command::Message(msg, tx)).map_err(|_| self.stopped())?;
+        let (tx, rx) = mpsc::sync_channel(REPLY_QUEUE);
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= MAILBOX {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(ActorError::MailboxFull(MAILBOX));
+        }
+        if self.tx.send(Command::Message(msg, tx)).is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(self.stopped());
+        }
         Ok(rx)
     }
 
@@ -214,9 +249,27 @@ impl Actor {
     }
 
     fn take(&self, parked: bool) -> Result<Snapshot, ActorError> {
+        let pending = self.request(parked)?;
+        pending.rx.recv().map_err(|_| self.stopped())?
+    }
+
+    /// Asks for a snapshot after the messages already in the mailbox, without waiting for it.
+    pub(crate) fn request(&self, parked: bool) -> Result<Pending, ActorError> {
         let (tx, rx) = mpsc::channel();
-        self.tx.send(Command::Snapshot(parked, tx)).map_err(|_| self.stopped())?;
-        rx.recv().map_err(|_| self.stopped())?
+        let state = Arc::new(AtomicU8::new(ASKED));
+        self.tx.send(Command::Snapshot(parked, tx, state.clone())).map_err(|_| self.stopped())?;
+        Ok(Pending { rx, state })
+    }
+
+    /// Whether no message is in its mailbox or being handled (a snapshot asked for now is
+    /// taken at once).
+    pub(crate) fn is_idle(&self) -> bool {
+        self.queued.load(Ordering::Acquire) == 0
+    }
+
+    /// The status the actor's thread keeps up to date (read without any other lock).
+    pub(crate) fn status_cell(&self) -> Arc<Mutex<ActorStatus>> {
+        self.status.clone()
     }
 
     /// What the actor is doing.
@@ -275,6 +328,61 @@ impl Drop for Actor {
     }
 }
 
+/// A snapshot request not yet reached by the actor.
+const ASKED: u8 = 0;
+/// Being taken by the actor.
+const TAKING: u8 = 1;
+/// Withdrawn by whoever asked: the actor skips it.
+const WITHDRAWN: u8 = 2;
+
+/// A snapshot asked for ([`Actor::request`]) and not yet taken.
+pub(crate) struct Pending {
+    rx: mpsc::Receiver<Result<Snapshot, ActorError>>,
+    /// [`ASKED`], then [`TAKING`] (by the actor) or [`WITHDRAWN`] (by [`Pending::wait`]).
+    state: Arc<AtomicU8>,
+}
+
+impl Pending {
+    /// The snapshot, or `None` when the actor has not begun it within `start` (it is busy
+    /// with messages): the request is then withdrawn, and never taken. One begun is waited
+    /// for (a capture is bounded work, not the guest's).
+    pub(crate) fn wait(self, start: Duration) -> Result<Option<Snapshot>, ActorError> {
+        let gone = || ActorError::Stopped("the actor stopped before its snapshot".into());
+        match self.rx.recv_timeout(start) {
+            Ok(r) => r.map(Some),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if self.state.compare_exchange(ASKED, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    return Ok(None);
+                }
+                self.rx.recv().map_err(|_| gone())?.map(Some)
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(gone()),
+        }
+    }
+}
+
+/// Hands `ev` to a reply's reader, waiting while its queue is full (1 ms, growing to 10 ms,
+/// between tries). False, at once, when the reader has gone; false, without waiting further,
+/// once `interrupt` is killed or past its deadline, or `until` has passed.
+fn deliver(tx: &mpsc::SyncSender<Event>, ev: Event, interrupt: &Interrupt, until: Option<Instant>) -> bool {
+    let mut ev = ev;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match tx.try_send(ev) {
+            Ok(()) => return true,
+            Err(TrySendError::Disconnected(_)) => return false,
+            Err(TrySendError::Full(back)) => {
+                if interrupt.check().is_err() || until.is_some_and(|t| Instant::now() >= t) {
+                    return false;
+                }
+                ev = back;
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
 fn lock(s: &Mutex<ActorStatus>) -> std::sync::MutexGuard<'_, ActorStatus> {
     s.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -284,6 +392,7 @@ fn run(
     inst: &mut Instance,
     rx: mpsc::Receiver<Command>,
     status: &Mutex<ActorStatus>,
+    queued: &AtomicUsize,
     config: &ActorConfig,
 ) {
     let mut dead: Option<String> = None;
@@ -291,63 +400,79 @@ fn run(
         match cmd {
             Command::Stop => break,
             Command::Message(_, reply) if dead.is_some() => {
+                queued.fetch_sub(1, Ordering::AcqRel);
+                // A new queue, empty: never blocks.
                 let _ =
                     reply.send(Event::Done(Err(format!("the actor has stopped: {}", dead.as_deref().unwrap_or("")))));
             }
-            Command::Snapshot(_, reply) if dead.is_some() => {
+            Command::Snapshot(_, reply, _) if dead.is_some() => {
                 let _ = reply.send(Err(ActorError::Stopped(dead.clone().unwrap_or_default())));
             }
             Command::Message(msg, reply) => {
                 lock(status).state = "busy".into();
                 let t0 = Instant::now();
-                let chunks = reply.clone();
+                let interrupt = inst.interrupt();
+                let (chunks, stop) = (reply.clone(), interrupt.clone());
                 // The error message the handler gave, if any (see `ERROR_MARK`).
                 let said = Arc::new(Mutex::new(None::<String>));
                 let said_in = said.clone();
                 let r = inst.message(
                     &msg,
                     config.deadline,
+                    // Within the handler, the instance's interrupt carries its deadline.
                     Box::new(move |b: &[u8]| match b.strip_prefix(ERROR_MARK) {
                         Some(m) => {
                             *said_in.lock().unwrap_or_else(|e| e.into_inner()) =
                                 Some(String::from_utf8_lossy(m).trim_end().to_string());
+                            true
                         }
-                        None => {
-                            let _ = chunks.send(Event::Chunk(b.to_vec()));
-                        }
+                        None => deliver(&chunks, Event::Chunk(b.to_vec()), &stop, None),
                     }),
                 );
                 let said = said.lock().unwrap_or_else(|e| e.into_inner()).take();
-                let mut s = lock(status);
-                s.messages += 1;
-                s.memory_bytes = inst.memory_size();
-                match r {
-                    Ok(()) => {
-                        s.state = "idle".into();
-                        let _ = reply.send(Event::Done(Ok(())));
+                let done = {
+                    let mut s = lock(status);
+                    s.messages += 1;
+                    s.memory_bytes = inst.memory_size();
+                    match r {
+                        Ok(()) => {
+                            s.state = "idle".into();
+                            Ok(())
+                        }
+                        Err(HostError::Handler { message, .. }) => {
+                            s.state = "idle".into();
+                            Err(said.unwrap_or(message))
+                        }
+                        Err(HostError::Killed) => {
+                            s.state = "stopped: killed".into();
+                            let why = format!("the actor was killed {:.1?} into its handler", t0.elapsed());
+                            log::info!("{why}");
+                            dead = Some("killed".into());
+                            Err(why)
+                        }
+                        Err(e) => {
+                            let why = format!("{e} (after {:.1?})", t0.elapsed());
+                            log::warn!("actor stopped: {why}");
+                            s.state = format!("stopped: {why}");
+                            dead = Some(why.clone());
+                            Err(why)
+                        }
                     }
-                    Err(HostError::Handler { message, .. }) => {
-                        s.state = "idle".into();
-                        let _ = reply.send(Event::Done(Err(said.unwrap_or(message))));
-                    }
-                    Err(HostError::Killed) => {
-                        s.state = "stopped: killed".into();
-                        let why = format!("the actor was killed {:.1?} into its handler", t0.elapsed());
-                        log::info!("{why}");
-                        let _ = reply.send(Event::Done(Err(why)));
-                        dead = Some("killed".into());
-                    }
-                    Err(e) => {
-                        let why = format!("{e} (after {:.1?})", t0.elapsed());
-                        log::warn!("actor stopped: {why}");
-                        s.state = format!("stopped: {why}");
-                        let _ = reply.send(Event::Done(Err(why.clone())));
-                        dead = Some(why);
-                    }
-                }
+                };
+                // Handled: the actor counts as idle (a snapshot asked for now comes right after
+                // the `Done` is handed over), so that its reader, once it has the `Done`, sees
+                // it idle.
+                queued.fetch_sub(1, Ordering::AcqRel);
+                // Not under the status's lock: listings never wait on a slow reader. The
+                // handler's deadline (cleared now) still bounds the wait, and a kill ends it.
+                let until = config.deadline.map(|d| t0 + d);
+                let _ = deliver(&reply, Event::Done(done), &interrupt, until);
             }
-            Command::Snapshot(parked, reply) => {
-                let _ = reply.send(Snapshot::capture(runtime, inst, parked).map_err(ActorError::from));
+            Command::Snapshot(parked, reply, state) => {
+                // Withdrawn: whoever asked no longer waits for it.
+                if state.compare_exchange(ASKED, TAKING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    let _ = reply.send(Snapshot::capture(runtime, inst, parked).map_err(ActorError::from));
+                }
             }
         }
     }

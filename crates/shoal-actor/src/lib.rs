@@ -21,9 +21,15 @@
 //! ```
 
 mod actor;
+pub mod journal;
 pub mod registry;
 pub mod snapshot;
+mod store;
 
-pub use actor::{Actor, ActorConfig, ActorError, ActorStatus, ERROR_MARK, Event};
+pub use actor::{Actor, ActorConfig, ActorError, ActorStatus, ERROR_MARK, Event, MAILBOX, REPLY_QUEUE};
+pub use journal::{Checkpointed, Journal, JournalError, Recovered};
 pub use registry::{ActorInfo, Registry, RegistryError, Timing};
-pub use snapshot::{LocalStore, ModelRef, Snapshot, SnapshotError, SnapshotStore, WriteReport, read_dir, write_dir};
+pub use snapshot::{
+    LocalStore, MAX_KEY, ModelRef, Snapshot, SnapshotError, SnapshotStore, WriteReport, is_snapshot_dir, read_dir,
+    write_dir,
+};

@@ -10,15 +10,18 @@
 //! DIR/gen-000007/kv-*.safetensors  each session's KV cache (format shoal-kv-cache v1)
 //! ```
 //!
-//! A write builds a new generation in a temporary directory, syncs every file and the
-//! directory, renames it into place, then replaces `CURRENT` the same way; only then is the
-//! previous generation removed. A process killed at any point leaves the previous snapshot
-//! intact and readable. A read checks the manifest against `CURRENT`'s checksum, the format
-//! and version, and every file's length and CRC-32 before using it. A snapshot is input from
-//! outside: every size it declares is checked against the limits ([`MAX_MANIFEST_BYTES`],
-//! [`MAX_MEMORY_PAGES`], [`MAX_CONTEXT`], [`MAX_ENTRIES`], [`MAX_NAME`]) and against the files'
-//! real lengths before anything is allocated for it, and errors never quote the files
-//! (`tests/fuzz_snapshot.rs` fuzzes the reader).
+//! A write builds a new generation in a temporary directory of its own, syncs every file and
+//! the directory, renames it into place, then replaces `CURRENT` the same way; only then is
+//! the previous generation removed. A process killed at any point leaves the previous
+//! snapshot intact and readable. Writers of one directory take turns (a lock per directory in
+//! the process, and `DIR/.lock` across processes), and a write refuses a directory holding
+//! anything it did not write there ([`SnapshotError::NotASnapshotDir`]): it deletes only
+//! what shoal wrote. A read takes no lock; it checks the manifest against `CURRENT`'s
+//! checksum, the format and version, and every file's length and CRC-32 before using it. A
+//! snapshot is input from outside: every size it declares is checked against the limits
+//! ([`MAX_MANIFEST_BYTES`], [`MAX_MEMORY_PAGES`], [`MAX_CONTEXT`], [`MAX_ENTRIES`],
+//! [`MAX_NAME`]) and against the files' real lengths before anything is allocated for it, and
+//! errors never quote the files (`tests/fuzz_snapshot.rs` fuzzes the reader).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -31,6 +34,9 @@ use shoal_engine::safetensors::SafetensorsError;
 use shoal_host::{
     ContextState, GlobalValue, GraphState, InferState, InstanceState, NnState, Prepared, Runtime, SessionState,
 };
+
+use crate::store::{DirLock, remove_ours, scan, unique};
+pub use crate::store::{LocalStore, MAX_KEY, SnapshotStore, is_snapshot_dir};
 
 /// `format` of every manifest.
 pub const FORMAT: &str = "shoal-actor-snapshot";
@@ -73,11 +79,37 @@ pub enum SnapshotError {
         /// Why.
         source: std::io::Error,
     },
-    /// There is no snapshot there.
+    /// There is no snapshot there: no `CURRENT` file (a missing key of a store, a directory
+    /// that does not exist).
     #[error("no snapshot in {} (no CURRENT file); write one with --save or `shoal snapshot`", dir.display())]
     NotFound {
         /// Where one was looked for.
         dir: PathBuf,
+    },
+    /// The directory holds something the store does not write there (a user's file, a
+    /// `gen-N` folder of other files, a symbolic link): a snapshot is neither written into
+    /// it nor is it removed, and nothing in it is touched.
+    #[error(
+        "{} is not a shoal snapshot directory: `{found}` was not written by shoal (nothing was written or deleted); choose an empty or new directory",
+        dir.display()
+    )]
+    NotASnapshotDir {
+        /// The directory.
+        dir: PathBuf,
+        /// The first entry (by name) the store did not write, relative to `dir`, escaped and
+        /// cut to 64 bytes a name.
+        found: String,
+    },
+    /// Not a key of a [`LocalStore`]: keys are 1 to [`MAX_KEY`] ASCII letters, digits, `-`,
+    /// `_` and `.`, not starting with `.`.
+    #[error(
+        "`{key}` is not a snapshot key: {why} (a key is 1 to {MAX_KEY} ASCII letters, digits, `-`, `_` and `.`, not starting with `.`)"
+    )]
+    BadKey {
+        /// The key, escaped and cut to 64 bytes.
+        key: String,
+        /// What is wrong with it.
+        why: String,
     },
     /// The bytes are not what the snapshot says they are.
     #[error("corrupt snapshot: {}: {reason}", path.display())]
@@ -127,7 +159,7 @@ pub enum SnapshotError {
     Host(#[from] shoal_host::HostError),
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     move |source| SnapshotError::Io { path: path.to_path_buf(), source }
 }
 
@@ -653,9 +685,10 @@ impl Write for Summing {
     }
 }
 
-/// Writes what `fill` writes to `path`, syncs it, and describes it.
+/// Writes what `fill` writes to `path`, a new file (never one that exists: a write only
+/// makes files of its own), syncs it, and describes it.
 fn put_with(path: &Path, fill: impl FnOnce(&mut Summing) -> std::io::Result<()>) -> Result<FileRef, SnapshotError> {
-    let f = std::fs::File::create(path).map_err(io(path))?;
+    let f = std::fs::File::create_new(path).map_err(io(path))?;
     let mut w = Summing { inner: f, crc: crc32fast::Hasher::new(), bytes: 0, kicked: 0 };
     fill(&mut w).map_err(io(path))?;
     w.inner.sync_all().map_err(io(path))?;
@@ -749,7 +782,7 @@ fn check_bytes(path: &Path, bytes: &[u8], f: &FileRef) -> Result<(), SnapshotErr
 }
 
 /// `CURRENT`: the generation's name, its manifest's CRC-32 and length; `None` without one.
-fn current(dir: &Path) -> Result<Option<(String, u32, u64)>, SnapshotError> {
+pub(crate) fn current(dir: &Path) -> Result<Option<(String, u32, u64)>, SnapshotError> {
     let path = dir.join("CURRENT");
     let file = match open_regular(&path) {
         Ok(f) => f.map_err(|reason| corrupt(&path, reason))?,
@@ -773,22 +806,127 @@ fn current(dir: &Path) -> Result<Option<(String, u32, u64)>, SnapshotError> {
     parsed.map(Some).ok_or_else(|| corrupt(&path, format!("`{}` is not `gen-N CRC LEN`", shown(text.trim(), 64))))
 }
 
-fn generation(name: &str) -> Option<u64> {
-    name.strip_prefix("gen-")?.parse().ok()
+/// `N` of a generation's name `gen-N`: 1 to 20 decimal digits (no sign).
+pub(crate) fn generation(name: &str) -> Option<u64> {
+    let n = name.strip_prefix("gen-")?;
+    if n.is_empty() || n.len() > 20 || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
 }
 
-/// Writes `snap` into `dir` atomically and durably (see the module docs).
+/// Writes `snap` into `dir` atomically and durably (see the module docs). `dir` is created if
+/// it does not exist; one that exists must be empty or a shoal snapshot directory (it holds
+/// nothing but `CURRENT` reading `gen-N CRC LEN`, `.lock`, `gen-N` directories of snapshot
+/// files and leftovers of interrupted writes), otherwise the write is refused with
+/// [`SnapshotError::NotASnapshotDir`] before anything is written or deleted.
+///
+/// Writers of one directory take turns: a write holds the directory's lock (within the
+/// process, by its canonical path; across processes, an exclusive lock of `DIR/.lock`) from
+/// its first look at the directory until its last deletion. The new generation is built in a
+/// temporary directory of its own (`.gen-N.tmpPID-C`, made with `create_dir`), renamed to
+/// the first `gen-N` past every generation there, never onto one; `CURRENT` is switched to
+/// it, and only then are the older generations and leftovers removed.
 pub fn write_dir(dir: &Path, snap: &Snapshot) -> Result<WriteReport, SnapshotError> {
     check_limits(dir, &snap.state)?;
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let mut last = current(dir).ok().flatten().and_then(|(g, _, _)| generation(&g)).unwrap_or(0);
-    for e in std::fs::read_dir(dir).map_err(io(dir))?.flatten() {
-        last = last.max(generation(&e.file_name().to_string_lossy()).unwrap_or(0));
+    // Refused before anything is written (the lock file included).
+    scan(dir)?.refuse(dir)?;
+    let _lock = DirLock::write(dir)?;
+    // Again, holding the lock: what is seen now stays so (but for another program's doing).
+    let found = scan(dir)?;
+    found.refuse(dir)?;
+    let named = current(dir).ok().flatten().and_then(|(g, _, _)| generation(&g)).unwrap_or(0);
+    let last = found.generations.iter().map(|&(n, _)| n).max().unwrap_or(0).max(named);
+
+    // The new generation, in a temporary directory no one else has.
+    let mut tmp = dir.join(format!(".gen-{:06}.tmp{}", last + 1, unique()));
+    loop {
+        match std::fs::create_dir(&tmp) {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                tmp = dir.join(format!(".gen-{:06}.tmp{}", last + 1, unique()));
+            }
+            Err(e) => return Err(io(&tmp)(e)),
+        }
     }
-    let gen_name = format!("gen-{:06}", last + 1);
-    let tmp = dir.join(format!(".{gen_name}.tmp{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).map_err(io(&tmp))?;
+    let written = write_generation(&tmp, snap).and_then(|w| {
+        sync_dir(&tmp)?;
+        Ok(w)
+    });
+    let (m, mut report) = match written {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = remove_ours(&tmp, true);
+            return Err(e);
+        }
+    };
+    // Renamed to the first free `gen-N` past the others (a rename onto an empty directory
+    // would replace it: each name is looked at first).
+    let mut n = last + 1;
+    let (gen_name, dest) = loop {
+        let gen_name = format!("gen-{n:06}");
+        let dest = dir.join(&gen_name);
+        let taken = match std::fs::symlink_metadata(&dest) {
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => {
+                let _ = remove_ours(&tmp, true);
+                return Err(io(&dest)(e));
+            }
+        };
+        if !taken {
+            match std::fs::rename(&tmp, &dest) {
+                Ok(()) => break (gen_name, dest),
+                Err(e)
+                    if !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::AlreadyExists
+                            | std::io::ErrorKind::DirectoryNotEmpty
+                            | std::io::ErrorKind::NotADirectory
+                    ) =>
+                {
+                    let _ = remove_ours(&tmp, true);
+                    return Err(io(&dest)(e));
+                }
+                Err(_) => {}
+            }
+        }
+        n += 1;
+    };
+    // The switch: CURRENT names the new generation and its manifest's checksum. Until the
+    // rename, a failure leaves the previous snapshot as it was (the new generation goes).
+    let cur_tmp = dir.join(format!(".CURRENT.tmp{}", unique()));
+    let cur = dir.join("CURRENT");
+    let switched = sync_dir(dir)
+        .and_then(|()| put(&cur_tmp, format!("{gen_name} {:08x} {}\n", m.crc32, m.bytes).as_bytes()))
+        .and_then(|_| std::fs::rename(&cur_tmp, &cur).map_err(io(&cur)));
+    if let Err(e) = switched {
+        let _ = remove_ours(&cur_tmp, false);
+        let _ = remove_ours(&dest, true);
+        return Err(e);
+    }
+    sync_dir(dir)?;
+    // Older generations and leftovers of interrupted writes: only what the store wrote (a
+    // generation holding anything else stays, and so does anything else).
+    match scan(dir) {
+        Ok(now) => {
+            let older = now.generations.iter().filter(|&&(g, _)| g < n).map(|(_, name)| (name, true));
+            let leftovers = now.leftovers.iter().map(|name| (name, name.starts_with(".gen-")));
+            for (name, is_dir) in older.chain(leftovers) {
+                if let Err(e) = remove_ours(&dir.join(name), is_dir) {
+                    log::warn!("the snapshot is written, but an older one was not removed: {e}");
+                }
+            }
+        }
+        Err(e) => log::warn!("the snapshot is written, but older ones were not removed: {e}"),
+    }
+    report.dir = dest;
+    Ok(report)
+}
+
+/// Writes the files of a generation into `tmp` (made empty by the caller) and syncs each;
+/// returns the manifest's description and what was written.
+fn write_generation(tmp: &Path, snap: &Snapshot) -> Result<(FileRef, WriteReport), SnapshotError> {
     let mut report = WriteReport::default();
 
     let s = &snap.state;
@@ -861,34 +999,38 @@ pub fn write_dir(dir: &Path, snap: &Snapshot) -> Result<WriteReport, SnapshotErr
     let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
     let m = put(&tmp.join("manifest.json"), &json)?;
     report.bytes = report.kv_bytes + report.memory_bytes + m.bytes;
-    sync_dir(&tmp)?;
-    let dest = dir.join(&gen_name);
-    std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
-    sync_dir(dir)?;
-    // The switch: CURRENT names the new generation and its manifest's checksum.
-    let cur_tmp = dir.join(format!(".CURRENT.tmp{}", std::process::id()));
-    put(&cur_tmp, format!("{gen_name} {:08x} {}\n", m.crc32, m.bytes).as_bytes())?;
-    let cur = dir.join("CURRENT");
-    std::fs::rename(&cur_tmp, &cur).map_err(io(&cur))?;
-    sync_dir(dir)?;
-    // Older generations and leftovers of interrupted writes.
-    for e in std::fs::read_dir(dir).map_err(io(dir))?.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let old = generation(&name).is_some_and(|g| g <= last) || (name.starts_with(".gen-") && name.contains(".tmp"));
-        if old {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-    report.dir = dest;
-    Ok(report)
+    Ok((m, report))
 }
 
 /// Reads the snapshot in `dir`, checking everything (see the module docs): every size the
 /// manifest declares is checked against the limits (`MAX_*`) and against the files' real
 /// lengths before anything is allocated for it, and errors never quote the files.
+///
+/// It takes no lock: a write switches `CURRENT` by a rename, so a read sees one whole
+/// generation or another. Should a write remove the generation being read (it had been
+/// replaced), its files go missing: the read starts again on the generation `CURRENT` names
+/// now.
 pub fn read_dir(dir: &Path) -> Result<Snapshot, SnapshotError> {
-    let (gen_name, crc, len) = current(dir)?.ok_or_else(|| SnapshotError::NotFound { dir: dir.to_path_buf() })?;
-    let g = dir.join(&gen_name);
+    let mut tries = 0;
+    loop {
+        let cur = current(dir)?.ok_or_else(|| SnapshotError::NotFound { dir: dir.to_path_buf() })?;
+        match read_generation(dir, &cur) {
+            Err(SnapshotError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound
+                    && tries < 64
+                    && current(dir).ok().flatten().is_some_and(|now| now != cur) =>
+            {
+                tries += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Reads the generation `CURRENT` names (its name, its manifest's CRC-32 and length).
+fn read_generation(dir: &Path, (gen_name, crc, len): &(String, u32, u64)) -> Result<Snapshot, SnapshotError> {
+    let (crc, len) = (*crc, *len);
+    let g = dir.join(gen_name);
     let mpath = g.join("manifest.json");
     if len > MAX_MANIFEST_BYTES {
         return Err(corrupt(
@@ -1119,71 +1261,4 @@ fn check_limits(path: &Path, s: &InstanceState) -> Result<(), SnapshotError> {
         }
     }
     Ok(())
-}
-
-/// Where snapshots are kept, by key. A local directory now ([`LocalStore`]); an object store
-/// can implement the same.
-pub trait SnapshotStore: Send + Sync {
-    /// Writes `snap` under `key`, replacing what was there only once it is complete.
-    fn put(&self, key: &str, snap: &Snapshot) -> Result<WriteReport, SnapshotError>;
-    /// Reads the snapshot under `key`.
-    fn get(&self, key: &str) -> Result<Snapshot, SnapshotError>;
-    /// The keys held, sorted.
-    fn list(&self) -> Result<Vec<String>, SnapshotError>;
-    /// Removes `key`'s snapshot.
-    fn remove(&self, key: &str) -> Result<(), SnapshotError>;
-}
-
-/// Snapshots in directories under a root: key `k` is the snapshot directory `ROOT/k`.
-#[derive(Clone, Debug)]
-pub struct LocalStore {
-    root: PathBuf,
-}
-
-impl LocalStore {
-    /// A store under `root` (created on first write).
-    pub fn new(root: impl Into<PathBuf>) -> LocalStore {
-        LocalStore { root: root.into() }
-    }
-
-    fn dir(&self, key: &str) -> Result<PathBuf, SnapshotError> {
-        let ok = !key.is_empty()
-            && !key.starts_with('.')
-            && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if !ok {
-            return Err(corrupt(&self.root, format!("`{key}` is not a snapshot key (letters, digits, - _ .)")));
-        }
-        Ok(self.root.join(key))
-    }
-}
-
-impl SnapshotStore for LocalStore {
-    fn put(&self, key: &str, snap: &Snapshot) -> Result<WriteReport, SnapshotError> {
-        write_dir(&self.dir(key)?, snap)
-    }
-
-    fn get(&self, key: &str) -> Result<Snapshot, SnapshotError> {
-        read_dir(&self.dir(key)?)
-    }
-
-    fn list(&self) -> Result<Vec<String>, SnapshotError> {
-        let mut v = Vec::new();
-        let entries = match std::fs::read_dir(&self.root) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(v),
-            Err(e) => return Err(io(&self.root)(e)),
-        };
-        for e in entries.flatten() {
-            if e.path().join("CURRENT").is_file() {
-                v.push(e.file_name().to_string_lossy().into_owned());
-            }
-        }
-        v.sort();
-        Ok(v)
-    }
-
-    fn remove(&self, key: &str) -> Result<(), SnapshotError> {
-        let d = self.dir(key)?;
-        std::fs::remove_dir_all(&d).map_err(io(&d))
-    }
 }

@@ -37,12 +37,14 @@ enum Command {
     /// Chat with a model through the chat actor (one user turn per --prompt, or stdin);
     /// --save and --resume keep the conversation, KV cache included, across runs.
     Chat(cmd::chat::Args),
-    /// Run the daemon: many actors sharing the loaded models, managed over HTTP on loopback,
-    /// with an OpenAI-compatible /v1/chat/completions.
+    /// Run the daemon: many actors sharing the loaded models, managed over HTTP (loopback
+    /// unless given an API key), with an OpenAI-compatible /v1/chat/completions; actors are
+    /// checkpointed at shutdown and come back when it starts again on the same store.
     Serve(cmd::serve::Args),
     /// List the daemon's actors.
     Ps(cmd::ctl::Ps),
-    /// Start an actor on the daemon (`chat` or a module path); prints its id.
+    /// Start an actor on the daemon (`chat` or a module of its --modules directories, by
+    /// name); prints its id.
     Spawn(cmd::ctl::Spawn),
     /// Send an actor a message and print its reply as it streams (exit code 3 when the actor
     /// answers with an error, e.g. `context_length_exceeded`).
@@ -60,6 +62,8 @@ enum Command {
     Restore(cmd::ctl::Restore),
     /// Stop an actor at once, even inside a handler that never returns, and forget it.
     Kill(cmd::ctl::Id),
+    /// List the snapshots in the daemon's store (`shoal snapshots rm KEY` deletes one).
+    Snapshots(cmd::ctl::Snapshots),
 }
 
 fn main() {
@@ -89,6 +93,7 @@ fn main() {
         Command::Restore(a) => cmd::ctl::restore(a),
         Command::Move(a) => cmd::ctl::move_to(a),
         Command::Kill(a) => cmd::ctl::kill(a),
+        Command::Snapshots(a) => cmd::ctl::snapshots(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -4,145 +4,21 @@
 //! `_initialize`), conversations longer than the context, and a daemon killed (SIGKILL) while
 //! it writes a snapshot. The chat parts need the default model (`scripts/fetch-model.sh`).
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{ECHO, call, model, modules_dir, post, rss_kib, send, spawn, start, state_of, tmp};
 use serde_json::{Value, json};
-
-struct Daemon {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn model() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    p.is_file().then_some(p)
-}
-
-fn start(store: &Path, extra: &[&str]) -> Daemon {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shoal"));
-    cmd.args(["serve", "--backend", "cpu", "--addr", "127.0.0.1:0", "--store"]).arg(store).args(extra);
-    if let Some(m) = model() {
-        cmd.arg("--model").arg(format!("smollm2={}", m.display()));
-    }
-    let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().expect("shoal serve starts");
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
-    // Keep draining its stderr so that it never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    Daemon { child, addr }
-}
-
-/// One request; the body as bytes (chunked bodies decoded).
-fn call(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
-        .unwrap();
-    s.write_all(body).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("headers end");
-    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let mut body = raw[split + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        let (mut out, mut rest) = (Vec::new(), &body[..]);
-        loop {
-            let eol = rest.windows(2).position(|w| w == b"\r\n").unwrap();
-            let n = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16).unwrap();
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&rest[eol + 2..eol + 2 + n]);
-            rest = &rest[eol + 4 + n..];
-        }
-        body = out;
-    }
-    (status, body)
-}
-
-fn post(addr: &str, path: &str, v: &Value) -> (u16, Value) {
-    let (s, b) = call(addr, "POST", path, &serde_json::to_vec(v).unwrap());
-    (s, serde_json::from_slice(&b).unwrap_or(Value::Null))
-}
-
-/// A message's reply: the text of its chunks, or the error it ended with.
-fn send(addr: &str, id: u64, msg: &str) -> Result<String, String> {
-    let (status, body) = call(addr, "POST", &format!("/v1/actors/{id}/messages"), msg.as_bytes());
-    if status != 200 {
-        return Err(String::from_utf8_lossy(&body).into_owned());
-    }
-    let mut text = String::new();
-    for line in String::from_utf8(body).unwrap().lines() {
-        let v: Value = serde_json::from_str(line).unwrap();
-        if let Some(c) = v["chunk"].as_str() {
-            text += c;
-        } else if let Some(e) = v["error"].as_str() {
-            return Err(e.to_string());
-        } else {
-            assert_eq!(v["done"], json!(true), "{line}");
-            return Ok(text);
-        }
-    }
-    Err("the reply ended without done".into())
-}
-
-fn spawn(addr: &str, module: &str, args: &[&str]) -> u64 {
-    let (s, v) = post(addr, "/v1/actors", &json!({"module": module, "args": args}));
-    assert_eq!(s, 201, "{v}");
-    v["id"].as_u64().unwrap()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("shoal-serve-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// An echo actor: replies with its message, prefixed by how many it has handled.
-const ECHO: &str = r#"(module
-  (import "shoal_v1" "reply" (func $reply (param i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (global $n (mut i32) (i32.const 0))
-  (func (export "shoal_actor_alloc") (param i32) (result i32) (i32.const 1024))
-  (func (export "shoal_actor_message") (param $p i32) (param $len i32) (result i32)
-    (global.set $n (i32.add (global.get $n) (i32.const 1)))
-    (if (i32.eq (i32.load8_u (local.get $p)) (i32.const 108)) (then (loop $l (br $l))))
-    (if (i32.eq (i32.load8_u (local.get $p)) (i32.const 116)) (then unreachable))
-    (drop (call $reply (local.get $p) (local.get $len)))
-    (i32.const 0)))"#;
 
 #[test]
 fn a_load_test_loses_no_message_and_bad_guests_stop_alone() {
     let dir = tmp("load");
-    let wasm = dir.join("echo.wat");
-    std::fs::write(&wasm, ECHO).unwrap();
-    let d = start(&dir.join("store"), &["--deadline", "0.5"]);
-    let module = wasm.display().to_string();
-    let ids: Vec<u64> = (0..8).map(|_| spawn(&d.addr, &module, &[])).collect();
+    let mods = modules_dir(&dir, &[("echo", ECHO)]);
+    let d = start(&dir.join("store"), Some(&mods), &["--deadline", "0.5"]);
+    let ids: Vec<u64> = (0..8).map(|_| spawn(&d.addr, "echo", &[])).collect();
     // 32 clients × 16 messages, spread over the 8 actors, all at once.
     let threads: Vec<_> = (0..32)
         .map(|c| {
@@ -189,8 +65,10 @@ fn a_load_test_loses_no_message_and_bad_guests_stop_alone() {
     assert_eq!(call(&d.addr, "DELETE", &format!("/v1/actors/{copy}"), b"").0, 404);
     assert_eq!(post(&d.addr, "/v1/actors/999/pause", &json!({})).0, 404);
     assert_eq!(call(&d.addr, "POST", "/v1/actors", b"{not json").0, 400);
+    // Modules are named, never paths; a snapshot that is not there is a 404.
     assert_eq!(post(&d.addr, "/v1/actors", &json!({"module": "/no/such.wasm"})).0, 400);
-    assert_eq!(post(&d.addr, "/v1/snapshots/nothing/restore", &json!({})).0, 500);
+    assert_eq!(post(&d.addr, "/v1/actors", &json!({"module": "nosuch"})).0, 404);
+    assert_eq!(post(&d.addr, "/v1/snapshots/nothing/restore", &json!({})).0, 404);
     assert_eq!(call(&d.addr, "GET", "/nowhere", b"").0, 404);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -202,7 +80,7 @@ fn sixty_four_chat_actors_share_the_weights_and_answer_at_once() {
         return;
     }
     let dir = tmp("many");
-    let d = start(&dir.join("store"), &[]);
+    let d = start(&dir.join("store"), None, &[]);
     let before = rss_kib(d.child.id());
     let ids: Vec<u64> =
         (0..64).map(|_| spawn(&d.addr, "chat", &["--temperature", "0", "--max-tokens", "12"])).collect();
@@ -252,8 +130,13 @@ fn sixty_four_chat_actors_share_the_weights_and_answer_at_once() {
         })
         .collect();
     assert!(content.contains("Paris") && text.trim_end().ends_with("data: [DONE]"), "{text}");
-    let (s, v) = post(&d.addr, "/v1/chat/completions", &json!({"model": "nope", "messages": []}));
+    // A model it does not have (the request is checked first: it must be well formed).
+    let hi = json!([{"role": "user", "content": "hi"}]);
+    let (s, v) = post(&d.addr, "/v1/chat/completions", &json!({"model": "nope", "messages": hi}));
     assert_eq!(s, 404, "{v}");
+    assert_eq!(v["error"]["code"], json!("model_not_found"), "{v}");
+    let (s, v) = post(&d.addr, "/v1/chat/completions", &json!({"model": "nope", "messages": []}));
+    assert_eq!(s, 400, "{v}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -265,7 +148,7 @@ fn a_daemon_killed_while_writing_a_snapshot_leaves_the_previous_one_intact() {
     }
     let dir = tmp("kill");
     let store = dir.join("store");
-    let mut d = start(&store, &[]);
+    let mut d = start(&store, None, &[]);
     // A long conversation, so that a snapshot takes a while to write (~45 MB of KV cache).
     let id = spawn(&d.addr, "chat", &["--temperature", "0", "--max-tokens", "12", "--context", "2048"]);
     let filler = "the quiet river runs past old stone mills and green fields ".repeat(90);
@@ -280,7 +163,7 @@ fn a_daemon_killed_while_writing_a_snapshot_leaves_the_previous_one_intact() {
             // The daemon dies under this request: whatever happens to it is fine.
             if let Ok(mut s) = TcpStream::connect(&addr) {
                 let body = br#"{"key": "k"}"#;
-                let head = format!("POST /v1/actors/{id}/snapshot HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len());
+                let head = common::head("POST", &format!("/v1/actors/{id}/snapshot"), &[], body.len());
                 let _ = s.write_all(head.as_bytes()).and_then(|()| s.write_all(body));
                 let _ = s.read_to_end(&mut Vec::new());
             }
@@ -299,7 +182,7 @@ fn a_daemon_killed_while_writing_a_snapshot_leaves_the_previous_one_intact() {
         );
         let snap = shoal_actor::read_dir(&store.join("k")).expect("the snapshot is readable after SIGKILL");
         assert_eq!(snap.kv_positions(), first.kv_positions());
-        d = start(&store, &[]);
+        d = start(&store, None, &[]);
         let (s, v) = post(&d.addr, "/v1/snapshots/k/restore", &json!({}));
         assert_eq!(s, 200, "{v}");
         id = v["id"].as_u64().unwrap();
@@ -318,25 +201,17 @@ fn cpu_ticks(pid: u32) -> u64 {
     f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
 }
 
-fn state_of(addr: &str, id: u64) -> Option<String> {
-    let (_, list) = call(addr, "GET", "/v1/actors", b"");
-    let list: Value = serde_json::from_slice(&list).unwrap();
-    list["actors"].as_array().unwrap().iter().find(|a| a["id"] == json!(id)).map(|a| a["state"].to_string())
-}
-
 #[test]
 fn deleting_an_actor_stuck_in_a_loop_stops_it_at_once() {
     let dir = tmp("spin");
-    let wasm = dir.join("echo.wat");
-    std::fs::write(&wasm, ECHO).unwrap();
+    let mods = modules_dir(&dir, &[("echo", ECHO)]);
     // The default deadline (600 s): only the kill can stop the loop in time.
-    let d = start(&dir.join("store"), &[]);
-    let module = wasm.display().to_string();
-    let (spinner, other) = (spawn(&d.addr, &module, &[]), spawn(&d.addr, &module, &[]));
+    let d = start(&dir.join("store"), Some(&mods), &[]);
+    let (spinner, other) = (spawn(&d.addr, "echo", &[]), spawn(&d.addr, "echo", &[]));
     let addr = d.addr.clone();
     let stuck = std::thread::spawn(move || send(&addr, spinner, "loop"));
     let t0 = Instant::now();
-    while state_of(&d.addr, spinner).as_deref() != Some("\"busy\"") {
+    while state_of(&d.addr, spinner).as_deref() != Some("busy") {
         assert!(t0.elapsed() < Duration::from_secs(10), "the actor never got busy");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -366,18 +241,16 @@ const SPIN_AT_START: &str = r#"(module
 #[test]
 fn a_spawn_whose_initialize_loops_fails_at_the_init_deadline() {
     let dir = tmp("init");
-    let (spin, echo) = (dir.join("spin.wat"), dir.join("echo.wat"));
-    std::fs::write(&spin, SPIN_AT_START).unwrap();
-    std::fs::write(&echo, ECHO).unwrap();
-    let d = start(&dir.join("store"), &["--init-deadline", "0.5"]);
+    let mods = modules_dir(&dir, &[("spin", SPIN_AT_START), ("echo", ECHO)]);
+    let d = start(&dir.join("store"), Some(&mods), &["--init-deadline", "0.5"]);
     let t0 = Instant::now();
-    let (s, v) = post(&d.addr, "/v1/actors", &json!({"module": spin.display().to_string()}));
+    let (s, v) = post(&d.addr, "/v1/actors", &json!({"module": "spin"}));
     assert_eq!(s, 422, "{v}");
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("_initialize") && msg.contains("--init-deadline"), "{msg}");
     assert!(t0.elapsed() < Duration::from_secs(5), "the spawn took {:?}", t0.elapsed());
     // The daemon goes on.
-    let id = spawn(&d.addr, &echo.display().to_string(), &[]);
+    let id = spawn(&d.addr, "echo", &[]);
     assert_eq!(send(&d.addr, id, "fine").unwrap(), "fine");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -389,7 +262,7 @@ fn a_chat_longer_than_the_context_is_a_400_and_the_actor_answers_the_next_one() 
         return;
     }
     let dir = tmp("overflow");
-    let d = start(&dir.join("store"), &["--max-context", "128"]);
+    let d = start(&dir.join("store"), None, &["--max-context", "128"]);
     let long = "the quiet river runs past old stone mills and green fields ".repeat(30);
     let chat = |content: &str, stream: bool| {
         let body = json!({"model": "smollm2", "temperature": 0, "max_tokens": 16, "stream": stream,
@@ -422,12 +295,7 @@ fn a_chat_longer_than_the_context_is_a_400_and_the_actor_answers_the_next_one() 
     let id = spawn(&d.addr, "chat", &["--temperature", "0", "--max-tokens", "12"]);
     let e = send(&d.addr, id, &long).unwrap_err();
     assert!(e.starts_with("context_length_exceeded"), "{e}");
-    let shoal = |text: &str| {
-        Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .args(["send", "--addr", &d.addr, &id.to_string(), text])
-            .output()
-            .unwrap()
-    };
+    let shoal = |text: &str| common::shoal().args(["send", "--addr", &d.addr, &id.to_string(), text]).output().unwrap();
     let out = shoal(&long);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("context_length_exceeded"), "{out:?}");

@@ -20,8 +20,15 @@ use crate::models::Models;
 use crate::nn::{NnCtx, NnHost};
 use crate::v1::{CallLog, GuestStats, V1Host};
 
-/// Where an actor's replies go while it handles a message.
-pub type ReplySink = Box<dyn FnMut(&[u8]) + Send>;
+/// Where an actor's replies go while it handles a message. It returns `false` when the
+/// reply's reader has gone (the client disconnected, or the actor is being stopped): the
+/// guest's `reply` then fails, so that it stops the message rather than go on for no one.
+/// A sink may block while its reader is slow (backpressure), but must give up once the
+/// instance's [`Interrupt`] is killed or past its deadline.
+pub type ReplySink = Box<dyn FnMut(&[u8]) -> bool + Send>;
+
+/// What a guest's `reply` fails with once its reader has gone.
+pub(crate) const READER_GONE: &str = "the reply's reader has gone (the client disconnected): stop this message";
 
 /// Per-instance state of a core module: WASI and the ABIs' tables.
 pub struct HostState {
@@ -114,7 +121,9 @@ impl ComputeHost for HostState {
             ));
         }
         *sent = total;
-        sink(bytes);
+        if !sink(bytes) {
+            return Err(err(Kind::Busy, READER_GONE));
+        }
         Ok(())
     }
 }

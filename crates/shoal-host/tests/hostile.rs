@@ -207,7 +207,7 @@ fn a_spinning_handler_is_killed_from_another_thread() {
         kill.kill();
         Instant::now()
     });
-    let err = inst.message(b"hi", None, Box::new(|_| {})).unwrap_err();
+    let err = inst.message(b"hi", None, Box::new(|_| true)).unwrap_err();
     let stopped = Instant::now();
     let killed_at = killer.join().unwrap();
     assert!(matches!(err, HostError::Killed), "{err:?}");
@@ -240,13 +240,14 @@ fn replies_past_max_reply_bytes_are_refused() {
             None,
             Box::new(move |b| {
                 g.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                true
             }),
         )
         .unwrap_err();
     assert!(matches!(err, HostError::Handler { code: 14, .. }), "{err:?}");
     assert_eq!(got.load(std::sync::atomic::Ordering::Relaxed), MIB);
     // The instance is still usable: the next message gets its own allowance.
-    let err = inst.message(b"x", None, Box::new(|_| {})).unwrap_err();
+    let err = inst.message(b"x", None, Box::new(|_| true)).unwrap_err();
     assert!(matches!(err, HostError::Handler { code: 14, .. }), "{err:?}");
 }
 
@@ -276,7 +277,7 @@ fn a_neighbour_keeps_answering_while_a_guest_spins_and_floods() {
     let mut bad = rt.instantiate(&hostile, &opts).unwrap();
     let kill = bad.interrupt();
     let before = rss();
-    let attacker = std::thread::spawn(move || bad.message(b"go", None, Box::new(|_| {})));
+    let attacker = std::thread::spawn(move || bad.message(b"go", None, Box::new(|_| true)));
     let mut good = rt.instantiate(&echo, &InstanceOptions::default()).unwrap();
     let t0 = Instant::now();
     let mut answered = 0;
@@ -285,7 +286,15 @@ fn a_neighbour_keeps_answering_while_a_guest_spins_and_floods() {
         let t = Instant::now();
         let out = Arc::new(std::sync::Mutex::new(Vec::new()));
         let o = out.clone();
-        good.message(b"ping", None, Box::new(move |b| o.lock().unwrap().extend_from_slice(b))).unwrap();
+        good.message(
+            b"ping",
+            None,
+            Box::new(move |b| {
+                o.lock().unwrap().extend_from_slice(b);
+                true
+            }),
+        )
+        .unwrap();
         assert_eq!(&*out.lock().unwrap(), b"ping");
         slowest = slowest.max(t.elapsed());
         answered += 1;

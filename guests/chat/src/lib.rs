@@ -258,9 +258,12 @@ impl Chat {
                 Err(e) => e.valid_up_to(),
             };
             if valid > 0 {
-                let _ = out.write_all(&reply[printed..printed + valid]);
-                let _ = out.flush();
+                let sent = out.write_all(&reply[printed..printed + valid]).and_then(|()| out.flush());
                 printed += valid;
+                if sent.is_err() {
+                    // No one reads the answer any more (the client went away): stop making it.
+                    break;
+                }
             }
             input = vec![next];
         }

@@ -1,9 +1,11 @@
 //! The subcommands that talk to a running `shoal serve`: `ps`, `spawn`, `send`, `pause`,
-//! `resume`, `snapshot`, `restore`, `kill`.
+//! `resume`, `snapshot`, `restore`, `kill`, `snapshots`. Each finds the daemon at `--addr`
+//! (`SHOAL_ADDR`) and sends its API key, if given (`--api-key`, `SHOAL_API_KEY`).
 
 use std::io::Write;
 
 use anyhow::{Context, bail};
+use base64::Engine as _;
 use serde_json::{Value, json};
 
 use super::serve::DEFAULT_ADDR;
@@ -15,6 +17,15 @@ pub struct Addr {
     /// The daemon's address.
     #[arg(long, default_value = DEFAULT_ADDR, env = "SHOAL_ADDR")]
     addr: String,
+    /// The daemon's API key, sent as `Authorization: Bearer KEY`.
+    #[arg(long, env = "SHOAL_API_KEY", hide_env_values = true, value_name = "KEY")]
+    api_key: Option<String>,
+}
+
+impl Addr {
+    fn key(&self) -> Option<&str> {
+        self.api_key.as_deref().filter(|k| !k.is_empty())
+    }
 }
 
 /// `shoal ps`.
@@ -32,7 +43,8 @@ pub struct Ps {
 pub struct Spawn {
     #[command(flatten)]
     at: Addr,
-    /// `chat` (the built-in chat actor) or the path of an actor module.
+    /// `chat` (the built-in chat actor) or the name of a module in the daemon's --modules
+    /// directories (`echo` for DIR/echo.wasm).
     #[arg(default_value = "chat")]
     module: String,
     /// The actor's arguments (for `chat`: --model, --temperature, --seed, --max-tokens,
@@ -84,6 +96,26 @@ pub struct Move {
     backend: String,
 }
 
+/// `shoal snapshots`: list the store's snapshots, or `rm KEY` one.
+#[derive(clap::Args)]
+pub struct Snapshots {
+    #[command(flatten)]
+    at: Addr,
+    #[command(subcommand)]
+    what: Option<SnapshotsCmd>,
+}
+
+#[derive(clap::Subcommand)]
+pub enum SnapshotsCmd {
+    /// List the snapshots' keys (the default).
+    Ls,
+    /// Delete the snapshot KEY from the store.
+    Rm {
+        /// The snapshot's key.
+        key: String,
+    },
+}
+
 /// `shoal restore`.
 #[derive(clap::Args)]
 pub struct Restore {
@@ -93,9 +125,10 @@ pub struct Restore {
     key: String,
 }
 
-fn call(addr: &str, method: &str, path: &str, body: &Value) -> anyhow::Result<Value> {
+fn call(at: &Addr, method: &str, path: &str, body: &Value) -> anyhow::Result<Value> {
     let mut out = Vec::new();
-    let status = http::call(addr, method, path, &serde_json::to_vec(body)?, &mut |b| out.extend_from_slice(b))?;
+    let status =
+        http::call(&at.addr, at.key(), method, path, &serde_json::to_vec(body)?, &mut |b| out.extend_from_slice(b))?;
     let v: Value = serde_json::from_slice(&out)
         .with_context(|| format!("the daemon answered {status}: {}", String::from_utf8_lossy(&out)))?;
     if status >= 300 {
@@ -106,7 +139,7 @@ fn call(addr: &str, method: &str, path: &str, body: &Value) -> anyhow::Result<Va
 }
 
 pub fn ps(a: Ps) -> anyhow::Result<i32> {
-    let v = call(&a.at.addr, "GET", "/v1/actors", &json!({}))?;
+    let v = call(&a.at, "GET", "/v1/actors", &json!({}))?;
     if a.json {
         println!("{v}");
         return Ok(0);
@@ -130,13 +163,14 @@ pub fn ps(a: Ps) -> anyhow::Result<i32> {
 }
 
 pub fn spawn(a: Spawn) -> anyhow::Result<i32> {
-    let module = if a.module == "chat" {
-        a.module
-    } else {
-        // The daemon reads the file: give it an absolute path.
-        std::fs::canonicalize(&a.module).with_context(|| format!("module {}", a.module))?.display().to_string()
-    };
-    let v = call(&a.at.addr, "POST", "/v1/actors", &json!({"module": module, "args": a.args}))?;
+    if a.module.contains('/') {
+        bail!(
+            "`{}` is a path: the daemon spawns modules by name from its --modules directories \
+             (start it with --modules DIR and give the file's name without .wasm)",
+            a.module
+        );
+    }
+    let v = call(&a.at, "POST", "/v1/actors", &json!({"module": a.module, "args": a.args}))?;
     println!("{}", v["id"]);
     Ok(0)
 }
@@ -153,6 +187,15 @@ pub fn send(a: Send) -> anyhow::Result<i32> {
             if let Some(c) = v.get("chunk").and_then(Value::as_str) {
                 let _ = stdout.write_all(c.as_bytes());
                 let _ = stdout.flush();
+            } else if let Some(d) = v.get("data").and_then(Value::as_str) {
+                // Bytes that are not text, exactly as the actor replied them.
+                match base64::engine::general_purpose::STANDARD.decode(d) {
+                    Ok(b) => {
+                        let _ = stdout.write_all(&b);
+                        let _ = stdout.flush();
+                    }
+                    Err(e) => failed = Some(format!("the daemon sent bad base64: {e}")),
+                }
             } else if let Some(m) = v.pointer("/error/message").and_then(Value::as_str) {
                 failed = Some(m.to_string());
             } else if let Some(e) = v.get("error") {
@@ -160,7 +203,8 @@ pub fn send(a: Send) -> anyhow::Result<i32> {
             }
         }
     };
-    let status = http::call(&a.at.addr, "POST", &format!("/v1/actors/{}/messages", a.id), a.text.as_bytes(), &mut on)?;
+    let path = format!("/v1/actors/{}/messages", a.id);
+    let status = http::call(&a.at.addr, a.at.key(), "POST", &path, a.text.as_bytes(), &mut on)?;
     if status >= 300 && failed.is_none() {
         bail!("the daemon answered HTTP {status}");
     }
@@ -173,25 +217,25 @@ pub fn send(a: Send) -> anyhow::Result<i32> {
     }
 }
 
-fn op(addr: &str, id: u64, what: &str) -> anyhow::Result<Value> {
-    call(addr, "POST", &format!("/v1/actors/{id}/{what}"), &json!({}))
+fn op(at: &Addr, id: u64, what: &str) -> anyhow::Result<Value> {
+    call(at, "POST", &format!("/v1/actors/{id}/{what}"), &json!({}))
 }
 
 pub fn pause(a: Id) -> anyhow::Result<i32> {
-    let v = op(&a.at.addr, a.id, "pause")?;
+    let v = op(&a.at, a.id, "pause")?;
     println!("paused {} in {:.2} ms ({} bytes kept)", a.id, v["ms"].as_f64().unwrap_or(0.0), v["bytes"]);
     Ok(0)
 }
 
 pub fn resume(a: Id) -> anyhow::Result<i32> {
-    let v = op(&a.at.addr, a.id, "resume")?;
+    let v = op(&a.at, a.id, "resume")?;
     println!("resumed {} in {:.2} ms", a.id, v["ms"].as_f64().unwrap_or(0.0));
     Ok(0)
 }
 
 pub fn snapshot(a: Snapshot) -> anyhow::Result<i32> {
     let body = a.key.as_ref().map_or_else(|| json!({}), |k| json!({"key": k}));
-    let v = call(&a.at.addr, "POST", &format!("/v1/actors/{}/snapshot", a.id), &body)?;
+    let v = call(&a.at, "POST", &format!("/v1/actors/{}/snapshot", a.id), &body)?;
     println!(
         "{} ({} bytes: memory {}, KV cache {}; {:.1} ms)",
         v["key"].as_str().unwrap_or("?"),
@@ -204,20 +248,36 @@ pub fn snapshot(a: Snapshot) -> anyhow::Result<i32> {
 }
 
 pub fn restore(a: Restore) -> anyhow::Result<i32> {
-    let v = call(&a.at.addr, "POST", &format!("/v1/snapshots/{}/restore", a.key), &json!({}))?;
+    let v = call(&a.at, "POST", &format!("/v1/snapshots/{}/restore", a.key), &json!({}))?;
     println!("{}", v["id"]);
     eprintln!("restored {} as actor {} in {:.1} ms", a.key, v["id"], v["ms"].as_f64().unwrap_or(0.0));
     Ok(0)
 }
 
 pub fn kill(a: Id) -> anyhow::Result<i32> {
-    call(&a.at.addr, "DELETE", &format!("/v1/actors/{}", a.id), &json!({}))?;
+    call(&a.at, "DELETE", &format!("/v1/actors/{}", a.id), &json!({}))?;
     println!("killed {}", a.id);
     Ok(0)
 }
 
 pub fn move_to(a: Move) -> anyhow::Result<i32> {
-    let v = call(&a.at.addr, "POST", &format!("/v1/actors/{}/move", a.id), &json!({"backend": a.backend}))?;
+    let v = call(&a.at, "POST", &format!("/v1/actors/{}/move", a.id), &json!({"backend": a.backend}))?;
     println!("moved {} to {} in {:.1} ms", a.id, a.backend, v["ms"].as_f64().unwrap_or(0.0));
+    Ok(0)
+}
+
+pub fn snapshots(a: Snapshots) -> anyhow::Result<i32> {
+    match a.what {
+        None | Some(SnapshotsCmd::Ls) => {
+            let v = call(&a.at, "GET", "/v1/snapshots", &json!({}))?;
+            for k in v["snapshots"].as_array().map(Vec::as_slice).unwrap_or_default() {
+                println!("{}", k.as_str().unwrap_or("?"));
+            }
+        }
+        Some(SnapshotsCmd::Rm { key }) => {
+            call(&a.at, "DELETE", &format!("/v1/snapshots/{key}"), &json!({}))?;
+            println!("deleted {key}");
+        }
+    }
     Ok(0)
 }

@@ -67,7 +67,7 @@ impl LimitArgs {
     }
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let n = shoal_host::budget::parse_bytes(s)?;
     if n == 0 {
         return Err("a size of 0 leaves the guest no memory at all".into());
