@@ -125,6 +125,18 @@ pub struct Restore {
     key: String,
 }
 
+/// `s` as one path segment: bytes other than letters, digits, `-`, `_` and `.` percent-encoded
+/// (a key such as `../x` reaches the daemon as a key, and is refused as one).
+fn escaped(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' => (b as char).to_string(),
+            b'.' if s != "." && s != ".." => ".".to_string(),
+            b => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 fn call(at: &Addr, method: &str, path: &str, body: &Value) -> anyhow::Result<Value> {
     let mut out = Vec::new();
     let status =
@@ -248,7 +260,7 @@ pub fn snapshot(a: Snapshot) -> anyhow::Result<i32> {
 }
 
 pub fn restore(a: Restore) -> anyhow::Result<i32> {
-    let v = call(&a.at, "POST", &format!("/v1/snapshots/{}/restore", a.key), &json!({}))?;
+    let v = call(&a.at, "POST", &format!("/v1/snapshots/{}/restore", escaped(&a.key)), &json!({}))?;
     println!("{}", v["id"]);
     eprintln!("restored {} as actor {} in {:.1} ms", a.key, v["id"], v["ms"].as_f64().unwrap_or(0.0));
     Ok(0)
@@ -275,7 +287,7 @@ pub fn snapshots(a: Snapshots) -> anyhow::Result<i32> {
             }
         }
         Some(SnapshotsCmd::Rm { key }) => {
-            call(&a.at, "DELETE", &format!("/v1/snapshots/{key}"), &json!({}))?;
+            call(&a.at, "DELETE", &format!("/v1/snapshots/{}", escaped(&key)), &json!({}))?;
             println!("deleted {key}");
         }
     }
