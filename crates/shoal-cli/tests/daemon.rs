@@ -1181,3 +1181,69 @@ fn shoal_snapshots_lists_and_removes() {
     assert_eq!(s, 200, "{v}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The OpenAI endpoint's actors of a daemon (tag `openai`).
+fn openai_actors(addr: &str) -> Vec<Value> {
+    actors(addr).into_iter().filter(|a| a["tag"] == "openai").collect()
+}
+
+/// An OpenAI request whose client goes away (streamed, after its first event; or not
+/// streamed, before its answer) frees its actor: none is left busy or leaked, and the next
+/// request is answered.
+#[test]
+fn an_abandoned_openai_request_frees_its_actor() {
+    if model().is_none() {
+        eprintln!("skipped: the default model is not fetched (scripts/fetch-model.sh)");
+        return;
+    }
+    let dir = tmp("openai-abandoned");
+    let d = start(&dir.join("store"), None, &["--openai-pool", "2"]);
+    let a = d.addr.as_str();
+    let body = |stream: bool| {
+        serde_json::to_vec(&json!({"messages": [{"role": "user", "content": "Count from one to five hundred."}],
+                                   "max_tokens": 4000, "temperature": 0, "stream": stream}))
+        .unwrap()
+    };
+    for stream in [true, false] {
+        for _ in 0..3 {
+            let b = body(stream);
+            let mut s = TcpStream::connect(a).unwrap();
+            s.write_all(common::head("POST", "/v1/chat/completions", &[], b.len()).as_bytes()).unwrap();
+            s.write_all(&b).unwrap();
+            if stream {
+                // Wait for the first event, then go away.
+                let mut first = [0u8; 256];
+                let n = s.read(&mut first).unwrap();
+                assert!(String::from_utf8_lossy(&first[..n]).contains("200"), "{}", String::from_utf8_lossy(&first));
+            } else {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            // The request's actor is at work when its client goes away.
+            let working = openai_actors(a);
+            assert!(working.iter().any(|x| x["state"] == "busy"), "stream={stream}: no actor at work: {working:?}");
+            drop(s);
+        }
+        // Every abandoned request's actor is killed: none stays busy making an answer no one reads.
+        let t0 = Instant::now();
+        loop {
+            let busy: Vec<Value> = openai_actors(a).into_iter().filter(|x| x["state"] != "idle").collect();
+            let all = openai_actors(a);
+            if busy.is_empty() && all.len() <= 2 {
+                eprintln!(
+                    "stream={stream}: {} pool actors left, all idle, {:.0?} after the clients left",
+                    all.len(),
+                    t0.elapsed()
+                );
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "stream={stream}: actors left working: {all:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // The endpoint still answers.
+    let (s, v) =
+        post(a, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}));
+    assert_eq!(s, 200, "{v}");
+    assert!(openai_actors(a).len() <= 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
