@@ -34,7 +34,7 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
 /// An actor id from the path.
 fn id(n: &str) -> Result<u64, ApiError> {
     n.parse().map_err(|_| {
-        let shown: String = n.chars().take(32).flat_map(char::escape_default).collect();
+        let shown = crate::error::shown(n, 32);
         ApiError::new(StatusCode::NOT_FOUND, format!("`{shown}` is not an actor id (see GET /v1/actors)"))
     })
 }

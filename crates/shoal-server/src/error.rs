@@ -8,6 +8,12 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use shoal_actor::{ActorError, RegistryError, SnapshotError};
 
+/// Client-given or file-derived text as an error may show it: its first `most` characters,
+/// control and non-ASCII characters escaped (one rule for every message of the daemon).
+pub fn shown(s: &str, most: usize) -> String {
+    s.chars().take(most).flat_map(char::escape_default).collect()
+}
+
 /// An error answer: a status, a message, and for the OpenAI endpoint its `code` and `param`.
 #[derive(Debug)]
 pub struct ApiError {

@@ -55,8 +55,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 fn shown(h: &HeaderMap, name: header::HeaderName) -> Option<String> {
     h.get(name).map(|v| {
         let s = String::from_utf8_lossy(v.as_bytes());
-        let cut: String = s.chars().take(80).flat_map(char::escape_default).collect();
-        cut
+        crate::error::shown(&s, 80)
     })
 }
 

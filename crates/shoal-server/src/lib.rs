@@ -149,12 +149,12 @@ pub struct App {
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
-    let path: String = uri.path().chars().take(128).flat_map(char::escape_default).collect();
+    let path = error::shown(uri.path(), 128);
     ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {path} (see docs/abi.md, the daemon's HTTP API)"))
 }
 
 async fn not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    let path: String = uri.path().chars().take(128).flat_map(char::escape_default).collect();
+    let path = error::shown(uri.path(), 128);
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{method} {path} is not part of the API"))
 }
 

@@ -44,7 +44,7 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 fn shown(s: &str) -> String {
-    s.chars().take(MAX_NAME).flat_map(char::escape_default).collect()
+    crate::error::shown(s, MAX_NAME)
 }
 
 impl ModuleDirs {
@@ -170,7 +170,7 @@ pub fn to_binary(bytes: &[u8]) -> Result<Vec<u8>, String> {
     wat::parse_bytes(bytes).map(|b| b.into_owned()).map_err(|e| {
         let msg = e.to_string();
         let first = msg.lines().next().unwrap_or("").trim();
-        let first: String = first.chars().take(120).flat_map(char::escape_default).collect();
+        let first = crate::error::shown(first, 120);
         format!("not a WebAssembly module (neither binary nor valid text: {first})")
     })
 }

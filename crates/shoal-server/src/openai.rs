@@ -149,7 +149,7 @@ fn check(r: ChatRequest, default_model: &str) -> Result<Checked, ApiError> {
     let mut conversation = Vec::with_capacity(r.messages.len());
     for (i, m) in r.messages.into_iter().enumerate() {
         if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
-            let role: String = m.role.chars().take(32).flat_map(char::escape_default).collect();
+            let role = crate::error::shown(&m.role, 32);
             return Err(bad(
                 format!("`messages[{i}].role` is `{role}`; give system, developer, user, assistant or tool"),
                 "messages",
@@ -164,7 +164,7 @@ fn check(r: ChatRequest, default_model: &str) -> Result<Checked, ApiError> {
                     match (p.kind.as_str(), p.text) {
                         ("text", Some(t)) => s += &t,
                         (k, _) => {
-                            let k: String = k.chars().take(32).flat_map(char::escape_default).collect();
+                            let k = crate::error::shown(k, 32);
                             return Err(bad(
                                 format!("`messages[{i}].content`: parts of type `{k}` are not supported (only text)"),
                                 "messages",
