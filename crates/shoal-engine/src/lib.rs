@@ -30,9 +30,13 @@
 //!   kernels replayed as a CUDA graph, a paged KV pool, sampling on the GPU);
 //!   [`models::Model`] picks one at run time.
 //!
+//! - [`batch`]: continuous batching: the sessions of a model that are ready at the same
+//!   moment share one forward pass (decode steps and chunks of prompts together).
+//!
 //! - [`interrupt`]: deadlines and kills, checked between the pieces of a forward pass.
 
 pub mod backend;
+pub mod batch;
 pub mod cpu;
 pub mod gguf;
 pub mod interrupt;

@@ -7,6 +7,9 @@
 
 #![cfg(feature = "cuda")]
 
+#[path = "common/batch_check.rs"]
+mod batch_check;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -337,4 +340,25 @@ fn an_interrupted_prompt_leaves_the_cache_and_its_blocks_as_they_were() {
     let want = p.cuda.forward(&ids, &mut whole).unwrap();
     assert!(rel_err(&want, &rest) < 1e-3, "{}", rel_err(&want, &rest));
     assert!(!first.is_empty());
+}
+
+#[test]
+fn sixty_four_sequences_in_one_batch_decode_as_they_do_alone_on_cuda() {
+    let Some(p) = pair() else { return };
+    drop(p.cuda.new_cache(16).unwrap()); // the pool exists from here on
+    let (total, free0) = p.cuda.backend().pool_positions();
+    let base = p.tokenizer.encode("The quick brown fox jumps over the lazy dog while the sea rolls on the shore", false);
+    let prompts = batch_check::mixed_prompts(&base, 64);
+    let r = batch_check::greedy_matches(&p.cuda, &prompts, 8, 2e-2);
+    eprintln!("{r:?}");
+    assert!(r.compared >= 64 * 6, "too few steps compared: {r:?}");
+    assert_eq!(p.cuda.backend().pool_positions(), (total, free0), "every KV block came back to the pool");
+}
+
+#[test]
+fn seeded_sampling_gives_the_same_tokens_in_a_batch_on_cuda() {
+    let Some(p) = pair() else { return };
+    let base = p.tokenizer.encode("Write one sentence about the sea, the shore and the town", false);
+    let prompts = batch_check::mixed_prompts(&base, 32);
+    assert_eq!(batch_check::sampled_tokens_match(&p.cuda, &prompts, 8), 32);
 }

@@ -1,8 +1,9 @@
 //! The CPU backend: the reference. Weights are f32 in host memory, each session's KV cache
 //! is a contiguous [`KvCache`], and every operation is a kernel of [`crate::cpu`], spread
-//! over the rayon thread pool.
+//! over the rayon thread pool. A batch's matrix products read each weight once for every
+//! sequence's rows; attention runs per sequence, over its own cache.
 
-use super::{Backend, Body, Heads, KvStore, Ops, Output, Want};
+use super::{Backend, Body, Heads, KvStore, Ops, Output, Seq, Want};
 use crate::cpu::{self as k, AttentionShape, RopeStyle};
 use crate::kv::KvCache;
 use crate::models::EngineError;
@@ -18,11 +19,28 @@ pub struct CpuAct {
     width: usize,
 }
 
-/// One chunk's operations on the CPU.
+/// One sequence of a batch: its rows and its first position.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    row0: usize,
+    n: usize,
+    pos0: usize,
+}
+
+/// One batch's operations on the CPU.
 #[derive(Debug)]
 pub struct CpuOps<'a> {
-    tokens: &'a [u32],
-    pos0: usize,
+    tokens: Vec<u32>,
+    segs: Vec<Segment>,
+    caches: Vec<&'a mut KvCache>,
+}
+
+impl CpuOps<'_> {
+    /// The rows of sequence `s` in an activation of `width` values per row.
+    fn rows(&self, s: usize, width: usize) -> std::ops::Range<usize> {
+        let g = self.segs[s];
+        g.row0 * width..(g.row0 + g.n) * width
+    }
 }
 
 impl KvStore for KvCache {
@@ -52,13 +70,17 @@ impl Ops for CpuOps<'_> {
         self.tokens.len()
     }
 
+    fn n_seqs(&self) -> usize {
+        self.segs.len()
+    }
+
     fn act(&mut self, rows: usize, width: usize) -> CpuAct {
         CpuAct { data: vec![0.0; rows * width], width }
     }
 
     fn embed(&mut self, out: &mut CpuAct, table: &Vec<f32>) {
         let w = out.width;
-        for (row, &t) in out.data.chunks_mut(w).zip(self.tokens) {
+        for (row, &t) in out.data.chunks_mut(w).zip(&self.tokens) {
             row.copy_from_slice(&table[t as usize * w..][..w]);
         }
     }
@@ -84,38 +106,41 @@ impl Ops for CpuOps<'_> {
     }
 
     fn rope(&mut self, x: &mut CpuAct, n_heads: usize, head_dim: usize, inv_freq: &Vec<f32>, style: RopeStyle) {
-        k::rope(&mut x.data, n_heads, head_dim, self.pos0, inv_freq, style);
+        for s in 0..self.segs.len() {
+            let rows = self.rows(s, n_heads * head_dim);
+            k::rope(&mut x.data[rows], n_heads, head_dim, self.segs[s].pos0, inv_freq, style);
+        }
     }
 
-    fn attention(
-        &mut self,
-        out: &mut CpuAct,
-        q: &CpuAct,
-        key: &CpuAct,
-        value: &CpuAct,
-        cache: &mut KvCache,
-        layer: usize,
-        heads: Heads,
-    ) {
-        let kv_dim = cache.kv_dim();
-        let n = self.tokens.len();
-        let (k_cache, v_cache) = cache.layer_mut(layer);
-        let new = self.pos0 * kv_dim..(self.pos0 + n) * kv_dim;
-        k_cache[new.clone()].copy_from_slice(&key.data);
-        v_cache[new].copy_from_slice(&value.data);
-        let shape = AttentionShape {
-            n_tokens: n,
-            pos0: self.pos0,
-            n_heads: heads.n_heads,
-            n_kv_heads: heads.n_kv_heads,
-            head_dim: heads.head_dim,
-        };
-        k::attention(&mut out.data, &q.data, k_cache, v_cache, shape);
+    fn attention(&mut self, out: &mut CpuAct, q: &CpuAct, key: &CpuAct, value: &CpuAct, layer: usize, heads: Heads) {
+        let q_dim = heads.n_heads * heads.head_dim;
+        for s in 0..self.segs.len() {
+            let Segment { n, pos0, .. } = self.segs[s];
+            let kv_dim = self.caches[s].kv_dim();
+            let (rows, q_rows) = (self.rows(s, kv_dim), self.rows(s, q_dim));
+            let cache = &mut *self.caches[s];
+            let (k_cache, v_cache) = cache.layer_mut(layer);
+            let new = pos0 * kv_dim..(pos0 + n) * kv_dim;
+            k_cache[new.clone()].copy_from_slice(&key.data[rows.clone()]);
+            v_cache[new].copy_from_slice(&value.data[rows]);
+            let shape = AttentionShape {
+                n_tokens: n,
+                pos0,
+                n_heads: heads.n_heads,
+                n_kv_heads: heads.n_kv_heads,
+                head_dim: heads.head_dim,
+            };
+            k::attention(&mut out.data[q_rows.clone()], &q.data[q_rows], k_cache, v_cache, shape);
+        }
     }
 
-    fn last_row(&mut self, x: &CpuAct) -> CpuAct {
+    fn last_rows(&mut self, x: &CpuAct) -> CpuAct {
         let w = x.width;
-        CpuAct { data: x.data[x.data.len() - w..].to_vec(), width: w }
+        let mut data = Vec::with_capacity(self.segs.len() * w);
+        for g in &self.segs {
+            data.extend_from_slice(&x.data[(g.row0 + g.n - 1) * w..][..w]);
+        }
+        CpuAct { data, width: w }
     }
 }
 
@@ -159,22 +184,29 @@ impl Backend for Cpu {
         Ok(KvCache::import(snap, n_layers, kv_dim, context)?)
     }
 
-    fn run(
-        &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        want: Want<'_>,
-        body: &mut Body<'_, Cpu>,
-    ) -> Result<Output, EngineError> {
-        let mut ops = CpuOps { tokens, pos0: cache.len() };
-        let logits = body(&mut ops, cache)?;
-        cache.advance(tokens.len())?;
-        Ok(match want {
-            Want::Nothing => Output::Nothing,
-            Want::Logits | Want::Hidden => Output::Logits(logits.data),
-            Want::Token { sampler, history, step } => {
-                Output::Token(sampler.sample(&logits.data, history, step).ok_or(EngineError::EmptyInput)?)
-            }
-        })
+    fn run(&self, seqs: &mut [Seq<'_, KvCache>], body: &mut Body<'_, Cpu>) -> Result<Vec<Output>, EngineError> {
+        let mut tokens = Vec::with_capacity(seqs.iter().map(|s| s.tokens.len()).sum());
+        let mut segs = Vec::with_capacity(seqs.len());
+        for s in seqs.iter() {
+            segs.push(Segment { row0: tokens.len(), n: s.tokens.len(), pos0: s.cache.len() });
+            tokens.extend_from_slice(s.tokens);
+        }
+        let caches = seqs.iter_mut().map(|s| &mut *s.cache).collect();
+        let mut ops = CpuOps { tokens, segs, caches };
+        let logits = body(&mut ops)?;
+        let vocab = logits.width;
+        let mut out = Vec::with_capacity(seqs.len());
+        for (i, s) in seqs.iter_mut().enumerate() {
+            s.cache.advance(s.tokens.len())?;
+            let row = &logits.data[i * vocab..][..vocab];
+            out.push(match s.want {
+                Want::Nothing => Output::Nothing,
+                Want::Logits | Want::Hidden => Output::Logits(row.to_vec()),
+                Want::Token { sampler, history, step } => {
+                    Output::Token(sampler.sample(row, history, step).ok_or(EngineError::EmptyInput)?)
+                }
+            });
+        }
+        Ok(out)
     }
 }

@@ -2,8 +2,11 @@
 //!
 //! A model (see [`crate::models::llama`]) holds no device code: it loads its weights through a
 //! [`Backend`] and writes its forward pass once, over the operations of [`Ops`]. Each backend
-//! decides how an operation runs, where its weights and KV caches live, and how one chunk of
-//! tokens is executed ([`Backend::run`]): the CPU backend calls the kernels of [`crate::cpu`];
+//! decides how an operation runs, where its weights and KV caches live, and how one pass is
+//! executed ([`Backend::run`]). A pass is a batch of [`Seq`]s: each session's tokens at its own
+//! positions, in its own cache (one decode token, or a chunk of a prompt), so that the weights
+//! are read once for every session that is ready (see [`crate::batch`]). The CPU backend calls
+//! the kernels of [`crate::cpu`];
 //! the CUDA backend (feature `cuda`) keeps bf16 weights and paged KV caches in device memory,
 //! uses cuBLAS for prompts, fused kernels for one-token steps, replays the one-token step as a
 //! CUDA graph, and samples on the GPU.
@@ -17,6 +20,9 @@ use crate::models::EngineError;
 use crate::sampler::Sampler;
 
 pub use cpu::Cpu;
+
+/// The most sequences in one pass (the CUDA kernels' parameter block holds this many).
+pub const MAX_SEQS: usize = 256;
 
 /// A session's key/value cache, wherever it lives.
 pub trait KvStore: Send {
@@ -91,8 +97,21 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
-/// The operations a forward pass is written in, for one chunk of tokens at consecutive
-/// positions. Activations are `[n_tokens, width]` row-major f32.
+/// One session's part of a pass: its tokens, at positions `cache.len()..`, and what it wants
+/// back.
+#[derive(Debug)]
+pub struct Seq<'a, C> {
+    /// The tokens (at least one).
+    pub tokens: &'a [u32],
+    /// The session's cache; it advances by `tokens.len()`.
+    pub cache: &'a mut C,
+    /// What to hand back for the last token.
+    pub want: Want<'a>,
+}
+
+/// The operations a forward pass is written in, for one batch: the tokens of every sequence,
+/// one after the other (each sequence's at consecutive positions of its own cache).
+/// Activations are `[n_tokens, width]` row-major f32.
 pub trait Ops {
     /// A weight as this backend stores it.
     type Weight;
@@ -101,8 +120,10 @@ pub trait Ops {
     /// The session's KV cache.
     type Cache;
 
-    /// Tokens in this chunk.
+    /// Tokens in this pass, all sequences together.
     fn n_tokens(&self) -> usize;
+    /// Sequences in this pass.
+    fn n_seqs(&self) -> usize;
     /// A new activation of `rows` rows of `width` values (contents unspecified).
     fn act(&mut self, rows: usize, width: usize) -> Self::Act;
     /// `out[t] = table[token t]` (`table` is `[vocab, width]`).
@@ -147,30 +168,19 @@ pub trait Ops {
     }
     /// Adds `bias` to every row.
     fn add_bias(&mut self, x: &mut Self::Act, bias: &Self::Weight);
-    /// Rotary embedding of `n_heads` heads of `head_dim`, token `t` at position `pos0 + t`.
+    /// Rotary embedding of `n_heads` heads of `head_dim`, each token at its own position.
     fn rope(&mut self, x: &mut Self::Act, n_heads: usize, head_dim: usize, inv_freq: &Self::Weight, style: RopeStyle);
-    /// Stores `k` and `v` as the chunk's positions of `layer` in `cache`, then causal
-    /// attention of `q` over every position up to each token's own: `out` gets
-    /// `[n_tokens, n_heads * head_dim]`.
-    #[expect(clippy::too_many_arguments, reason = "one attention call names its tensors and shape")]
-    fn attention(
-        &mut self,
-        out: &mut Self::Act,
-        q: &Self::Act,
-        k: &Self::Act,
-        v: &Self::Act,
-        cache: &mut Self::Cache,
-        layer: usize,
-        heads: Heads,
-    );
-    /// The last token's row of `x`.
-    fn last_row(&mut self, x: &Self::Act) -> Self::Act;
+    /// Stores `k` and `v` as each token's position of `layer` in its sequence's cache, then
+    /// causal attention of `q` over every position of that cache up to the token's own:
+    /// `out` gets `[n_tokens, n_heads * head_dim]`.
+    fn attention(&mut self, out: &mut Self::Act, q: &Self::Act, k: &Self::Act, v: &Self::Act, layer: usize, heads: Heads);
+    /// The row of each sequence's last token: `[n_seqs, width]`.
+    fn last_rows(&mut self, x: &Self::Act) -> Self::Act;
 }
 
-/// The body of a forward pass, run by [`Backend::run`] on one chunk: it returns the
-/// activation holding the last token's logits.
-pub type Body<'b, B> = dyn for<'o> FnMut(&mut <B as Backend>::Ops<'o>, &mut <B as Backend>::Cache) -> Result<<B as Backend>::Act, EngineError>
-    + 'b;
+/// The body of a forward pass, run by [`Backend::run`] on one batch: it returns the
+/// activation holding each sequence's last logits (`[n_seqs, vocab]`).
+pub type Body<'b, B> = dyn for<'o> FnMut(&mut <B as Backend>::Ops<'o>) -> Result<<B as Backend>::Act, EngineError> + 'b;
 
 /// A place where models run.
 pub trait Backend: Send + Sync + Sized + 'static {
@@ -220,22 +230,23 @@ pub trait Backend: Send + Sync + Sized + 'static {
     ) -> Result<Option<Self::Cache>, EngineError> {
         Ok(None)
     }
-    /// The most tokens one [`Backend::run`] takes; models split longer inputs.
+    /// The most tokens one [`Backend::run`] takes, all sequences together; models split
+    /// longer inputs.
     fn max_chunk(&self) -> usize;
+    /// The most sequences one [`Backend::run`] takes.
+    fn max_seqs(&self) -> usize {
+        MAX_SEQS
+    }
     /// Makes room in `cache` for `adding` more positions before a forward pass that may take
     /// several runs, so that it fails before changing anything (a shared pool may be full).
     fn reserve(&self, _cache: &mut Self::Cache, _adding: usize) -> Result<(), EngineError> {
         Ok(())
     }
-    /// Runs `body` over `tokens` at positions `cache.len()..` (the caller checked ids, room
-    /// and shape), advances the cache, and hands back what `want` asks for. A one-token
-    /// `body` must issue the same operations on every call (backends may record and replay
-    /// it).
-    fn run(
-        &self,
-        tokens: &[u32],
-        cache: &mut Self::Cache,
-        want: Want<'_>,
-        body: &mut Body<'_, Self>,
-    ) -> Result<Output, EngineError>;
+    /// Runs `body` over every sequence's tokens at positions `cache.len()..` of its cache (the
+    /// caller checked ids, room, shape, the totals against [`Backend::max_chunk`] and
+    /// [`Backend::max_seqs`], that caches are distinct, and that either every sequence or none
+    /// wants [`Want::Hidden`]), advances each cache, and hands back what each `want` asks for,
+    /// in order. A `body` must issue the same operations on every call with the same numbers
+    /// of tokens and sequences (backends may record and replay it).
+    fn run(&self, seqs: &mut [Seq<'_, Self::Cache>], body: &mut Body<'_, Self>) -> Result<Vec<Output>, EngineError>;
 }

@@ -21,7 +21,8 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use super::EngineError;
-use crate::backend::{Backend, Cpu, Heads, KvStore, Ops, Output, Want};
+use crate::backend::{Backend, Cpu, Heads, KvStore, Ops, Output, Seq, Want};
+use crate::batch::Batcher;
 use crate::cpu::{self, RopeStyle};
 use crate::gguf::GgufFile;
 use crate::safetensors::{SafetensorsError, SafetensorsModel};
@@ -304,6 +305,8 @@ pub struct Llama<B: Backend = Cpu> {
     layers: Vec<Layer<B::Weight>>,
     /// RoPE inverse frequencies, `rope_dim / 2` of them.
     inv_freq: B::Weight,
+    /// Sessions ready at the same moment share a pass.
+    batcher: Batcher<B>,
 }
 
 impl<B: Backend> std::fmt::Debug for Llama<B> {
@@ -501,7 +504,7 @@ impl<B: Backend> Llama<B> {
             None => load_optional(file, arch, "rope_freqs.weight", &[c.rope_dim / 2])?,
         };
         let inv_freq = b.vector(cpu::rope_inv_freq(c.rope_dim, c.rope_base, rope_freqs.as_deref()))?;
-        Ok(Self { config: c, backend, token_embd, output_norm, output, layers, inv_freq })
+        Ok(Self { config: c, backend, token_embd, output_norm, output, layers, inv_freq, batcher: Batcher::new() })
     }
 
     /// The model's hyperparameters.
@@ -608,8 +611,8 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    /// Checks the input, then runs it in chunks the backend accepts.
-    fn run(&self, tokens: &[u32], cache: &mut B::Cache, want: Want<'_>) -> Result<Output, EngineError> {
+    /// Checks one sequence's input against the model and its cache.
+    fn check(&self, tokens: &[u32], cache: &B::Cache) -> Result<(), EngineError> {
         let c = &self.config;
         if tokens.is_empty() {
             return Err(EngineError::EmptyInput);
@@ -626,20 +629,31 @@ impl<B: Backend> Llama<B> {
             return Err(EngineError::TokenOutOfRange { id, vocab: c.vocab_size });
         }
         cache.check_room(tokens.len())?;
+        Ok(())
+    }
+
+    /// Checks the input, makes room, then runs it: through the model's [`Batcher`] (sharing
+    /// passes with the other sessions ready at the same moment), or alone, in chunks the
+    /// backend accepts, for a hidden state.
+    fn run(&self, tokens: &[u32], cache: &mut B::Cache, want: Want<'_>) -> Result<Output, EngineError> {
+        self.check(tokens, cache)?;
         self.backend.reserve(cache, tokens.len())?;
         crate::interrupt::check()?;
+        if !matches!(want, Want::Hidden) {
+            return self.batcher.submit(self, tokens, cache, want);
+        }
         let chunk = self.backend.max_chunk().max(1);
         let n_chunks = tokens.len().div_ceil(chunk);
         let start = cache.len();
         let mut out = Output::Nothing;
         for (i, part) in tokens.chunks(chunk).enumerate() {
             let w = if i + 1 == n_chunks { want } else { Want::Nothing };
-            let hidden = matches!(w, Want::Hidden);
-            let r = crate::interrupt::check()
-                .map_err(EngineError::from)
-                .and_then(|()| self.backend.run(part, cache, w, &mut |ops, cache| self.body(ops, cache, hidden)));
+            let r = crate::interrupt::check().map_err(EngineError::from).and_then(|()| {
+                let mut seq = [Seq { tokens: part, cache: &mut *cache, want: w }];
+                self.pass(&mut seq, true)
+            });
             match r {
-                Ok(o) => out = o,
+                Ok(mut o) => out = o.pop().unwrap_or(Output::Nothing),
                 // Stopped (or failed) part-way: the call leaves the cache as it found it.
                 Err(e) => {
                     cache.truncate(start);
@@ -650,9 +664,67 @@ impl<B: Backend> Llama<B> {
         Ok(out)
     }
 
-    /// The forward pass over one chunk: returns the last token's logits (or its final hidden
-    /// state when `hidden`).
-    fn body<O>(&self, ops: &mut O, cache: &mut B::Cache, hidden: bool) -> Result<O::Act, EngineError>
+    /// Runs one pass over several sessions at once: each sequence's tokens at its own cache's
+    /// positions, each handed back what its `want` asks for, in order. The sequences together
+    /// take at most [`Backend::max_chunk`] tokens and [`Backend::max_seqs`] sequences;
+    /// [`Want::Hidden`] is refused (ask [`Llama::hidden`]). Checked like [`Llama::forward`];
+    /// on failure every cache is left as it was found.
+    ///
+    /// Calls from many threads are batched already (see [`crate::batch`]); this is for
+    /// callers that hold many sessions themselves.
+    pub fn forward_batch(&self, seqs: &mut [Seq<'_, B::Cache>]) -> Result<Vec<Output>, EngineError> {
+        let total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        let (most_tokens, most_seqs) = (self.backend.max_chunk(), self.backend.max_seqs());
+        if seqs.len() > most_seqs || total > most_tokens {
+            return Err(EngineError::Backend {
+                backend: self.backend.name(),
+                message: format!(
+                    "a batch of {} sequences and {total} tokens; one pass takes at most {most_seqs} sequences \
+                     and {most_tokens} tokens",
+                    seqs.len()
+                ),
+            });
+        }
+        for (i, s) in seqs.iter().enumerate() {
+            self.check(s.tokens, s.cache)?;
+            if matches!(s.want, Want::Hidden) {
+                return Err(EngineError::Backend {
+                    backend: self.backend.name(),
+                    message: format!("sequence {i} of a batch wants a hidden state; ask `hidden` alone"),
+                });
+            }
+            // Distinct caches (a `&mut` each already says so; the check keeps the backends'
+            // block tables honest should that ever be bypassed).
+            let p = &*s.cache as *const B::Cache;
+            if seqs[..i].iter().any(|o| std::ptr::eq(&*o.cache, p)) {
+                return Err(EngineError::Backend {
+                    backend: self.backend.name(),
+                    message: format!("sequence {i} of a batch shares a cache with an earlier one"),
+                });
+            }
+        }
+        let starts: Vec<usize> = seqs.iter().map(|s| s.cache.len()).collect();
+        let r = seqs.iter_mut().try_for_each(|s| self.backend.reserve(s.cache, s.tokens.len()));
+        let r = r.and_then(|()| self.pass(seqs, false));
+        if r.is_err() {
+            for (s, &n) in seqs.iter_mut().zip(&starts) {
+                s.cache.truncate(n);
+            }
+        }
+        r
+    }
+
+    /// One backend run over checked sequences (room reserved); `interruptible` lets a
+    /// multi-token pass stop between layers at the current thread's interrupt (a pass of one
+    /// caller's own chunks; never a shared batch).
+    pub(crate) fn pass(&self, seqs: &mut [Seq<'_, B::Cache>], interruptible: bool) -> Result<Vec<Output>, EngineError> {
+        let hidden = seqs.iter().all(|s| matches!(s.want, Want::Hidden));
+        self.backend.run(seqs, &mut |ops| self.body(ops, hidden, interruptible))
+    }
+
+    /// The forward pass over one batch: returns each sequence's last logits (or final hidden
+    /// state when `hidden`), `[n_seqs, width]`.
+    fn body<O>(&self, ops: &mut O, hidden: bool, interruptible: bool) -> Result<O::Act, EngineError>
     where
         O: Ops<Weight = B::Weight, Cache = B::Cache>,
     {
@@ -672,9 +744,10 @@ impl<B: Backend> Llama<B> {
 
         for (l, layer) in self.layers.iter().enumerate() {
             // A prompt stops between layers when its deadline passes (the CPU runs each op as
-            // it is called; on a GPU the check costs nothing). One-token steps run whole: a
-            // recorded CUDA graph must not be cut.
-            if n > 1 {
+            // it is called; on a GPU the check costs nothing). One-token steps and shared
+            // batches run whole: a recorded CUDA graph must not be cut, and one caller's
+            // deadline must not stop the others' work.
+            if interruptible && n > 1 {
                 crate::interrupt::check()?;
             }
             // Attention block.
@@ -686,7 +759,7 @@ impl<B: Backend> Llama<B> {
                 }
             }
             ops.rope_qk(&mut q, &mut k, c.n_heads, c.n_kv_heads, c.head_dim, &self.inv_freq, c.rope_style);
-            ops.attention(&mut att, &q, &k, &v, cache, l, heads);
+            ops.attention(&mut att, &q, &k, &v, l, heads);
             ops.matmul(&mut x, &att, &layer.wo, true);
 
             // Feed-forward block (SwiGLU).
@@ -695,17 +768,23 @@ impl<B: Backend> Llama<B> {
             ops.matmul(&mut x, &gate, &layer.w_down, true);
         }
 
-        // Logits of the last token only.
-        let last = ops.last_row(&x);
-        let mut last_norm = ops.act(1, dim);
+        // Logits of each sequence's last token only.
+        let last = ops.last_rows(&x);
+        let s = ops.n_seqs();
+        let mut last_norm = ops.act(s, dim);
         ops.rmsnorm(&mut last_norm, &last, &self.output_norm, c.rms_eps);
         if hidden {
             return Ok(last_norm);
         }
-        let mut logits = ops.act(1, c.vocab_size);
+        let mut logits = ops.act(s, c.vocab_size);
         let out_w = self.output.as_ref().unwrap_or(&self.token_embd);
         ops.matmul(&mut logits, &last_norm, out_w, false);
         Ok(logits)
+    }
+
+    /// Statistics of the model's batcher (passes run, sequences and tokens in them).
+    pub fn batch_stats(&self) -> crate::batch::BatchStats {
+        self.batcher.stats()
     }
 }
 

@@ -2,11 +2,13 @@
 //
 // Conventions: activations are row-major f32; linear weights are row-major bf16
 // [out, in] (stored as raw 16-bit words); norm weights, biases and RoPE frequencies are
-// f32. `step` points at the chunk's parameters in device memory: step[0] = position of the
-// first token, step[1] = number of tokens, step[4..] = token ids; `table` is the session's
-// block table (block id of positions [16 i, 16 i + 16)). Kernels read positions from
-// `step`, never from their arguments, so a recorded one-token step (a CUDA graph) stays
-// valid as the session grows.
+// f32. `step` points at the pass's parameters in device memory (a batch of sequences, each
+// a run of tokens at consecutive positions of its own cache): step[0] = tokens, step[1] =
+// sequences, then for token t: its id step[TOK + t], its position step[POS + t] and the
+// offset of its sequence's block table in `table` step[TAB + t]; step[LAST + s] is the row
+// of sequence s's last token. A block table lists the block ids of positions
+// [16 i, 16 i + 16). Kernels read positions and tables from `step`, never from their
+// arguments, so a recorded step (a CUDA graph) stays valid as the sessions grow.
 //
 // KV pool: block b holds, for each layer l, 16 positions of K then 16 of V:
 //   K(b, l, p) = pool + ((b * n_layers + l) * 2 + 0) * 16 * kv_dim + p * kv_dim
@@ -16,6 +18,12 @@ typedef unsigned short bf16;
 typedef unsigned long long u64;
 
 #define KV_BLOCK 16
+#define MAX_CHUNK 512    // tokens per pass
+#define MAX_SEQS 256     // sequences per pass
+#define TOK 4
+#define POS (TOK + MAX_CHUNK)
+#define TAB (POS + MAX_CHUNK)
+#define LAST (TAB + MAX_CHUNK)
 #define MAX_GROUP 8      // query heads per key/value head
 #define MAX_PER_LANE 4   // head_dim / 32
 #define ATT_WARPS 4
@@ -55,7 +63,7 @@ __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 // out[t] = table[tokens[t]], one block per token.
 extern "C" __global__ void shoal_embed(float* out, const bf16* table, const int* step, int dim) {
     int t = blockIdx.x;
-    const bf16* src = table + (u64)step[4 + t] * dim;
+    const bf16* src = table + (u64)step[TOK + t] * dim;
     float* dst = out + (u64)t * dim;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = bf(src[i]);
 }
@@ -71,8 +79,15 @@ extern "C" __global__ void shoal_rmsnorm(float* out, const float* x, const float
     for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = xr[i] * r * w[i];
 }
 
-// This thread's share of dot(W[row], x): W bf16 [.., k], x f32 [k]; `t` of `tpr` threads
-// take 8 values (16 bytes of W) at a time.
+// x rounded to bf16, as the batched path rounds activations for cuBLAS: a sequence's
+// numbers do not depend on how many others share its pass (seeded sampling gives the same
+// tokens alone and in any batch).
+__device__ __forceinline__ float4 rb4(float4 v) {
+    return make_float4(bf(to_bf(v.x)), bf(to_bf(v.y)), bf(to_bf(v.z)), bf(to_bf(v.w)));
+}
+
+// This thread's share of dot(W[row], x): W bf16 [.., k], x f32 [k] (rounded to bf16); `t` of
+// `tpr` threads take 8 values (16 bytes of W) at a time.
 __device__ __forceinline__ float row_part(const bf16* wr, const float* x, int k, int t, int tpr) {
     float acc = 0.0f;
     if ((k & 7) == 0) {
@@ -82,12 +97,12 @@ __device__ __forceinline__ float row_part(const bf16* wr, const float* x, int k,
 #pragma unroll 4
         for (int c = t; c < chunks; c += tpr) {
             uint4 w = __ldg(w4 + c);
-            float4 a = __ldg(x4 + 2 * c), b = __ldg(x4 + 2 * c + 1);
+            float4 a = rb4(__ldg(x4 + 2 * c)), b = rb4(__ldg(x4 + 2 * c + 1));
             acc += bf_lo(w.x) * a.x + bf_hi(w.x) * a.y + bf_lo(w.y) * a.z + bf_hi(w.y) * a.w
                  + bf_lo(w.z) * b.x + bf_hi(w.z) * b.y + bf_lo(w.w) * b.z + bf_hi(w.w) * b.w;
         }
     } else {
-        for (int i = t; i < k; i += tpr) acc += bf(wr[i]) * x[i];
+        for (int i = t; i < k; i += tpr) acc += bf(wr[i]) * bf(to_bf(x[i]));
     }
     return acc;
 }
@@ -174,7 +189,7 @@ extern "C" __global__ void shoal_add_bias(float* x, const float* b, int width) {
 extern "C" __global__ void shoal_rope(float* x, const float* inv_freq, const int* step, int heads, int head_dim,
                                       int half, int neox) {
     int t = blockIdx.x;
-    double pos = (double)(step[0] + t);
+    double pos = (double)step[POS + t];
     float* xr = x + (u64)t * heads * head_dim;
     for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
         int h = i / half, j = i % half;
@@ -194,7 +209,7 @@ extern "C" __global__ void shoal_rope(float* x, const float* inv_freq, const int
 extern "C" __global__ void shoal_rope_qk(float* q, float* k, const float* inv_freq, const int* step, int heads_q,
                                          int heads_k, int head_dim, int half, int neox) {
     int t = blockIdx.x;
-    double pos = (double)(step[0] + t);
+    double pos = (double)step[POS + t];
     for (int i = threadIdx.x; i < (heads_q + heads_k) * half; i += blockDim.x) {
         int h = i / half, j = i % half;
         float* hx = h < heads_q ? q + ((u64)t * heads_q + h) * head_dim : k + ((u64)t * heads_k + h - heads_q) * head_dim;
@@ -214,11 +229,12 @@ __device__ __forceinline__ float* kv_at(float* pool, const int* table, int pos, 
     return pool + ((blk * n_layers + layer) * 2 + which) * KV_BLOCK * (u64)kv_dim + (u64)(pos % KV_BLOCK) * kv_dim;
 }
 
-// Writes the chunk's keys and values into the session's blocks, one block per token.
+// Writes the pass's keys and values into each token's session's blocks, one block per token.
 extern "C" __global__ void shoal_kv_store(float* pool, const float* k, const float* v, const int* step,
-                                          const int* table, int layer, int n_layers, int kv_dim) {
+                                          const int* tables, int layer, int n_layers, int kv_dim) {
     int t = blockIdx.x;
-    int pos = step[0] + t;
+    int pos = step[POS + t];
+    const int* table = tables + step[TAB + t];
     float* kd = kv_at(pool, table, pos, layer, n_layers, kv_dim, 0);
     float* vd = kv_at(pool, table, pos, layer, n_layers, kv_dim, 1);
     for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
@@ -233,12 +249,13 @@ extern "C" __global__ void shoal_kv_store(float* pool, const float* k, const flo
 // online softmax. Partial results go to `part` as [token][q head][split] records of
 // (max, sum, acc[head_dim]); shoal_attention_merge combines them.
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-shoal_attention(float* part, const float* q, const float* pool, const int* step, const int* table, int layer,
+shoal_attention(float* part, const float* q, const float* pool, const int* step, const int* tables, int layer,
                 int n_layers, int n_heads, int n_kv_heads, int head_dim, float scale) {
     int kvh = blockIdx.x, t = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     int group = n_heads / n_kv_heads;
     int kv_dim = n_kv_heads * head_dim, q_dim = n_heads * head_dim;
-    int len = step[0] + t + 1;
+    int len = step[POS + t] + 1;
+    const int* table = tables + step[TAB + t];
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
     float qr[MAX_GROUP][MAX_PER_LANE], acc[MAX_GROUP][MAX_PER_LANE], m[MAX_GROUP], l[MAX_GROUP];
@@ -333,12 +350,26 @@ extern "C" __global__ void shoal_attention_merge(float* out, const float* part, 
     }
 }
 
-// The repetition penalty: ids are distinct, in the vocabulary.
-extern "C" __global__ void shoal_penalize(float* logits, const int* ids, int count, float penalty) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= count) return;
-    float v = logits[ids[i]];
-    logits[ids[i]] = v > 0.0f ? v / penalty : v * penalty;
+// out[s] = x[row of sequence s's last token], one block per sequence.
+extern "C" __global__ void shoal_gather_rows(float* out, const float* x, const int* step, int width) {
+    const float* src = x + (u64)step[LAST + blockIdx.x] * width;
+    float* dst = out + (u64)blockIdx.x * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) dst[i] = src[i];
+}
+
+// The repetition penalty of each sequence of a pass (blockIdx.y): `buf` holds offs[n_seqs + 1],
+// then penalties[n_seqs] (float bits), then the ids, distinct and in the vocabulary per
+// sequence, of sequence s at [offs[s], offs[s + 1]).
+extern "C" __global__ void shoal_penalize(float* logits, const int* buf, int n_seqs, int vocab) {
+    int s = blockIdx.y;
+    const int* offs = buf;
+    float penalty = __int_as_float(buf[n_seqs + 1 + s]);
+    const int* ids = buf + 2 * n_seqs + 1;
+    int i = offs[s] + blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= offs[s + 1] || penalty == 1.0f) return;
+    float* row = logits + (u64)s * vocab;
+    float v = row[ids[i]];
+    row[ids[i]] = v > 0.0f ? v / penalty : v * penalty;
 }
 
 // Index of the largest logit (the first on ties; NaN never wins), one block of 1024.
@@ -354,7 +385,10 @@ __device__ __forceinline__ void warp_argmax(float& best, int& bi) {
     }
 }
 
+// One block per row of `logits` ([rows, n]): out[row].
 extern "C" __global__ void shoal_argmax(int* out, const float* logits, int n) {
+    out += blockIdx.x;
+    logits += (u64)blockIdx.x * n;
     float best = NEG_INF;
     int bi = 0x7fffffff;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {

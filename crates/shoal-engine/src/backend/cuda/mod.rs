@@ -27,13 +27,12 @@
 //!   [`crate::sampler::Sampler`] runs on the host, as it does for top-k above 1024 or none.
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::sys as blas;
 use cudarc::driver::sys;
 
-use super::{Backend, Body, Heads, KvStore, Ops, Output, Want};
+use super::{Backend, Body, Heads, KvStore, MAX_SEQS, Ops, Output, Seq, Want};
 use crate::cpu::RopeStyle;
 use crate::models::EngineError;
 
@@ -43,8 +42,17 @@ pub const KERNELS_SOURCE: &str = include_str!("kernels.cu");
 pub const MAX_CHUNK: usize = 512;
 /// Positions per KV block (the kernels' `KV_BLOCK`).
 pub const KV_BLOCK: usize = 16;
-/// `int`s before the tokens in the step parameters.
-const STEP_HEADER: usize = 4;
+/// Offsets (in `int`s) in the pass parameters (the kernels' `TOK`, `POS`, `TAB`, `LAST`):
+/// token ids, positions, block-table offsets (each [`MAX_CHUNK`]), the row of each sequence's
+/// last token, the token chosen for each sequence ([`MAX_SEQS`] each), then the block tables.
+const TOK: usize = 4;
+const POS: usize = TOK + MAX_CHUNK;
+const TAB: usize = POS + MAX_CHUNK;
+const LAST: usize = TAB + MAX_CHUNK;
+const OUTW: usize = LAST + MAX_SEQS;
+const TABLES: usize = OUTW + MAX_SEQS;
+/// Recorded passes kept (one per number of sequences of a pass of one token each).
+const MAX_GRAPHS: usize = 64;
 /// Threads of the attention kernel (`ATT_WARPS * 32`).
 const ATT_THREADS: u32 = 128;
 /// The largest top-k sampled on the GPU (the kernel's `SAMPLE_MAX`); larger (or 0, all)
@@ -234,8 +242,6 @@ pub struct CudaAct {
     width: usize,
 }
 
-static NEXT_CACHE: AtomicU64 = AtomicU64::new(1);
-
 /// A session's KV cache: its blocks in the model's pool.
 pub struct CudaCache {
     shared: Arc<Shared>,
@@ -244,9 +250,6 @@ pub struct CudaCache {
     capacity: usize,
     n_layers: usize,
     kv_dim: usize,
-    /// Identifies the cache (and its block list's version) for the table upload.
-    uid: u64,
-    version: u64,
 }
 
 impl Drop for CudaCache {
@@ -274,7 +277,6 @@ impl KvStore for CudaCache {
             let keep = n.div_ceil(KV_BLOCK);
             if keep < self.blocks.len() {
                 self.shared.give_back(&mut self.blocks, keep);
-                self.version += 1;
             }
         }
     }
@@ -301,6 +303,7 @@ struct Funcs {
     kv_store: sys::CUfunction,
     attention: sys::CUfunction,
     attention_merge: sys::CUfunction,
+    gather_rows: sys::CUfunction,
     penalize: sys::CUfunction,
     argmax: sys::CUfunction,
     sample: sys::CUfunction,
@@ -320,13 +323,12 @@ struct Inner {
     ids: Option<DevBuf>,
     /// Logits / token coming back.
     host_out: Option<Pinned>,
-    /// `(cache uid, version, blocks uploaded)` of the table on the device.
-    synced: (u64, u64, usize),
-    /// The recorded one-token step and its logits.
-    graph: Option<(sys::CUgraphExec, CudaAct)>,
-    /// One-token steps run so far (the first is run eagerly, to size the scratch).
-    one_token_runs: u64,
-    graphs: bool,
+    /// Recorded passes of one token per sequence, by number of sequences, and their logits.
+    graphs: std::collections::HashMap<usize, (sys::CUgraphExec, CudaAct)>,
+    /// Such passes run so far, by number of sequences (the first is run eagerly, to size the
+    /// scratch; the second is recorded).
+    seen: std::collections::HashMap<usize, u64>,
+    use_graphs: bool,
     /// Stochastic sampling on the GPU (on unless `SHOAL_CUDA_GPU_SAMPLING=0`; greedy always is).
     gpu_sampling: bool,
     sms: u32,
@@ -356,7 +358,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // SAFETY: the handles were made by Cuda::open and are not used after this.
         unsafe {
-            if let Some((exec, _)) = self.graph.take() {
+            for (_, (exec, _)) in self.graphs.drain() {
                 sys::cuGraphExecDestroy(exec);
             }
             blas::cublasDestroy_v2(self.blas);
@@ -442,6 +444,7 @@ impl Cuda {
                 kv_store: get(c"shoal_kv_store")?,
                 attention: get(c"shoal_attention")?,
                 attention_merge: get(c"shoal_attention_merge")?,
+                gather_rows: get(c"shoal_gather_rows")?,
                 penalize: get(c"shoal_penalize")?,
                 argmax: get(c"shoal_argmax")?,
                 sample: get(c"shoal_sample")?,
@@ -451,7 +454,7 @@ impl Cuda {
             let handle = cudarc::cublas::result::create_handle().map_err(|e| fail(format!("cublasCreate: {e:?}")))?;
             cudarc::cublas::result::set_stream(handle, stream as _)
                 .map_err(|e| fail(format!("cublasSetStream: {e:?}")))?;
-            let graphs = std::env::var("SHOAL_CUDA_GRAPHS").map(|v| v != "0").unwrap_or(true);
+            let use_graphs = std::env::var("SHOAL_CUDA_GRAPHS").map(|v| v != "0").unwrap_or(true);
             let inner = Inner {
                 stream,
                 blas: handle,
@@ -460,10 +463,9 @@ impl Cuda {
                 params: None,
                 ids: None,
                 host_out: None,
-                synced: (0, 0, 0),
-                graph: None,
-                one_token_runs: 0,
-                graphs,
+                graphs: Default::default(),
+                seen: Default::default(),
+                use_graphs,
                 gpu_sampling: std::env::var("SHOAL_CUDA_GPU_SAMPLING").map_or(true, |v| v != "0"),
                 sms,
             };
@@ -524,8 +526,9 @@ impl Cuda {
         let free_list = (0..blocks as u32).rev().collect();
         *pool = Some(Pool { ptr, blocks, n_layers, kv_dim, free: free_list });
         drop(pool);
-        // The step parameters and a block table long enough for the whole pool.
-        let ints = STEP_HEADER + MAX_CHUNK + blocks;
+        // The pass parameters and block tables long enough for the whole pool (a pass's
+        // caches are distinct, so their tables together list at most every block once).
+        let ints = TABLES + blocks;
         let mut inner = self.lock();
         inner.params = Some((DevBuf::new(&self.shared, ints * 4)?, Pinned::new(ints * 4)?));
         Ok(())
@@ -772,6 +775,8 @@ pub struct CudaOps<'a> {
     n: usize,
     /// Bytes of scratch handed out so far in this run: (chunk, offset).
     at: (usize, usize),
+    /// Sequences in the pass.
+    seqs: usize,
     step_ptr: u64,
     table_ptr: u64,
     pool_ptr: u64,
@@ -899,6 +904,10 @@ impl Ops for CudaOps<'_> {
 
     fn n_tokens(&self) -> usize {
         self.n
+    }
+
+    fn n_seqs(&self) -> usize {
+        self.seqs
     }
 
     fn act(&mut self, rows: usize, width: usize) -> CudaAct {
@@ -1080,7 +1089,6 @@ impl Ops for CudaOps<'_> {
         q: &CudaAct,
         k: &CudaAct,
         v: &CudaAct,
-        _cache: &mut CudaCache,
         layer: usize,
         heads: Heads,
     ) {
@@ -1144,8 +1152,14 @@ impl Ops for CudaOps<'_> {
         );
     }
 
-    fn last_row(&mut self, x: &CudaAct) -> CudaAct {
-        CudaAct { ptr: x.ptr + ((x.rows - 1) * x.width * 4) as u64, rows: 1, width: x.width }
+    fn last_rows(&mut self, x: &CudaAct) -> CudaAct {
+        if self.seqs == 1 {
+            return CudaAct { ptr: x.ptr + ((x.rows - 1) * x.width * 4) as u64, rows: 1, width: x.width };
+        }
+        let out = self.act(self.seqs, x.width);
+        let f = self.inner.f.gather_rows;
+        self.launch(f, (self.seqs as u32, 1, 1), 256, &[A::P(out.ptr), A::P(x.ptr), A::P(self.step_ptr), A::I(x.width as i32)]);
+        out
     }
 }
 
@@ -1187,13 +1201,15 @@ impl Backend for Cuda {
             capacity: context,
             n_layers,
             kv_dim,
-            uid: NEXT_CACHE.fetch_add(1, Ordering::Relaxed),
-            version: 0,
         })
     }
 
     fn max_chunk(&self) -> usize {
         MAX_CHUNK
+    }
+
+    fn max_seqs(&self) -> usize {
+        MAX_SEQS
     }
 
     fn export_cache(&self, cache: &CudaCache) -> Result<crate::kv::KvSnapshot, EngineError> {
@@ -1315,213 +1331,305 @@ impl Backend for Cuda {
         self.take_blocks(cache, adding).map(drop)
     }
 
-    fn run(
-        &self,
-        tokens: &[u32],
-        cache: &mut CudaCache,
-        want: Want<'_>,
-        body: &mut Body<'_, Cuda>,
-    ) -> Result<Output, EngineError> {
-        let n = tokens.len();
-        if n == 0 || n > MAX_CHUNK {
-            return Err(fail(format!("a chunk of {n} tokens (1..={MAX_CHUNK} per run)")));
+    fn run(&self, seqs: &mut [Seq<'_, CudaCache>], body: &mut Body<'_, Cuda>) -> Result<Vec<Output>, EngineError> {
+        let n: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        let n_seqs = seqs.len();
+        if n_seqs == 0 || n_seqs > MAX_SEQS || n > MAX_CHUNK || seqs.iter().any(|s| s.tokens.is_empty()) {
+            return Err(fail(format!(
+                "a pass of {n_seqs} sequences and {n} tokens (1..={MAX_SEQS} sequences of at least one token, at \
+                 most {MAX_CHUNK} tokens)"
+            )));
         }
-        let pos0 = cache.len;
-        let (pool_ptr, n_layers) = self.take_blocks(cache, n)?;
+        let mut pool = (0, 0);
+        for s in seqs.iter_mut() {
+            pool = self.take_blocks(s.cache, s.tokens.len())?;
+        }
+        let (pool_ptr, n_layers) = pool;
         self.shared.current()?;
         let mut guard = self.lock();
         let inner = &mut *guard;
         let stream = inner.stream;
         let (step_ptr, table_ptr) = {
             let (dev, host) = inner.params.as_ref().ok_or_else(|| fail("no step parameters".into()))?;
+            let room = host.len / 4;
             let ints = host.ptr as *mut i32;
-            let table_dev = dev.ptr + ((STEP_HEADER + MAX_CHUNK) * 4) as u64;
-            // SAFETY: the pinned mirror holds STEP_HEADER + MAX_CHUNK + pool blocks ints, and
-            // n <= MAX_CHUNK; the previous run ended synchronised, so no copy reads it now.
+            let mut table_len = 0;
+            let mut t = 0;
+            // SAFETY: the pinned mirror holds TABLES + pool blocks ints; tokens ≤ MAX_CHUNK
+            // and sequences ≤ MAX_SEQS (checked above), and the caches are distinct, so their
+            // tables together hold at most the pool's blocks (checked again per write); the
+            // previous run ended synchronised, so no copy reads the mirror now.
             unsafe {
-                *ints = pos0 as i32;
-                *ints.add(1) = n as i32;
-                for (i, &t) in tokens.iter().enumerate() {
-                    *ints.add(STEP_HEADER + i) = t as i32;
+                *ints = n as i32;
+                *ints.add(1) = n_seqs as i32;
+                for (i, s) in seqs.iter().enumerate() {
+                    let blocks = &s.cache.blocks;
+                    if TABLES + table_len + blocks.len() > room {
+                        return Err(fail(format!(
+                            "the block tables of a pass hold more than the pool's {} blocks",
+                            room - TABLES
+                        )));
+                    }
+                    for (j, &b) in blocks.iter().enumerate() {
+                        *ints.add(TABLES + table_len + j) = b as i32;
+                    }
+                    for (j, &tok) in s.tokens.iter().enumerate() {
+                        *ints.add(TOK + t) = tok as i32;
+                        *ints.add(POS + t) = (s.cache.len + j) as i32;
+                        *ints.add(TAB + t) = table_len as i32;
+                        t += 1;
+                    }
+                    *ints.add(LAST + i) = (t - 1) as i32;
+                    table_len += blocks.len();
                 }
                 cu(
-                    sys::cuMemcpyHtoDAsync_v2(dev.ptr, ints as *const c_void, (STEP_HEADER + n) * 4, stream),
-                    "cuMemcpyHtoDAsync(step)",
+                    sys::cuMemcpyHtoDAsync_v2(dev.ptr, ints as *const c_void, (TABLES + table_len) * 4, stream),
+                    "cuMemcpyHtoDAsync(pass parameters)",
                 )?;
-                let key = (cache.uid, cache.version);
-                let from =
-                    if (inner.synced.0, inner.synced.1) == key { inner.synced.2.min(cache.blocks.len()) } else { 0 };
-                if from < cache.blocks.len() {
-                    let table = ints.add(STEP_HEADER + MAX_CHUNK);
-                    for (i, &b) in cache.blocks.iter().enumerate().skip(from) {
-                        *table.add(i) = b as i32;
-                    }
-                    cu(
-                        sys::cuMemcpyHtoDAsync_v2(
-                            table_dev + (from * 4) as u64,
-                            table.add(from) as *const c_void,
-                            (cache.blocks.len() - from) * 4,
-                            stream,
-                        ),
-                        "cuMemcpyHtoDAsync(block table)",
-                    )?;
-                }
-                inner.synced = (cache.uid, cache.version, cache.blocks.len());
             }
-            (dev.ptr, table_dev)
+            (dev.ptr, dev.ptr + (TABLES * 4) as u64)
         };
 
-        // Only the ordinary one-token step is recorded (a hidden-state body differs).
-        let graphable = n == 1 && inner.graphs && !matches!(want, Want::Hidden);
-        let replay = graphable && inner.graph.is_some();
-        let logits = if replay {
-            let (exec, logits) = inner.graph.expect("checked");
-            // SAFETY: the graph was recorded from this backend's kernels on buffers that
-            // are still allocated (scratch chunks are never freed) and reads its positions
-            // from the step parameters just uploaded.
-            cu(unsafe { sys::cuGraphLaunch(exec, stream) }, "cuGraphLaunch")?;
-            logits
-        } else {
-            let record = graphable && inner.one_token_runs >= 1;
-            if record {
-                cu(
-                    // SAFETY: starts recording the work issued on our stream by this thread.
-                    unsafe {
-                        sys::cuStreamBeginCapture_v2(
-                            stream,
-                            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-                        )
-                    },
-                    "cuStreamBeginCapture",
-                )?;
-            }
-            let mut ops = CudaOps {
-                inner,
-                shared: &self.shared,
-                n,
-                at: (0, 0),
-                step_ptr,
-                table_ptr,
-                pool_ptr,
-                n_layers,
-                err: None,
-            };
-            let result = body(&mut ops, cache);
-            let err = ops.err.take();
-            let inner = ops.inner;
-            let result = match (result, err) {
-                (Ok(a), None) => Ok(a),
-                (Err(e), _) | (_, Some(e)) => Err(e),
-            };
-            if record {
-                let mut graph = std::ptr::null_mut();
-                // SAFETY: ends the capture begun above (also on failure, so the stream is
-                // usable again); the graph is destroyed once instantiated.
-                let ended = cu(unsafe { sys::cuStreamEndCapture(stream, &mut graph) }, "cuStreamEndCapture");
-                let logits = result?;
-                ended?;
-                let mut exec = std::ptr::null_mut();
-                // SAFETY: `graph` is the valid graph just captured.
-                unsafe {
-                    let r = sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0);
-                    sys::cuGraphDestroy(graph);
-                    cu(r, "cuGraphInstantiate")?;
-                    cu(sys::cuGraphLaunch(exec, stream), "cuGraphLaunch")?;
-                }
-                inner.graph = Some((exec, logits));
+        // Passes of one token per sequence are recorded, one graph per number of sequences
+        // (a hidden-state body differs, and is not).
+        let hidden = seqs.iter().any(|s| matches!(s.want, Want::Hidden));
+        let graphable = n == n_seqs && inner.use_graphs && !hidden;
+        let ptrs = (step_ptr, table_ptr, pool_ptr, n_layers);
+        let logits = match graphable.then(|| inner.graphs.get(&n_seqs).copied()).flatten() {
+            Some((exec, logits)) => {
+                // SAFETY: the graph was recorded from this backend's kernels on buffers that
+                // are still allocated (scratch chunks are never freed) for a pass of the same
+                // shape, and reads positions and tables from the parameters just uploaded.
+                cu(unsafe { sys::cuGraphLaunch(exec, stream) }, "cuGraphLaunch")?;
                 logits
-            } else {
-                result?
+            }
+            None => {
+                let record = graphable
+                    && inner.seen.get(&n_seqs).copied().unwrap_or(0) >= 1
+                    && inner.graphs.len() < MAX_GRAPHS;
+                match self.eager(inner, body, (n, n_seqs), ptrs, record) {
+                    Ok(l) => l,
+                    Err(e) if record => {
+                        log::warn!("recording a CUDA graph of {n_seqs} sequences failed ({e}); running without graphs");
+                        inner.use_graphs = false;
+                        self.eager(inner, body, (n, n_seqs), ptrs, false)?
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         };
         if graphable {
-            inner.one_token_runs += 1;
+            *inner.seen.entry(n_seqs).or_default() += 1;
         }
-        let out = finish(inner, &self.shared, logits, want)?;
-        cache.len = pos0 + n;
+        let wants: Vec<Want<'_>> = seqs.iter().map(|s| s.want).collect();
+        let out = finish(inner, &self.shared, logits, &wants)?;
+        for s in seqs.iter_mut() {
+            s.cache.len += s.tokens.len();
+        }
         Ok(out)
     }
 }
 
-/// Hands back what `want` asks for from the logits on the device, and waits for the run.
-fn finish(inner: &mut Inner, shared: &Arc<Shared>, logits: CudaAct, want: Want<'_>) -> Result<Output, EngineError> {
-    let stream = inner.stream;
-    let vocab = logits.width;
-    // SAFETY: waits for our own stream.
-    let sync = |what| cu(unsafe { sys::cuStreamSynchronize(stream) }, what);
-    let read_logits = |inner: &mut Inner| -> Result<Vec<f32>, EngineError> {
-        if inner.host_out.as_ref().is_none_or(|h| h.len < vocab * 4) {
-            inner.host_out = Some(Pinned::new(vocab * 4)?);
+impl Cuda {
+    /// Issues the body's kernels on the stream (recording them as the graph of `n_seqs` when
+    /// `record`); returns the logits activation.
+    fn eager(
+        &self,
+        inner: &mut Inner,
+        body: &mut Body<'_, Cuda>,
+        (n, n_seqs): (usize, usize),
+        (step_ptr, table_ptr, pool_ptr, n_layers): (u64, u64, u64, usize),
+        record: bool,
+    ) -> Result<CudaAct, EngineError> {
+        let stream = inner.stream;
+        if record {
+            cu(
+                // SAFETY: starts recording the work issued on our stream by this thread.
+                unsafe {
+                    sys::cuStreamBeginCapture_v2(stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                },
+                "cuStreamBeginCapture",
+            )?;
         }
-        let host = inner.host_out.as_ref().expect("just made");
-        // SAFETY: the pinned buffer holds vocab f32; the logits activation holds vocab f32.
-        unsafe {
-            cu(sys::cuMemcpyDtoHAsync_v2(host.ptr as *mut c_void, logits.ptr, vocab * 4, stream), "cuMemcpyDtoHAsync")?;
-            cu(sys::cuStreamSynchronize(stream), "cuStreamSynchronize")?;
-            Ok(std::slice::from_raw_parts(host.ptr as *const f32, vocab).to_vec())
+        let mut ops = CudaOps {
+            inner,
+            shared: &self.shared,
+            n,
+            at: (0, 0),
+            seqs: n_seqs,
+            step_ptr,
+            table_ptr,
+            pool_ptr,
+            n_layers,
+            err: None,
+        };
+        let result = body(&mut ops);
+        let err = ops.err.take();
+        let inner = ops.inner;
+        let result = match (result, err) {
+            (Ok(a), None) => Ok(a),
+            (Err(e), _) | (_, Some(e)) => Err(e),
+        };
+        if !record {
+            return result;
         }
-    };
-    match want {
-        Want::Nothing => {
-            sync("cuStreamSynchronize")?;
-            Ok(Output::Nothing)
-        }
-        Want::Logits | Want::Hidden => Ok(Output::Logits(read_logits(inner)?)),
-        Want::Token { sampler, history, step } => {
-            let on_gpu = sampler.is_greedy() || (inner.gpu_sampling && (1..=SAMPLE_MAX_K).contains(&sampler.top_k));
-            if !on_gpu {
-                let l = read_logits(inner)?;
-                return sampler.sample(&l, history, step).map(Output::Token).ok_or(EngineError::EmptyInput);
-            }
-            let p = sampler.repetition_penalty;
-            if p.is_finite() && p > 0.0 && p != 1.0 && !history.is_empty() {
-                let mut ids: Vec<i32> = history.iter().filter(|&&t| (t as usize) < vocab).map(|&t| t as i32).collect();
-                ids.sort_unstable();
-                ids.dedup();
-                if inner.ids.as_ref().is_none_or(|b| b.len < ids.len() * 4) {
-                    // The old buffer is idle: the previous run ended synchronised.
-                    inner.ids = Some(DevBuf::new(shared, (ids.len() * 4).max(1024))?);
+        let mut graph = std::ptr::null_mut();
+        // SAFETY: ends the capture begun above (also on failure, so the stream is usable
+        // again); the graph is destroyed once instantiated.
+        let ended = cu(unsafe { sys::cuStreamEndCapture(stream, &mut graph) }, "cuStreamEndCapture");
+        let logits = match (result, ended) {
+            (Ok(l), Ok(())) => l,
+            (Err(e), _) | (_, Err(e)) => {
+                if !graph.is_null() {
+                    // SAFETY: the graph captured (if any) is not used.
+                    unsafe { sys::cuGraphDestroy(graph) };
                 }
-                let dev = inner.ids.as_ref().expect("just made").ptr;
-                cu(
-                    // SAFETY: `dev` holds at least ids.len() ints; the copy is synchronous,
-                    // so `ids` may be dropped after it.
-                    unsafe { sys::cuMemcpyHtoD_v2(dev, ids.as_ptr() as *const c_void, ids.len() * 4) },
-                    "cuMemcpyHtoD(ids)",
-                )?;
-                let mut a = [logits.ptr, dev, ids.len() as u64, p.to_bits() as u64];
-                launch_raw(inner.f.penalize, (ids.len().div_ceil(256) as u32, 1, 1), 256, stream, &mut a)?;
+                return Err(e);
             }
-            if inner.host_out.as_ref().is_none_or(|h| h.len < vocab * 4) {
-                inner.host_out = Some(Pinned::new(vocab * 4)?);
+        };
+        let mut exec = std::ptr::null_mut();
+        // SAFETY: `graph` is the valid graph just captured.
+        unsafe {
+            let r = sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0);
+            sys::cuGraphDestroy(graph);
+            cu(r, "cuGraphInstantiate")?;
+            cu(sys::cuGraphLaunch(exec, stream), "cuGraphLaunch")?;
+        }
+        inner.graphs.insert(n_seqs, (exec, logits));
+        Ok(logits)
+    }
+}
+
+/// Hands back what each sequence's `want` asks for from the logits on the device (`[rows,
+/// vocab]`, a row per sequence), and waits for the pass.
+fn finish(
+    inner: &mut Inner,
+    shared: &Arc<Shared>,
+    logits: CudaAct,
+    wants: &[Want<'_>],
+) -> Result<Vec<Output>, EngineError> {
+    let stream = inner.stream;
+    let (vocab, rows) = (logits.width, wants.len());
+    let on_gpu = |s: &crate::sampler::Sampler, gpu_sampling: bool| {
+        s.is_greedy() || (gpu_sampling && (1..=SAMPLE_MAX_K).contains(&s.top_k))
+    };
+    let gpu = inner.gpu_sampling;
+    let mut host_rows = false;
+    let mut penalized = false;
+    let mut greedy = false;
+    // The repetition penalty of the rows sampled on the GPU, in one upload and one launch:
+    // offsets[rows + 1], penalties[rows], then the ids.
+    let mut buf: Vec<i32> = vec![0; 2 * rows + 1];
+    for (i, w) in wants.iter().enumerate() {
+        let mut penalty = 1.0f32;
+        match w {
+            Want::Nothing => {}
+            Want::Logits | Want::Hidden => host_rows = true,
+            Want::Token { sampler, history, .. } if on_gpu(sampler, gpu) => {
+                greedy |= sampler.is_greedy();
+                let p = sampler.repetition_penalty;
+                if p.is_finite() && p > 0.0 && p != 1.0 && !history.is_empty() {
+                    let at = buf.len();
+                    buf.extend(history.iter().filter(|&&t| (t as usize) < vocab).map(|&t| t as i32));
+                    buf[at..].sort_unstable();
+                    let mut kept = at;
+                    for j in at..buf.len() {
+                        if j == at || buf[j] != buf[kept - 1] {
+                            buf[kept] = buf[j];
+                            kept += 1;
+                        }
+                    }
+                    buf.truncate(kept);
+                    penalty = p;
+                    penalized = true;
+                }
             }
-            let host = inner.host_out.as_ref().expect("just made").ptr;
-            // The token lands in a word of the step parameters' header that no kernel reads.
-            let word =
-                inner.params.as_ref().map(|(d, _)| d.ptr + 8).ok_or_else(|| fail("no step parameters".into()))?;
-            if sampler.is_greedy() {
-                let mut a = [word, logits.ptr, vocab as u64];
-                launch_raw(inner.f.argmax, (1, 1, 1), 1024, stream, &mut a)?;
-            } else {
+            Want::Token { .. } => host_rows = true,
+        }
+        buf[rows + 1 + i] = penalty.to_bits() as i32;
+        buf[i + 1] = (buf.len() - (2 * rows + 1)) as i32;
+    }
+    let word = inner.params.as_ref().map(|(d, _)| d.ptr + (OUTW * 4) as u64).ok_or_else(|| fail("no parameters".into()))?;
+    if penalized {
+        let most = (1..=rows).map(|i| buf[i] - buf[i - 1]).max().unwrap_or(0).max(1) as u32;
+        if inner.ids.as_ref().is_none_or(|b| b.len < buf.len() * 4) {
+            // The old buffer is idle: the previous run ended synchronised.
+            inner.ids = Some(DevBuf::new(shared, (buf.len() * 4).max(4096))?);
+        }
+        let dev = inner.ids.as_ref().expect("just made").ptr;
+        cu(
+            // SAFETY: `dev` holds at least buf.len() ints; the copy is synchronous, so `buf`
+            // may be dropped after it.
+            unsafe { sys::cuMemcpyHtoD_v2(dev, buf.as_ptr() as *const c_void, buf.len() * 4) },
+            "cuMemcpyHtoD(penalty ids)",
+        )?;
+        let mut a = [logits.ptr, dev, rows as u64, vocab as u64];
+        launch_raw(inner.f.penalize, (most.div_ceil(256), rows as u32, 1), 256, stream, &mut a)?;
+    }
+    if greedy {
+        let mut a = [word, logits.ptr, vocab as u64];
+        launch_raw(inner.f.argmax, (rows as u32, 1, 1), 1024, stream, &mut a)?;
+    }
+    for (i, w) in wants.iter().enumerate() {
+        if let Want::Token { sampler, step, .. } = w {
+            if on_gpu(sampler, gpu) && !sampler.is_greedy() {
                 let mut a = [
-                    word,
-                    logits.ptr,
+                    word + (i * 4) as u64,
+                    logits.ptr + (i * vocab * 4) as u64,
                     vocab as u64,
                     (1.0 / sampler.temperature).to_bits() as u64,
                     sampler.top_k as u64,
                     sampler.top_p.to_bits() as u64,
-                    sampler.draw(step).to_bits(),
+                    sampler.draw(*step).to_bits(),
                 ];
                 launch_raw(inner.f.sample, (1, 1, 1), 1024, stream, &mut a)?;
             }
-            // SAFETY: 4 bytes from the device word into the pinned buffer, then wait.
-            unsafe {
-                cu(sys::cuMemcpyDtoHAsync_v2(host as *mut c_void, word, 4, stream), "cuMemcpyDtoHAsync(token)")?;
-                cu(sys::cuStreamSynchronize(stream), "cuStreamSynchronize")?;
-                Ok(Output::Token(*(host as *const u32)))
-            }
         }
     }
+    if host_rows && inner.host_out.as_ref().is_none_or(|h| h.len < rows * vocab * 4) {
+        inner.host_out = Some(Pinned::new(rows * vocab * 4)?);
+    }
+    let (_, mirror) = inner.params.as_ref().expect("checked above");
+    // SAFETY: the mirror holds OUTW + MAX_SEQS ints ≥ OUTW + rows; the pinned logits buffer
+    // (when used) holds rows × vocab floats, as does the logits activation; the stream is
+    // synchronised before either is read.
+    let (words, host_logits) = unsafe {
+        let words = (mirror.ptr as *mut i32).add(OUTW);
+        cu(sys::cuMemcpyDtoHAsync_v2(words as *mut c_void, word, rows * 4, stream), "cuMemcpyDtoHAsync(tokens)")?;
+        let host_logits = if host_rows {
+            let h = inner.host_out.as_ref().expect("just made").ptr;
+            cu(
+                sys::cuMemcpyDtoHAsync_v2(h as *mut c_void, logits.ptr, rows * vocab * 4, stream),
+                "cuMemcpyDtoHAsync(logits)",
+            )?;
+            Some(h as *const f32)
+        } else {
+            None
+        };
+        cu(sys::cuStreamSynchronize(stream), "cuStreamSynchronize")?;
+        (
+            std::slice::from_raw_parts(words as *const u32, rows).to_vec(),
+            host_logits.map(|h| std::slice::from_raw_parts(h, rows * vocab)),
+        )
+    };
+    let row = |i: usize| &host_logits.expect("copied for host rows")[i * vocab..][..vocab];
+    wants
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            Ok(match w {
+                Want::Nothing => Output::Nothing,
+                Want::Logits | Want::Hidden => Output::Logits(row(i).to_vec()),
+                Want::Token { sampler, history, step } => {
+                    if on_gpu(sampler, gpu) {
+                        Output::Token(words[i])
+                    } else {
+                        Output::Token(sampler.sample(row(i), history, *step).ok_or(EngineError::EmptyInput)?)
+                    }
+                }
+            })
+        })
+        .collect()
 }
 
 /// Launches `f` with 8-byte argument slots (4-byte values in their low bytes).

@@ -1,0 +1,297 @@
+//! Continuous batching: the sessions of one model that are ready at the same moment share a
+//! forward pass, so the weights are read once for all of them.
+//!
+//! Callers do not change: an actor's thread in a host call, a wasi-nn context or the CLI
+//! keeps calling [`Llama::forward`](crate::models::Llama::forward) (or `forward_sample`) on
+//! its own thread. The call becomes a job in the model's [`Batcher`]. When no pass is running,
+//! the calling thread leads: it takes the waiting jobs (decode steps first, in arrival order,
+//! then chunks of prompts under a token budget, at most [`Backend::max_seqs`] sequences), runs
+//! one pass over them, hands each job its result and wakes the waiters; then a waiter whose
+//! job is not finished leads the next pass. This is flat combining, chosen over a scheduler
+//! thread per device: a caller alone runs at once on its own thread, as before batching (no
+//! hand-off between threads on every step), and there is no thread to start, stop or lose.
+//!
+//! - **Chunked prefill**: a prompt advances by at most the budget per pass
+//!   (`SHOAL_BATCH_TOKENS`, default 512, at most the backend's chunk), sharing the pass with
+//!   every decode step ready then, so a long prompt never stalls the others' decoding.
+//! - **Each sequence its own sampling**: a job carries its sampler, seed, step and penalty
+//!   window; backends sample each row alone, so a token never depends on its neighbours.
+//! - **Interrupts**: a pass is never cut (its work belongs to many callers); a job whose
+//!   caller's deadline passed or who was killed is dropped before its next pass and its cache
+//!   is left as it was found. A pass is bounded by the budget, so a caller waits at most one
+//!   pass past its interrupt.
+//! - **Failures**: a pass that fails fails each of its jobs (their caches as found); one that
+//!   panics reports its jobs failed on the way out, so no caller waits forever.
+//!
+//! Jobs borrow the caller's tokens, cache and sampler: the caller does not return before its
+//! job is reported (finished, failed or dropped), and a leader touches a job only between
+//! taking it and reporting it, so the borrows stay valid (as with scoped threads).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use crate::backend::{Backend, KvStore, Output, Seq, Want};
+use crate::interrupt::Interrupt;
+use crate::models::{EngineError, Llama};
+
+/// The default token budget of one pass.
+pub const DEFAULT_BUDGET: usize = 512;
+
+/// What a batcher has done so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Passes run.
+    pub passes: u64,
+    /// Sequences in them, summed (divide by `passes` for the mean batch).
+    pub seqs: u64,
+    /// Tokens in them, summed.
+    pub tokens: u64,
+}
+
+/// One caller's work, borrowed from the caller (see the module docs).
+struct Job<C> {
+    id: u64,
+    /// The caller's tokens (lifetime erased: valid until the job is reported).
+    tokens: &'static [u32],
+    /// Tokens already run.
+    done: usize,
+    /// The caller's cache (valid, and touched by no one else, until the job is reported).
+    cache: *mut C,
+    /// The cache's length when the job came in (restored on failure).
+    start: usize,
+    /// What the caller wants for its last token (lifetime erased like `tokens`).
+    want: Want<'static>,
+    interrupt: Option<Interrupt>,
+}
+
+struct State<C> {
+    pending: VecDeque<Job<C>>,
+    results: HashMap<u64, Result<Output, EngineError>>,
+    leading: bool,
+    next: u64,
+}
+
+/// The queue of one model's pending work (see the module docs).
+pub struct Batcher<B: Backend> {
+    state: Mutex<State<B::Cache>>,
+    wake: Condvar,
+    budget: usize,
+    passes: AtomicU64,
+    seqs: AtomicU64,
+    tokens: AtomicU64,
+}
+
+// SAFETY: the raw pointers in queued jobs point at callers' caches, used by one leader at a
+// time while their owners wait (see the module docs); caches are `Send`.
+unsafe impl<B: Backend> Send for Batcher<B> {}
+// SAFETY: as above; all shared state is behind the mutex.
+unsafe impl<B: Backend> Sync for Batcher<B> {}
+
+impl<B: Backend> std::fmt::Debug for Batcher<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher").field("budget", &self.budget).field("stats", &self.stats()).finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> Default for Batcher<B> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Reports the jobs of a pass as failed if the leader unwinds before reporting them.
+struct Lead<'a, B: Backend> {
+    batcher: &'a Batcher<B>,
+    ids: Vec<u64>,
+    backend: &'static str,
+}
+
+impl<B: Backend> Drop for Lead<'_, B> {
+    fn drop(&mut self) {
+        if self.ids.is_empty() {
+            return;
+        }
+        let mut st = self.batcher.lock();
+        for &id in &self.ids {
+            st.results.insert(
+                id,
+                Err(EngineError::Backend {
+                    backend: self.backend,
+                    message: "a forward pass panicked; this session's cache may be lost".into(),
+                }),
+            );
+        }
+        st.leading = false;
+        drop(st);
+        self.batcher.wake.notify_all();
+    }
+}
+
+impl<B: Backend> Batcher<B> {
+    /// An empty queue with the budget of `SHOAL_BATCH_TOKENS` (default [`DEFAULT_BUDGET`]).
+    pub fn new() -> Self {
+        let budget =
+            std::env::var("SHOAL_BATCH_TOKENS").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(DEFAULT_BUDGET);
+        Self::with_budget(budget)
+    }
+
+    /// An empty queue whose passes take at most `budget` tokens (at least 1).
+    pub fn with_budget(budget: usize) -> Self {
+        Batcher {
+            state: Mutex::new(State { pending: VecDeque::new(), results: HashMap::new(), leading: false, next: 1 }),
+            wake: Condvar::new(),
+            budget: budget.max(1),
+            passes: AtomicU64::new(0),
+            seqs: AtomicU64::new(0),
+            tokens: AtomicU64::new(0),
+        }
+    }
+
+    /// Passes, sequences and tokens so far.
+    pub fn stats(&self) -> BatchStats {
+        BatchStats {
+            passes: self.passes.load(Ordering::Relaxed),
+            seqs: self.seqs.load(Ordering::Relaxed),
+            tokens: self.tokens.load(Ordering::Relaxed),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<B::Cache>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `tokens` (checked, room reserved) at `cache`'s positions in passes shared with
+    /// the other callers, and hands back what `want` asks for.
+    pub(crate) fn submit(
+        &self,
+        model: &Llama<B>,
+        tokens: &[u32],
+        cache: &mut B::Cache,
+        want: Want<'_>,
+    ) -> Result<Output, EngineError> {
+        let start = cache.len();
+        let mut st = self.lock();
+        let id = st.next;
+        st.next += 1;
+        // SAFETY (lifetimes erased): this function does not return before the job is
+        // reported (the loop below returns only with its result), and nothing touches the job
+        // after reporting it; so `tokens`, `want`'s borrows and `cache` outlive every use.
+        let job = unsafe {
+            Job {
+                id,
+                tokens: std::mem::transmute::<&[u32], &'static [u32]>(tokens),
+                done: 0,
+                cache: cache as *mut B::Cache,
+                start,
+                want: std::mem::transmute::<Want<'_>, Want<'static>>(want),
+                interrupt: crate::interrupt::current(),
+            }
+        };
+        st.pending.push_back(job);
+        loop {
+            if let Some(r) = st.results.remove(&id) {
+                return r;
+            }
+            if !st.leading {
+                st.leading = true;
+                st = self.lead(st, model);
+                continue;
+            }
+            st = self.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Takes the jobs of one pass from the queue, runs it without the lock, reports.
+    fn lead<'s>(&'s self, mut st: MutexGuard<'s, State<B::Cache>>, model: &Llama<B>) -> MutexGuard<'s, State<B::Cache>> {
+        let backend = model.backend();
+        let budget = self.budget.min(backend.max_chunk()).max(1);
+        let most_seqs = backend.max_seqs().max(1);
+        let all: Vec<Job<B::Cache>> = st.pending.drain(..).collect();
+        let (mut take, mut rest): (Vec<(Job<B::Cache>, usize)>, Vec<Job<B::Cache>>) = (Vec::new(), Vec::new());
+        let mut used = 0;
+        // Dropped jobs first, then decode steps in arrival order, then prompt chunks.
+        let mut live = Vec::with_capacity(all.len());
+        for job in all {
+            match job.interrupt.as_ref().map(Interrupt::check) {
+                Some(Err(why)) => {
+                    // SAFETY: a pending job's cache is used by no one (its owner waits).
+                    unsafe { (*job.cache).truncate(job.start) };
+                    st.results.insert(job.id, Err(why.into()));
+                }
+                _ => live.push(job),
+            }
+        }
+        let (decode, prompt): (Vec<_>, Vec<_>) = live.into_iter().partition(|j| j.tokens.len() - j.done == 1);
+        for job in decode.into_iter().chain(prompt) {
+            let n = (job.tokens.len() - job.done).min(budget - used);
+            if n == 0 || take.len() == most_seqs {
+                rest.push(job);
+                continue;
+            }
+            used += n;
+            take.push((job, n));
+        }
+        st.pending.extend(rest);
+        if take.is_empty() {
+            st.leading = false;
+            self.wake.notify_all();
+            return st;
+        }
+        drop(st);
+
+        let mut guard = Lead { batcher: self, ids: take.iter().map(|(j, _)| j.id).collect(), backend: backend.name() };
+        // SAFETY: each job's borrows are valid until it is reported (module docs); the jobs
+        // are distinct callers, so their caches are distinct.
+        let mut seqs: Vec<Seq<'_, B::Cache>> = take
+            .iter()
+            .map(|(job, n)| {
+                let end = job.done + n;
+                Seq {
+                    tokens: &job.tokens[job.done..end],
+                    cache: unsafe { &mut *job.cache },
+                    want: if end == job.tokens.len() { job.want } else { Want::Nothing },
+                }
+            })
+            .collect();
+        let result = model.pass(&mut seqs, false);
+        drop(seqs);
+        self.passes.fetch_add(1, Ordering::Relaxed);
+        self.seqs.fetch_add(take.len() as u64, Ordering::Relaxed);
+        self.tokens.fetch_add(used as u64, Ordering::Relaxed);
+
+        let mut st = self.lock();
+        match result {
+            Ok(outputs) => {
+                for ((mut job, n), out) in take.into_iter().zip(outputs) {
+                    job.done += n;
+                    if job.done == job.tokens.len() {
+                        st.results.insert(job.id, Ok(out));
+                    } else {
+                        st.pending.push_back(job);
+                    }
+                }
+                // Older jobs first.
+                st.pending.make_contiguous().sort_by_key(|j| j.id);
+            }
+            Err(e) => {
+                let message = e.to_string();
+                let mut first = Some(e);
+                for (job, _) in take {
+                    // SAFETY: the pass is over; the job is not reported yet, so its cache is
+                    // still borrowed for it.
+                    unsafe { (*job.cache).truncate(job.start) };
+                    let e = first.take().unwrap_or_else(|| EngineError::Backend {
+                        backend: backend.name(),
+                        message: format!("the pass this step shared failed: {message}"),
+                    });
+                    st.results.insert(job.id, Err(e));
+                }
+            }
+        }
+        guard.ids.clear();
+        st.leading = false;
+        self.wake.notify_all();
+        st
+    }
+}
