@@ -11,6 +11,9 @@
 //! thread per device: a caller alone runs at once on its own thread, as before batching (no
 //! hand-off between threads on every step), and there is no thread to start, stop or lose.
 //!
+//! - **Gathering**: the callers of a pass come back one by one, each after its own work
+//!   between steps (a guest writes its token out); a leader waits for them, up to half the last
+//!   pass's time (at most 5 ms), so that passes do not split into halves that alternate.
 //! - **Chunked prefill**: a prompt advances by at most the budget per pass
 //!   (`SHOAL_BATCH_TOKENS`, default 512, at most the backend's chunk), sharing the pass with
 //!   every decode step ready then, so a long prompt never stalls the others' decoding.
@@ -30,6 +33,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, KvStore, Output, Seq, Want};
 use crate::interrupt::Interrupt;
@@ -37,6 +41,9 @@ use crate::models::{EngineError, Llama};
 
 /// The default token budget of one pass.
 pub const DEFAULT_BUDGET: usize = 512;
+
+/// The longest a leader waits for the callers of the last pass to come back.
+const MAX_GATHER: Duration = Duration::from_millis(5);
 
 /// What a batcher has done so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -47,6 +54,9 @@ pub struct BatchStats {
     pub seqs: u64,
     /// Tokens in them, summed.
     pub tokens: u64,
+    /// Time spent in them, summed, in microseconds (the rest of a caller's wait is
+    /// gathering: other callers coming back).
+    pub busy_us: u64,
 }
 
 /// One caller's work, borrowed from the caller (see the module docs).
@@ -70,16 +80,25 @@ struct State<C> {
     results: HashMap<u64, Result<Output, EngineError>>,
     leading: bool,
     next: u64,
+    /// Callers whose job the last pass finished and who have not submitted since: most
+    /// come back within microseconds with their next token.
+    returning: usize,
+    /// How long the last pass took.
+    last_pass: Duration,
 }
 
 /// The queue of one model's pending work (see the module docs).
 pub struct Batcher<B: Backend> {
     state: Mutex<State<B::Cache>>,
+    /// Callers waiting for their result.
     wake: Condvar,
+    /// A leader waiting for callers to come back.
+    arrive: Condvar,
     budget: usize,
     passes: AtomicU64,
     seqs: AtomicU64,
     tokens: AtomicU64,
+    busy_us: AtomicU64,
 }
 
 // SAFETY: the raw pointers in queued jobs point at callers' caches, used by one leader at a
@@ -139,12 +158,21 @@ impl<B: Backend> Batcher<B> {
     /// An empty queue whose passes take at most `budget` tokens (at least 1).
     pub fn with_budget(budget: usize) -> Self {
         Batcher {
-            state: Mutex::new(State { pending: VecDeque::new(), results: HashMap::new(), leading: false, next: 1 }),
+            state: Mutex::new(State {
+                pending: VecDeque::new(),
+                results: HashMap::new(),
+                leading: false,
+                next: 1,
+                returning: 0,
+                last_pass: Duration::ZERO,
+            }),
             wake: Condvar::new(),
+            arrive: Condvar::new(),
             budget: budget.max(1),
             passes: AtomicU64::new(0),
             seqs: AtomicU64::new(0),
             tokens: AtomicU64::new(0),
+            busy_us: AtomicU64::new(0),
         }
     }
 
@@ -154,6 +182,7 @@ impl<B: Backend> Batcher<B> {
             passes: self.passes.load(Ordering::Relaxed),
             seqs: self.seqs.load(Ordering::Relaxed),
             tokens: self.tokens.load(Ordering::Relaxed),
+            busy_us: self.busy_us.load(Ordering::Relaxed),
         }
     }
 
@@ -189,6 +218,8 @@ impl<B: Backend> Batcher<B> {
             }
         };
         st.pending.push_back(job);
+        st.returning = st.returning.saturating_sub(1);
+        self.arrive.notify_one();
         loop {
             if let Some(r) = st.results.remove(&id) {
                 return r;
@@ -207,6 +238,17 @@ impl<B: Backend> Batcher<B> {
         let backend = model.backend();
         let budget = self.budget.min(backend.max_chunk()).max(1);
         let most_seqs = backend.max_seqs().max(1);
+        // The callers of the last pass come back one by one as they finish their own work
+        // between steps: wait for them (at most half a pass), or passes would split in two.
+        let deadline = Instant::now() + (st.last_pass / 2).min(MAX_GATHER);
+        while st.returning > 0 && st.pending.len() < most_seqs {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            st = self.arrive.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        st.returning = 0;
         let all: Vec<Job<B::Cache>> = st.pending.drain(..).collect();
         let (mut take, mut rest): (Vec<(Job<B::Cache>, usize)>, Vec<Job<B::Cache>>) = (Vec::new(), Vec::new());
         let mut used = 0;
@@ -254,19 +296,24 @@ impl<B: Backend> Batcher<B> {
                 }
             })
             .collect();
+        let t0 = Instant::now();
         let result = model.pass(&mut seqs, false);
+        let took = t0.elapsed();
         drop(seqs);
         self.passes.fetch_add(1, Ordering::Relaxed);
         self.seqs.fetch_add(take.len() as u64, Ordering::Relaxed);
         self.tokens.fetch_add(used as u64, Ordering::Relaxed);
+        self.busy_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
 
         let mut st = self.lock();
+        st.last_pass = took;
         match result {
             Ok(outputs) => {
                 for ((mut job, n), out) in take.into_iter().zip(outputs) {
                     job.done += n;
                     if job.done == job.tokens.len() {
                         st.results.insert(job.id, Ok(out));
+                        st.returning += 1;
                     } else {
                         st.pending.push_back(job);
                     }

@@ -107,7 +107,7 @@ fn callers_on_many_threads_share_passes_and_get_their_own_answers() {
 
 #[test]
 fn a_batch_refuses_bad_input_and_leaves_every_cache_as_it_was() {
-    use shoal_engine::backend::{KvStore, Seq, Want};
+    use shoal_engine::backend::{Seq, Want};
     let Some(m) = smollm2() else { return };
     let mut a = m.model.new_cache(16).unwrap();
     let mut b = m.model.new_cache(16).unwrap();

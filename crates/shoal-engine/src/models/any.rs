@@ -144,6 +144,11 @@ impl Model {
         })
     }
 
+    /// See [`Llama::batch_stats`].
+    pub fn batch_stats(&self) -> crate::batch::BatchStats {
+        each!(self, m => m.batch_stats())
+    }
+
     /// See [`Llama::forward`].
     pub fn forward(&self, tokens: &[u32], cache: &mut Cache) -> Result<Vec<f32>, EngineError> {
         pair!(self, cache, (m, c) => m.forward(tokens, c))

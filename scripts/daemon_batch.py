@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Aggregate decode speed of N chat actors on one `shoal serve`, messaged at the same time
+(docs/benchmarks.md, "Many actors, one GPU"). Usage:
+  daemon_batch.py SHOAL MODEL.gguf BACKEND N[,N...] [MAX_TOKENS]
+For each N: a fresh daemon, N chat actors (greedy, MAX_TOKENS each, default 128), one message
+each, all at once; the replies are read as they stream. Prints one JSON line per N: streamed
+pieces (about one per token) per second in all, from the first request to the last piece, the
+gap between one actor's pieces (p50/p99), and how many answers came back whole."""
+import json, subprocess, sys, threading, time, urllib.request
+
+shoal, model, backend = sys.argv[1], sys.argv[2], sys.argv[3]
+ns = [int(x) for x in sys.argv[4].split(",")]
+max_tokens = sys.argv[5] if len(sys.argv) > 5 else "128"
+PROMPT = b"Write a long story about a lighthouse keeper and the sea, with many details."
+
+def run(n):
+    p = subprocess.Popen([shoal, "serve", "--backend", backend, "--addr", "127.0.0.1:0", "--store", f"/tmp/batch-store-{n}",
+                          "--max-connections", str(n + 16), "--max-actors", str(n + 16), "--openai-pool", "1",
+                          "--model", f"smollm2={model}"], stderr=subprocess.PIPE, text=True)
+    addr = None
+    while addr is None:
+        line = p.stderr.readline()
+        if not line:
+            raise SystemExit("the daemon stopped before listening")
+        if "http://" in line:
+            addr = line.split("http://")[1].split()[0].rstrip("/")
+    threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()
+
+    def call(method, path, body=b""):
+        r = urllib.request.Request(f"http://{addr}{path}", data=body, method=method)
+        with urllib.request.urlopen(r, timeout=600) as f:
+            return f.read()
+
+    args = ["--temperature", "0", "--max-tokens", max_tokens]
+    ids = [json.loads(call("POST", "/v1/actors", json.dumps({"module": "chat", "args": args}).encode()))["id"] for _ in range(n)]
+    pieces, gaps, whole, last = {}, [], {}, [0.0]
+    lock = threading.Lock()
+
+    def ask(i):
+        r = urllib.request.Request(f"http://{addr}/v1/actors/{i}/messages", data=PROMPT, method="POST")
+        count, t_prev, my = 0, None, []
+        with urllib.request.urlopen(r, timeout=600) as f:
+            for line in f:
+                m = json.loads(line)
+                if "chunk" in m:
+                    now = time.time()
+                    count += 1
+                    if t_prev is not None:
+                        my.append(now - t_prev)
+                    t_prev = now
+                if "done" in m:
+                    whole[i] = True
+        with lock:
+            pieces[i] = count
+            gaps.extend(my)
+            last[0] = max(last[0], t_prev or 0)
+
+    t0 = time.time()
+    ts = [threading.Thread(target=ask, args=(i,)) for i in ids]
+    for t in ts: t.start()
+    for t in ts: t.join()
+    wall = last[0] - t0
+    p.terminate()
+    p.wait(timeout=30)
+    gaps.sort()
+    pct = lambda q: round(gaps[int((len(gaps) - 1) * q)] * 1e3, 2) if gaps else None
+    total = sum(pieces.values())
+    print(json.dumps({"bench": "daemon-batch", "backend": backend, "actors": n, "max_tokens": int(max_tokens),
+                      "pieces": total, "whole_answers": len(whole), "wall_s": round(wall, 3),
+                      "pieces_per_s": round(total / wall, 1), "gap_p50_ms": pct(0.5), "gap_p99_ms": pct(0.99)}), flush=True)
+
+for n in ns:
+    run(n)
