@@ -5,7 +5,8 @@
 #           llama.cpp's build in the background (.dev/peers, a copy of ../shared/peers), keep
 #           the first third of SmolLM2's GGUF (.dev/p1), and measure the 1B shape (synthetic
 #           bf16 weights) with the batch bench;
-#   PART=b: the rest of the GGUF (.dev/p2); the CUDA tests (batched equals alone); SmolLM2
+#   PART=b: the rest of the GGUF (/tmp/smol.part01 from a call that carried .dev/p2, and
+#           .dev/p3); the CUDA tests (batched equals alone); SmolLM2
 #           natively and as chat actors in the daemon; then llama.cpp's batched decode on the
 #           same weights, once its build is done.
 set -u
@@ -37,7 +38,7 @@ cat /tmp/smol.part00 /tmp/smol.part01 .dev/p3/smol.part02 > /tmp/smol.gguf
 SMOL=/tmp/smol.gguf
 ls -la $SMOL
 step "CUDA tests (batched equals alone, the KV pool, CUDA against the CPU)"
-SHOAL_TEST_MODEL=$SMOL $B/test-cuda --test-threads=1 2>&1 | grep -E "^test |test result|Report|panicked|assert" | head -40
+SHOAL_TEST_MODEL=$SMOL $B/test-cuda --test-threads=1 2>&1 | grep -v "^  \|^stack\|^note" | tail -40
 step "batch bench, SmolLM2 Q4_1, CUDA"
 $B/batch --model $SMOL --backend cuda --n $NS --prompt 128 --gen 128 | tee -a "$OUT/batch.jsonl"
 step "chat actors in the daemon, SmolLM2, CUDA"
@@ -52,4 +53,9 @@ if [[ -x $LB/llama-batched-bench ]]; then
     step "llama-batched-bench $M"
     $LB/llama-batched-bench -m $M -c 65536 -b 2048 -ub 512 -npp 128 -ntg 128 -npl ${NS//,/,} -ngl 99 -fa on 2>&1 | grep -E "^\|" | tee -a "$OUT/llama-batched.txt"
   done
+  step "llama-bench, 1B shape: prefill 4096, decode 128"
+  $LB/llama-bench -m /tmp/l1b-bf16.gguf -p 4096 -n 128 -r 3 -ngl 99 -fa on 2>&1 | grep -E "^\|" | tee -a "$OUT/llama-bench.txt"
 fi
+step "shoal, 1B shape: prefill 4096 then decode 128 (batch 1), and decode at a context of 128"
+$B/generate --model /tmp/l1b --backend cuda --prompt 4096 --gen 128 --repeat 3 | tee -a "$OUT/generate.jsonl"
+$B/generate --model /tmp/l1b --backend cuda --prompt 128 --gen 128 --repeat 3 | tee -a "$OUT/generate.jsonl"

@@ -10,7 +10,8 @@
 //! `forward_sample`. One JSON line per N: the aggregate decode rate (N × gen tokens over the
 //! wall time from the start of decoding to the last token), the inter-token latency p50/p99
 //! over every session's steps, the prefill time of all N prompts together, and the mean number
-//! of sequences per pass.
+//! of sequences per pass. Each N is run once to warm up (kernels compiled, CUDA graphs
+//! recorded), then measured.
 
 use std::path::PathBuf;
 use std::sync::Barrier;
@@ -60,9 +61,11 @@ fn main() {
     let vocab = model.config().vocab_size as u64;
     let greedy = Sampler::greedy();
     let name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    for (round, &n) in [1usize].iter().chain(&ns).enumerate() {
-        let warmup = round == 0;
-        let (n, gen_n) = if warmup { (1, 8) } else { (n, gen_n) };
+    // Each N runs twice, the first as a warm-up (kernels compiled, graphs recorded, memory
+    // pools grown); the second is reported.
+    for (round, &n) in ns.iter().flat_map(|n| [n, n]).enumerate() {
+        let warmup = round % 2 == 0;
+        let gen_n = if warmup { gen_n.min(32) } else { gen_n };
         let start = Barrier::new(n + 1);
         let decode = Barrier::new(n + 1);
         let before = model.batch_stats();

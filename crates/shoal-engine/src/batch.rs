@@ -6,8 +6,9 @@
 //! its own thread. The call becomes a job in the model's [`Batcher`]. When no pass is running,
 //! the calling thread leads: it takes the waiting jobs (decode steps first, in arrival order,
 //! then chunks of prompts under a token budget, at most [`Backend::max_seqs`] sequences), runs
-//! one pass over them, hands each job its result and wakes the waiters; then a waiter whose
-//! job is not finished leads the next pass. This is flat combining, chosen over a scheduler
+//! one pass over them, hands each job its result and wakes its owner alone (each job has its
+//! own slot, so a pass of 64 does not wake a herd onto one lock); then the owner of the oldest
+//! unfinished job is woken to lead the next pass. This is flat combining, chosen over a scheduler
 //! thread per device: a caller alone runs at once on its own thread, as before batching (no
 //! hand-off between threads on every step), and there is no thread to start, stop or lose.
 //!
@@ -30,9 +31,10 @@
 //! job is reported (finished, failed or dropped), and a leader touches a job only between
 //! taking it and reporting it, so the borrows stay valid (as with scoped threads).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, KvStore, Output, Seq, Want};
@@ -73,11 +75,29 @@ struct Job<C> {
     /// What the caller wants for its last token (lifetime erased like `tokens`).
     want: Want<'static>,
     interrupt: Option<Interrupt>,
+    /// Where the result goes, and who waits for it.
+    slot: Arc<Slot>,
+    owner: Thread,
+}
+
+/// One job's result, handed to its owner alone (no herd of waiters on one lock).
+#[derive(Default)]
+struct Slot {
+    done: AtomicBool,
+    result: Mutex<Option<Result<Output, EngineError>>>,
+}
+
+impl<C> Job<C> {
+    /// Hands the job's result to its owner and wakes it.
+    fn report(self, r: Result<Output, EngineError>) {
+        *self.slot.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        self.slot.done.store(true, Ordering::Release);
+        self.owner.unpark();
+    }
 }
 
 struct State<C> {
     pending: VecDeque<Job<C>>,
-    results: HashMap<u64, Result<Output, EngineError>>,
     leading: bool,
     next: u64,
     /// Callers whose job the last pass finished and who have not submitted since: most
@@ -90,8 +110,6 @@ struct State<C> {
 /// The queue of one model's pending work (see the module docs).
 pub struct Batcher<B: Backend> {
     state: Mutex<State<B::Cache>>,
-    /// Callers waiting for their result.
-    wake: Condvar,
     /// A leader waiting for callers to come back.
     arrive: Condvar,
     budget: usize,
@@ -122,28 +140,27 @@ impl<B: Backend> Default for Batcher<B> {
 /// Reports the jobs of a pass as failed if the leader unwinds before reporting them.
 struct Lead<'a, B: Backend> {
     batcher: &'a Batcher<B>,
-    ids: Vec<u64>,
+    /// The slots and owners of the pass's jobs, until they are reported.
+    jobs: Vec<(Arc<Slot>, Thread)>,
     backend: &'static str,
 }
 
 impl<B: Backend> Drop for Lead<'_, B> {
     fn drop(&mut self) {
-        if self.ids.is_empty() {
+        if self.jobs.is_empty() {
             return;
         }
-        let mut st = self.batcher.lock();
-        for &id in &self.ids {
-            st.results.insert(
-                id,
-                Err(EngineError::Backend {
-                    backend: self.backend,
-                    message: "a forward pass panicked; this session's cache may be lost".into(),
-                }),
-            );
+        for (slot, owner) in self.jobs.drain(..) {
+            *slot.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(Err(EngineError::Backend {
+                backend: self.backend,
+                message: "a forward pass panicked; this session's cache may be lost".into(),
+            }));
+            slot.done.store(true, Ordering::Release);
+            owner.unpark();
         }
+        let mut st = self.batcher.lock();
         st.leading = false;
-        drop(st);
-        self.batcher.wake.notify_all();
+        self.batcher.hand_over(&st);
     }
 }
 
@@ -160,13 +177,11 @@ impl<B: Backend> Batcher<B> {
         Batcher {
             state: Mutex::new(State {
                 pending: VecDeque::new(),
-                results: HashMap::new(),
                 leading: false,
                 next: 1,
                 returning: 0,
                 last_pass: Duration::ZERO,
             }),
-            wake: Condvar::new(),
             arrive: Condvar::new(),
             budget: budget.max(1),
             passes: AtomicU64::new(0),
@@ -200,6 +215,7 @@ impl<B: Backend> Batcher<B> {
         want: Want<'_>,
     ) -> Result<Output, EngineError> {
         let start = cache.len();
+        let slot = Arc::new(Slot::default());
         let mut st = self.lock();
         let id = st.next;
         st.next += 1;
@@ -215,21 +231,38 @@ impl<B: Backend> Batcher<B> {
                 start,
                 want: std::mem::transmute::<Want<'_>, Want<'static>>(want),
                 interrupt: crate::interrupt::current(),
+                slot: slot.clone(),
+                owner: std::thread::current(),
             }
         };
         st.pending.push_back(job);
         st.returning = st.returning.saturating_sub(1);
         self.arrive.notify_one();
         loop {
-            if let Some(r) = st.results.remove(&id) {
-                return r;
+            if slot.done.load(Ordering::Acquire) {
+                drop(st);
+                let r = slot.result.lock().unwrap_or_else(|e| e.into_inner()).take();
+                return r.unwrap_or_else(|| unreachable!("a job is reported with its result"));
             }
             if !st.leading {
                 st.leading = true;
                 st = self.lead(st, model);
                 continue;
             }
-            st = self.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+            drop(st);
+            // Woken by the leader that reports this job, or that hands leadership over; the
+            // timeout is a safety net only.
+            std::thread::park_timeout(Duration::from_millis(100));
+            st = self.lock();
+        }
+    }
+
+    /// After a pass: wakes the owner of the oldest pending job to lead the next one.
+    fn hand_over(&self, st: &State<B::Cache>) {
+        if !st.leading {
+            if let Some(job) = st.pending.front() {
+                job.owner.unpark();
+            }
         }
     }
 
@@ -259,7 +292,7 @@ impl<B: Backend> Batcher<B> {
                 Some(Err(why)) => {
                     // SAFETY: a pending job's cache is used by no one (its owner waits).
                     unsafe { (*job.cache).truncate(job.start) };
-                    st.results.insert(job.id, Err(why.into()));
+                    job.report(Err(why.into()));
                 }
                 _ => live.push(job),
             }
@@ -277,12 +310,16 @@ impl<B: Backend> Batcher<B> {
         st.pending.extend(rest);
         if take.is_empty() {
             st.leading = false;
-            self.wake.notify_all();
+            self.hand_over(&st);
             return st;
         }
         drop(st);
 
-        let mut guard = Lead { batcher: self, ids: take.iter().map(|(j, _)| j.id).collect(), backend: backend.name() };
+        let mut guard = Lead {
+            batcher: self,
+            jobs: take.iter().map(|(j, _)| (j.slot.clone(), j.owner.clone())).collect(),
+            backend: backend.name(),
+        };
         // SAFETY: each job's borrows are valid until it is reported (module docs); the jobs
         // are distinct callers, so their caches are distinct.
         let mut seqs: Vec<Seq<'_, B::Cache>> = take
@@ -312,7 +349,7 @@ impl<B: Backend> Batcher<B> {
                 for ((mut job, n), out) in take.into_iter().zip(outputs) {
                     job.done += n;
                     if job.done == job.tokens.len() {
-                        st.results.insert(job.id, Ok(out));
+                        job.report(Ok(out));
                         st.returning += 1;
                     } else {
                         st.pending.push_back(job);
@@ -332,13 +369,13 @@ impl<B: Backend> Batcher<B> {
                         backend: backend.name(),
                         message: format!("the pass this step shared failed: {message}"),
                     });
-                    st.results.insert(job.id, Err(e));
+                    job.report(Err(e));
                 }
             }
         }
-        guard.ids.clear();
+        guard.jobs.clear();
         st.leading = false;
-        self.wake.notify_all();
+        self.hand_over(&st);
         st
     }
 }

@@ -91,6 +91,8 @@ unsafe impl Sync for Shared {}
 
 struct Pool {
     ptr: sys::CUdeviceptr,
+    /// Blocks given out to caches; one more, block `blocks` (the sink), is written by the
+    /// padding rows of a pass and read by no one.
     blocks: usize,
     n_layers: usize,
     kv_dim: usize,
@@ -519,8 +521,8 @@ impl Cuda {
         let blocks = (want / block_bytes.max(1)).max(1);
         let mut ptr = 0;
         cu(
-            // SAFETY: plain allocation; the result is checked.
-            unsafe { sys::cuMemAlloc_v2(&mut ptr, blocks * block_bytes) },
+            // SAFETY: plain allocation (the blocks and the sink); the result is checked.
+            unsafe { sys::cuMemAlloc_v2(&mut ptr, (blocks + 1) * block_bytes) },
             &format!("cuMemAlloc(KV pool, {blocks} blocks of {block_bytes} bytes)"),
         )?;
         let free_list = (0..blocks as u32).rev().collect();
@@ -528,7 +530,7 @@ impl Cuda {
         drop(pool);
         // The pass parameters and block tables long enough for the whole pool (a pass's
         // caches are distinct, so their tables together list at most every block once).
-        let ints = TABLES + blocks;
+        let ints = TABLES + blocks + 1;
         let mut inner = self.lock();
         inner.params = Some((DevBuf::new(&self.shared, ints * 4)?, Pinned::new(ints * 4)?));
         Ok(())
@@ -848,12 +850,23 @@ impl CudaOps<'_> {
         }
     }
 
-    /// `out (+)= x · wᵀ` with cuBLAS (bf16 inputs, f32 out) for several rows.
-    fn gemm(&mut self, out: &CudaAct, x: &CudaAct, w: &CudaWeight, accumulate: bool) {
+    /// `x` rounded to bf16 in scratch memory (the A operand of [`CudaOps::gemm_bf16`]).
+    fn to_bf16(&mut self, x: &CudaAct) -> u64 {
         let count = x.rows * x.width;
         let xb = self.scratch(count * 2);
         let blocks = (count as u64).div_ceil(256).min(65535) as u32;
         self.launch(self.inner.f.to_bf16, (blocks, 1, 1), 256, &[A::P(xb), A::P(x.ptr), A::P(count as u64)]);
+        xb
+    }
+
+    /// `out (+)= x · wᵀ` with cuBLAS (bf16 inputs, f32 out) for several rows.
+    fn gemm(&mut self, out: &CudaAct, x: &CudaAct, w: &CudaWeight, accumulate: bool) {
+        let xb = self.to_bf16(x);
+        self.gemm_bf16(out, xb, x, w, accumulate);
+    }
+
+    /// [`CudaOps::gemm`] of `x` already rounded to bf16 at `xb`.
+    fn gemm_bf16(&mut self, out: &CudaAct, xb: u64, x: &CudaAct, w: &CudaWeight, accumulate: bool) {
         if self.err.is_some() {
             return;
         }
@@ -977,8 +990,9 @@ impl Ops for CudaOps<'_> {
             );
         } else {
             let u = self.act(out.rows, out.width);
-            self.gemm(out, x, gate, false);
-            self.gemm(&u, x, up, false);
+            let xb = self.to_bf16(x);
+            self.gemm_bf16(out, xb, x, gate, false);
+            self.gemm_bf16(&u, xb, x, up, false);
             let count = (out.rows * out.width) as u64;
             let f = self.inner.f.swiglu;
             self.launch(
@@ -1001,9 +1015,10 @@ impl Ops for CudaOps<'_> {
         wv: &CudaWeight,
     ) {
         if x.rows != 1 {
-            self.gemm(q, x, wq, false);
-            self.gemm(k, x, wk, false);
-            self.gemm(v, x, wv, false);
+            let xb = self.to_bf16(x);
+            self.gemm_bf16(q, xb, x, wq, false);
+            self.gemm_bf16(k, xb, x, wk, false);
+            self.gemm_bf16(v, xb, x, wv, false);
             return;
         }
         let f = self.inner.f.gemv3;
@@ -1345,6 +1360,12 @@ impl Backend for Cuda {
             pool = self.take_blocks(s.cache, s.tokens.len())?;
         }
         let (pool_ptr, n_layers) = pool;
+        let sink = self.shared.pool.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |p| p.blocks);
+        // A pass of one token per sequence is padded to a bucket of sequences, so that a few
+        // recorded graphs serve every batch: padding rows read token 0 at position 0 of the
+        // sink block and are dropped.
+        let hidden = seqs.iter().any(|s| matches!(s.want, Want::Hidden));
+        let rows = if n == n_seqs && !hidden { bucket(n_seqs) } else { n_seqs };
         self.shared.current()?;
         let mut guard = self.lock();
         let inner = &mut *guard;
@@ -1355,13 +1376,14 @@ impl Backend for Cuda {
             let ints = host.ptr as *mut i32;
             let mut table_len = 0;
             let mut t = 0;
-            // SAFETY: the pinned mirror holds TABLES + pool blocks ints; tokens ≤ MAX_CHUNK
-            // and sequences ≤ MAX_SEQS (checked above), and the caches are distinct, so their
-            // tables together hold at most the pool's blocks (checked again per write); the
+            // SAFETY: the pinned mirror holds TABLES + pool blocks + 1 ints; tokens and rows
+            // ≤ MAX_CHUNK and sequences ≤ MAX_SEQS (checked above, and buckets stay within
+            // them), and the caches are distinct, so their tables together hold at most the
+            // pool's blocks (checked again per write) and the sink's table one more; the
             // previous run ended synchronised, so no copy reads the mirror now.
             unsafe {
-                *ints = n as i32;
-                *ints.add(1) = n_seqs as i32;
+                *ints = rows.max(n) as i32;
+                *ints.add(1) = rows as i32;
                 for (i, s) in seqs.iter().enumerate() {
                     let blocks = &s.cache.blocks;
                     if TABLES + table_len + blocks.len() > room {
@@ -1382,6 +1404,16 @@ impl Backend for Cuda {
                     *ints.add(LAST + i) = (t - 1) as i32;
                     table_len += blocks.len();
                 }
+                if rows > n_seqs {
+                    *ints.add(TABLES + table_len) = sink as i32;
+                    for r in n_seqs..rows {
+                        *ints.add(TOK + r) = 0;
+                        *ints.add(POS + r) = 0;
+                        *ints.add(TAB + r) = table_len as i32;
+                        *ints.add(LAST + r) = r as i32;
+                    }
+                    table_len += 1;
+                }
                 cu(
                     sys::cuMemcpyHtoDAsync_v2(dev.ptr, ints as *const c_void, (TABLES + table_len) * 4, stream),
                     "cuMemcpyHtoDAsync(pass parameters)",
@@ -1390,10 +1422,10 @@ impl Backend for Cuda {
             (dev.ptr, dev.ptr + (TABLES * 4) as u64)
         };
 
-        // Passes of one token per sequence are recorded, one graph per number of sequences
+        // Passes of one token per sequence are recorded, one graph per bucket of sequences
         // (a hidden-state body differs, and is not).
-        let hidden = seqs.iter().any(|s| matches!(s.want, Want::Hidden));
         let graphable = n == n_seqs && inner.use_graphs && !hidden;
+        let (n, n_seqs) = (rows.max(n), rows);
         let ptrs = (step_ptr, table_ptr, pool_ptr, n_layers);
         let logits = match graphable.then(|| inner.graphs.get(&n_seqs).copied()).flatten() {
             Some((exec, logits)) => {
@@ -1498,6 +1530,12 @@ impl Cuda {
         inner.graphs.insert(n_seqs, (exec, logits));
         Ok(logits)
     }
+}
+
+/// The number of rows a pass of `n` sequences of one token each is padded to.
+fn bucket(n: usize) -> usize {
+    const BUCKETS: [usize; 14] = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256];
+    BUCKETS.iter().copied().find(|&b| b >= n).unwrap_or(n).min(MAX_SEQS)
 }
 
 /// Hands back what each sequence's `want` asks for from the logits on the device (`[rows,
