@@ -176,8 +176,9 @@ fn a_full_pool_is_a_clear_error_and_loses_nothing() {
     let Some(p) = pair() else { return };
     let path = model_path().unwrap();
     let file = GgufFile::open(&path).unwrap();
-    // SmolLM2: 30 layers × 2 × 16 positions × 192 values × 4 bytes = 737,280 bytes a block.
-    let small = Llama::load_gguf(&file, Cuda::open_with_pool(Some(4 * 737_280)).unwrap()).unwrap();
+    // SmolLM2: 30 layers × 2 × 16 positions × 192 values × 2 bytes (bf16) = 368,640 bytes a
+    // block.
+    let small = Llama::load_gguf(&file, Cuda::open_with_pool(Some(4 * 368_640)).unwrap()).unwrap();
     let mut a = small.new_cache(2048).unwrap();
     // The pool is made with the first cache.
     assert_eq!(small.backend().pool_positions(), (4 * KV_BLOCK, 4 * KV_BLOCK));

@@ -10,7 +10,7 @@
 // [16 i, 16 i + 16). Kernels read positions and tables from `step`, never from their
 // arguments, so a recorded step (a CUDA graph) stays valid as the sessions grow.
 //
-// KV pool: block b holds, for each layer l, 16 positions of K then 16 of V:
+// KV pool (bf16): block b holds, for each layer l, 16 positions of K then 16 of V:
 //   K(b, l, p) = pool + ((b * n_layers + l) * 2 + 0) * 16 * kv_dim + p * kv_dim
 //   V(b, l, p) = pool + ((b * n_layers + l) * 2 + 1) * 16 * kv_dim + p * kv_dim
 
@@ -223,23 +223,23 @@ extern "C" __global__ void shoal_rope_qk(float* q, float* k, const float* inv_fr
     }
 }
 
-__device__ __forceinline__ float* kv_at(float* pool, const int* table, int pos, int layer, int n_layers, int kv_dim,
-                                        int which) {
+__device__ __forceinline__ bf16* kv_at(bf16* pool, const int* table, int pos, int layer, int n_layers, int kv_dim,
+                                       int which) {
     u64 blk = (u64)table[pos / KV_BLOCK];
     return pool + ((blk * n_layers + layer) * 2 + which) * KV_BLOCK * (u64)kv_dim + (u64)(pos % KV_BLOCK) * kv_dim;
 }
 
 // Writes the pass's keys and values into each token's session's blocks, one block per token.
-extern "C" __global__ void shoal_kv_store(float* pool, const float* k, const float* v, const int* step,
+extern "C" __global__ void shoal_kv_store(bf16* pool, const float* k, const float* v, const int* step,
                                           const int* tables, int layer, int n_layers, int kv_dim) {
     int t = blockIdx.x;
     int pos = step[POS + t];
     const int* table = tables + step[TAB + t];
-    float* kd = kv_at(pool, table, pos, layer, n_layers, kv_dim, 0);
-    float* vd = kv_at(pool, table, pos, layer, n_layers, kv_dim, 1);
+    bf16* kd = kv_at(pool, table, pos, layer, n_layers, kv_dim, 0);
+    bf16* vd = kv_at(pool, table, pos, layer, n_layers, kv_dim, 1);
     for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
-        kd[i] = k[(u64)t * kv_dim + i];
-        vd[i] = v[(u64)t * kv_dim + i];
+        kd[i] = to_bf(k[(u64)t * kv_dim + i]);
+        vd[i] = to_bf(v[(u64)t * kv_dim + i]);
     }
 }
 
@@ -249,7 +249,7 @@ extern "C" __global__ void shoal_kv_store(float* pool, const float* k, const flo
 // online softmax. Partial results go to `part` as [token][q head][split] records of
 // (max, sum, acc[head_dim]); shoal_attention_merge combines them.
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-shoal_attention(float* part, const float* q, const float* pool, const int* step, const int* tables, int layer,
+shoal_attention(float* part, const float* q, const bf16* pool, const int* step, const int* tables, int layer,
                 int n_layers, int n_heads, int n_kv_heads, int head_dim, float scale) {
     int kvh = blockIdx.x, t = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     int group = n_heads / n_kv_heads;
@@ -271,13 +271,13 @@ shoal_attention(float* part, const float* q, const float* pool, const int* step,
         }
     }
     for (int s = split * ATT_WARPS + warp; s < len; s += splits * ATT_WARPS) {
-        const float* kr = kv_at((float*)pool, table, s, layer, n_layers, kv_dim, 0) + kvh * head_dim;
-        const float* vr = kv_at((float*)pool, table, s, layer, n_layers, kv_dim, 1) + kvh * head_dim;
+        const bf16* kr = kv_at((bf16*)pool, table, s, layer, n_layers, kv_dim, 0) + kvh * head_dim;
+        const bf16* vr = kv_at((bf16*)pool, table, s, layer, n_layers, kv_dim, 1) + kvh * head_dim;
         float kk[MAX_PER_LANE], vv[MAX_PER_LANE];
 #pragma unroll
         for (int d = 0; d < MAX_PER_LANE; d++) {
-            kk[d] = lane + 32 * d < head_dim ? kr[lane + 32 * d] : 0.0f;
-            vv[d] = lane + 32 * d < head_dim ? vr[lane + 32 * d] : 0.0f;
+            kk[d] = lane + 32 * d < head_dim ? bf(kr[lane + 32 * d]) : 0.0f;
+            vv[d] = lane + 32 * d < head_dim ? bf(vr[lane + 32 * d]) : 0.0f;
         }
 #pragma unroll
         for (int g = 0; g < MAX_GROUP; g++) {

@@ -13,7 +13,8 @@
 //! - **One token**: matrix–vector kernels read each weight once with 16-byte loads (the
 //!   SwiGLU gate and up projections fused in one kernel); the step's ~10 launches per layer
 //!   are recorded once as a CUDA graph and replayed (`SHOAL_CUDA_GRAPHS=0` turns that off).
-//! - **KV cache**: f32, in blocks of 16 positions × every layer, taken from a pool sized at
+//! - **KV cache**: bf16 (portable snapshots stay f32), in blocks of 16 positions × every
+//!   layer, taken from a pool sized at
 //!   the first session (`SHOAL_KV_POOL_MB`, default half the free memory up to 8 GiB) and
 //!   given back when a session is truncated or dropped. Attention reads each key and value
 //!   row once per step for all the query heads that share it, split over positions across
@@ -42,6 +43,17 @@ pub const KERNELS_SOURCE: &str = include_str!("kernels.cu");
 pub const MAX_CHUNK: usize = 512;
 /// Positions per KV block (the kernels' `KV_BLOCK`).
 pub const KV_BLOCK: usize = 16;
+/// Bytes per cached key or value: bf16, as the weights (half the bytes of f32 to read per
+/// step, to hold in the pool and to move when parked).
+pub const KV_BYTES: usize = 2;
+
+fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits(u32::from(b) << 16)
+}
+
+fn f32_to_bf16(f: f32) -> u16 {
+    half::bf16::from_f32(f).to_bits()
+}
 /// Offsets (in `int`s) in the pass parameters (the kernels' `TOK`, `POS`, `TAB`, `LAST`):
 /// token ids, positions, block-table offsets (each [`MAX_CHUNK`]), the row of each sequence's
 /// last token, the token chosen for each sequence ([`MAX_SEQS`] each), then the block tables.
@@ -513,7 +525,7 @@ impl Cuda {
             return Ok(());
         }
         self.shared.current()?;
-        let block_bytes = n_layers * 2 * KV_BLOCK * kv_dim * 4;
+        let block_bytes = n_layers * 2 * KV_BLOCK * kv_dim * KV_BYTES;
         let (mut free, mut total) = (0usize, 0usize);
         // SAFETY: plain query.
         cu(unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) }, "cuMemGetInfo")?;
@@ -575,7 +587,7 @@ impl Cuda {
         };
         self.shared.current()?;
         let runs = self.lock();
-        let block_bytes = (cache.n_layers * 2 * KV_BLOCK * cache.kv_dim * 4) as u64;
+        let block_bytes = (cache.n_layers * 2 * KV_BLOCK * cache.kv_dim * KV_BYTES) as u64;
         let used = &cache.blocks[..cache.len.div_ceil(KV_BLOCK).min(cache.blocks.len())];
         let most = (most_bytes as u64 / block_bytes).max(1) as usize;
         let mut i = 0;
@@ -615,11 +627,11 @@ impl Cuda {
     /// each layer's K and V rows of the staged blocks (pool layout, the cache's blocks from
     /// `first` on) that hold positions of a cache of `len`; a snapshot array is
     /// `[layer][position][kv_dim]`.
-    fn each_row(
-        staged: &mut [f32],
+    fn each_row<T>(
+        staged: &mut [T],
         (n_layers, kv_dim, len): (usize, usize, usize),
         first: usize,
-        mut f: impl FnMut(&mut [f32], usize, usize),
+        mut f: impl FnMut(&mut [T], usize, usize),
     ) {
         let row = KV_BLOCK * kv_dim;
         for (j, block) in staged.chunks_exact_mut(n_layers * 2 * row).enumerate() {
@@ -661,12 +673,12 @@ impl<'a> Staging<'a> {
         Ok(Staging { shared, ptr, cap })
     }
 
-    /// The first `n` floats of the buffer.
-    fn floats(&mut self, n: usize) -> &mut [f32] {
-        assert!(n * 4 <= self.cap, "a run of {n} floats in a staging buffer of {} bytes", self.cap);
-        // SAFETY: the buffer holds `cap` ≥ `n * 4` bytes, page-aligned (so aligned for f32),
-        // owned by this value alone; any bit pattern is an f32.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut f32, n) }
+    /// The first `n` bf16 values of the buffer (as bits).
+    fn values(&mut self, n: usize) -> &mut [u16] {
+        assert!(n * KV_BYTES <= self.cap, "a run of {n} values in a staging buffer of {} bytes", self.cap);
+        // SAFETY: the buffer holds `cap` ≥ `n * 2` bytes, page-aligned (so aligned for u16),
+        // owned by this value alone; any bit pattern is a u16.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u16, n) }
     }
 }
 
@@ -708,6 +720,16 @@ impl Drop for PinnedKv {
     }
 }
 
+impl PinnedKv {
+    /// The image's values (bf16 bits), in the pool's block layout.
+    fn values(&self) -> &[u16] {
+        let n = self.blocks * self.n_layers * 2 * KV_BLOCK * self.kv_dim;
+        // SAFETY: the buffer holds `bytes` = `n * 2` bytes written by `park`, aligned for u16
+        // (page-aligned pinned memory); nothing writes it after `park`.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u16, n) }
+    }
+}
+
 impl crate::kv::NativeKv for PinnedKv {
     fn len(&self) -> usize {
         self.len
@@ -720,18 +742,16 @@ impl crate::kv::NativeKv for PinnedKv {
     fn to_snapshot(&self) -> crate::kv::KvSnapshot {
         let (n_layers, kv_dim, len) = (self.n_layers, self.kv_dim, self.len);
         let (mut k, mut v) = (vec![0f32; n_layers * len * kv_dim], vec![0f32; n_layers * len * kv_dim]);
+        let staged = self.values();
         let row = KV_BLOCK * kv_dim;
-        let floats = self.blocks * n_layers * 2 * row;
-        // SAFETY: the buffer holds `bytes` ≥ `floats * 4` bytes written by `park`, aligned for
-        // f32 (page-aligned pinned memory); nothing writes it after `park`.
-        let staged = unsafe { std::slice::from_raw_parts(self.ptr as *const f32, floats) };
+        let widen = |dst: &mut [f32], src: &[u16]| dst.iter_mut().zip(src).for_each(|(d, &b)| *d = bf16_to_f32(b));
         for (j, block) in staged.chunks_exact(n_layers * 2 * row).enumerate() {
             let p0 = j * KV_BLOCK;
             let rows = (len - p0).min(KV_BLOCK) * kv_dim;
             for l in 0..n_layers {
                 let at = (l * len + p0) * kv_dim;
-                k[at..at + rows].copy_from_slice(&block[l * 2 * row..][..rows]);
-                v[at..at + rows].copy_from_slice(&block[(l * 2 + 1) * row..][..rows]);
+                widen(&mut k[at..at + rows], &block[l * 2 * row..][..rows]);
+                widen(&mut v[at..at + rows], &block[(l * 2 + 1) * row..][..rows]);
             }
         }
         crate::kv::KvSnapshot { n_layers, kv_dim, len, k, v }
@@ -744,21 +764,17 @@ impl crate::kv::NativeKv for PinnedKv {
         let mut w = std::io::BufWriter::with_capacity(4 << 20, w);
         crate::kv::KvSnapshot::write_header(&mut w, n_layers, len, kv_dim)?;
         let row = KV_BLOCK * kv_dim;
-        let floats = self.blocks * n_layers * 2 * row;
-        // SAFETY: as in `to_snapshot`.
-        let staged = unsafe { std::slice::from_raw_parts(self.ptr as *const f32, floats) };
+        let staged = self.values();
+        let mut out = Vec::with_capacity(row);
         for which in 0..2 {
             for l in 0..n_layers {
                 for (j, block) in staged.chunks_exact(n_layers * 2 * row).enumerate() {
                     let rows = (len - j * KV_BLOCK).min(KV_BLOCK) * kv_dim;
-                    let src = &block[(l * 2 + which) * row..][..rows];
-                    if cfg!(target_endian = "little") {
-                        w.write_all(bytemuck::cast_slice(src))?;
-                    } else {
-                        for x in src {
-                            w.write_all(&x.to_le_bytes())?;
-                        }
+                    out.clear();
+                    for &b in &block[(l * 2 + which) * row..][..rows] {
+                        out.extend_from_slice(&bf16_to_f32(b).to_le_bytes());
                     }
+                    w.write_all(&out)?;
                 }
             }
         }
@@ -1233,17 +1249,17 @@ impl Backend for Cuda {
         let block = n_layers * 2 * KV_BLOCK * kv_dim;
         // Runs of at most 16 MiB through a pinned staging buffer (DMA at the link's speed),
         // rearranged from there into the portable layout.
-        let mut stage = Staging::new(&self.shared, block * 4, len.div_ceil(KV_BLOCK))?;
+        let mut stage = Staging::new(&self.shared, block * KV_BYTES, len.div_ceil(KV_BLOCK))?;
         self.block_runs(cache, STAGING, |_, dev, first, blocks| {
-            let staged = stage.floats(blocks * block);
+            let staged = stage.values(blocks * block);
             let dst = staged.as_mut_ptr() as *mut c_void;
             // SAFETY: `dev` starts `blocks` consecutive pool blocks, `staged` holds exactly
-            // their floats (pinned); runs are excluded by the lock `block_runs` holds.
-            let r = unsafe { sys::cuMemcpyDtoH_v2(dst, dev, staged.len() * 4) };
+            // their values (pinned); runs are excluded by the lock `block_runs` holds.
+            let r = unsafe { sys::cuMemcpyDtoH_v2(dst, dev, staged.len() * KV_BYTES) };
             cu(r, "cuMemcpyDtoH(KV blocks)")?;
             Self::each_row(staged, (n_layers, kv_dim, len), first, |b, which, at| {
                 let dst = if which == 0 { &mut k } else { &mut v };
-                dst[at..at + b.len()].copy_from_slice(b);
+                dst[at..at + b.len()].iter_mut().zip(b.iter()).for_each(|(d, &x)| *d = bf16_to_f32(x));
             });
             Ok(())
         })?;
@@ -1262,23 +1278,24 @@ impl Backend for Cuda {
         let block = n_layers * 2 * KV_BLOCK * kv_dim;
         // Rows past the length in the last block are copied as whatever the staging buffer
         // held (never read).
-        let mut stage = Staging::new(&self.shared, block * 4, len.div_ceil(KV_BLOCK))?;
+        let mut stage = Staging::new(&self.shared, block * KV_BYTES, len.div_ceil(KV_BLOCK))?;
         self.filled_cache((n_layers, kv_dim, context, len), STAGING, |_, dev, first, blocks| {
-            let staged = stage.floats(blocks * block);
+            let staged = stage.values(blocks * block);
             Self::each_row(staged, (n_layers, kv_dim, len), first, |b, which, at| {
                 let src = if which == 0 { &snap.k } else { &snap.v };
-                b.copy_from_slice(&src[at..at + b.len()]);
+                let n = b.len();
+                b.iter_mut().zip(&src[at..at + n]).for_each(|(d, &x)| *d = f32_to_bf16(x));
             });
             // SAFETY: as in export_cache, the other way.
             cu(
-                unsafe { sys::cuMemcpyHtoD_v2(dev, staged.as_ptr() as *const c_void, staged.len() * 4) },
+                unsafe { sys::cuMemcpyHtoD_v2(dev, staged.as_ptr() as *const c_void, staged.len() * KV_BYTES) },
                 "cuMemcpyHtoD(KV blocks)",
             )
         })
     }
 
     fn park(&self, cache: &CudaCache) -> Result<Option<Arc<dyn crate::kv::NativeKv>>, EngineError> {
-        let block_bytes = cache.n_layers * 2 * KV_BLOCK * cache.kv_dim * 4;
+        let block_bytes = cache.n_layers * 2 * KV_BLOCK * cache.kv_dim * KV_BYTES;
         let blocks = cache.len.div_ceil(KV_BLOCK).min(cache.blocks.len());
         let bytes = (blocks * block_bytes).max(1);
         let (ptr, cap) = self.shared.take_pinned(bytes)?;
@@ -1328,7 +1345,7 @@ impl Backend for Cuda {
             }
             .into());
         }
-        let block_bytes = n_layers * 2 * KV_BLOCK * kv_dim * 4;
+        let block_bytes = n_layers * 2 * KV_BLOCK * kv_dim * KV_BYTES;
         let (t, mut runs) = (std::time::Instant::now(), 0);
         let cache = self.filled_cache((n_layers, kv_dim, context, img.len), usize::MAX, |stream, dev, first, n| {
             let src = (img.ptr as usize + first * block_bytes) as *const c_void;
