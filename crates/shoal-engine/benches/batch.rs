@@ -79,7 +79,8 @@ fn main() {
                             .collect();
                         let mut cache = model.new_cache(prompt + gen_n + 1).unwrap_or_else(|e| panic!("{e}"));
                         start.wait();
-                        let mut next = model.forward_sample(&tokens, &mut cache, greedy, &[], 0).unwrap_or_else(|e| panic!("{e}"));
+                        let mut next =
+                            model.forward_sample(&tokens, &mut cache, greedy, &[], 0).unwrap_or_else(|e| panic!("{e}"));
                         decode.wait();
                         let mut gaps = Vec::with_capacity(gen_n);
                         let mut t = Instant::now();

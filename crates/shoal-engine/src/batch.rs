@@ -219,9 +219,10 @@ impl<B: Backend> Batcher<B> {
         let mut st = self.lock();
         let id = st.next;
         st.next += 1;
-        // SAFETY (lifetimes erased): this function does not return before the job is
-        // reported (the loop below returns only with its result), and nothing touches the job
-        // after reporting it; so `tokens`, `want`'s borrows and `cache` outlive every use.
+        // Lifetimes erased: this function does not return before the job is reported (the
+        // loop below returns only with its result), and nothing touches the job after
+        // reporting it; so `tokens`, `want`'s borrows and `cache` outlive every use.
+        // SAFETY: as just said; the transmutes change lifetimes only.
         let job = unsafe {
             Job {
                 id,
@@ -259,15 +260,19 @@ impl<B: Backend> Batcher<B> {
 
     /// After a pass: wakes the owner of the oldest pending job to lead the next one.
     fn hand_over(&self, st: &State<B::Cache>) {
-        if !st.leading {
-            if let Some(job) = st.pending.front() {
-                job.owner.unpark();
-            }
+        if !st.leading
+            && let Some(job) = st.pending.front()
+        {
+            job.owner.unpark();
         }
     }
 
     /// Takes the jobs of one pass from the queue, runs it without the lock, reports.
-    fn lead<'s>(&'s self, mut st: MutexGuard<'s, State<B::Cache>>, model: &Llama<B>) -> MutexGuard<'s, State<B::Cache>> {
+    fn lead<'s>(
+        &'s self,
+        mut st: MutexGuard<'s, State<B::Cache>>,
+        model: &Llama<B>,
+    ) -> MutexGuard<'s, State<B::Cache>> {
         let backend = model.backend();
         let budget = self.budget.min(backend.max_chunk()).max(1);
         let most_seqs = backend.max_seqs().max(1);
@@ -283,7 +288,8 @@ impl<B: Backend> Batcher<B> {
         }
         st.returning = 0;
         let all: Vec<Job<B::Cache>> = st.pending.drain(..).collect();
-        let (mut take, mut rest): (Vec<(Job<B::Cache>, usize)>, Vec<Job<B::Cache>>) = (Vec::new(), Vec::new());
+        let mut take: Vec<(Job<B::Cache>, usize)> = Vec::new();
+        let mut rest: Vec<Job<B::Cache>> = Vec::new();
         let mut used = 0;
         // Dropped jobs first, then decode steps in arrival order, then prompt chunks.
         let mut live = Vec::with_capacity(all.len());
@@ -320,14 +326,14 @@ impl<B: Backend> Batcher<B> {
             jobs: take.iter().map(|(j, _)| (j.slot.clone(), j.owner.clone())).collect(),
             backend: backend.name(),
         };
-        // SAFETY: each job's borrows are valid until it is reported (module docs); the jobs
-        // are distinct callers, so their caches are distinct.
         let mut seqs: Vec<Seq<'_, B::Cache>> = take
             .iter()
             .map(|(job, n)| {
                 let end = job.done + n;
                 Seq {
                     tokens: &job.tokens[job.done..end],
+                    // SAFETY: each job's borrows are valid until it is reported (module
+                    // docs); the jobs are distinct callers, so their caches are distinct.
                     cache: unsafe { &mut *job.cache },
                     want: if end == job.tokens.len() { job.want } else { Want::Nothing },
                 }

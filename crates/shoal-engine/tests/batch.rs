@@ -43,7 +43,10 @@ fn smollm2() -> Option<&'static Loaded> {
 }
 
 fn base(t: &Tokenizer) -> Vec<u32> {
-    t.encode("The quick brown fox jumps over the lazy dog while the sea, grey and cold, rolls on the shore of a town", false)
+    t.encode(
+        "The quick brown fox jumps over the lazy dog while the sea, grey and cold, rolls on the shore of a town",
+        false,
+    )
 }
 
 #[test]
@@ -114,13 +117,17 @@ fn a_batch_refuses_bad_input_and_leaves_every_cache_as_it_was() {
     m.model.forward(&[1, 2, 3], &mut a).unwrap();
     let good = [5u32, 6];
     let bad = [7u32, 1 << 30];
-    let mut seqs =
-        [Seq { tokens: &good, cache: &mut a, want: Want::Logits }, Seq { tokens: &bad, cache: &mut b, want: Want::Logits }];
+    let mut seqs = [
+        Seq { tokens: &good, cache: &mut a, want: Want::Logits },
+        Seq { tokens: &bad, cache: &mut b, want: Want::Logits },
+    ];
     let e = m.model.forward_batch(&mut seqs).unwrap_err().to_string();
     assert!(e.contains("outside the vocabulary"), "{e}");
     let long = [1u32; 20];
-    let mut seqs =
-        [Seq { tokens: &good, cache: &mut a, want: Want::Logits }, Seq { tokens: &long, cache: &mut b, want: Want::Logits }];
+    let mut seqs = [
+        Seq { tokens: &good, cache: &mut a, want: Want::Logits },
+        Seq { tokens: &long, cache: &mut b, want: Want::Logits },
+    ];
     let e = m.model.forward_batch(&mut seqs).unwrap_err().to_string();
     assert!(e.contains("20"), "{e}");
     assert_eq!((a.len(), b.len()), (3, 0));

@@ -348,7 +348,8 @@ fn sixty_four_sequences_in_one_batch_decode_as_they_do_alone_on_cuda() {
     let Some(p) = pair() else { return };
     drop(p.cuda.new_cache(16).unwrap()); // the pool exists from here on
     let (total, free0) = p.cuda.backend().pool_positions();
-    let base = p.tokenizer.encode("The quick brown fox jumps over the lazy dog while the sea rolls on the shore", false);
+    let base =
+        p.tokenizer.encode("The quick brown fox jumps over the lazy dog while the sea rolls on the shore", false);
     let prompts = batch_check::mixed_prompts(&base, 64);
     // bf16 activations: a pass of many rows goes through cuBLAS, one row through the GEMV
     // kernel; the sums are ordered differently, so logits agree to bf16 rounding (a few

@@ -173,7 +173,15 @@ pub trait Ops {
     /// Stores `k` and `v` as each token's position of `layer` in its sequence's cache, then
     /// causal attention of `q` over every position of that cache up to the token's own:
     /// `out` gets `[n_tokens, n_heads * head_dim]`.
-    fn attention(&mut self, out: &mut Self::Act, q: &Self::Act, k: &Self::Act, v: &Self::Act, layer: usize, heads: Heads);
+    fn attention(
+        &mut self,
+        out: &mut Self::Act,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        layer: usize,
+        heads: Heads,
+    );
     /// The row of each sequence's last token: `[n_seqs, width]`.
     fn last_rows(&mut self, x: &Self::Act) -> Self::Act;
 }

@@ -126,7 +126,12 @@ pub fn greedy_matches<B: Backend>(model: &Llama<B>, prompts: &[Vec<u32>], steps:
             }
         }
     }
-    assert!(bad.is_empty(), "{} sequences' logits differ by more than {tol} of their scale:\n{}", bad.len(), bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{} sequences' logits differ by more than {tol} of their scale:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
     for (s, c) in caches.iter().enumerate() {
         if live[s] {
             assert_eq!(c.len(), prompts[s].len() + steps, "sequence {s}'s cache length");
@@ -146,7 +151,7 @@ pub fn mixed_prompts(base: &[u32], n: usize) -> Vec<Vec<u32>> {
 }
 
 fn sampler(i: usize) -> Sampler {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         Sampler::greedy()
     } else {
         Sampler { temperature: 0.8, top_k: 40, top_p: 0.95, repetition_penalty: 1.1, seed: i as u64 }
@@ -174,7 +179,11 @@ pub fn sampled_in_a_batch<B: Backend>(model: &Llama<B>, prompts: &[Vec<u32>], st
             .zip(caches.iter_mut())
             .zip(&samplers)
             .zip(&histories)
-            .map(|(((t, c), s), h)| Seq { tokens: t, cache: c, want: Want::Token { sampler: s, history: h, step: step as u64 } })
+            .map(|(((t, c), s), h)| Seq {
+                tokens: t,
+                cache: c,
+                want: Want::Token { sampler: s, history: h, step: step as u64 },
+            })
             .collect();
         for (i, out) in model.forward_batch(&mut seqs).unwrap().into_iter().enumerate() {
             let Output::Token(t) = out else { panic!("asked for a token") };
@@ -207,7 +216,11 @@ pub fn sampled_tokens_match<B: Backend>(model: &Llama<B>, prompts: &[Vec<u32>], 
         .enumerate()
         .filter(|(_, (a, b))| a != b)
         .map(|(i, (a, b))| {
-            format!("sequence {i} ({} prompt tokens, {:?}): alone {a:?}, in a batch {b:?}", prompts[i].len(), sampler(i))
+            format!(
+                "sequence {i} ({} prompt tokens, {:?}): alone {a:?}, in a batch {b:?}",
+                prompts[i].len(),
+                sampler(i)
+            )
         })
         .collect();
     assert!(bad.is_empty(), "{} of {} sequences differ:\n{}", bad.len(), prompts.len(), bad.join("\n"));

@@ -867,7 +867,7 @@ impl CudaOps<'_> {
     }
 
     /// `x` rounded to bf16 in scratch memory (the A operand of [`CudaOps::gemm_bf16`]).
-    fn to_bf16(&mut self, x: &CudaAct) -> u64 {
+    fn round_bf16(&mut self, x: &CudaAct) -> u64 {
         let count = x.rows * x.width;
         let xb = self.scratch(count * 2);
         let blocks = (count as u64).div_ceil(256).min(65535) as u32;
@@ -877,7 +877,7 @@ impl CudaOps<'_> {
 
     /// `out (+)= x · wᵀ` with cuBLAS (bf16 inputs, f32 out) for several rows.
     fn gemm(&mut self, out: &CudaAct, x: &CudaAct, w: &CudaWeight, accumulate: bool) {
-        let xb = self.to_bf16(x);
+        let xb = self.round_bf16(x);
         self.gemm_bf16(out, xb, x, w, accumulate);
     }
 
@@ -1006,7 +1006,7 @@ impl Ops for CudaOps<'_> {
             );
         } else {
             let u = self.act(out.rows, out.width);
-            let xb = self.to_bf16(x);
+            let xb = self.round_bf16(x);
             self.gemm_bf16(out, xb, x, gate, false);
             self.gemm_bf16(&u, xb, x, up, false);
             let count = (out.rows * out.width) as u64;
@@ -1031,7 +1031,7 @@ impl Ops for CudaOps<'_> {
         wv: &CudaWeight,
     ) {
         if x.rows != 1 {
-            let xb = self.to_bf16(x);
+            let xb = self.round_bf16(x);
             self.gemm_bf16(q, xb, x, wq, false);
             self.gemm_bf16(k, xb, x, wk, false);
             self.gemm_bf16(v, xb, x, wv, false);
@@ -1114,15 +1114,7 @@ impl Ops for CudaOps<'_> {
         );
     }
 
-    fn attention(
-        &mut self,
-        out: &mut CudaAct,
-        q: &CudaAct,
-        k: &CudaAct,
-        v: &CudaAct,
-        layer: usize,
-        heads: Heads,
-    ) {
+    fn attention(&mut self, out: &mut CudaAct, q: &CudaAct, k: &CudaAct, v: &CudaAct, layer: usize, heads: Heads) {
         let Heads { n_heads, n_kv_heads, head_dim } = heads;
         if head_dim > 128 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || n_heads / n_kv_heads > 8 {
             self.err.get_or_insert(fail(format!(
@@ -1189,7 +1181,12 @@ impl Ops for CudaOps<'_> {
         }
         let out = self.act(self.seqs, x.width);
         let f = self.inner.f.gather_rows;
-        self.launch(f, (self.seqs as u32, 1, 1), 256, &[A::P(out.ptr), A::P(x.ptr), A::P(self.step_ptr), A::I(x.width as i32)]);
+        self.launch(
+            f,
+            (self.seqs as u32, 1, 1),
+            256,
+            &[A::P(out.ptr), A::P(x.ptr), A::P(self.step_ptr), A::I(x.width as i32)],
+        );
         out
     }
 }
@@ -1225,14 +1222,7 @@ impl Backend for Cuda {
             return Err(crate::kv::KvError::EmptyContext.into());
         }
         self.ensure_pool(n_layers, kv_dim)?;
-        Ok(CudaCache {
-            shared: self.shared.clone(),
-            blocks: Vec::new(),
-            len: 0,
-            capacity: context,
-            n_layers,
-            kv_dim,
-        })
+        Ok(CudaCache { shared: self.shared.clone(), blocks: Vec::new(), len: 0, capacity: context, n_layers, kv_dim })
     }
 
     fn max_chunk(&self) -> usize {
@@ -1453,9 +1443,8 @@ impl Backend for Cuda {
                 logits
             }
             None => {
-                let record = graphable
-                    && inner.seen.get(&n_seqs).copied().unwrap_or(0) >= 1
-                    && inner.graphs.len() < MAX_GRAPHS;
+                let record =
+                    graphable && inner.seen.get(&n_seqs).copied().unwrap_or(0) >= 1 && inner.graphs.len() < MAX_GRAPHS;
                 match self.eager(inner, body, (n, n_seqs), ptrs, record) {
                     Ok(l) => l,
                     Err(e) if record => {
@@ -1604,7 +1593,8 @@ fn finish(
         buf[rows + 1 + i] = penalty.to_bits() as i32;
         buf[i + 1] = (buf.len() - (2 * rows + 1)) as i32;
     }
-    let word = inner.params.as_ref().map(|(d, _)| d.ptr + (OUTW * 4) as u64).ok_or_else(|| fail("no parameters".into()))?;
+    let word =
+        inner.params.as_ref().map(|(d, _)| d.ptr + (OUTW * 4) as u64).ok_or_else(|| fail("no parameters".into()))?;
     if penalized {
         let most = (1..=rows).map(|i| buf[i] - buf[i - 1]).max().unwrap_or(0).max(1) as u32;
         if inner.ids.as_ref().is_none_or(|b| b.len < buf.len() * 4) {
@@ -1626,19 +1616,20 @@ fn finish(
         launch_raw(inner.f.argmax, (rows as u32, 1, 1), 1024, stream, &mut a)?;
     }
     for (i, w) in wants.iter().enumerate() {
-        if let Want::Token { sampler, step, .. } = w {
-            if on_gpu(sampler, gpu) && !sampler.is_greedy() {
-                let mut a = [
-                    word + (i * 4) as u64,
-                    logits.ptr + (i * vocab * 4) as u64,
-                    vocab as u64,
-                    (1.0 / sampler.temperature).to_bits() as u64,
-                    sampler.top_k as u64,
-                    sampler.top_p.to_bits() as u64,
-                    sampler.draw(*step).to_bits(),
-                ];
-                launch_raw(inner.f.sample, (1, 1, 1), 1024, stream, &mut a)?;
-            }
+        if let Want::Token { sampler, step, .. } = w
+            && on_gpu(sampler, gpu)
+            && !sampler.is_greedy()
+        {
+            let mut a = [
+                word + (i * 4) as u64,
+                logits.ptr + (i * vocab * 4) as u64,
+                vocab as u64,
+                (1.0 / sampler.temperature).to_bits() as u64,
+                sampler.top_k as u64,
+                sampler.top_p.to_bits() as u64,
+                sampler.draw(*step).to_bits(),
+            ];
+            launch_raw(inner.f.sample, (1, 1, 1), 1024, stream, &mut a)?;
         }
     }
     if host_rows && inner.host_out.as_ref().is_none_or(|h| h.len < rows * vocab * 4) {
