@@ -33,23 +33,29 @@ def run(n):
 
     args = ["--temperature", "0", "--max-tokens", max_tokens]
     ids = [json.loads(call("POST", "/v1/actors", json.dumps({"module": "chat", "args": args}).encode()))["id"] for _ in range(n)]
-    pieces, gaps, whole, last = {}, [], {}, [0.0]
+    pieces, gaps, whole, last, errors = {}, [], {}, [0.0], []
     lock = threading.Lock()
 
     def ask(i):
         r = urllib.request.Request(f"http://{addr}/v1/actors/{i}/messages", data=PROMPT, method="POST")
         count, t_prev, my = 0, None, []
-        with urllib.request.urlopen(r, timeout=600) as f:
-            for line in f:
-                m = json.loads(line)
-                if "chunk" in m:
-                    now = time.time()
-                    count += 1
-                    if t_prev is not None:
-                        my.append(now - t_prev)
-                    t_prev = now
-                if "done" in m:
-                    whole[i] = True
+        try:
+            with urllib.request.urlopen(r, timeout=600) as f:
+                for line in f:
+                    m = json.loads(line)
+                    if "chunk" in m:
+                        now = time.time()
+                        count += 1
+                        if t_prev is not None:
+                            my.append(now - t_prev)
+                        t_prev = now
+                    if "done" in m:
+                        whole[i] = True
+                    if "error" in m:
+                        errors.append(str(m["error"])[:200])
+        except Exception as e:  # an HTTP error status, a reset connection: counted, shown
+            body = e.read().decode(errors="replace")[:200] if hasattr(e, "read") else ""
+            errors.append(f"{e} {body}".strip())
         with lock:
             pieces[i] = count
             gaps.extend(my)
@@ -67,7 +73,8 @@ def run(n):
     total = sum(pieces.values())
     print(json.dumps({"bench": "daemon-batch", "backend": backend, "actors": n, "max_tokens": int(max_tokens),
                       "pieces": total, "whole_answers": len(whole), "wall_s": round(wall, 3),
-                      "pieces_per_s": round(total / wall, 1), "gap_p50_ms": pct(0.5), "gap_p99_ms": pct(0.99)}), flush=True)
+                      "pieces_per_s": round(total / wall, 1), "gap_p50_ms": pct(0.5), "gap_p99_ms": pct(0.99),
+                      "errors": sorted(set(errors))[:5]}), flush=True)
 
 for n in ns:
     run(n)

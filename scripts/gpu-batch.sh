@@ -2,7 +2,7 @@
 # The GPU machine's part of the batching work (issue: many actors, one GPU), in two calls
 # within 30 s of each other (the machine stays warm between them):
 #   PART=a: unpack the binaries (.dev/engine.tar.xz, scripts/gpu-pack.sh engine), start
-#           llama.cpp's build in the background (.dev/peers, a copy of ../shared/peers), keep
+#           llama.cpp's build in the background (its source tarball in .dev/peers), keep
 #           the first third of SmolLM2's GGUF (.dev/p1), and measure the 1B shape (synthetic
 #           bf16 weights) with the batch bench;
 #   PART=b: the rest of the GGUF (/tmp/smol.part01 from a call that carried .dev/p2, and
@@ -26,7 +26,7 @@ if [[ ${PART:-a} == a ]]; then
   $B/batch --model /tmp/l1b --backend cuda --n $NS --prompt 128 --gen 128 | tee -a "$OUT/batch.jsonl"
   # llama.cpp builds while the next calls run (its build would slow the measurement above).
   if [[ ! -x /tmp/lc/llama.cpp/build/bin/llama-batched-bench ]]; then
-    mkdir -p /tmp/lc && tar -xJf .dev/peers/llama.cpp-src.tar.xz -C /tmp/lc && cp .dev/peers/hf2gguf_bf16.py /tmp/
+    mkdir -p /tmp/lc && tar -xJf .dev/peers/llama.cpp-src.tar.xz -C /tmp/lc && cp scripts/hf2gguf_bf16.py /tmp/
     (cd /tmp/lc/llama.cpp && setsid nohup bash -c 'cmake -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON \
       -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_APP=OFF \
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF >/tmp/lc/cmake.log 2>&1 \
