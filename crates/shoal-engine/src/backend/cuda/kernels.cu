@@ -27,7 +27,6 @@ typedef unsigned long long u64;
 #define MAX_GROUP 8      // query heads per key/value head
 #define MAX_PER_LANE 4   // head_dim / 32
 #define ATT_WARPS 4
-#define ATT_UNROLL 4     // positions a warp loads at once
 #define NEG_INF __int_as_float(0xff800000)
 
 __device__ __forceinline__ float bf(bf16 h) { return __uint_as_float(((unsigned)h) << 16); }
@@ -271,49 +270,27 @@ shoal_attention(float* part, const float* q, const bf16* pool, const int* step, 
                                               : 0.0f;
         }
     }
-    // ATT_UNROLL positions a step, their keys and values loaded together: a warp walks its
-    // positions one after another, and one load at a time left it waiting on memory.
-    int stride = splits * ATT_WARPS;
-    for (int s0 = split * ATT_WARPS + warp; s0 < len; s0 += stride * ATT_UNROLL) {
-        float kk[ATT_UNROLL][MAX_PER_LANE], vv[ATT_UNROLL][MAX_PER_LANE];
+    for (int s = split * ATT_WARPS + warp; s < len; s += splits * ATT_WARPS) {
+        const bf16* kr = kv_at((bf16*)pool, table, s, layer, n_layers, kv_dim, 0) + kvh * head_dim;
+        const bf16* vr = kv_at((bf16*)pool, table, s, layer, n_layers, kv_dim, 1) + kvh * head_dim;
+        float kk[MAX_PER_LANE], vv[MAX_PER_LANE];
 #pragma unroll
-        for (int u = 0; u < ATT_UNROLL; u++) {
-            int s = s0 + u * stride;
-            bool ok = s < len;
-            const bf16* kr = kv_at((bf16*)pool, table, ok ? s : 0, layer, n_layers, kv_dim, 0) + kvh * head_dim;
-            const bf16* vr = kv_at((bf16*)pool, table, ok ? s : 0, layer, n_layers, kv_dim, 1) + kvh * head_dim;
-#pragma unroll
-            for (int d = 0; d < MAX_PER_LANE; d++) {
-                bool in = ok && lane + 32 * d < head_dim;
-                kk[u][d] = in ? bf(kr[lane + 32 * d]) : 0.0f;
-                vv[u][d] = in ? bf(vr[lane + 32 * d]) : 0.0f;
-            }
+        for (int d = 0; d < MAX_PER_LANE; d++) {
+            kk[d] = lane + 32 * d < head_dim ? bf(kr[lane + 32 * d]) : 0.0f;
+            vv[d] = lane + 32 * d < head_dim ? bf(vr[lane + 32 * d]) : 0.0f;
         }
 #pragma unroll
         for (int g = 0; g < MAX_GROUP; g++) {
             if (g < group) {
-                float sc[ATT_UNROLL];
-                float mn = m[g];
+                float sc = 0.0f;
 #pragma unroll
-                for (int u = 0; u < ATT_UNROLL; u++) {
-                    float v = 0.0f;
+                for (int d = 0; d < MAX_PER_LANE; d++) sc += qr[g][d] * kk[d];
+                sc = warp_sum(sc);
+                float mn = fmaxf(m[g], sc);
+                float corr = expf(m[g] - mn), p = expf(sc - mn);
+                l[g] = l[g] * corr + p;
 #pragma unroll
-                    for (int d = 0; d < MAX_PER_LANE; d++) v += qr[g][d] * kk[u][d];
-                    v = warp_sum(v);
-                    sc[u] = s0 + u * stride < len ? v : NEG_INF;
-                    mn = fmaxf(mn, sc[u]);
-                }
-                float corr = expf(m[g] - mn);
-                l[g] *= corr;
-#pragma unroll
-                for (int d = 0; d < MAX_PER_LANE; d++) acc[g][d] *= corr;
-#pragma unroll
-                for (int u = 0; u < ATT_UNROLL; u++) {
-                    float p = expf(sc[u] - mn);
-                    l[g] += p;
-#pragma unroll
-                    for (int d = 0; d < MAX_PER_LANE; d++) acc[g][d] += p * vv[u][d];
-                }
+                for (int d = 0; d < MAX_PER_LANE; d++) acc[g][d] = acc[g][d] * corr + p * vv[d];
                 m[g] = mn;
             }
         }
