@@ -24,6 +24,8 @@ typedef unsigned long long u64;
 #define POS (TOK + MAX_CHUNK)
 #define TAB (POS + MAX_CHUNK)
 #define LAST (TAB + MAX_CHUNK)
+#define TILES (LAST + 2 * MAX_SEQS)   // after the last rows and the chosen tokens
+#define TILE_KEYS 32                   // keys a tiled attention block loads at once
 #define MAX_GROUP 8      // query heads per key/value head
 #define MAX_PER_LANE 4   // head_dim / 32
 #define ATT_WARPS 4
@@ -43,6 +45,11 @@ __device__ __forceinline__ bf16 to_bf(float f) {
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
@@ -327,6 +334,105 @@ shoal_attention(float* part, const float* q, const bf16* pool, const int* step, 
             r[1] = sum;
         }
         r[2 + d] = a;
+    }
+}
+
+// Causal attention for passes with prompt chunks, one block per (key/value head, tile): a tile
+// is up to 32 / group consecutive tokens of one sequence, step[TILES + i] = first row | count
+// << 16. Keys and values are loaded TILE_KEYS positions at a time into shared memory, once for
+// every token of the tile and every query head sharing the key/value head (the per-token kernel
+// above reads them once per token); a lane scores one key, then sums one value dimension, with
+// an online softmax per (token, head) pair; a warp owns pairs warp, warp + 4, ... (at most 8).
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+shoal_attention_tiled(float* out, const float* q, const bf16* pool, const int* step, const int* tables, int layer,
+                      int n_layers, int n_heads, int n_kv_heads, int head_dim, float scale) {
+    __shared__ bf16 ks[TILE_KEYS][130];   // +2: rows start on different banks
+    __shared__ bf16 vs[TILE_KEYS][128];
+    __shared__ float qs[32][128];
+    __shared__ float ps[ATT_WARPS][TILE_KEYS];
+    int kvh = blockIdx.x;
+    int desc = step[TILES + blockIdx.y];
+    int r0 = desc & 0xffff, cnt = desc >> 16;
+    int group = n_heads / n_kv_heads;
+    int kv_dim = n_kv_heads * head_dim, q_dim = n_heads * head_dim;
+    int pos0 = step[POS + r0];
+    const int* table = tables + step[TAB + r0];
+    int last = pos0 + cnt - 1;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int pairs = cnt * group;
+    for (int i = threadIdx.x; i < pairs * head_dim; i += blockDim.x) {
+        int p = i / head_dim, d = i % head_dim;
+        int t = p / group, g = p % group;
+        qs[p][d] = q[(u64)(r0 + t) * q_dim + (kvh * group + g) * head_dim + d] * scale;
+    }
+    float m[8], l[8], acc[8][MAX_PER_LANE];
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        m[j] = NEG_INF;
+        l[j] = 0.0f;
+#pragma unroll
+        for (int d = 0; d < MAX_PER_LANE; d++) acc[j][d] = 0.0f;
+    }
+    for (int k0 = 0; k0 <= last; k0 += TILE_KEYS) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < TILE_KEYS * head_dim; i += blockDim.x) {
+            int j = i / head_dim, d = i % head_dim;
+            int s = k0 + j;
+            bf16 kv = 0, vv = 0;
+            if (s <= last) {
+                kv = kv_at((bf16*)pool, table, s, layer, n_layers, kv_dim, 0)[kvh * head_dim + d];
+                vv = kv_at((bf16*)pool, table, s, layer, n_layers, kv_dim, 1)[kvh * head_dim + d];
+            }
+            ks[j][d] = kv;
+            vs[j][d] = vv;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            int p = warp + ATT_WARPS * j;
+            if (p < pairs) {
+                int tpos = pos0 + p / group;
+                int s = k0 + lane;
+                float sc = NEG_INF;
+                if (s <= tpos) {
+                    float a = 0.0f;
+                    for (int d = 0; d < head_dim; d++) a += qs[p][d] * bf(ks[lane][d]);
+                    sc = a;
+                }
+                float mn = fmaxf(m[j], warp_max(sc));
+                if (mn != NEG_INF) {
+                    float corr = expf(m[j] - mn);
+                    float pj = expf(sc - mn);
+                    l[j] = l[j] * corr + warp_sum(pj);
+                    ps[warp][lane] = pj;
+                    __syncwarp();
+#pragma unroll
+                    for (int dd = 0; dd < MAX_PER_LANE; dd++) {
+                        int d = lane + 32 * dd;
+                        if (d < head_dim) {
+                            float a = acc[j][dd] * corr;
+                            for (int k = 0; k < TILE_KEYS; k++) a += ps[warp][k] * bf(vs[k][d]);
+                            acc[j][dd] = a;
+                        }
+                    }
+                    __syncwarp();
+                    m[j] = mn;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        int p = warp + ATT_WARPS * j;
+        if (p < pairs) {
+            int t = p / group, g = p % group;
+            float* o = out + (u64)(r0 + t) * q_dim + (kvh * group + g) * head_dim;
+#pragma unroll
+            for (int dd = 0; dd < MAX_PER_LANE; dd++) {
+                int d = lane + 32 * dd;
+                if (d < head_dim) o[d] = acc[j][dd] / l[j];
+            }
+        }
     }
 }
 

@@ -62,7 +62,9 @@ const POS: usize = TOK + MAX_CHUNK;
 const TAB: usize = POS + MAX_CHUNK;
 const LAST: usize = TAB + MAX_CHUNK;
 const OUTW: usize = LAST + MAX_SEQS;
-const TABLES: usize = OUTW + MAX_SEQS;
+/// The tiles of a pass with prompt chunks (the kernels' `TILES`): first row | count << 16.
+const TILE: usize = OUTW + MAX_SEQS;
+const TABLES: usize = TILE + MAX_CHUNK;
 /// Recorded passes kept (one per number of sequences of a pass of one token each).
 const MAX_GRAPHS: usize = 64;
 /// Threads of the attention kernel (`ATT_WARPS * 32`).
@@ -317,6 +319,7 @@ struct Funcs {
     kv_store: sys::CUfunction,
     attention: sys::CUfunction,
     attention_merge: sys::CUfunction,
+    attention_tiled: sys::CUfunction,
     gather_rows: sys::CUfunction,
     penalize: sys::CUfunction,
     argmax: sys::CUfunction,
@@ -343,6 +346,9 @@ struct Inner {
     /// scratch; the second is recorded).
     seen: std::collections::HashMap<usize, u64>,
     use_graphs: bool,
+    /// Tiled attention for passes with prompt chunks (on unless
+    /// `SHOAL_CUDA_TILED_ATTENTION=0`).
+    tiled: bool,
     /// Stochastic sampling on the GPU (on unless `SHOAL_CUDA_GPU_SAMPLING=0`; greedy always is).
     gpu_sampling: bool,
     sms: u32,
@@ -459,6 +465,7 @@ impl Cuda {
                 attention: get(c"shoal_attention")?,
                 attention_merge: get(c"shoal_attention_merge")?,
                 gather_rows: get(c"shoal_gather_rows")?,
+                attention_tiled: get(c"shoal_attention_tiled")?,
                 penalize: get(c"shoal_penalize")?,
                 argmax: get(c"shoal_argmax")?,
                 sample: get(c"shoal_sample")?,
@@ -480,6 +487,7 @@ impl Cuda {
                 graphs: Default::default(),
                 seen: Default::default(),
                 use_graphs,
+                tiled: std::env::var("SHOAL_CUDA_TILED_ATTENTION").map_or(true, |v| v != "0"),
                 gpu_sampling: std::env::var("SHOAL_CUDA_GPU_SAMPLING").map_or(true, |v| v != "0"),
                 sms,
             };
@@ -795,6 +803,10 @@ pub struct CudaOps<'a> {
     at: (usize, usize),
     /// Sequences in the pass.
     seqs: usize,
+    /// Each sequence's first row and rows (for the tiles of a pass with prompt chunks).
+    segs: &'a [(usize, usize)],
+    /// Tiles uploaded for this pass (on the first attention call), if tiled.
+    tiles: Option<usize>,
     step_ptr: u64,
     table_ptr: u64,
     pool_ptr: u64,
@@ -916,6 +928,45 @@ impl CudaOps<'_> {
         if st != blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
             self.err = Some(fail(format!("cublasGemmEx({}×{}×{}): {st:?}", x.rows, w.rows, w.cols)));
         }
+    }
+
+    /// The tiles of this pass for `group` query heads per key/value head (each sequence's rows
+    /// in runs of at most 32 / group, so a tile has at most 32 (token, head) pairs), written to
+    /// the parameters on the device once per pass; returns how many.
+    fn upload_tiles(&mut self, group: usize) -> usize {
+        if let Some(n) = self.tiles {
+            return n;
+        }
+        let per = (32 / group.max(1)).clamp(1, 16);
+        let mut descs = Vec::new();
+        for &(row0, count) in self.segs {
+            for k in (0..count).step_by(per) {
+                descs.push(((row0 + k) | ((per.min(count - k)) << 16)) as i32);
+            }
+        }
+        let Some((_, mirror)) = self.inner.params.as_ref() else {
+            self.err.get_or_insert(fail("no pass parameters".into()));
+            return 0;
+        };
+        debug_assert!(descs.len() <= MAX_CHUNK);
+        // SAFETY: the mirror holds TILE + MAX_CHUNK ints and there are at most as many tiles
+        // as tokens (≤ MAX_CHUNK); nothing else writes this region during the pass, and the
+        // pass ends synchronised before the next one rewrites it.
+        let r = unsafe {
+            let at = (mirror.ptr as *mut i32).add(TILE);
+            std::ptr::copy_nonoverlapping(descs.as_ptr(), at, descs.len());
+            sys::cuMemcpyHtoDAsync_v2(
+                self.step_ptr + (TILE * 4) as u64,
+                at as *const c_void,
+                descs.len() * 4,
+                self.inner.stream,
+            )
+        };
+        if let Err(e) = cu(r, "cuMemcpyHtoDAsync(tiles)") {
+            self.err.get_or_insert(e);
+        }
+        self.tiles = Some(descs.len());
+        descs.len()
     }
 
     /// Threads per output row of a matrix–vector product with rows of `k` values: about
@@ -1142,12 +1193,35 @@ impl Ops for CudaOps<'_> {
                 A::I(kv_dim as i32),
             ],
         );
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        if n > self.seqs && self.inner.tiled {
+            let tiles = self.upload_tiles(n_heads / n_kv_heads);
+            let f = self.inner.f.attention_tiled;
+            self.launch(
+                f,
+                (n_kv_heads as u32, tiles as u32, 1),
+                ATT_THREADS,
+                &[
+                    A::P(out.ptr),
+                    A::P(q.ptr),
+                    A::P(self.pool_ptr),
+                    A::P(self.step_ptr),
+                    A::P(self.table_ptr),
+                    A::I(layer as i32),
+                    A::I(nl),
+                    A::I(n_heads as i32),
+                    A::I(n_kv_heads as i32),
+                    A::I(head_dim as i32),
+                    A::F(scale),
+                ],
+            );
+            return;
+        }
         // Enough blocks to fill the GPU twice over, at most 32 splits of the positions.
         let per_split = (n_kv_heads * n).max(1);
         let splits = ((2 * self.inner.sms as usize).div_ceil(per_split)).clamp(1, 32);
         let part = self.scratch(n * n_heads * splits * (head_dim + 2) * 4);
         let f = self.inner.f.attention;
-        let scale = 1.0 / (head_dim as f32).sqrt();
         self.launch(
             f,
             (n_kv_heads as u32, n as u32, splits as u32),
@@ -1434,6 +1508,12 @@ impl Backend for Cuda {
         let graphable = n == n_seqs && inner.use_graphs && !hidden;
         let (n, n_seqs) = (rows.max(n), rows);
         let ptrs = (step_ptr, table_ptr, pool_ptr, n_layers);
+        let mut segs = Vec::with_capacity(seqs.len());
+        let mut row = 0;
+        for s in seqs.iter() {
+            segs.push((row, s.tokens.len()));
+            row += s.tokens.len();
+        }
         let logits = match graphable.then(|| inner.graphs.get(&n_seqs).copied()).flatten() {
             Some((exec, logits)) => {
                 // SAFETY: the graph was recorded from this backend's kernels on buffers that
@@ -1445,12 +1525,12 @@ impl Backend for Cuda {
             None => {
                 let record =
                     graphable && inner.seen.get(&n_seqs).copied().unwrap_or(0) >= 1 && inner.graphs.len() < MAX_GRAPHS;
-                match self.eager(inner, body, (n, n_seqs), ptrs, record) {
+                match self.eager(inner, body, (n, n_seqs), &segs, ptrs, record) {
                     Ok(l) => l,
                     Err(e) if record => {
                         log::warn!("recording a CUDA graph of {n_seqs} sequences failed ({e}); running without graphs");
                         inner.use_graphs = false;
-                        self.eager(inner, body, (n, n_seqs), ptrs, false)?
+                        self.eager(inner, body, (n, n_seqs), &segs, ptrs, false)?
                     }
                     Err(e) => return Err(e),
                 }
@@ -1476,6 +1556,7 @@ impl Cuda {
         inner: &mut Inner,
         body: &mut Body<'_, Cuda>,
         (n, n_seqs): (usize, usize),
+        segs: &[(usize, usize)],
         (step_ptr, table_ptr, pool_ptr, n_layers): (u64, u64, u64, usize),
         record: bool,
     ) -> Result<CudaAct, EngineError> {
@@ -1495,6 +1576,8 @@ impl Cuda {
             n,
             at: (0, 0),
             seqs: n_seqs,
+            segs,
+            tiles: None,
             step_ptr,
             table_ptr,
             pool_ptr,
