@@ -2,17 +2,23 @@
 //! blocks shared by every session of a model, cuBLAS for prompts, fused kernels and a
 //! recorded CUDA graph for one-token steps, and greedy sampling on the GPU.
 //!
-//! One [`Cuda`] is made per loaded model ([`Cuda::open`]); the model's sessions share it.
-//! Calls are serialised on one stream (a lock), so sessions on many threads are safe.
+//! One [`Cuda`] is made per loaded model ([`Cuda::open`]); the model's sessions share it, and
+//! its batcher (`crate::batch`) runs the sessions ready at once in one pass. Passes are
+//! serialised on one stream (a lock), so callers on many threads are safe.
 //!
 //! - **Weights**: linear weights and the embedding table are bf16 (converted once at load),
 //!   norm weights, biases and RoPE frequencies f32; activations are f32.
-//! - **Prompts** (more than one token): activations are rounded to bf16 and multiplied with
-//!   `cublasGemmEx` (bf16 inputs, f32 accumulation and output), in chunks of at most
-//!   [`MAX_CHUNK`] tokens.
+//! - **Passes**: a pass is a batch of sequences (decode tokens and prompt chunks of several
+//!   sessions, at most [`MAX_CHUNK`] tokens and [`MAX_SEQS`] sequences); every token's id,
+//!   position and block table come from a parameter block uploaded per pass.
+//! - **Many rows** (prompts, batches): activations are rounded to bf16 and multiplied with
+//!   `cublasGemmEx` (bf16 inputs, f32 accumulation and output). Passes with prompt chunks
+//!   attend per tile of a sequence's tokens (keys and values loaded once per tile into shared
+//!   memory; `SHOAL_CUDA_TILED_ATTENTION=0` turns that off).
 //! - **One token**: matrix–vector kernels read each weight once with 16-byte loads (the
-//!   SwiGLU gate and up projections fused in one kernel); the step's ~10 launches per layer
-//!   are recorded once as a CUDA graph and replayed (`SHOAL_CUDA_GRAPHS=0` turns that off).
+//!   SwiGLU gate and up projections fused in one kernel). A pass of one token per sequence
+//!   (~10 launches per layer) is recorded once per bucket of sequences as a CUDA graph and
+//!   replayed (`SHOAL_CUDA_GRAPHS=0` turns that off).
 //! - **KV cache**: bf16 (portable snapshots stay f32), in blocks of 16 positions × every
 //!   layer, taken from a pool sized at
 //!   the first session (`SHOAL_KV_POOL_MB`, default half the free memory up to 8 GiB) and
@@ -1194,27 +1200,27 @@ impl Ops for CudaOps<'_> {
             ],
         );
         let scale = 1.0 / (head_dim as f32).sqrt();
+        // Both kernels take their output first, then the same arguments.
+        let (pool, step, table) = (self.pool_ptr, self.step_ptr, self.table_ptr);
+        let args = |first: u64| {
+            [
+                A::P(first),
+                A::P(q.ptr),
+                A::P(pool),
+                A::P(step),
+                A::P(table),
+                A::I(layer as i32),
+                A::I(nl),
+                A::I(n_heads as i32),
+                A::I(n_kv_heads as i32),
+                A::I(head_dim as i32),
+                A::F(scale),
+            ]
+        };
         if n > self.seqs && self.inner.tiled {
             let tiles = self.upload_tiles(n_heads / n_kv_heads);
             let f = self.inner.f.attention_tiled;
-            self.launch(
-                f,
-                (n_kv_heads as u32, tiles as u32, 1),
-                ATT_THREADS,
-                &[
-                    A::P(out.ptr),
-                    A::P(q.ptr),
-                    A::P(self.pool_ptr),
-                    A::P(self.step_ptr),
-                    A::P(self.table_ptr),
-                    A::I(layer as i32),
-                    A::I(nl),
-                    A::I(n_heads as i32),
-                    A::I(n_kv_heads as i32),
-                    A::I(head_dim as i32),
-                    A::F(scale),
-                ],
-            );
+            self.launch(f, (n_kv_heads as u32, tiles as u32, 1), ATT_THREADS, &args(out.ptr));
             return;
         }
         // Enough blocks to fill the GPU twice over, at most 32 splits of the positions.
@@ -1222,24 +1228,7 @@ impl Ops for CudaOps<'_> {
         let splits = ((2 * self.inner.sms as usize).div_ceil(per_split)).clamp(1, 32);
         let part = self.scratch(n * n_heads * splits * (head_dim + 2) * 4);
         let f = self.inner.f.attention;
-        self.launch(
-            f,
-            (n_kv_heads as u32, n as u32, splits as u32),
-            ATT_THREADS,
-            &[
-                A::P(part),
-                A::P(q.ptr),
-                A::P(self.pool_ptr),
-                A::P(self.step_ptr),
-                A::P(self.table_ptr),
-                A::I(layer as i32),
-                A::I(nl),
-                A::I(n_heads as i32),
-                A::I(n_kv_heads as i32),
-                A::I(head_dim as i32),
-                A::F(scale),
-            ],
-        );
+        self.launch(f, (n_kv_heads as u32, n as u32, splits as u32), ATT_THREADS, &args(part));
         let f = self.inner.f.attention_merge;
         self.launch(
             f,
