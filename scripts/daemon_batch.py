@@ -5,17 +5,21 @@
 For each N: a fresh daemon, N chat actors (greedy, MAX_TOKENS each, default 128), one message
 each, all at once; the replies are read as they stream. Prints one JSON line per N: streamed
 pieces (about one per token) per second in all, from the first request to the last piece, the
-gap between one actor's pieces (p50/p99), and how many answers came back whole."""
-import json, subprocess, sys, threading, time, urllib.request
+gap between one actor's pieces (p50/p99), and how many answers came back whole.
+With IDLE=K in the environment, K more actors are spawned first and each answers one short
+message (16 tokens), then stays idle holding its session while the N answer; the line adds
+the GPU memory in use before the daemon's actors, after the idle ones and at the end."""
+import json, os, subprocess, sys, threading, time, urllib.request
 
 shoal, model, backend = sys.argv[1], sys.argv[2], sys.argv[3]
 ns = [int(x) for x in sys.argv[4].split(",")]
 max_tokens = sys.argv[5] if len(sys.argv) > 5 else "128"
+IDLE = int(os.environ.get("IDLE", "0"))
 PROMPT = b"Write a long story about a lighthouse keeper and the sea, with many details."
 
 def run(n):
     p = subprocess.Popen([shoal, "serve", "--backend", backend, "--addr", "127.0.0.1:0", "--store", f"/tmp/batch-store-{n}",
-                          "--max-connections", str(n + 16), "--max-actors", str(n + 16), "--openai-pool", "1",
+                          "--max-connections", str(n + IDLE + 16), "--max-actors", str(n + IDLE + 16), "--openai-pool", "1",
                           "--model", f"smollm2={model}"], stderr=subprocess.PIPE, text=True)
     addr = None
     while addr is None:
@@ -31,6 +35,29 @@ def run(n):
         with urllib.request.urlopen(r, timeout=600) as f:
             return f.read()
 
+    def gpu():
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True).stdout
+            return int(out.split()[0]) << 20
+        except Exception:
+            return None
+
+    gpu0 = gpu()
+    idle = IDLE
+    idle_ok = []
+    if idle:
+        short = ["--temperature", "0", "--max-tokens", "16"]
+        idle_ids = [json.loads(call("POST", "/v1/actors", json.dumps({"module": "chat", "args": short}).encode()))["id"]
+                    for _ in range(idle)]
+        def hello(i):
+            body = call("POST", f"/v1/actors/{i}/messages", b"Say hello.").decode()
+            if any("done" in json.loads(l) for l in body.splitlines()):
+                idle_ok.append(i)
+        ts = [threading.Thread(target=hello, args=(i,)) for i in idle_ids]
+        for t in ts: t.start()
+        for t in ts: t.join()
+    gpu1 = gpu()
     args = ["--temperature", "0", "--max-tokens", max_tokens]
     ids = [json.loads(call("POST", "/v1/actors", json.dumps({"module": "chat", "args": args}).encode()))["id"] for _ in range(n)]
     pieces, gaps, whole, last, errors = {}, [], {}, [0.0], []
@@ -66,6 +93,8 @@ def run(n):
     for t in ts: t.start()
     for t in ts: t.join()
     wall = last[0] - t0
+    gpu2 = gpu()
+    listed = len(json.loads(call("GET", "/v1/actors"))["actors"])
     p.terminate()
     p.wait(timeout=30)
     gaps.sort()
@@ -74,7 +103,8 @@ def run(n):
     print(json.dumps({"bench": "daemon-batch", "backend": backend, "actors": n, "max_tokens": int(max_tokens),
                       "pieces": total, "whole_answers": len(whole), "wall_s": round(wall, 3),
                       "pieces_per_s": round(total / wall, 1), "gap_p50_ms": pct(0.5), "gap_p99_ms": pct(0.99),
-                      "errors": sorted(set(errors))[:5]}), flush=True)
+                      "errors": sorted(set(errors))[:5], "idle_actors": idle, "idle_answered": len(idle_ok),
+                      "actors_listed": listed, "gpu_used": [gpu0, gpu1, gpu2]}), flush=True)
 
 for n in ns:
     run(n)
