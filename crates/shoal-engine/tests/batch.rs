@@ -135,3 +135,48 @@ fn a_batch_refuses_bad_input_and_leaves_every_cache_as_it_was() {
     assert!(m.model.forward_batch(&mut seqs).is_err());
     assert_eq!(a.len(), 3);
 }
+
+#[test]
+fn a_caller_past_its_deadline_is_dropped_between_passes_and_the_others_go_on() {
+    use shoal_engine::interrupt::{Interrupt, Interrupted};
+    use shoal_engine::models::EngineError;
+    let Some(m) = smollm2() else { return };
+    // A prompt of 1,500 tokens takes three passes of at most 512; its deadline passes during
+    // the first, so it is dropped before the second, its cache as it was.
+    let long: Vec<u32> = (0..1500u32).map(|i| 100 + (i * 37) % 5000).collect();
+    let short = m.tokenizer.encode("The capital of France is", false);
+    let greedy = Sampler::greedy();
+    let alone = {
+        let mut c = m.model.new_cache(64).unwrap();
+        let mut t = m.model.forward_sample(&short, &mut c, &greedy, &[], 0).unwrap();
+        let mut out = vec![t];
+        for step in 1..8 {
+            t = m.model.forward_sample(&[t], &mut c, &greedy, &[], step).unwrap();
+            out.push(t);
+        }
+        out
+    };
+    std::thread::scope(|s| {
+        let late = s.spawn(|| {
+            let i = Interrupt::new();
+            i.set_deadline(Some(std::time::Duration::from_millis(20)));
+            let _in = i.enter();
+            let mut c = m.model.new_cache(2048).unwrap();
+            (m.model.forward(&long, &mut c), c)
+        });
+        let beside = s.spawn(|| {
+            let mut c = m.model.new_cache(64).unwrap();
+            let mut t = m.model.forward_sample(&short, &mut c, &greedy, &[], 0).unwrap();
+            let mut out = vec![t];
+            for step in 1..8 {
+                t = m.model.forward_sample(&[t], &mut c, &greedy, &[], step).unwrap();
+                out.push(t);
+            }
+            out
+        });
+        let (r, c) = late.join().unwrap();
+        assert!(matches!(r, Err(EngineError::Interrupted(Interrupted::Deadline))), "{r:?}");
+        assert_eq!(c.len(), 0, "the dropped prompt left its cache as it found it");
+        assert_eq!(beside.join().unwrap(), alone, "the neighbour's answer is its own");
+    });
+}
