@@ -160,10 +160,6 @@ impl Drop for Charge {
     }
 }
 
-/// Bytes of one position of a KV cache per layer and per key or value, at most (f32: the
-/// CPU's; devices hold less).
-const KV_BYTES_PER_VALUE: u64 = 4;
-
 /// What the ABIs of one instance charge their caches and models to.
 #[derive(Clone, Debug)]
 pub struct Quota {
@@ -199,7 +195,7 @@ impl Quota {
         }
         let bytes = (c.n_layers as u64)
             .saturating_mul(c.kv_dim() as u64)
-            .saturating_mul(2 * KV_BYTES_PER_VALUE)
+            .saturating_mul(2 * m.llama.kv_bytes_per_value() as u64)
             .saturating_mul(context as u64);
         self.budget
             .charge(&format!("a KV cache of {context} positions on model `{}` ({})", m.name, human_bytes(bytes)), bytes)

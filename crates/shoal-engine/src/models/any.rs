@@ -135,6 +135,16 @@ impl Model {
         each!(self, m => m.backend().name())
     }
 
+    /// Bytes one cached key or value takes on this model's backend: 4 (f32) on the CPU, 2
+    /// (bf16) on CUDA.
+    pub fn kv_bytes_per_value(&self) -> usize {
+        match self {
+            Model::Cpu(_) => 4,
+            #[cfg(feature = "cuda")]
+            Model::Cuda(_) => crate::backend::cuda::KV_BYTES,
+        }
+    }
+
     /// An empty cache for up to `context` positions.
     pub fn new_cache(&self, context: usize) -> Result<Cache, EngineError> {
         Ok(match self {
