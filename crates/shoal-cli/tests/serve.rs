@@ -2,7 +2,9 @@
 //! copy of the weights answering at once, a load test that loses no message, the OpenAI
 //! endpoint, guests that trap or loop (and are killed while they loop, or loop in their
 //! `_initialize`), conversations longer than the context, and a daemon killed (SIGKILL) while
-//! it writes a snapshot. The chat parts need the default model (`scripts/fetch-model.sh`).
+//! it writes a snapshot, and chat actors answering beside others that are paused, moved and
+//! snapshotted (their passes are shared: the answers must be the lone ones). The chat parts
+//! need the default model (`scripts/fetch-model.sh`).
 
 mod common;
 
@@ -321,5 +323,82 @@ fn a_chat_longer_than_the_context_is_a_400_and_the_actor_answers_the_next_one() 
         assert!(!answer.trim().is_empty(), "{q}: an empty answer");
     }
     assert!(strict_failed, "ten turns outgrow a context of 128 positions");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn chat_actors_answer_as_they_do_alone_while_others_are_paused_moved_and_snapshotted() {
+    if model().is_none() {
+        eprintln!("skipping: no default model; run scripts/fetch-model.sh");
+        return;
+    }
+    let dir = tmp("churn");
+    let d = start(&dir.join("store"), None, &[]);
+    let args = ["--temperature", "0", "--max-tokens", "10"];
+    let prompts = [
+        "What is the capital of France?",
+        "Name a colour.",
+        "What is two plus two?",
+        "Say hello in Spanish.",
+        "What is the largest ocean?",
+        "Name a fruit.",
+    ];
+    // Each prompt alone: one actor at a time.
+    let alone: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let id = spawn(&d.addr, "chat", &args);
+            let a = send(&d.addr, id, p).unwrap();
+            assert_eq!(call(&d.addr, "DELETE", &format!("/v1/actors/{id}"), b"").0, 200);
+            a
+        })
+        .collect();
+    // Actors that hold a conversation, to be paused, resumed, moved and snapshotted meanwhile.
+    let churn: Vec<u64> = (0..3)
+        .map(|_| {
+            let id = spawn(&d.addr, "chat", &args);
+            send(&d.addr, id, "Hi.").unwrap();
+            id
+        })
+        .collect();
+    let workers: Vec<u64> = prompts.iter().map(|_| spawn(&d.addr, "chat", &args)).collect();
+    let (answers, churned) = std::thread::scope(|s| {
+        let asks: Vec<_> = workers
+            .iter()
+            .zip(prompts)
+            .map(|(&id, p)| {
+                let addr = d.addr.clone();
+                s.spawn(move || send(&addr, id, p))
+            })
+            .collect();
+        let churner = s.spawn(|| {
+            let mut done = 0;
+            for round in 0..3 {
+                for (i, &id) in churn.iter().enumerate() {
+                    let a = &d.addr;
+                    assert_eq!(post(a, &format!("/v1/actors/{id}/pause"), &json!({})).0, 200);
+                    assert_eq!(post(a, &format!("/v1/actors/{id}/resume"), &json!({})).0, 200);
+                    let (s, v) = post(a, &format!("/v1/actors/{id}/move"), &json!({"backend": "cpu"}));
+                    assert_eq!(s, 200, "move: {v}");
+                    let key = format!("churn-{round}-{i}");
+                    let (s, v) = post(a, &format!("/v1/actors/{id}/snapshot"), &json!({"key": key}));
+                    assert_eq!(s, 200, "snapshot: {v}");
+                    done += 1;
+                }
+            }
+            done
+        });
+        let answers: Vec<String> = asks.into_iter().map(|h| h.join().unwrap().unwrap()).collect();
+        (answers, churner.join().unwrap())
+    });
+    assert_eq!(churned, 9);
+    assert_eq!(answers, alone, "answers beside paused, moved and snapshotted actors are the lone ones");
+    // The churned actors still answer, and a snapshot of one restores and answers.
+    for &id in &churn {
+        assert!(!send(&d.addr, id, "And a number?").unwrap().is_empty());
+    }
+    let (s, v) = post(&d.addr, "/v1/snapshots/churn-2-0/restore", &json!({}));
+    assert_eq!(s, 200, "{v}");
+    assert!(!send(&d.addr, v["id"].as_u64().unwrap(), "Bye.").unwrap().is_empty());
     let _ = std::fs::remove_dir_all(&dir);
 }
