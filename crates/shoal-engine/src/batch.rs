@@ -287,13 +287,10 @@ impl<B: Backend> Batcher<B> {
             st = self.arrive.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
         st.returning = 0;
-        let all: Vec<Job<B::Cache>> = st.pending.drain(..).collect();
-        let mut take: Vec<(Job<B::Cache>, usize)> = Vec::new();
-        let mut rest: Vec<Job<B::Cache>> = Vec::new();
-        let mut used = 0;
-        // Dropped jobs first, then decode steps in arrival order, then prompt chunks.
-        let mut live = Vec::with_capacity(all.len());
-        for job in all {
+        // Dropped jobs first; then decode steps in arrival order, then prompt chunks (a stable
+        // sort on "more than one token left" keeps each kind in arrival order).
+        let mut live: Vec<Job<B::Cache>> = Vec::with_capacity(st.pending.len());
+        for job in st.pending.drain(..) {
             match job.interrupt.as_ref().map(Interrupt::check) {
                 Some(Err(why)) => {
                     // SAFETY: a pending job's cache is used by no one (its owner waits).
@@ -303,8 +300,11 @@ impl<B: Backend> Batcher<B> {
                 _ => live.push(job),
             }
         }
-        let (decode, prompt): (Vec<_>, Vec<_>) = live.into_iter().partition(|j| j.tokens.len() - j.done == 1);
-        for job in decode.into_iter().chain(prompt) {
+        live.sort_by_key(|j| j.tokens.len() - j.done > 1);
+        let mut take: Vec<(Job<B::Cache>, usize)> = Vec::new();
+        let mut rest: Vec<Job<B::Cache>> = Vec::new();
+        let mut used = 0;
+        for job in live {
             let n = (job.tokens.len() - job.done).min(budget - used);
             if n == 0 || take.len() == most_seqs {
                 rest.push(job);

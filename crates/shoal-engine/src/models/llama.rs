@@ -668,7 +668,7 @@ impl<B: Backend> Llama<B> {
     /// positions, each handed back what its `want` asks for, in order. The sequences together
     /// take at most [`Backend::max_chunk`] tokens and [`Backend::max_seqs`] sequences;
     /// [`Want::Hidden`] is refused (ask [`Llama::hidden`]). Checked like [`Llama::forward`];
-    /// on failure every cache is left as it was found.
+    /// on failure every cache is left as it was found. The caches are distinct (a `&mut` each).
     ///
     /// Calls from many threads are batched already (see [`crate::batch`]); this is for
     /// callers that hold many sessions themselves.
@@ -691,15 +691,6 @@ impl<B: Backend> Llama<B> {
                 return Err(EngineError::Backend {
                     backend: self.backend.name(),
                     message: format!("sequence {i} of a batch wants a hidden state; ask `hidden` alone"),
-                });
-            }
-            // Distinct caches (a `&mut` each already says so; the check keeps the backends'
-            // block tables honest should that ever be bypassed).
-            let p = &*s.cache as *const B::Cache;
-            if seqs[..i].iter().any(|o| std::ptr::eq(&*o.cache, p)) {
-                return Err(EngineError::Backend {
-                    backend: self.backend.name(),
-                    message: format!("sequence {i} of a batch shares a cache with an earlier one"),
                 });
             }
         }

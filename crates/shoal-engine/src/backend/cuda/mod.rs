@@ -562,9 +562,9 @@ impl Cuda {
         Ok(())
     }
 
-    /// Gives `cache` the blocks for `adding` more positions; returns the pool's address and
-    /// layer count.
-    fn take_blocks(&self, cache: &mut CudaCache, adding: usize) -> Result<(u64, usize), EngineError> {
+    /// Gives `cache` the blocks for `adding` more positions; returns the pool's address, its
+    /// layer count and its sink block (see [`Pool::blocks`]).
+    fn take_blocks(&self, cache: &mut CudaCache, adding: usize) -> Result<(u64, usize, usize), EngineError> {
         if !Arc::ptr_eq(&cache.shared, &self.shared) {
             return Err(fail("this KV cache belongs to another model's backend".into()));
         }
@@ -578,7 +578,7 @@ impl Cuda {
         // that its runs of consecutive blocks are long (one DMA each when parked).
         let at = p.free.len() - need;
         cache.blocks.extend(p.free.drain(at..).rev());
-        Ok((p.ptr, p.n_layers))
+        Ok((p.ptr, p.n_layers, p.blocks))
     }
 
     /// Calls `f(stream, device address, first block index in the cache, blocks)` for each
@@ -1425,12 +1425,11 @@ impl Backend for Cuda {
                  most {MAX_CHUNK} tokens)"
             )));
         }
-        let mut pool = (0, 0);
+        let mut pool = (0, 0, 0);
         for s in seqs.iter_mut() {
             pool = self.take_blocks(s.cache, s.tokens.len())?;
         }
-        let (pool_ptr, n_layers) = pool;
-        let sink = self.shared.pool.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |p| p.blocks);
+        let (pool_ptr, n_layers, sink) = pool;
         // A pass of one token per sequence is padded to a bucket of sequences, so that a few
         // recorded graphs serve every batch: padding rows read token 0 at position 0 of the
         // sink block and are dropped.
