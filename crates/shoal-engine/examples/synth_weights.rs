@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p shoal-engine --example synth_weights -- \
-//!     --out DIR [--shape llama-3.2-1b|tiny] [--seed N] [--dtype bf16|f32]
+//!     --out DIR [--shape llama-3.2-1b|heads-128|tiny] [--seed N] [--dtype bf16|f32]
 //! ```
 //!
 //! Weights are `normal * 0.02` from a fixed-seed generator (each tensor seeded from the seed
@@ -53,6 +53,20 @@ impl Shape {
                 rope_theta: 500_000.0,
                 max_pos: 131_072,
                 llama3_scaling: true,
+            }),
+            // Heads of 128 values, as Llama 3 8B's, in a small model (4 query heads per
+            // key/value head, 4 layers).
+            "heads-128" => Some(Shape {
+                layers: 4,
+                dim: 1024,
+                heads: 8,
+                kv_heads: 2,
+                head_dim: 128,
+                ffn: 2816,
+                vocab: 32_000,
+                rope_theta: 500_000.0,
+                max_pos: 8192,
+                llama3_scaling: false,
             }),
             "tiny" => Some(Shape {
                 layers: 2,
@@ -277,14 +291,14 @@ pub fn run(args: &[String]) -> Result<PathBuf, String> {
             }
             "-h" | "--help" => {
                 return Err(
-                    "usage: synth_weights --out DIR [--shape llama-3.2-1b|tiny] [--seed N] [--dtype bf16|f32]".into()
+                    "usage: synth_weights --out DIR [--shape llama-3.2-1b|heads-128|tiny] [--seed N] [--dtype bf16|f32]".into()
                 );
             }
             other => return Err(format!("unknown argument {other} (see --help)")),
         }
     }
     let out = out.ok_or("--out DIR is required")?;
-    let s = Shape::named(&shape).ok_or_else(|| format!("unknown --shape {shape}: expected llama-3.2-1b or tiny"))?;
+    let s = Shape::named(&shape).ok_or_else(|| format!("unknown --shape {shape}: expected llama-3.2-1b, heads-128 or tiny"))?;
     write_model(&out, &s, seed, dtype).map_err(|e| format!("writing {}: {e}", out.display()))?;
     Ok(out)
 }

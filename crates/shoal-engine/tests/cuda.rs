@@ -248,7 +248,18 @@ fn kernels_compile_for_hopper_and_ampere() {
     for (major, minor) in [(9, 0), (8, 0)] {
         let ptx = shoal_gpu::cuda::compile_source("engine", shoal_engine::backend::cuda::KERNELS_SOURCE, major, minor)
             .unwrap_or_else(|e| panic!("sm_{major}{minor}: {e}"));
-        for k in ["shoal_gemv", "shoal_gemv3", "shoal_attention", "shoal_sample", "shoal_argmax", "shoal_rope_qk"] {
+        for k in [
+            "shoal_gemv",
+            "shoal_gemv3",
+            "shoal_attention",
+            "shoal_attention_d64",
+            "shoal_attention_d128",
+            "shoal_attention_mma64",
+            "shoal_attention_mma128",
+            "shoal_sample",
+            "shoal_argmax",
+            "shoal_rope_qk",
+        ] {
             assert!(ptx.contains(&format!(".entry {k}(")), "{k} missing from the PTX");
         }
     }

@@ -436,6 +436,337 @@ shoal_attention_tiled(float* out, const float* q, const bf16* pool, const int* s
     }
 }
 
+// Decode attention for head sizes 64 and 128 (the per-token kernel above serves the others):
+// the same blocks, splits and partial records as shoal_attention, but a warp takes 32
+// consecutive positions at once (chunk c = split * ATT_WARPS + warp, + splits * ATT_WARPS, ...):
+// lane j loads key and value row c * 32 + j whole (16-byte loads, every load of a chunk in
+// flight together), scores its key for every query head of the group, and the warp updates
+// its online softmax once per chunk (one max per head), not once per position. Values go
+// through shared memory so that lane j then sums dimensions j * HD / 32 ... of all 32 rows.
+template <int HD>
+__device__ __forceinline__ void attention_chunks(float* part, const float* q, const bf16* pool, const int* step,
+                                                 const int* tables, int layer, int n_layers, int n_heads,
+                                                 int n_kv_heads, float scale) {
+    constexpr int PL = HD / 32;  // value dimensions per lane
+    constexpr int V8 = HD / 8;   // 16-byte loads per row
+    __shared__ float qs[MAX_GROUP][HD];
+    __shared__ float ps[ATT_WARPS][MAX_GROUP][32];
+    __shared__ __align__(16) bf16 vs[ATT_WARPS][32][HD];  // later: each warp's partial sums
+    __shared__ float sm_m[ATT_WARPS][MAX_GROUP], sm_l[ATT_WARPS][MAX_GROUP];
+    int kvh = blockIdx.x, t = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    int group = n_heads / n_kv_heads;
+    int kv_dim = n_kv_heads * HD, q_dim = n_heads * HD;
+    int len = step[POS + t] + 1;
+    const int* table = tables + step[TAB + t];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int i = threadIdx.x; i < group * HD; i += blockDim.x)
+        qs[i / HD][i % HD] = q[(u64)t * q_dim + (u64)kvh * group * HD + i] * scale;
+    __syncthreads();
+    float m[MAX_GROUP], l[MAX_GROUP], acc[MAX_GROUP][PL];
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; g++) {
+        m[g] = NEG_INF;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < PL; e++) acc[g][e] = 0.0f;
+    }
+    for (int c = split * ATT_WARPS + warp; c * 32 < len; c += splits * ATT_WARPS) {
+        int s = c * 32 + lane;
+        bool ok = s < len;
+        uint4 kk[V8], vv[V8];
+        if (ok) {
+            const uint4* kr = (const uint4*)(kv_at((bf16*)pool, table, s, layer, n_layers, kv_dim, 0) + kvh * HD);
+            const uint4* vr = (const uint4*)(kv_at((bf16*)pool, table, s, layer, n_layers, kv_dim, 1) + kvh * HD);
+#pragma unroll
+            for (int i = 0; i < V8; i++) {
+                kk[i] = kr[i];
+                vv[i] = vr[i];
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < V8; i++) kk[i] = vv[i] = make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int i = 0; i < V8; i++) ((uint4*)vs[warp][lane])[i] = vv[i];
+        float sc[MAX_GROUP];
+#pragma unroll
+        for (int g = 0; g < MAX_GROUP; g++) {
+            float a = 0.0f;
+            if (g < group) {
+#pragma unroll
+                for (int i = 0; i < V8; i++) {
+                    const float* qg = &qs[g][i * 8];
+                    a += qg[0] * bf_lo(kk[i].x) + qg[1] * bf_hi(kk[i].x) + qg[2] * bf_lo(kk[i].y) +
+                         qg[3] * bf_hi(kk[i].y) + qg[4] * bf_lo(kk[i].z) + qg[5] * bf_hi(kk[i].z) +
+                         qg[6] * bf_lo(kk[i].w) + qg[7] * bf_hi(kk[i].w);
+                }
+            }
+            sc[g] = ok ? a : NEG_INF;
+        }
+#pragma unroll
+        for (int g = 0; g < MAX_GROUP; g++) {
+            if (g < group) {
+                float mn = fmaxf(m[g], warp_max(sc[g]));  // finite: lane 0's position is < len
+                float corr = expf(m[g] - mn), p = expf(sc[g] - mn);
+                l[g] = l[g] * corr + p;  // this lane's share; summed over the warp at the end
+                ps[warp][g][lane] = p;
+#pragma unroll
+                for (int e = 0; e < PL; e++) acc[g][e] *= corr;
+                m[g] = mn;
+            }
+        }
+        __syncwarp();
+#pragma unroll 8
+        for (int k = 0; k < 32; k++) {
+            float v[PL];
+            if constexpr (PL == 2) {
+                unsigned w = *(const unsigned*)&vs[warp][k][lane * 2];
+                v[0] = bf_lo(w);
+                v[1] = bf_hi(w);
+            } else {
+                uint2 w = *(const uint2*)&vs[warp][k][lane * 4];
+                v[0] = bf_lo(w.x);
+                v[1] = bf_hi(w.x);
+                v[2] = bf_lo(w.y);
+                v[3] = bf_hi(w.y);
+            }
+#pragma unroll
+            for (int g = 0; g < MAX_GROUP; g++) {
+                if (g < group) {
+                    float p = ps[warp][g][k];
+#pragma unroll
+                    for (int e = 0; e < PL; e++) acc[g][e] += p * v[e];
+                }
+            }
+        }
+        __syncwarp();
+    }
+    // Combine this block's warps (each warp's sums go where its values were).
+    float* sm_acc = (float*)vs[warp];  // [MAX_GROUP][HD] floats fit in 32 * HD bf16
+#pragma unroll
+    for (int g = 0; g < MAX_GROUP; g++) {
+        if (g < group) {
+            float lw = warp_sum(l[g]);
+            if (lane == 0) {
+                sm_m[warp][g] = m[g];
+                sm_l[warp][g] = lw;
+            }
+#pragma unroll
+            for (int e = 0; e < PL; e++) sm_acc[g * HD + lane * PL + e] = acc[g][e];
+        }
+    }
+    __syncthreads();
+    int rec = HD + 2;
+    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
+        int g = i / HD, d = i % HD;
+        float mx = NEG_INF;
+        for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, sm_m[w][g]);
+        float sum = 0.0f, a = 0.0f;
+        if (mx != NEG_INF) {
+            for (int w = 0; w < ATT_WARPS; w++) {
+                float f = expf(sm_m[w][g] - mx);
+                sum += sm_l[w][g] * f;
+                a += ((const float*)vs[w])[g * HD + d] * f;
+            }
+        }
+        float* r = part + (((u64)t * n_heads + kvh * group + g) * splits + split) * rec;
+        if (d == 0) {
+            r[0] = mx;
+            r[1] = sum;
+        }
+        r[2 + d] = a;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+shoal_attention_d64(float* part, const float* q, const bf16* pool, const int* step, const int* tables, int layer,
+                    int n_layers, int n_heads, int n_kv_heads, int head_dim, float scale) {
+    attention_chunks<64>(part, q, pool, step, tables, layer, n_layers, n_heads, n_kv_heads, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+shoal_attention_d128(float* part, const float* q, const bf16* pool, const int* step, const int* tables, int layer,
+                     int n_layers, int n_heads, int n_kv_heads, int head_dim, float scale) {
+    attention_chunks<128>(part, q, pool, step, tables, layer, n_layers, n_heads, n_kv_heads, scale);
+}
+
+// Prompt attention on tensor cores (sm_80 and later; head sizes 64 and 128), flash-attention
+// style: one block of 4 warps per (key/value head, tile), a tile being up to 64 / group
+// consecutive tokens of one sequence, so its 64 rows are (token, query head) pairs of one
+// key/value head (a warp owns 16 rows). Keys and values are loaded 64 positions at a time
+// into shared memory (values transposed) once for all the tile's rows; S = Q K^T and
+// O += P V are bf16 mma.sync m16n8k16 products with f32 accumulation, the online softmax
+// runs on the accumulators (base 2), P is rounded to bf16 for the second product.
+__device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ unsigned pack_bf(float lo, float hi) {
+    return (unsigned)to_bf(lo) | ((unsigned)to_bf(hi) << 16);
+}
+
+#define FA_KEYS 64  // positions per shared-memory tile
+
+template <int HD>
+__device__ __forceinline__ void attention_mma(float* out, const float* q, const bf16* pool, const int* step,
+                                              const int* tables, int layer, int n_layers, int n_heads,
+                                              int n_kv_heads, float scale) {
+    constexpr int KP = HD + 8;       // row pitch of K (bf16): conflict-free fragment reads
+    constexpr int VP = FA_KEYS + 8;  // row pitch of V^T
+    __shared__ __align__(16) bf16 ks[FA_KEYS * KP];
+    __shared__ __align__(16) bf16 vt[HD * VP];
+    int kvh = blockIdx.x;
+    int desc = step[TILES + blockIdx.y];
+    int r0 = desc & 0xffff, cnt = desc >> 16;
+    int group = n_heads / n_kv_heads;
+    int kv_dim = n_kv_heads * HD, q_dim = n_heads * HD;
+    int pos0 = step[POS + r0];
+    const int* table = tables + step[TAB + r0];
+    int last = pos0 + cnt - 1;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int gq = lane >> 2, tq = lane & 3;
+    // This thread's rows: a = 16 warp + gq and b = a + 8 (rows past the tile repeat its last
+    // token and are not written).
+    int ra = warp * 16 + gq, rb = ra + 8;
+    int ta = min(ra / group, cnt - 1), tb = min(rb / group, cnt - 1);
+    int pa = pos0 + ta, pb = pos0 + tb;
+    int warp_last = pos0 + min((warp * 16 + 15) / group, cnt - 1);
+    const float* qa = q + (u64)(r0 + ta) * q_dim + (kvh * group + ra % group) * HD;
+    const float* qb = q + (u64)(r0 + tb) * q_dim + (kvh * group + rb % group) * HD;
+    float sl = scale * 1.4426950408889634f;
+    unsigned qf[HD / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        int c = kk * 16 + tq * 2;
+        qf[kk][0] = pack_bf(qa[c] * sl, qa[c + 1] * sl);
+        qf[kk][1] = pack_bf(qb[c] * sl, qb[c + 1] * sl);
+        qf[kk][2] = pack_bf(qa[c + 8] * sl, qa[c + 9] * sl);
+        qf[kk][3] = pack_bf(qb[c + 8] * sl, qb[c + 9] * sl);
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float ma = NEG_INF, mb = NEG_INF, la = 0.0f, lb = 0.0f;
+    for (int k0 = 0; k0 <= last; k0 += FA_KEYS) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < FA_KEYS * (HD / 8); i += blockDim.x) {
+            int j = i / (HD / 8), d8 = (i % (HD / 8)) * 8;
+            int s = k0 + j;
+            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+            if (s <= last) {
+                kv = *(const uint4*)(kv_at((bf16*)pool, table, s, layer, n_layers, kv_dim, 0) + kvh * HD + d8);
+                vv = *(const uint4*)(kv_at((bf16*)pool, table, s, layer, n_layers, kv_dim, 1) + kvh * HD + d8);
+            }
+            *(uint4*)&ks[j * KP + d8] = kv;
+            vt[(d8 + 0) * VP + j] = (bf16)(vv.x & 0xffff);
+            vt[(d8 + 1) * VP + j] = (bf16)(vv.x >> 16);
+            vt[(d8 + 2) * VP + j] = (bf16)(vv.y & 0xffff);
+            vt[(d8 + 3) * VP + j] = (bf16)(vv.y >> 16);
+            vt[(d8 + 4) * VP + j] = (bf16)(vv.z & 0xffff);
+            vt[(d8 + 5) * VP + j] = (bf16)(vv.z >> 16);
+            vt[(d8 + 6) * VP + j] = (bf16)(vv.w & 0xffff);
+            vt[(d8 + 7) * VP + j] = (bf16)(vv.w >> 16);
+        }
+        __syncthreads();
+        if (k0 > warp_last) continue;  // every key of this tile is after this warp's rows
+        float s[FA_KEYS / 8][4];
+#pragma unroll
+        for (int n = 0; n < FA_KEYS / 8; n++) {
+            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+            const bf16* kr = &ks[(n * 8 + gq) * KP + tq * 2];
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++)
+                mma_bf16(s[n], qf[kk], *(const unsigned*)&kr[kk * 16], *(const unsigned*)&kr[kk * 16 + 8]);
+        }
+        float mxa = ma, mxb = mb;
+#pragma unroll
+        for (int n = 0; n < FA_KEYS / 8; n++) {
+            int key = k0 + n * 8 + tq * 2;
+            if (key > pa) s[n][0] = NEG_INF;
+            if (key + 1 > pa) s[n][1] = NEG_INF;
+            if (key > pb) s[n][2] = NEG_INF;
+            if (key + 1 > pb) s[n][3] = NEG_INF;
+            mxa = fmaxf(mxa, fmaxf(s[n][0], s[n][1]));
+            mxb = fmaxf(mxb, fmaxf(s[n][2], s[n][3]));
+        }
+        mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, 1));
+        mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, 2));
+        mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, 1));
+        mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, 2));
+        // Position 0 is in the first tile and before every row: the maxima are finite.
+        float ca = exp2f(ma - mxa), cb = exp2f(mb - mxb);
+        ma = mxa;
+        mb = mxb;
+        la *= ca;
+        lb *= cb;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            o[n][0] *= ca;
+            o[n][1] *= ca;
+            o[n][2] *= cb;
+            o[n][3] *= cb;
+        }
+        unsigned pf[FA_KEYS / 16][4];
+#pragma unroll
+        for (int n = 0; n < FA_KEYS / 8; n++) {
+            float p0 = exp2f(s[n][0] - ma), p1 = exp2f(s[n][1] - ma);
+            float p2 = exp2f(s[n][2] - mb), p3 = exp2f(s[n][3] - mb);
+            la += p0 + p1;
+            lb += p2 + p3;
+            pf[n / 2][(n & 1) * 2] = pack_bf(p0, p1);
+            pf[n / 2][(n & 1) * 2 + 1] = pack_bf(p2, p3);
+        }
+#pragma unroll
+        for (int kt = 0; kt < FA_KEYS / 16; kt++) {
+#pragma unroll
+            for (int n = 0; n < HD / 8; n++) {
+                const bf16* vr = &vt[(n * 8 + gq) * VP + kt * 16 + tq * 2];
+                mma_bf16(o[n], pf[kt], *(const unsigned*)vr, *(const unsigned*)(vr + 8));
+            }
+        }
+    }
+    la += __shfl_xor_sync(0xffffffffu, la, 1);
+    la += __shfl_xor_sync(0xffffffffu, la, 2);
+    lb += __shfl_xor_sync(0xffffffffu, lb, 1);
+    lb += __shfl_xor_sync(0xffffffffu, lb, 2);
+    if (ra / group < cnt) {
+        float* oa = out + (u64)(r0 + ta) * q_dim + (kvh * group + ra % group) * HD + tq * 2;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            oa[n * 8] = o[n][0] / la;
+            oa[n * 8 + 1] = o[n][1] / la;
+        }
+    }
+    if (rb / group < cnt) {
+        float* ob = out + (u64)(r0 + tb) * q_dim + (kvh * group + rb % group) * HD + tq * 2;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            ob[n * 8] = o[n][2] / lb;
+            ob[n * 8 + 1] = o[n][3] / lb;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+shoal_attention_mma64(float* out, const float* q, const bf16* pool, const int* step, const int* tables, int layer,
+                      int n_layers, int n_heads, int n_kv_heads, int head_dim, float scale) {
+    attention_mma<64>(out, q, pool, step, tables, layer, n_layers, n_heads, n_kv_heads, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+shoal_attention_mma128(float* out, const float* q, const bf16* pool, const int* step, const int* tables, int layer,
+                       int n_layers, int n_heads, int n_kv_heads, int head_dim, float scale) {
+    attention_mma<128>(out, q, pool, step, tables, layer, n_layers, n_heads, n_kv_heads, scale);
+}
+
 // out[t, h, :] from the splits' partial records; one block per (q head, token).
 extern "C" __global__ void shoal_attention_merge(float* out, const float* part, int n_heads, int head_dim, int splits) {
     int h = blockIdx.x, t = blockIdx.y;

@@ -326,6 +326,12 @@ struct Funcs {
     attention: sys::CUfunction,
     attention_merge: sys::CUfunction,
     attention_tiled: sys::CUfunction,
+    /// Decode attention by chunks of 32 positions, for head sizes 64 and 128.
+    attention_d64: sys::CUfunction,
+    attention_d128: sys::CUfunction,
+    /// Prompt attention on tensor cores (sm_80+), for head sizes 64 and 128.
+    attention_mma64: sys::CUfunction,
+    attention_mma128: sys::CUfunction,
     gather_rows: sys::CUfunction,
     penalize: sys::CUfunction,
     argmax: sys::CUfunction,
@@ -355,6 +361,9 @@ struct Inner {
     /// Tiled attention for passes with prompt chunks (on unless
     /// `SHOAL_CUDA_TILED_ATTENTION=0`).
     tiled: bool,
+    /// Prompt attention on tensor cores (compute capability 8.0 or later, unless
+    /// `SHOAL_CUDA_MMA_ATTENTION=0`).
+    mma: bool,
     /// Stochastic sampling on the GPU (on unless `SHOAL_CUDA_GPU_SAMPLING=0`; greedy always is).
     gpu_sampling: bool,
     sms: u32,
@@ -472,6 +481,10 @@ impl Cuda {
                 attention_merge: get(c"shoal_attention_merge")?,
                 gather_rows: get(c"shoal_gather_rows")?,
                 attention_tiled: get(c"shoal_attention_tiled")?,
+                attention_d64: get(c"shoal_attention_d64")?,
+                attention_d128: get(c"shoal_attention_d128")?,
+                attention_mma64: get(c"shoal_attention_mma64")?,
+                attention_mma128: get(c"shoal_attention_mma128")?,
                 penalize: get(c"shoal_penalize")?,
                 argmax: get(c"shoal_argmax")?,
                 sample: get(c"shoal_sample")?,
@@ -495,6 +508,7 @@ impl Cuda {
                 use_graphs,
                 tiled: std::env::var("SHOAL_CUDA_TILED_ATTENTION").map_or(true, |v| v != "0"),
                 gpu_sampling: std::env::var("SHOAL_CUDA_GPU_SAMPLING").map_or(true, |v| v != "0"),
+                mma: major >= 8 && std::env::var("SHOAL_CUDA_MMA_ATTENTION").map_or(true, |v| v != "0"),
                 sms,
             };
             Ok(Cuda { shared, inner: Mutex::new(inner), name, pool_bytes })
@@ -939,11 +953,11 @@ impl CudaOps<'_> {
     /// The tiles of this pass for `group` query heads per key/value head (each sequence's rows
     /// in runs of at most 32 / group, so a tile has at most 32 (token, head) pairs), written to
     /// the parameters on the device once per pass; returns how many.
-    fn upload_tiles(&mut self, group: usize) -> usize {
+    fn upload_tiles(&mut self, group: usize, rows: usize) -> usize {
         if let Some(n) = self.tiles {
             return n;
         }
-        let per = (32 / group.max(1)).clamp(1, 16);
+        let per = (rows / group.max(1)).clamp(1, 64);
         let mut descs = Vec::new();
         for &(row0, count) in self.segs {
             for k in (0..count).step_by(per) {
@@ -1217,9 +1231,21 @@ impl Ops for CudaOps<'_> {
                 A::F(scale),
             ]
         };
-        if n > self.seqs && self.inner.tiled {
-            let tiles = self.upload_tiles(n_heads / n_kv_heads);
-            let f = self.inner.f.attention_tiled;
+        let group = n_heads / n_kv_heads;
+        let mma = match head_dim {
+            64 => Some(self.inner.f.attention_mma64),
+            128 => Some(self.inner.f.attention_mma128),
+            _ => None,
+        }
+        .filter(|_| self.inner.mma);
+        if n > self.seqs && (self.inner.tiled || mma.is_some()) {
+            // A tile's rows are (token, query head) pairs of one key/value head: 64 on tensor
+            // cores, 32 otherwise.
+            let (f, rows) = match mma {
+                Some(f) => (f, 64),
+                None => (self.inner.f.attention_tiled, 32),
+            };
+            let tiles = self.upload_tiles(group, rows);
             self.launch(f, (n_kv_heads as u32, tiles as u32, 1), ATT_THREADS, &args(out.ptr));
             return;
         }
@@ -1227,7 +1253,11 @@ impl Ops for CudaOps<'_> {
         let per_split = (n_kv_heads * n).max(1);
         let splits = ((2 * self.inner.sms as usize).div_ceil(per_split)).clamp(1, 32);
         let part = self.scratch(n * n_heads * splits * (head_dim + 2) * 4);
-        let f = self.inner.f.attention;
+        let f = match head_dim {
+            64 => self.inner.f.attention_d64,
+            128 => self.inner.f.attention_d128,
+            _ => self.inner.f.attention,
+        };
         self.launch(f, (n_kv_heads as u32, n as u32, splits as u32), ATT_THREADS, &args(part));
         let f = self.inner.f.attention_merge;
         self.launch(
