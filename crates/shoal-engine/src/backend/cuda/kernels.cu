@@ -593,10 +593,12 @@ shoal_attention_d128(float* part, const float* q, const bf16* pool, const int* s
 // Prompt attention on tensor cores (sm_80 and later; head sizes 64 and 128), flash-attention
 // style: one block of 4 warps per (key/value head, tile), a tile being up to 64 / group
 // consecutive tokens of one sequence, so its 64 rows are (token, query head) pairs of one
-// key/value head (a warp owns 16 rows). Keys and values are loaded 64 positions at a time
-// into shared memory (values transposed) once for all the tile's rows; S = Q K^T and
-// O += P V are bf16 mma.sync m16n8k16 products with f32 accumulation, the online softmax
-// runs on the accumulators (base 2), P is rounded to bf16 for the second product.
+// key/value head (a warp owns 16 rows). Keys and values are copied into shared memory
+// (cp.async, two buffers: the next positions load while these are used) BK positions at a
+// time, once for all the tile's rows; S = Q K^T and O += P V are bf16 mma.sync m16n8k16
+// products with f32 accumulation, their B operands read with ldmatrix (values transposed on
+// the way), the online softmax runs on the accumulators (base 2), and P is rounded to bf16
+// for the second product.
 __device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b0, unsigned b1) {
 #if __CUDA_ARCH__ >= 800
     asm volatile(
@@ -609,20 +611,63 @@ __device__ __forceinline__ void mma_bf16(float* c, const unsigned* a, unsigned b
 #endif
 }
 
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned r;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+// Four 8x8 bf16 matrices from shared memory (lanes 8i..8i+7 give matrix i's row addresses);
+// `trans` hands each lane the transposed fragment.
+template <bool TRANS>
+__device__ __forceinline__ void ldsm4(unsigned* r, unsigned addr) {
+#if __CUDA_ARCH__ >= 800
+    if constexpr (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(addr));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(addr));
+#else
+    __trap();
+#endif
+}
+
+// 16 bytes global -> shared without registers; zeros when !ok.
+__device__ __forceinline__ void cp16(unsigned dst, const void* src, bool ok) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ void cp_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+__device__ __forceinline__ void cp_wait_1() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 1;\n" ::);
+#endif
+}
+
 __device__ __forceinline__ unsigned pack_bf(float lo, float hi) {
     return (unsigned)to_bf(lo) | ((unsigned)to_bf(hi) << 16);
 }
-
-#define FA_KEYS 64  // positions per shared-memory tile
 
 template <int HD>
 __device__ __forceinline__ void attention_mma(float* out, const float* q, const bf16* pool, const int* step,
                                               const int* tables, int layer, int n_layers, int n_heads,
                                               int n_kv_heads, float scale) {
-    constexpr int KP = HD + 8;       // row pitch of K (bf16): conflict-free fragment reads
-    constexpr int VP = FA_KEYS + 8;  // row pitch of V^T
-    __shared__ __align__(16) bf16 ks[FA_KEYS * KP];
-    __shared__ __align__(16) bf16 vt[HD * VP];
+    constexpr int BK = HD == 64 ? 64 : 32;  // positions per tile (two buffers of K and V fit 48 KB)
+    constexpr int KP = HD + 8;              // row pitch (bf16): 16-byte rows on distinct banks
+    __shared__ __align__(16) bf16 ks[2][BK * KP];
+    __shared__ __align__(16) bf16 vs[2][BK * KP];
     int kvh = blockIdx.x;
     int desc = step[TILES + blockIdx.y];
     int r0 = desc & 0xffff, cnt = desc >> 16;
@@ -633,6 +678,21 @@ __device__ __forceinline__ void attention_mma(float* out, const float* q, const 
     int last = pos0 + cnt - 1;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int gq = lane >> 2, tq = lane & 3;
+    // Copies a tile of positions k0.. into buffer b.
+    auto load = [&](int k0, int b) {
+        for (int i = threadIdx.x; i < BK * (HD / 8); i += blockDim.x) {
+            int j = i / (HD / 8), d8 = (i % (HD / 8)) * 8;
+            int s = k0 + j;
+            bool ok = s <= last;
+            const bf16* kr = ok ? kv_at((bf16*)pool, table, s, layer, n_layers, kv_dim, 0) + kvh * HD + d8 : pool;
+            const bf16* vr = ok ? kv_at((bf16*)pool, table, s, layer, n_layers, kv_dim, 1) + kvh * HD + d8 : pool;
+            cp16(smem_addr(&ks[b][j * KP + d8]), kr, ok);
+            cp16(smem_addr(&vs[b][j * KP + d8]), vr, ok);
+        }
+        cp_commit();
+    };
+    int tiles = last / BK + 1;
+    load(0, 0);
     // This thread's rows: a = 16 warp + gq and b = a + 8 (rows past the tile repeat its last
     // token and are not written).
     int ra = warp * 16 + gq, rb = ra + 8;
@@ -655,83 +715,79 @@ __device__ __forceinline__ void attention_mma(float* out, const float* q, const 
 #pragma unroll
     for (int n = 0; n < HD / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
     float ma = NEG_INF, mb = NEG_INF, la = 0.0f, lb = 0.0f;
-    for (int k0 = 0; k0 <= last; k0 += FA_KEYS) {
+    // ldmatrix row addresses: K as B of S = Q K^T (rows = positions, two 8-wide column
+    // halves per 16 of the head); V as B of P V, transposed (rows = positions).
+    int k_row = lane & 7, k_col = ((lane >> 3) & 1) * 8 + (lane >> 4) * 16;
+    int v_row = (lane & 7) + ((lane >> 3) & 1) * 8, v_col = (lane >> 4) * 8;
+    for (int it = 0; it < tiles; it++) {
+        int k0 = it * BK, b = it & 1;
+        if (it + 1 < tiles) load(k0 + BK, b ^ 1);
+        else cp_commit();  // an empty group keeps the count of groups to wait for the same
+        cp_wait_1();
         __syncthreads();
-        for (int i = threadIdx.x; i < FA_KEYS * (HD / 8); i += blockDim.x) {
-            int j = i / (HD / 8), d8 = (i % (HD / 8)) * 8;
-            int s = k0 + j;
-            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-            if (s <= last) {
-                kv = *(const uint4*)(kv_at((bf16*)pool, table, s, layer, n_layers, kv_dim, 0) + kvh * HD + d8);
-                vv = *(const uint4*)(kv_at((bf16*)pool, table, s, layer, n_layers, kv_dim, 1) + kvh * HD + d8);
+        if (k0 <= warp_last) {
+            float s[BK / 8][4];
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++) {
+                s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+                for (int kk = 0; kk < HD / 16; kk += 2) {
+                    unsigned r[4];
+                    ldsm4<false>(r, smem_addr(&ks[b][(n * 8 + k_row) * KP + kk * 16 + k_col]));
+                    mma_bf16(s[n], qf[kk], r[0], r[1]);
+                    mma_bf16(s[n], qf[kk + 1], r[2], r[3]);
+                }
             }
-            *(uint4*)&ks[j * KP + d8] = kv;
-            vt[(d8 + 0) * VP + j] = (bf16)(vv.x & 0xffff);
-            vt[(d8 + 1) * VP + j] = (bf16)(vv.x >> 16);
-            vt[(d8 + 2) * VP + j] = (bf16)(vv.y & 0xffff);
-            vt[(d8 + 3) * VP + j] = (bf16)(vv.y >> 16);
-            vt[(d8 + 4) * VP + j] = (bf16)(vv.z & 0xffff);
-            vt[(d8 + 5) * VP + j] = (bf16)(vv.z >> 16);
-            vt[(d8 + 6) * VP + j] = (bf16)(vv.w & 0xffff);
-            vt[(d8 + 7) * VP + j] = (bf16)(vv.w >> 16);
-        }
-        __syncthreads();
-        if (k0 > warp_last) continue;  // every key of this tile is after this warp's rows
-        float s[FA_KEYS / 8][4];
+            float mxa = ma, mxb = mb;
 #pragma unroll
-        for (int n = 0; n < FA_KEYS / 8; n++) {
-            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-            const bf16* kr = &ks[(n * 8 + gq) * KP + tq * 2];
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++)
-                mma_bf16(s[n], qf[kk], *(const unsigned*)&kr[kk * 16], *(const unsigned*)&kr[kk * 16 + 8]);
-        }
-        float mxa = ma, mxb = mb;
-#pragma unroll
-        for (int n = 0; n < FA_KEYS / 8; n++) {
-            int key = k0 + n * 8 + tq * 2;
-            if (key > pa) s[n][0] = NEG_INF;
-            if (key + 1 > pa) s[n][1] = NEG_INF;
-            if (key > pb) s[n][2] = NEG_INF;
-            if (key + 1 > pb) s[n][3] = NEG_INF;
-            mxa = fmaxf(mxa, fmaxf(s[n][0], s[n][1]));
-            mxb = fmaxf(mxb, fmaxf(s[n][2], s[n][3]));
-        }
-        mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, 1));
-        mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, 2));
-        mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, 1));
-        mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, 2));
-        // Position 0 is in the first tile and before every row: the maxima are finite.
-        float ca = exp2f(ma - mxa), cb = exp2f(mb - mxb);
-        ma = mxa;
-        mb = mxb;
-        la *= ca;
-        lb *= cb;
-#pragma unroll
-        for (int n = 0; n < HD / 8; n++) {
-            o[n][0] *= ca;
-            o[n][1] *= ca;
-            o[n][2] *= cb;
-            o[n][3] *= cb;
-        }
-        unsigned pf[FA_KEYS / 16][4];
-#pragma unroll
-        for (int n = 0; n < FA_KEYS / 8; n++) {
-            float p0 = exp2f(s[n][0] - ma), p1 = exp2f(s[n][1] - ma);
-            float p2 = exp2f(s[n][2] - mb), p3 = exp2f(s[n][3] - mb);
-            la += p0 + p1;
-            lb += p2 + p3;
-            pf[n / 2][(n & 1) * 2] = pack_bf(p0, p1);
-            pf[n / 2][(n & 1) * 2 + 1] = pack_bf(p2, p3);
-        }
-#pragma unroll
-        for (int kt = 0; kt < FA_KEYS / 16; kt++) {
+            for (int n = 0; n < BK / 8; n++) {
+                int key = k0 + n * 8 + tq * 2;
+                if (key > pa) s[n][0] = NEG_INF;
+                if (key + 1 > pa) s[n][1] = NEG_INF;
+                if (key > pb) s[n][2] = NEG_INF;
+                if (key + 1 > pb) s[n][3] = NEG_INF;
+                mxa = fmaxf(mxa, fmaxf(s[n][0], s[n][1]));
+                mxb = fmaxf(mxb, fmaxf(s[n][2], s[n][3]));
+            }
+            mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, 1));
+            mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, 2));
+            mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, 1));
+            mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, 2));
+            // Position 0 is in the first tile and before every row: the maxima are finite.
+            float ca = exp2f(ma - mxa), cb = exp2f(mb - mxb);
+            ma = mxa;
+            mb = mxb;
+            la *= ca;
+            lb *= cb;
 #pragma unroll
             for (int n = 0; n < HD / 8; n++) {
-                const bf16* vr = &vt[(n * 8 + gq) * VP + kt * 16 + tq * 2];
-                mma_bf16(o[n], pf[kt], *(const unsigned*)vr, *(const unsigned*)(vr + 8));
+                o[n][0] *= ca;
+                o[n][1] *= ca;
+                o[n][2] *= cb;
+                o[n][3] *= cb;
+            }
+            unsigned pf[BK / 16][4];
+#pragma unroll
+            for (int n = 0; n < BK / 8; n++) {
+                float p0 = exp2f(s[n][0] - ma), p1 = exp2f(s[n][1] - ma);
+                float p2 = exp2f(s[n][2] - mb), p3 = exp2f(s[n][3] - mb);
+                la += p0 + p1;
+                lb += p2 + p3;
+                pf[n / 2][(n & 1) * 2] = pack_bf(p0, p1);
+                pf[n / 2][(n & 1) * 2 + 1] = pack_bf(p2, p3);
+            }
+#pragma unroll
+            for (int kt = 0; kt < BK / 16; kt++) {
+#pragma unroll
+                for (int n = 0; n < HD / 8; n += 2) {
+                    unsigned r[4];
+                    ldsm4<true>(r, smem_addr(&vs[b][(kt * 16 + v_row) * KP + n * 8 + v_col]));
+                    mma_bf16(o[n], pf[kt], r[0], r[1]);
+                    mma_bf16(o[n + 1], pf[kt], r[2], r[3]);
+                }
             }
         }
+        __syncthreads();  // the next iteration loads into the buffer just read
     }
     la += __shfl_xor_sync(0xffffffffu, la, 1);
     la += __shfl_xor_sync(0xffffffffu, la, 2);
@@ -740,18 +796,12 @@ __device__ __forceinline__ void attention_mma(float* out, const float* q, const 
     if (ra / group < cnt) {
         float* oa = out + (u64)(r0 + ta) * q_dim + (kvh * group + ra % group) * HD + tq * 2;
 #pragma unroll
-        for (int n = 0; n < HD / 8; n++) {
-            oa[n * 8] = o[n][0] / la;
-            oa[n * 8 + 1] = o[n][1] / la;
-        }
+        for (int n = 0; n < HD / 8; n++) *(float2*)&oa[n * 8] = make_float2(o[n][0] / la, o[n][1] / la);
     }
     if (rb / group < cnt) {
         float* ob = out + (u64)(r0 + tb) * q_dim + (kvh * group + rb % group) * HD + tq * 2;
 #pragma unroll
-        for (int n = 0; n < HD / 8; n++) {
-            ob[n * 8] = o[n][2] / lb;
-            ob[n * 8 + 1] = o[n][3] / lb;
-        }
+        for (int n = 0; n < HD / 8; n++) *(float2*)&ob[n * 8] = make_float2(o[n][2] / lb, o[n][3] / lb);
     }
 }
 
