@@ -7,7 +7,9 @@
 //! pseudo-random token ids; decoding is greedy for `--gen` tokens (stop tokens ignored),
 //! through `forward_sample` (sampling on the backend). Each repeat uses a fresh session
 //! after one warm-up; the line printed holds the medians and every run, plus the bytes of
-//! weights one decode step reads (for a roofline).
+//! weights one decode step reads (for a roofline). After each prefill, the prompt's cache is
+//! parked and unparked (`park_ms`, `unpark_ms`: what pausing and resuming an actor does to
+//! its caches; on CUDA a DMA to and from pinned host memory of `kv_bytes`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -62,12 +64,21 @@ fn main() {
     let params_read = c.n_layers * per_layer + c.vocab_size * c.dim;
     let bytes_per_param = if kind == EngineKind::Cpu { 4 } else { 2 };
     let greedy = Sampler::greedy();
-    let (mut pre, mut dec) = (Vec::new(), Vec::new());
+    let (mut pre, mut dec, mut park, mut unpark) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut kv_bytes = 0;
     for r in 0..=repeat {
         let mut cache = model.new_cache(prompt + gen_n + 1).unwrap_or_else(|e| panic!("{e}"));
         let t = Instant::now();
         let mut next = model.forward_sample(&tokens, &mut cache, &greedy, &[], 0).unwrap_or_else(|e| panic!("{e}"));
         let p = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let image = model.park_cache(&cache).unwrap_or_else(|e| panic!("{e}"));
+        let pk = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let back = model.import_image(&image, prompt + gen_n + 1).unwrap_or_else(|e| panic!("{e}"));
+        let upk = t.elapsed().as_secs_f64();
+        kv_bytes = image.bytes();
+        drop((back, image));
         let t = Instant::now();
         for i in 0..gen_n {
             next = model.forward_sample(&[next], &mut cache, &greedy, &[], i as u64).unwrap_or_else(|e| panic!("{e}"));
@@ -76,15 +87,21 @@ fn main() {
         if r > 0 {
             pre.push(prompt as f64 / p);
             dec.push(gen_n as f64 / d);
+            park.push(pk * 1e3);
+            unpark.push(upk * 1e3);
         }
     }
-    let runs = format!("{{\"prefill\":{pre:.1?},\"decode\":{dec:.1?}}}");
+    let runs = format!(
+        "{{\"prefill\":{pre:.1?},\"decode\":{dec:.1?},\"park_ms\":{park:.3?},\"unpark_ms\":{unpark:.3?}}}"
+    );
     println!(
-        "{{\"driver\":\"native\",\"backend\":\"{}\",\"model\":\"{}\",\"prompt\":{prompt},\"gen\":{gen_n},\"repeat\":{repeat},\"load_s\":{load_s:.2},\"prefill_tok_s\":{:.1},\"decode_tok_s\":{:.1},\"weight_bytes_per_token\":{},\"runs\":{runs}}}",
+        "{{\"driver\":\"native\",\"backend\":\"{}\",\"model\":\"{}\",\"prompt\":{prompt},\"gen\":{gen_n},\"repeat\":{repeat},\"load_s\":{load_s:.2},\"prefill_tok_s\":{:.1},\"decode_tok_s\":{:.1},\"weight_bytes_per_token\":{},\"kv_bytes\":{kv_bytes},\"park_ms\":{:.3},\"unpark_ms\":{:.3},\"runs\":{runs}}}",
         model.backend_name(),
         path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
         median(&mut pre),
         median(&mut dec),
         params_read * bytes_per_param,
+        median(&mut park),
+        median(&mut unpark),
     );
 }
