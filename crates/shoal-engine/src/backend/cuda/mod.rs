@@ -71,6 +71,8 @@ const OUTW: usize = LAST + MAX_SEQS;
 /// The tiles of a pass with prompt chunks (the kernels' `TILES`): first row | count << 16.
 const TILE: usize = OUTW + MAX_SEQS;
 const TABLES: usize = TILE + MAX_CHUNK;
+/// Passes of a bucket padded to a larger recorded one before the bucket gets its own graph.
+const PADDED_BEFORE_RECORDING: u64 = 64;
 /// Recorded passes kept (one per number of sequences of a pass of one token each).
 const MAX_GRAPHS: usize = 64;
 /// Threads of the attention kernel (`ATT_WARPS * 32`).
@@ -1464,10 +1466,10 @@ impl Backend for Cuda {
         // recorded graphs serve every batch: padding rows read token 0 at position 0 of the
         // sink block and are dropped.
         let hidden = seqs.iter().any(|s| matches!(s.want, Want::Hidden));
-        let rows = if n == n_seqs && !hidden { bucket(n_seqs) } else { n_seqs };
         self.shared.current()?;
         let mut guard = self.lock();
         let inner = &mut *guard;
+        let rows = if n == n_seqs && !hidden { inner.rows_for(n_seqs) } else { n_seqs };
         let stream = inner.stream;
         let (step_ptr, table_ptr) = {
             let (dev, host) = inner.params.as_ref().ok_or_else(|| fail("no step parameters".into()))?;
@@ -1640,6 +1642,31 @@ impl Cuda {
 }
 
 /// The number of rows a pass of `n` sequences of one token each is padded to.
+impl Inner {
+    /// The rows a pass of `n_seqs` one-token sequences is padded to: its bucket, or, when that
+    /// bucket has no recorded graph yet, the smallest recorded one up to twice as large (a
+    /// padded replay costs less than running the pass eagerly and recording another graph,
+    /// which stalls every sequence of the pass for milliseconds). A bucket padded so
+    /// [`PADDED_BEFORE_RECORDING`] times is then run and recorded as itself.
+    fn rows_for(&mut self, n_seqs: usize) -> usize {
+        let b = bucket(n_seqs);
+        if !self.use_graphs || self.graphs.contains_key(&b) {
+            return b;
+        }
+        let seen = self.seen.entry(b).or_default();
+        if *seen >= PADDED_BEFORE_RECORDING {
+            return b;
+        }
+        match self.graphs.keys().copied().filter(|&k| k > b && k <= 2 * b).min() {
+            Some(k) => {
+                *seen += 1;
+                k
+            }
+            None => b,
+        }
+    }
+}
+
 fn bucket(n: usize) -> usize {
     const BUCKETS: [usize; 14] = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256];
     BUCKETS.iter().copied().find(|&b| b >= n).unwrap_or(n).min(MAX_SEQS)
