@@ -13,8 +13,9 @@
 //!   position and block table come from a parameter block uploaded per pass.
 //! - **Many rows** (prompts, batches): activations are rounded to bf16 and multiplied with
 //!   `cublasGemmEx` (bf16 inputs, f32 accumulation and output). Passes with prompt chunks
-//!   attend per tile of a sequence's tokens (keys and values loaded once per tile into shared
-//!   memory; `SHOAL_CUDA_TILED_ATTENTION=0` turns that off).
+//!   attend per tile of a sequence's tokens, flash-attention style on tensor cores (bf16
+//!   `mma.sync`, keys and values loaded once per tile into shared memory; compute capability
+//!   8.0+, heads of 64 or 128; `SHOAL_CUDA_MMA_ATTENTION=0` uses CUDA cores instead).
 //! - **One token**: matrix–vector kernels read each weight once with 16-byte loads (the
 //!   SwiGLU gate and up projections fused in one kernel). A pass of one token per sequence
 //!   (~10 launches per layer) is recorded once per bucket of sequences as a CUDA graph and
