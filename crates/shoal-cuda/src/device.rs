@@ -307,8 +307,8 @@ impl Module {
             code: sys::CUresult::CUDA_ERROR_INVALID_VALUE,
         })?;
         let mut f = std::ptr::null_mut();
-        // SAFETY: `raw` is a loaded module (unloaded only on drop); `c` outlives the call.
         check(
+            // SAFETY: `raw` is a loaded module (unloaded only on drop); `c` outlives the call.
             unsafe { sys::cuModuleGetFunction(&mut f, self.raw, c.as_ptr()) },
             &format!("cuModuleGetFunction({name} in {})", self.name),
         )?;

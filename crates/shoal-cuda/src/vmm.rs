@@ -68,6 +68,7 @@ impl ChunkPlan {
 /// Device memory whose address never moves, mapped chunk by chunk ([`ChunkPlan`]) as the
 /// owner asks, each chunk charged to the device's KV budget while mapped. Kernels and
 /// recorded graphs may keep using `ptr() + offset` for any offset in the mapped chunks.
+/// Whoever queues work on it keeps it alive (and those chunks mapped) until that work is done.
 ///
 /// Where the device has no virtual memory management it is one fixed allocation (as many
 /// units as the budget has room for when made, at most the plan's), charged whole.
@@ -235,7 +236,7 @@ impl GrowableBuffer {
             let at = self.base + (self.handles.len() * chunk) as u64;
             let mut handle = 0;
             // SAFETY: the context is current; `prop` describes this device's memory and
-            // `chunk` is a multiple of its granularity; released by `unmap_top` or below.
+            // `chunk` is a multiple of its granularity; released by `shrink_to` or below.
             check(unsafe { sys::cuMemCreate(&mut handle, chunk, &prop, 0) }, &format!("cuMemCreate({chunk} bytes)"))?;
             // SAFETY: `at..at + chunk` lies in our reserved range and is not mapped (chunks
             // are mapped in order above the mapped ones); `handle` is a fresh allocation of
@@ -258,24 +259,24 @@ impl GrowableBuffer {
     }
 
     /// Unmaps the chunks above the first `chunks` and gives their bytes back to the budget.
-    /// Waits for the whole device first: a kernel may still be reading them.
     ///
-    /// The owner must not hand out units above [`GrowableBuffer::mapped_units`] after this.
-    pub fn shrink_to(&mut self, chunks: usize) {
+    /// # Safety
+    /// No work queued or running on the device may use those chunks (the owner synchronises
+    /// the streams that use the buffer first), and the owner hands out no unit above
+    /// [`GrowableBuffer::mapped_units`] after this.
+    pub unsafe fn shrink_to(&mut self, chunks: usize) {
         if self.fixed || chunks >= self.handles.len() {
             return;
         }
-        if self.device.synchronize().is_err() {
-            // The device failed: keep the memory mapped rather than pull it from under work
-            // that may still run.
+        if self.device.bind().is_err() {
             return;
         }
         let chunk = self.plan.chunk_bytes;
         let gone = self.handles.len() - chunks;
         for (i, handle) in self.handles.drain(chunks..).enumerate().rev() {
             let at = self.base + ((chunks + i) * chunk) as u64;
-            // SAFETY: chunk `chunks + i` is mapped at `at` with `handle`; the device is idle
-            // (synchronised above) and the owner hands out none of its units any more.
+            // SAFETY: chunk `chunks + i` is mapped at `at` with `handle`; no work uses it and
+            // the owner hands out none of its units any more (the caller's contract).
             unsafe {
                 sys::cuMemUnmap(at, chunk);
                 sys::cuMemRelease(handle);
@@ -290,8 +291,8 @@ impl GrowableBuffer {
 impl Drop for GrowableBuffer {
     fn drop(&mut self) {
         if self.fixed {
-            if self.device.bind().is_ok() && self.device.synchronize().is_ok() {
-                // SAFETY: our allocation; the device is idle and no one uses it any more.
+            if self.device.bind().is_ok() {
+                // SAFETY: our allocation; no work uses it any more (the type's contract).
                 unsafe { sys::cuMemFree_v2(self.base) };
             }
             if let Ok(budget) = self.device.kv_budget() {
@@ -299,7 +300,9 @@ impl Drop for GrowableBuffer {
             }
             return;
         }
-        self.shrink_to(0);
+        // SAFETY: no work uses the buffer any more (the type's contract), and nothing can
+        // hand out its units after this.
+        unsafe { self.shrink_to(0) };
         if self.handles.is_empty() && self.device.bind().is_ok() {
             // SAFETY: our reservation, nothing mapped in it any more.
             unsafe { sys::cuMemAddressFree(self.base, self.plan.reserved_bytes()) };
