@@ -91,9 +91,8 @@ fn main() {
             unpark.push(upk * 1e3);
         }
     }
-    let runs = format!(
-        "{{\"prefill\":{pre:.1?},\"decode\":{dec:.1?},\"park_ms\":{park:.3?},\"unpark_ms\":{unpark:.3?}}}"
-    );
+    let runs =
+        format!("{{\"prefill\":{pre:.1?},\"decode\":{dec:.1?},\"park_ms\":{park:.3?},\"unpark_ms\":{unpark:.3?}}}");
     println!(
         "{{\"driver\":\"native\",\"backend\":\"{}\",\"model\":\"{}\",\"prompt\":{prompt},\"gen\":{gen_n},\"repeat\":{repeat},\"load_s\":{load_s:.2},\"prefill_tok_s\":{:.1},\"decode_tok_s\":{:.1},\"weight_bytes_per_token\":{},\"kv_bytes\":{kv_bytes},\"park_ms\":{:.3},\"unpark_ms\":{:.3},\"runs\":{runs}}}",
         model.backend_name(),

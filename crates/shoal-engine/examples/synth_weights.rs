@@ -298,7 +298,8 @@ pub fn run(args: &[String]) -> Result<PathBuf, String> {
         }
     }
     let out = out.ok_or("--out DIR is required")?;
-    let s = Shape::named(&shape).ok_or_else(|| format!("unknown --shape {shape}: expected llama-3.2-1b, heads-128 or tiny"))?;
+    let s = Shape::named(&shape)
+        .ok_or_else(|| format!("unknown --shape {shape}: expected llama-3.2-1b, heads-128 or tiny"))?;
     write_model(&out, &s, seed, dtype).map_err(|e| format!("writing {}: {e}", out.display()))?;
     Ok(out)
 }

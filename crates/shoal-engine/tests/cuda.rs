@@ -241,12 +241,12 @@ fn sampling_on_the_gpu_draws_what_the_cpu_sampler_draws() {
 /// The kernels compile (NVRTC only: no GPU needed; `make test` provides NVRTC).
 #[test]
 fn kernels_compile_for_hopper_and_ampere() {
-    if !shoal_gpu::cuda::nvrtc_available() {
+    if !shoal_cuda::nvrtc_available() {
         eprintln!("skipped: NVRTC (libnvrtc.so.13) is not installed");
         return;
     }
     for (major, minor) in [(9, 0), (8, 0)] {
-        let ptx = shoal_gpu::cuda::compile_source("engine", shoal_engine::backend::cuda::KERNELS_SOURCE, major, minor)
+        let ptx = shoal_cuda::compile_source("engine", shoal_engine::backend::cuda::KERNELS_SOURCE, major, minor)
             .unwrap_or_else(|e| panic!("sm_{major}{minor}: {e}"));
         for k in [
             "shoal_gemv",

@@ -201,7 +201,7 @@ mod tests {
 
     #[test]
     fn a_full_kv_pool_is_a_full_context_to_every_abi() {
-        let e = GuestError::from(EngineError::KvPoolFull { backend: "cuda", needed: 4, free: 0 });
+        let e = GuestError::from(EngineError::KvPoolFull { backend: "cuda", needed: 4, free: 0, device_budget: None });
         assert_eq!(e.status(), Status::ContextFull);
         assert_eq!(e.nn_errno(), NnErrno::ContextFull);
     }

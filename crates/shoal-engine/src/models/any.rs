@@ -35,7 +35,6 @@ impl EngineKind {
 
 /// A Llama-family model on the CPU or a GPU.
 #[derive(Debug)]
-#[expect(clippy::large_enum_variant, reason = "one per loaded model; never moved in a hot path")]
 pub enum Model {
     /// On the CPU.
     Cpu(Llama<Cpu>),

@@ -42,6 +42,18 @@ use crate::tokenizer::{StreamDecoder, Tokenizer};
 pub use any::{Cache, EngineKind, Model};
 pub use llama::{Llama, LlamaConfig};
 
+/// The part of [`EngineError::KvPoolFull`]'s message about the device's budget.
+fn budget_note(budget: &Option<(usize, usize)>) -> String {
+    match budget {
+        Some((used, limit)) => format!(
+            " (the GPU's KV budget, shared by every model on it, is spent: {} of {} MiB in use)",
+            used >> 20,
+            limit >> 20
+        ),
+        None => String::new(),
+    }
+}
+
 /// What went wrong while loading or running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -129,15 +141,19 @@ pub enum EngineError {
     /// The backend's shared KV memory has no room for more positions.
     #[error(
         "the {backend} KV pool is full: {needed} more blocks of 16 positions are needed and \
-         {free} are free; end idle sessions, or give the pool more memory (SHOAL_KV_POOL_MB)"
+         {free} are free{}; end idle sessions, or give the pool more memory (SHOAL_KV_POOL_MB)",
+        budget_note(.device_budget)
     )]
     KvPoolFull {
         /// The backend's name.
         backend: &'static str,
         /// Blocks asked for.
         needed: usize,
-        /// Blocks free.
+        /// Blocks free (or that could still be mapped for the pool).
         free: usize,
+        /// When what ran out is the device's KV budget, shared by every model on the GPU:
+        /// (bytes in use, limit).
+        device_budget: Option<(usize, usize)>,
     },
     /// The work was stopped between two pieces (its deadline passed, or it was killed); the
     /// cache holds what it held before the call.

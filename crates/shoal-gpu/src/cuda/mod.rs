@@ -20,8 +20,8 @@ use std::ffi::c_void;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use cudarc::cublas::sys as blas;
-use cudarc::driver::sys;
+use shoal_cuda::sys::{self, blas};
+use shoal_cuda::{CudaError, Device, DeviceBuffer, Module, Stream, check as cu};
 use shoal_memory::{CommittedRange, MemoryId};
 
 use crate::{
@@ -31,7 +31,8 @@ use crate::{
 
 mod kernels;
 
-pub use kernels::{KERNELS_SOURCE, compile_cached, compile_kernels, compile_ptx, compile_source, nvrtc_available};
+pub use kernels::{KERNELS_SOURCE, compile_kernels, compile_ptx};
+pub use shoal_cuda::{compile_cached, compile_source, nvrtc_available};
 
 /// GEMMs whose operands add up to at most this many bytes run in place on mapped
 /// guest memory; larger ones are DMA'd to device memory, since a GEMM reads its
@@ -55,51 +56,41 @@ struct Registered {
 
 /// A buffer in device memory.
 pub struct CudaBuffer {
-    dptr: sys::CUdeviceptr,
+    mem: DeviceBuffer,
     /// Size in bytes.
     pub len: usize,
-    ctx: sys::CUcontext,
 }
 
-// SAFETY: a device pointer is plain data; it is freed once, on drop, with the context current.
-unsafe impl Send for CudaBuffer {}
-// SAFETY: as above.
-unsafe impl Sync for CudaBuffer {}
-
-impl Drop for CudaBuffer {
-    fn drop(&mut self) {
-        // SAFETY: allocated by create_buffer; no operation uses it (they hold an Arc).
-        unsafe {
-            sys::cuCtxSetCurrent(self.ctx);
-            sys::cuMemFree_v2(self.dptr);
-        }
+impl CudaBuffer {
+    fn dptr(&self) -> sys::CUdeviceptr {
+        self.mem.ptr()
     }
 }
 
-/// Raw CUDA handles used under the backend's lock.
-struct Stream {
-    stream: sys::CUstream,
-    blas: blas::cublasHandle_t,
+/// The stream (with its cuBLAS handle) and the DMA scratch, used under the backend's lock.
+struct Lane {
+    stream: Stream,
     /// Device scratch for DMA'd operands, reused by every operation. All work is on
     /// this one stream, so a later operation's copies wait for the earlier ones.
     scratch: sys::CUdeviceptr,
     scratch_len: usize,
 }
 
-impl Stream {
+impl Lane {
     /// At least `len` bytes of device scratch, grown (stream-ordered) when needed.
     fn scratch(&mut self, len: usize) -> Result<sys::CUdeviceptr, OpError> {
         if len > self.scratch_len {
             let want = len.next_power_of_two().max(1 << 20);
+            let stream = self.stream.raw();
             // SAFETY: our allocation, freed in stream order after the work that used it.
             unsafe {
                 if self.scratch != 0 {
-                    sys::cuMemFreeAsync(self.scratch, self.stream);
+                    sys::cuMemFreeAsync(self.scratch, stream);
                     self.scratch = 0;
                     self.scratch_len = 0;
                 }
                 let mut d = 0;
-                cu(sys::cuMemAllocAsync(&mut d, want, self.stream), "cuMemAllocAsync").map_err(|e| {
+                cu(sys::cuMemAllocAsync(&mut d, want, stream), "cuMemAllocAsync").map_err(|e| {
                     OpError::Device(format!("{e}: cannot get {want} bytes of GPU memory for the operands"))
                 })?;
                 self.scratch = d;
@@ -113,153 +104,85 @@ impl Stream {
 /// The CUDA backend.
 pub struct CudaBackend {
     info: DeviceInfo,
-    ctx: sys::CUcontext,
-    device: sys::CUdevice,
-    _module: sys::CUmodule,
+    /// The process's device layer for this GPU (shared with the inference engine).
+    device: Arc<Device>,
+    _module: Arc<Module>,
     scal_fn: sys::CUfunction,
     sms: u32,
-    stream: Mutex<Stream>,
+    stream: Mutex<Lane>,
     /// Registered ranges `(addr, len)` per memory, by base address.
     registered: Mutex<HashMap<usize, Registered>>,
     path: GemmPath,
     pub(crate) buffers: BufferTable<CudaBuffer>,
 }
 
-// SAFETY: the CUDA driver API and cuBLAS are thread-safe for distinct handles; the
-// stream and cuBLAS handle are only used under `stream`'s mutex, the context is made
-// current on each calling thread before use, and the module/function handles are
-// immutable after load.
+// SAFETY: the stream and cuBLAS handle are only used under `stream`'s mutex, the context is
+// made current on each calling thread before use (`Device::bind`), and the module/function
+// handles are immutable after load.
 unsafe impl Send for CudaBackend {}
 // SAFETY: as above.
 unsafe impl Sync for CudaBackend {}
 
-fn cu(r: sys::CUresult, what: &str) -> Result<(), String> {
-    if r == sys::CUresult::CUDA_SUCCESS { Ok(()) } else { Err(format!("{what}: {r:?}")) }
+/// A device layer error as an operation's error (the one place they are mapped).
+fn op_err(e: CudaError) -> OpError {
+    OpError::Device(e.to_string())
 }
 
-fn op_err(e: String) -> OpError {
-    OpError::Device(e)
+/// A device layer error as a reason CUDA cannot be opened (the one place they are mapped).
+fn open_err(e: CudaError) -> OpenError {
+    OpenError::Unavailable(BackendKind::Cuda, e.to_string())
 }
 
 impl CudaBackend {
     /// Opens GPU 0 (or `SHOAL_CUDA_DEVICE`), or says why CUDA is unavailable.
     pub fn open() -> Result<CudaBackend, OpenError> {
-        let unavailable = |m: String| OpenError::Unavailable(BackendKind::Cuda, m);
-        // SAFETY: only tries to dlopen the driver library.
-        if !unsafe { sys::is_culib_present() } {
-            return Err(unavailable("no NVIDIA driver (libcuda.so) found on this machine".into()));
-        }
-        // SAFETY: as above, for the cuBLAS library.
-        if !unsafe { blas::is_culib_present() } {
-            return Err(unavailable("the NVIDIA driver is here but cuBLAS (libcublas.so.13) is not".into()));
-        }
-        let ordinal: i32 = std::env::var("SHOAL_CUDA_DEVICE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
         let path = match std::env::var("SHOAL_CUDA_GEMM_PATH").as_deref() {
             Ok("inplace") => GemmPath::InPlace,
             Ok("dma") => GemmPath::Dma,
             _ => GemmPath::Auto,
         };
-        // SAFETY: plain driver calls on handles they return; errors are checked.
-        unsafe {
-            cu(sys::cuInit(0), "cuInit").map_err(unavailable)?;
-            let mut count = 0;
-            cu(sys::cuDeviceGetCount(&mut count), "cuDeviceGetCount").map_err(unavailable)?;
-            if ordinal >= count {
-                return Err(unavailable(format!("no CUDA device {ordinal}: this machine has {count}")));
-            }
-            let mut device = 0;
-            cu(sys::cuDeviceGet(&mut device, ordinal), "cuDeviceGet").map_err(unavailable)?;
-            let mut ctx = std::ptr::null_mut();
-            cu(sys::cuDevicePrimaryCtxRetain(&mut ctx, device), "cuDevicePrimaryCtxRetain").map_err(unavailable)?;
-            cu(sys::cuCtxSetCurrent(ctx), "cuCtxSetCurrent").map_err(unavailable)?;
-            let attr = |a| {
-                let mut v = 0;
-                sys::cuDeviceGetAttribute(&mut v, a, device);
-                v
-            };
-            let unified = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING);
-            let map_host = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY);
-            let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).max(1) as u32;
-            let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR);
-            let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR);
-            if unified == 0 || map_host == 0 {
-                return Err(unavailable("the GPU cannot map host memory with unified addressing".into()));
-            }
-            let mut name = [0i8; 128];
-            sys::cuDeviceGetName(name.as_mut_ptr(), 128, device);
-            let name = std::ffi::CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned();
-            let ptx = compile_kernels(major, minor).map_err(unavailable)?;
-            let mut module = std::ptr::null_mut();
-            let ptx_c = std::ffi::CString::new(ptx).map_err(|_| unavailable("PTX with a NUL byte".into()))?;
-            cu(sys::cuModuleLoadData(&mut module, ptx_c.as_ptr() as *const c_void), "cuModuleLoadData")
-                .map_err(unavailable)?;
-            let mut scal_fn = std::ptr::null_mut();
-            cu(sys::cuModuleGetFunction(&mut scal_fn, module, c"shoal_scal_f32".as_ptr()), "cuModuleGetFunction")
-                .map_err(unavailable)?;
-            let mut stream = std::ptr::null_mut();
-            cu(sys::cuStreamCreate(&mut stream, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32), "cuStreamCreate")
-                .map_err(unavailable)?;
-            let handle =
-                cudarc::cublas::result::create_handle().map_err(|e| unavailable(format!("cublasCreate: {e:?}")))?;
-            cudarc::cublas::result::set_stream(handle, stream as _)
-                .map_err(|e| unavailable(format!("cublasSetStream: {e:?}")))?;
-            // Full f32 (no TF32) unless asked: GEMM results match the CPU reference.
-            let math = if std::env::var("SHOAL_CUDA_TF32").is_ok_and(|v| v == "1") {
-                blas::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
-            } else {
-                blas::cublasMath_t::CUBLAS_DEFAULT_MATH
-            };
-            blas::cublasSetMathMode(handle, math);
-            // Warm up: cuBLAS loads its kernels lazily; do it at open, not inside a
-            // guest's first call (where it shows as time and resident memory).
-            let mut d = 0;
-            if sys::cuMemAlloc_v2(&mut d, 3 * 64 * 64 * 4) == sys::CUresult::CUDA_SUCCESS {
-                sys::cuMemsetD8Async(d, 0, 3 * 64 * 64 * 4, stream);
-                let (one, zero) = (1.0f32, 0.0f32);
-                let p = |i: u64| (d + i * 64 * 64 * 4) as *mut f32;
-                for n in [8, 64] {
-                    let _ = cudarc::cublas::result::sgemm(
-                        handle,
-                        blas::cublasOperation_t::CUBLAS_OP_N,
-                        blas::cublasOperation_t::CUBLAS_OP_N,
-                        n,
-                        n,
-                        n,
-                        &one,
-                        p(0),
-                        n,
-                        p(1),
-                        n,
-                        &zero,
-                        p(2),
-                        n,
-                    );
-                }
-                sys::cuStreamSynchronize(stream);
-                sys::cuMemFree_v2(d);
-            }
-            let (mut free, mut total) = (0usize, 0usize);
-            sys::cuMemGetInfo_v2(&mut free, &mut total);
-            Ok(CudaBackend {
-                info: DeviceInfo {
-                    backend: BackendKind::Cuda,
-                    name: format!("{name} (sm_{major}{minor}, {} GiB)", total >> 30),
-                    imports_guest_memory: true,
-                    import_note: Some("guest memory is registered (cuMemHostRegister, mapped)".into()),
-                    max_binding_bytes: u64::MAX,
-                    gemm_dtypes: vec![DType::F32, DType::F16, DType::Bf16],
-                },
-                ctx,
-                device,
-                _module: module,
-                scal_fn,
-                sms,
-                stream: Mutex::new(Stream { stream, blas: handle, scratch: 0, scratch_len: 0 }),
-                registered: Mutex::new(HashMap::new()),
-                path,
-                buffers: BufferTable::default(),
-            })
+        let device = Device::open_default().map_err(open_err)?;
+        let a = device.attributes().clone();
+        if !a.unified_addressing || !a.can_map_host_memory {
+            return Err(OpenError::Unavailable(
+                BackendKind::Cuda,
+                "the GPU cannot map host memory with unified addressing".into(),
+            ));
         }
+        let module = device.module("kernels", KERNELS_SOURCE).map_err(open_err)?;
+        let scal_fn = module.function("shoal_scal_f32").map_err(open_err)?;
+        let stream = device.stream().map_err(open_err)?;
+        // Full f32 (no TF32) unless asked: GEMM results match the CPU reference.
+        let math = if std::env::var("SHOAL_CUDA_TF32").is_ok_and(|v| v == "1") {
+            blas::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+        } else {
+            blas::cublasMath_t::CUBLAS_DEFAULT_MATH
+        };
+        // SAFETY: the stream's own cuBLAS handle, not yet used by anyone else.
+        shoal_cuda::check_blas(unsafe { blas::cublasSetMathMode(stream.blas(), math) }, "cublasSetMathMode")
+            .map_err(open_err)?;
+        // Warm up: cuBLAS loads its kernels lazily; do it at open, not inside a guest's first
+        // call (where it shows as time and resident memory).
+        stream.warm_up();
+        let (major, minor) = a.compute_capability;
+        Ok(CudaBackend {
+            info: DeviceInfo {
+                backend: BackendKind::Cuda,
+                name: format!("{} (sm_{major}{minor}, {} GiB)", a.name, a.total_memory >> 30),
+                imports_guest_memory: true,
+                import_note: Some("guest memory is registered (cuMemHostRegister, mapped)".into()),
+                max_binding_bytes: u64::MAX,
+                gemm_dtypes: vec![DType::F32, DType::F16, DType::Bf16],
+            },
+            device,
+            _module: module,
+            scal_fn,
+            sms: a.sms,
+            stream: Mutex::new(Lane { stream, scratch: 0, scratch_len: 0 }),
+            registered: Mutex::new(HashMap::new()),
+            path,
+            buffers: BufferTable::default(),
+        })
     }
 
     /// What this backend is.
@@ -268,8 +191,7 @@ impl CudaBackend {
     }
 
     fn current(&self) -> Result<(), OpError> {
-        // SAFETY: the context is retained for the backend's life.
-        cu(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent").map_err(op_err)
+        self.device.bind().map_err(op_err)
     }
 
     /// Registers a memory's committed pages with the GPU (pinned and mapped) after
@@ -313,7 +235,7 @@ impl CudaBackend {
     fn sync(&self) {
         let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: a stream of this backend.
-        unsafe { sys::cuStreamSynchronize(s.stream) };
+        unsafe { sys::cuStreamSynchronize(s.stream.raw()) };
     }
 
     /// Waits for the GPU, then unregisters every range of a memory.
@@ -379,7 +301,7 @@ impl CudaBackend {
                     1,
                     1,
                     0,
-                    s.stream,
+                    s.stream.raw(),
                     params.as_mut_ptr(),
                     std::ptr::null_mut(),
                 ),
@@ -396,24 +318,22 @@ impl CudaBackend {
         };
         if wait {
             // SAFETY: our stream.
-            cu(unsafe { sys::cuStreamSynchronize(s.stream) }, "the GPU failed while running scal").map_err(op_err)?;
+            cu(unsafe { sys::cuStreamSynchronize(s.stream.raw()) }, "the GPU failed while running scal")
+                .map_err(op_err)?;
         }
         Ok(report)
     }
 
     /// A zeroed buffer in device memory.
     pub fn create_buffer(&self, len: usize) -> Result<BufferId, OpError> {
-        self.current()?;
-        let mut dptr = 0;
-        // SAFETY: plain allocation; freed by CudaBuffer's Drop.
-        unsafe {
-            cu(sys::cuMemAlloc_v2(&mut dptr, len), "cuMemAlloc")
-                .map_err(|e| OpError::Device(format!("{e}: no room for {len} bytes on the GPU")))?;
-            let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-            sys::cuMemsetD8Async(dptr, 0, len, s.stream);
-            sys::cuStreamSynchronize(s.stream);
-        }
-        Ok(self.buffers.insert(CudaBuffer { dptr, len, ctx: self.ctx }))
+        let mem = DeviceBuffer::new(&self.device, len)
+            .map_err(|e| OpError::Device(format!("{e}: no room for {len} bytes on the GPU")))?;
+        let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: `mem` holds `len` bytes of this device's memory and outlives the fill (the
+        // stream is synchronised before it is handed out).
+        unsafe { shoal_cuda::memset_zero_async(mem.ptr(), len, s.stream.raw()).map_err(op_err)? };
+        s.stream.synchronize().map_err(op_err)?;
+        Ok(self.buffers.insert(CudaBuffer { mem, len }))
     }
 
     /// Copies between guest bytes `guest` and the buffer at `offset` (checked by
@@ -433,18 +353,18 @@ impl CudaBackend {
         if !self.is_registered(span.base(), host, guest.len()) {
             return Err(OpError::Device("the guest range is not registered with the GPU".into()));
         }
-        let dev = buf.dptr + offset as u64;
+        let dev = buf.dptr() + offset as u64;
         let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: both ranges were checked; the host side is registered guest memory
         // that the guest cannot touch while this synchronous call runs.
         unsafe {
             let r = if to_buffer {
-                sys::cuMemcpyHtoDAsync_v2(dev, host as *const c_void, guest.len(), s.stream)
+                sys::cuMemcpyHtoDAsync_v2(dev, host as *const c_void, guest.len(), s.stream.raw())
             } else {
-                sys::cuMemcpyDtoHAsync_v2(host as *mut c_void, dev, guest.len(), s.stream)
+                sys::cuMemcpyDtoHAsync_v2(host as *mut c_void, dev, guest.len(), s.stream.raw())
             };
             cu(r, "cuMemcpyAsync").map_err(op_err)?;
-            cu(sys::cuStreamSynchronize(s.stream), "the GPU failed during a buffer transfer").map_err(op_err)?;
+            cu(sys::cuStreamSynchronize(s.stream.raw()), "the GPU failed during a buffer transfer").map_err(op_err)?;
         }
         Ok(())
     }
@@ -481,7 +401,7 @@ impl CudaBackend {
         let mut ld = [op.lda, op.ldb, op.ldc];
         for i in 0..3 {
             ptr[i] = match &bufs[i] {
-                Some(b) => b.dptr + ranges[i].start as u64,
+                Some(b) => b.dptr() + ranges[i].start as u64,
                 None => (base + ranges[i].start) as u64,
             };
         }
@@ -505,7 +425,7 @@ impl CudaBackend {
                 if i < 2 || op.beta != 0.0 {
                     // SAFETY: the source is a checked, registered guest matrix; the
                     // destination lies in the scratch sized above.
-                    unsafe { copy_matrix(ptr[i], ldh * es, Dir::ToDevice, dev, cols * es, rows, s.stream)? };
+                    unsafe { copy_matrix(ptr[i], ldh * es, Dir::ToDevice, dev, cols * es, rows, s.stream.raw())? };
                     report.bytes_copied += (rows * cols * es) as u64;
                 }
                 if i == 2 {
@@ -517,7 +437,7 @@ impl CudaBackend {
         self.blas_gemm(&s, op, k, ptr[0], ld[0], ptr[1], ld[1], ptr[2], ld[2])?;
         if let Some((host_c, dev_c)) = copy_back {
             // SAFETY: the destination is the checked, registered guest C.
-            unsafe { copy_matrix(host_c, op.ldc * es, Dir::ToHost, dev_c, op.n * es, op.m, s.stream)? };
+            unsafe { copy_matrix(host_c, op.ldc * es, Dir::ToHost, dev_c, op.n * es, op.m, s.stream.raw())? };
             report.bytes_copied += (op.m * op.n * es) as u64;
         }
         report.operands = (0..3)
@@ -528,7 +448,7 @@ impl CudaBackend {
             })
             .collect();
         report.device_operands = bufs.iter().filter(|b| b.is_some()).count() as u32;
-        let mut pending = CudaPending::record(self.ctx, s.stream, report)?;
+        let mut pending = CudaPending::record(&self.device, s.stream.raw(), report)?;
         pending.buffers = bufs.into_iter().flatten().collect();
         Ok(pending)
     }
@@ -538,7 +458,7 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     fn blas_gemm(
         &self,
-        s: &Stream,
+        s: &Lane,
         op: &Gemm,
         k: usize,
         a: u64,
@@ -564,7 +484,7 @@ impl CudaBackend {
         // CUBLAS_COMPUTE_32F expects.
         let st = unsafe {
             blas::cublasGemmEx(
-                s.blas,
+                s.stream.blas(),
                 t(op.trans_b),
                 t(op.trans_a),
                 int(op.n, "n")?,
@@ -598,6 +518,7 @@ impl CudaBackend {
 /// # Safety
 /// The range must be mapped memory that stays mapped until it is unregistered.
 unsafe fn register_range(base: usize, len: usize) -> Result<(), String> {
+    let cu = |r, what| cu(r, what).map_err(|e| e.to_string());
     // SAFETY: the caller's contract.
     unsafe {
         cu(
@@ -716,7 +637,7 @@ unsafe fn copy_2d(
 
 /// Work enqueued on the stream, with an event to wait on.
 pub struct CudaPending {
-    ctx: sys::CUcontext,
+    device: Arc<Device>,
     event: sys::CUevent,
     report: OpReport,
     /// Device buffers the operation uses, kept until it is waited for.
@@ -727,7 +648,7 @@ pub struct CudaPending {
 unsafe impl Send for CudaPending {}
 
 impl CudaPending {
-    fn record(ctx: sys::CUcontext, stream: sys::CUstream, report: OpReport) -> Result<CudaPending, OpError> {
+    fn record(device: &Arc<Device>, stream: sys::CUstream, report: OpReport) -> Result<CudaPending, OpError> {
         let mut event = std::ptr::null_mut();
         // SAFETY: plain driver calls on live handles.
         unsafe {
@@ -738,16 +659,14 @@ impl CudaPending {
                 return Err(op_err(e));
             }
         }
-        Ok(CudaPending { ctx, event, report, buffers: Vec::new() })
+        Ok(CudaPending { device: device.clone(), event, report, buffers: Vec::new() })
     }
 
     /// Blocks until the GPU has finished the operation.
     pub fn wait(mut self) -> Result<OpReport, OpError> {
-        // SAFETY: the event was recorded on our stream; the context is retained.
-        let r = unsafe {
-            sys::cuCtxSetCurrent(self.ctx);
-            sys::cuEventSynchronize(self.event)
-        };
+        self.device.bind().map_err(op_err)?;
+        // SAFETY: the event was recorded on our stream; the context is current.
+        let r = unsafe { sys::cuEventSynchronize(self.event) };
         cu(r, "the GPU failed while running the operation").map_err(op_err)?;
         self.buffers.clear();
         Ok(self.report.clone())
@@ -758,30 +677,25 @@ impl Drop for CudaPending {
     fn drop(&mut self) {
         if !self.buffers.is_empty() {
             // Not waited for: the buffers must outlive the GPU's use of them.
-            // SAFETY: our event on a live context.
-            unsafe {
-                sys::cuCtxSetCurrent(self.ctx);
-                sys::cuEventSynchronize(self.event);
+            if self.device.bind().is_ok() {
+                // SAFETY: our event, in the current context.
+                unsafe { sys::cuEventSynchronize(self.event) };
             }
         }
-        // SAFETY: our event; destroying a pending event is allowed (it is freed when done).
-        unsafe { sys::cuEventDestroy_v2(self.event) };
+        if self.device.bind().is_ok() {
+            // SAFETY: our event; destroying a pending event is allowed (it is freed when done).
+            unsafe { sys::cuEventDestroy_v2(self.event) };
+        }
     }
 }
 
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         let s = self.stream.get_mut().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: our handles, not used after this.
-        unsafe {
-            sys::cuCtxSetCurrent(self.ctx);
-            if s.scratch != 0 {
-                sys::cuMemFreeAsync(s.scratch, s.stream);
-            }
-            sys::cuStreamSynchronize(s.stream);
-            blas::cublasDestroy_v2(s.blas);
-            sys::cuStreamDestroy_v2(s.stream);
-            sys::cuDevicePrimaryCtxRelease_v2(self.device);
+        if s.scratch != 0 && self.device.bind().is_ok() {
+            // SAFETY: our scratch, freed in stream order after the work that used it; the
+            // stream (and its cuBLAS handle) is synchronised and destroyed when `s` drops.
+            unsafe { sys::cuMemFreeAsync(s.scratch, s.stream.raw()) };
         }
     }
 }

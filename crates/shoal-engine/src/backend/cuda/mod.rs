@@ -4,7 +4,9 @@
 //!
 //! One [`Cuda`] is made per loaded model ([`Cuda::open`]); the model's sessions share it, and
 //! its batcher (`crate::batch`) runs the sessions ready at once in one pass. Passes are
-//! serialised on one stream (a lock), so callers on many threads are safe.
+//! serialised on one stream (a lock), so callers on many threads are safe. Every model (and
+//! the compute ABI's backend) on one GPU shares the process's [`shoal_cuda::Device`]: its
+//! context, the loaded kernels, the pinned buffers kept for parked caches, and the KV budget.
 //!
 //! - **Weights**: linear weights and the embedding table are bf16 (converted once at load),
 //!   norm weights, biases and RoPE frequencies f32; activations are f32.
@@ -21,9 +23,13 @@
 //!   (~10 launches per layer) is recorded once per bucket of sequences as a CUDA graph and
 //!   replayed (`SHOAL_CUDA_GRAPHS=0` turns that off).
 //! - **KV cache**: bf16 (portable snapshots stay f32), in blocks of 16 positions × every
-//!   layer, taken from a pool sized at
-//!   the first session (`SHOAL_KV_POOL_MB`, default half the free memory up to 8 GiB) and
-//!   given back when a session is truncated or dropped. Attention reads each key and value
+//!   layer, taken from the model's pool (lowest blocks first) and given back when a session
+//!   is truncated or dropped. The pool is an address range reserved at the first session for
+//!   the most the model may hold (`open_with_pool`'s cap, or the device's whole KV budget);
+//!   physical memory is mapped into it in 64 MiB chunks as sessions need blocks, charged to
+//!   the device's KV budget (`SHOAL_KV_POOL_MB`, default half the free memory up to 8 GiB,
+//!   shared by every model on the GPU), and the top chunks are unmapped and given back to
+//!   the budget when a dropped session leaves them free. Block 0 is the sink. Attention reads each key and value
 //!   row once per step for all the query heads that share it, split over positions across
 //!   the GPU and merged with an online softmax.
 //! - **Sampling**: the repetition penalty and the greedy choice run on the GPU and only the
@@ -34,11 +40,12 @@
 //!   [`Cuda::set_gpu_sampling`]) turns it off: the logits are then copied back and
 //!   [`crate::sampler::Sampler`] runs on the host, as it does for top-k above 1024 or none.
 
+use std::collections::BTreeSet;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
-use cudarc::cublas::sys as blas;
-use cudarc::driver::sys;
+use shoal_cuda::sys::{self, blas};
+use shoal_cuda::{CudaError, Device, DeviceBuffer, Graph, GrowableBuffer, Module, PinnedBuffer, Stream};
 
 use super::{Backend, Body, Heads, KvStore, MAX_SEQS, Ops, Output, Seq, Want};
 use crate::cpu::RopeStyle;
@@ -83,86 +90,106 @@ const ATT_THREADS: u32 = 128;
 const SAMPLE_MAX_K: usize = 1024;
 
 fn cu(r: sys::CUresult, what: &str) -> Result<(), EngineError> {
-    if r == sys::CUresult::CUDA_SUCCESS { Ok(()) } else { Err(fail(format!("{what}: {r:?}"))) }
+    Ok(shoal_cuda::check(r, what)?)
+}
+
+/// A device layer error as the engine's (the one place they are mapped; a spent KV budget is
+/// turned into [`EngineError::KvPoolFull`] where blocks are taken).
+impl From<CudaError> for EngineError {
+    fn from(e: CudaError) -> EngineError {
+        fail(e.to_string())
+    }
 }
 
 fn fail(message: String) -> EngineError {
     EngineError::Backend { backend: "cuda", message }
 }
 
-/// The context and the KV pool, shared by the backend, its weights and its caches.
+/// The model's state on the device, shared by the backend, its weights and its caches.
 struct Shared {
-    ctx: sys::CUcontext,
-    device: sys::CUdevice,
+    /// The state used under the lock: stream, kernels, scratch, recorded passes (first, so
+    /// that its stream is synchronised before the pool below is freed).
+    inner: Mutex<Inner>,
+    device: Arc<Device>,
     pool: Mutex<Option<Pool>>,
-    /// Pinned host buffers of parked KV images given back, kept for the next park (pinning
-    /// costs far more than the copy): (address, bytes).
-    pinned: Mutex<Vec<(usize, usize)>>,
 }
 
 /// The most bytes of one KV copy through pageable host memory (the staging buffer's size).
 const STAGING: usize = 16 << 20;
 
-/// The most pinned host memory kept for reuse once parked images are dropped.
-const PINNED_KEEP: usize = 4 << 30;
+/// Physical memory is added to (and taken from) a KV pool in chunks of about this many bytes.
+const POOL_CHUNK: usize = 64 << 20;
 
-// SAFETY: CUDA contexts and device pointers may be used from any thread (the context is
-// made current before each use); the pool's host state is behind a mutex.
-unsafe impl Send for Shared {}
-// SAFETY: as above.
-unsafe impl Sync for Shared {}
-
+/// A model's KV blocks: an address range reserved for the most blocks the model may hold
+/// (its `pool_bytes`, or the device's whole KV budget), mapped chunk by chunk as caches need
+/// blocks and charged to the device's KV budget, so that every model on the GPU draws on one
+/// budget. The range never moves: kernels and recorded graphs address block `b` at
+/// `ptr + b × block_bytes`.
 struct Pool {
-    ptr: sys::CUdeviceptr,
-    /// Blocks given out to caches; one more, block `blocks` (the sink), is written by the
-    /// padding rows of a pass and read by no one.
-    blocks: usize,
+    mem: GrowableBuffer,
     n_layers: usize,
     kv_dim: usize,
-    free: Vec<u32>,
+    /// Mapped blocks no cache holds; handed out lowest first. Block 0, the sink (written by
+    /// the padding rows of a pass and read by no one), is never in it.
+    free: BTreeSet<u32>,
+}
+
+impl Pool {
+    /// Blocks caches may take now: the free ones, and those the device's budget could still
+    /// map within the pool's range.
+    fn available(&self, device: &Device) -> usize {
+        let plan = self.mem.plan();
+        let mapped = self.mem.mapped_chunks();
+        let room = device.kv_budget().map_or(0, |b| b.available() / plan.chunk_bytes);
+        let more = (plan.max_chunks - mapped).min(room);
+        self.free.len() + plan.units_in(mapped + more) - self.mem.mapped_units()
+    }
+
+    /// Maps chunks until `need` blocks are free (new blocks join the free list).
+    fn grow(&mut self, device: &Device, need: usize) -> Result<(), EngineError> {
+        let have = self.mem.mapped_units();
+        let full = |pool: &Pool, budget| EngineError::KvPoolFull {
+            backend: "cuda",
+            needed: need,
+            free: pool.available(device),
+            device_budget: budget,
+        };
+        let Some(chunks) = self.mem.plan().chunks_for(have + (need - self.free.len())) else {
+            return Err(full(self, None));
+        };
+        match self.mem.grow_to(chunks) {
+            Ok(()) => {}
+            Err(CudaError::OverBudget { used, limit, .. }) => return Err(full(self, Some((used, limit)))),
+            Err(e) => return Err(e.into()),
+        }
+        self.free.extend(have as u32..self.mem.mapped_units() as u32);
+        Ok(())
+    }
+
+    /// Chunks to keep mapped: up to the highest block in use (the sink's at least).
+    fn keep(&self) -> usize {
+        self.mem.plan().chunks_to_keep(self.mem.mapped_units(), &self.free).max(1)
+    }
+
+    /// Unmaps the chunks above the highest block in use (never the sink's), giving their
+    /// bytes back to the device's budget. `stream` is the model's (the only one that uses
+    /// the pool), held under its lock.
+    fn trim(&mut self, stream: &Stream) {
+        let keep = self.keep();
+        if keep < self.mem.mapped_chunks() && stream.synchronize().is_ok() {
+            // SAFETY: only the model's stream uses the pool, and it is idle (synchronised
+            // above, and held under the lock, so nothing is queued meanwhile); no cache holds
+            // a block above `keep` chunks (they are all free), and they leave the free list.
+            unsafe { self.mem.shrink_to(keep) };
+            let mapped = self.mem.mapped_units() as u32;
+            self.free.retain(|&b| b < mapped);
+        }
+    }
 }
 
 impl Shared {
     fn current(&self) -> Result<(), EngineError> {
-        // SAFETY: the context is retained for the life of `self`.
-        cu(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")
-    }
-
-    /// A pinned host buffer of at least `bytes`: a kept one that fits (not more than twice
-    /// as large), or a new one. Returns (address, its size).
-    fn take_pinned(&self, bytes: usize) -> Result<(usize, usize), EngineError> {
-        {
-            let mut kept = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
-            let best = kept
-                .iter()
-                .enumerate()
-                .filter(|(_, (_, cap))| *cap >= bytes && *cap <= bytes.saturating_mul(2).max(1 << 20))
-                .min_by_key(|(_, (_, cap))| *cap)
-                .map(|(i, _)| i);
-            if let Some(i) = best {
-                return Ok(kept.swap_remove(i));
-            }
-        }
-        self.current()?;
-        let cap = bytes.next_multiple_of(1 << 20);
-        let mut ptr: *mut c_void = std::ptr::null_mut();
-        // SAFETY: allocates `cap` bytes of pinned host memory into `ptr`; given back through
-        // `give_pinned` and freed there or when `self` drops.
-        cu(unsafe { sys::cuMemAllocHost_v2(&mut ptr, cap) }, "cuMemAllocHost(KV image)")?;
-        Ok((ptr as usize, cap))
-    }
-
-    /// Keeps a pinned buffer for reuse, or frees it past [`PINNED_KEEP`].
-    fn give_pinned(&self, ptr: usize, cap: usize) {
-        let mut kept = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
-        if kept.iter().map(|k| k.1).sum::<usize>() + cap <= PINNED_KEEP {
-            kept.push((ptr, cap));
-            return;
-        }
-        drop(kept);
-        let _ = self.current();
-        // SAFETY: allocated by `take_pinned`, no longer used by anyone.
-        unsafe { sys::cuMemFreeHost(ptr as *mut c_void) };
+        Ok(self.device.bind()?)
     }
 
     fn give_back(&self, blocks: &mut Vec<u32>, keep: usize) {
@@ -171,77 +198,38 @@ impl Shared {
         }
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = pool.as_mut() {
-            p.free.extend(blocks.drain(keep..).rev());
+            p.free.extend(blocks.drain(keep..));
+        }
+    }
+
+    /// Gives the pool's unused top chunks back to the device's budget.
+    fn trim(&self) {
+        {
+            let pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            if pool.as_ref().is_none_or(|p| p.keep() >= p.mem.mapped_chunks()) {
+                // Nothing to give back: no need to wait for the model's lock (a pass).
+                return;
+            }
+        }
+        // The model's lock first, then the pool's (no path takes them the other way round).
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = self.pool.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            p.trim(&inner.stream);
         }
     }
 }
 
-impl Drop for Shared {
-    fn drop(&mut self) {
-        // SAFETY: nothing uses the pool or the context any more (every weight, cache and
-        // the backend held an Arc to this).
-        unsafe {
-            sys::cuCtxSetCurrent(self.ctx);
-            if let Some(p) = self.pool.get_mut().ok().and_then(|p| p.take()) {
-                sys::cuMemFree_v2(p.ptr);
-            }
-            for (ptr, _) in self.pinned.get_mut().map(std::mem::take).unwrap_or_default() {
-                sys::cuMemFreeHost(ptr as *mut c_void);
-            }
-            sys::cuDevicePrimaryCtxRelease_v2(self.device);
-        }
-    }
-}
-
-/// Device memory, freed on drop.
+/// Device memory, and its address and size as the launch code reads them.
 struct DevBuf {
     ptr: sys::CUdeviceptr,
     len: usize,
-    shared: Arc<Shared>,
+    _mem: DeviceBuffer,
 }
 
 impl DevBuf {
     fn new(shared: &Arc<Shared>, len: usize) -> Result<DevBuf, EngineError> {
-        shared.current()?;
-        let mut ptr = 0;
-        // SAFETY: plain allocation; the result is checked.
-        cu(unsafe { sys::cuMemAlloc_v2(&mut ptr, len.max(1)) }, &format!("cuMemAlloc({len} bytes)"))?;
-        Ok(DevBuf { ptr, len, shared: shared.clone() })
-    }
-}
-
-impl Drop for DevBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated by DevBuf::new; every kernel that used it has finished (runs
-        // end with a stream synchronisation, and weights outlive the model's runs).
-        unsafe {
-            sys::cuCtxSetCurrent(self.shared.ctx);
-            sys::cuMemFree_v2(self.ptr);
-        }
-    }
-}
-
-/// Page-locked host memory for asynchronous copies.
-struct Pinned {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Pinned {
-    fn new(len: usize) -> Result<Pinned, EngineError> {
-        let mut ptr = std::ptr::null_mut();
-        // SAFETY: plain allocation in the current context; the result is checked.
-        cu(unsafe { sys::cuMemAllocHost_v2(&mut ptr, len.max(4)) }, "cuMemAllocHost")?;
-        Ok(Pinned { ptr: ptr as *mut u8, len })
-    }
-}
-
-impl Drop for Pinned {
-    fn drop(&mut self) {
-        // SAFETY: allocated by Pinned::new; no copy is in flight (runs end synchronised).
-        unsafe {
-            sys::cuMemFreeHost(self.ptr as *mut c_void);
-        }
+        let mem = DeviceBuffer::new(&shared.device, len)?;
+        Ok(DevBuf { ptr: mem.ptr(), len, _mem: mem })
     }
 }
 
@@ -280,6 +268,7 @@ pub struct CudaCache {
 impl Drop for CudaCache {
     fn drop(&mut self) {
         self.shared.give_back(&mut self.blocks, 0);
+        self.shared.trim();
     }
 }
 
@@ -343,20 +332,23 @@ struct Funcs {
 
 /// State used under the lock.
 struct Inner {
-    stream: sys::CUstream,
-    blas: blas::cublasHandle_t,
+    /// The model's stream and cuBLAS handle (first, so that it is synchronised before the
+    /// buffers below are freed).
+    stream: Stream,
+    /// The kernels' module (shared with every model on the device), which `f` points into.
+    _module: Arc<Module>,
     f: Funcs,
     /// Scratch chunks; a run takes activations from them in order (so a replayed graph
     /// finds its buffers where it recorded them). Chunks are added, never freed.
     arena: Vec<DevBuf>,
     /// Step parameters and block table (device) and their host mirror.
-    params: Option<(DevBuf, Pinned)>,
+    params: Option<(DevBuf, PinnedBuffer)>,
     /// Penalised token ids (device), grown on demand.
     ids: Option<DevBuf>,
     /// Logits / token coming back.
-    host_out: Option<Pinned>,
+    host_out: Option<PinnedBuffer>,
     /// Recorded passes of one token per sequence, by number of sequences, and their logits.
-    graphs: std::collections::HashMap<usize, (sys::CUgraphExec, CudaAct)>,
+    graphs: std::collections::HashMap<usize, (Graph, CudaAct)>,
     /// Such passes run so far, by number of sequences (the first is run eagerly, to size the
     /// scratch; the second is recorded).
     seen: std::collections::HashMap<usize, u64>,
@@ -372,36 +364,20 @@ struct Inner {
     sms: u32,
 }
 
+// SAFETY: the kernel handles point into a loaded module that `Inner` keeps alive and that
+// never changes; launching them from any thread (with the context current) is allowed.
+unsafe impl Send for Funcs {}
+
 /// The CUDA backend of one model.
 pub struct Cuda {
     shared: Arc<Shared>,
-    inner: Mutex<Inner>,
     name: String,
     pool_bytes: Option<usize>,
 }
 
-// SAFETY: the raw handles in Inner are only used under the mutex, with the context made
-// current first.
-unsafe impl Send for Cuda {}
-// SAFETY: as above.
-unsafe impl Sync for Cuda {}
-
 impl std::fmt::Debug for Cuda {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cuda").field("device", &self.name).finish_non_exhaustive()
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // SAFETY: the handles were made by Cuda::open and are not used after this.
-        unsafe {
-            for (_, (exec, _)) in self.graphs.drain() {
-                sys::cuGraphExecDestroy(exec);
-            }
-            blas::cublasDestroy_v2(self.blas);
-            sys::cuStreamDestroy_v2(self.stream);
-        }
     }
 }
 
@@ -416,106 +392,77 @@ enum A {
 impl Cuda {
     /// Whether a CUDA driver and cuBLAS can be loaded on this machine.
     pub fn available() -> bool {
-        // SAFETY: only tries to dlopen the libraries.
-        unsafe { sys::is_culib_present() && blas::is_culib_present() }
+        Device::available()
     }
 
-    /// Opens GPU 0 (or `SHOAL_CUDA_DEVICE`) for one model, or says why it cannot. The KV
-    /// pool gets `SHOAL_KV_POOL_MB` MiB, or half the free memory up to 8 GiB.
+    /// Opens GPU 0 (or `SHOAL_CUDA_DEVICE`) for one model, or says why it cannot. Its KV
+    /// pool draws on the device's KV budget ([`Device::kv_budget`]: `SHOAL_KV_POOL_MB` MiB, or
+    /// half the free memory up to 8 GiB), shared with every other model on the GPU.
     pub fn open() -> Result<Cuda, EngineError> {
-        let pool = std::env::var("SHOAL_KV_POOL_MB").ok().and_then(|v| v.parse::<usize>().ok()).map(|mb| mb << 20);
-        Self::open_with_pool(pool)
+        Self::open_with_pool(None)
     }
 
-    /// Like [`Cuda::open`], with a KV pool of `pool_bytes` (rounded down to whole blocks,
-    /// at least one) when given.
+    /// Like [`Cuda::open`], with this model's KV pool capped at `pool_bytes` (rounded down to
+    /// whole blocks, at least one) when given; it still draws on the device's budget.
     pub fn open_with_pool(pool_bytes: Option<usize>) -> Result<Cuda, EngineError> {
         if !Self::available() {
             return Err(fail("no NVIDIA driver (libcuda.so) and cuBLAS (libcublas.so.13) on this machine".into()));
         }
-        let ordinal: i32 = std::env::var("SHOAL_CUDA_DEVICE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-        // SAFETY: plain driver calls on handles they return; every result is checked.
-        unsafe {
-            cu(sys::cuInit(0), "cuInit")?;
-            let mut count = 0;
-            cu(sys::cuDeviceGetCount(&mut count), "cuDeviceGetCount")?;
-            if ordinal >= count {
-                return Err(fail(format!("no CUDA device {ordinal}: this machine has {count}")));
-            }
-            let mut device = 0;
-            cu(sys::cuDeviceGet(&mut device, ordinal), "cuDeviceGet")?;
-            let mut ctx = std::ptr::null_mut();
-            cu(sys::cuDevicePrimaryCtxRetain(&mut ctx, device), "cuDevicePrimaryCtxRetain")?;
-            let shared = Arc::new(Shared { ctx, device, pool: Mutex::new(None), pinned: Mutex::new(Vec::new()) });
-            shared.current()?;
-            let attr = |a| {
-                let mut v = 0;
-                sys::cuDeviceGetAttribute(&mut v, a, device);
-                v
-            };
-            let sms = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).max(1) as u32;
-            let major = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR);
-            let minor = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR);
-            let mut name = [0i8; 128];
-            sys::cuDeviceGetName(name.as_mut_ptr(), 128, device);
-            let name = std::ffi::CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned();
-            let ptx = shoal_gpu::cuda::compile_cached("engine", KERNELS_SOURCE, major, minor).map_err(fail)?;
-            let ptx = std::ffi::CString::new(ptx).map_err(|_| fail("PTX with a NUL byte".into()))?;
-            let mut module = std::ptr::null_mut();
-            cu(sys::cuModuleLoadData(&mut module, ptx.as_ptr() as *const c_void), "cuModuleLoadData")?;
-            let get = |n: &std::ffi::CStr| -> Result<sys::CUfunction, EngineError> {
-                let mut f = std::ptr::null_mut();
-                cu(sys::cuModuleGetFunction(&mut f, module, n.as_ptr()), &format!("kernel {n:?}"))?;
-                Ok(f)
-            };
-            let f = Funcs {
-                embed: get(c"shoal_embed")?,
-                rmsnorm: get(c"shoal_rmsnorm")?,
-                gemv: get(c"shoal_gemv")?,
-                gemv_swiglu: get(c"shoal_gemv_swiglu")?,
-                gemv3: get(c"shoal_gemv3")?,
-                rope_qk: get(c"shoal_rope_qk")?,
-                to_bf16: get(c"shoal_to_bf16")?,
-                swiglu: get(c"shoal_swiglu")?,
-                add_bias: get(c"shoal_add_bias")?,
-                rope: get(c"shoal_rope")?,
-                kv_store: get(c"shoal_kv_store")?,
-                attention: get(c"shoal_attention")?,
-                attention_merge: get(c"shoal_attention_merge")?,
-                gather_rows: get(c"shoal_gather_rows")?,
-                attention_tiled: get(c"shoal_attention_tiled")?,
-                attention_d64: get(c"shoal_attention_d64")?,
-                attention_d128: get(c"shoal_attention_d128")?,
-                attention_mma64: get(c"shoal_attention_mma64")?,
-                attention_mma128: get(c"shoal_attention_mma128")?,
-                penalize: get(c"shoal_penalize")?,
-                argmax: get(c"shoal_argmax")?,
-                sample: get(c"shoal_sample")?,
-            };
-            let mut stream = std::ptr::null_mut();
-            cu(sys::cuStreamCreate(&mut stream, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32), "cuStreamCreate")?;
-            let handle = cudarc::cublas::result::create_handle().map_err(|e| fail(format!("cublasCreate: {e:?}")))?;
-            cudarc::cublas::result::set_stream(handle, stream as _)
-                .map_err(|e| fail(format!("cublasSetStream: {e:?}")))?;
-            let use_graphs = std::env::var("SHOAL_CUDA_GRAPHS").map(|v| v != "0").unwrap_or(true);
-            let inner = Inner {
-                stream,
-                blas: handle,
-                f,
-                arena: Vec::new(),
-                params: None,
-                ids: None,
-                host_out: None,
-                graphs: Default::default(),
-                seen: Default::default(),
-                use_graphs,
-                tiled: std::env::var("SHOAL_CUDA_TILED_ATTENTION").map_or(true, |v| v != "0"),
-                gpu_sampling: std::env::var("SHOAL_CUDA_GPU_SAMPLING").map_or(true, |v| v != "0"),
-                mma: major >= 8 && std::env::var("SHOAL_CUDA_MMA_ATTENTION").map_or(true, |v| v != "0"),
-                sms,
-            };
-            Ok(Cuda { shared, inner: Mutex::new(inner), name, pool_bytes })
-        }
+        let device = Device::open_default()?;
+        let module = device.module("engine", KERNELS_SOURCE)?;
+        let get = |n: &str| module.function(n);
+        let f = Funcs {
+            embed: get("shoal_embed")?,
+            rmsnorm: get("shoal_rmsnorm")?,
+            gemv: get("shoal_gemv")?,
+            gemv_swiglu: get("shoal_gemv_swiglu")?,
+            gemv3: get("shoal_gemv3")?,
+            rope_qk: get("shoal_rope_qk")?,
+            to_bf16: get("shoal_to_bf16")?,
+            swiglu: get("shoal_swiglu")?,
+            add_bias: get("shoal_add_bias")?,
+            rope: get("shoal_rope")?,
+            kv_store: get("shoal_kv_store")?,
+            attention: get("shoal_attention")?,
+            attention_merge: get("shoal_attention_merge")?,
+            gather_rows: get("shoal_gather_rows")?,
+            attention_tiled: get("shoal_attention_tiled")?,
+            attention_d64: get("shoal_attention_d64")?,
+            attention_d128: get("shoal_attention_d128")?,
+            attention_mma64: get("shoal_attention_mma64")?,
+            attention_mma128: get("shoal_attention_mma128")?,
+            penalize: get("shoal_penalize")?,
+            argmax: get("shoal_argmax")?,
+            sample: get("shoal_sample")?,
+        };
+        let stream = device.stream()?;
+        let use_graphs = std::env::var("SHOAL_CUDA_GRAPHS").map(|v| v != "0").unwrap_or(true);
+        let inner = Inner {
+            stream,
+            _module: module,
+            f,
+            arena: Vec::new(),
+            params: None,
+            ids: None,
+            host_out: None,
+            graphs: Default::default(),
+            seen: Default::default(),
+            use_graphs,
+            tiled: std::env::var("SHOAL_CUDA_TILED_ATTENTION").map_or(true, |v| v != "0"),
+            gpu_sampling: std::env::var("SHOAL_CUDA_GPU_SAMPLING").map_or(true, |v| v != "0"),
+            mma: device.attributes().compute_capability.0 >= 8
+                && std::env::var("SHOAL_CUDA_MMA_ATTENTION").map_or(true, |v| v != "0"),
+            sms: device.attributes().sms,
+        };
+        let name = device.attributes().name.clone();
+        let shared = Arc::new(Shared { inner: Mutex::new(inner), device: device.clone(), pool: Mutex::new(None) });
+        Ok(Cuda { shared, name, pool_bytes })
+    }
+
+    /// The device layer this model runs on (shared by every model and the compute backend
+    /// on the same GPU in this process).
+    pub fn device(&self) -> &Arc<Device> {
+        &self.shared.device
     }
 
     /// Turns stochastic sampling on the GPU on or off (on by default: see the module
@@ -530,7 +477,7 @@ impl Cuda {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.shared.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn upload(&self, bytes: &[u8], rows: usize, cols: usize) -> Result<CudaWeight, EngineError> {
@@ -555,32 +502,42 @@ impl Cuda {
             }
             return Ok(());
         }
-        self.shared.current()?;
         let block_bytes = n_layers * 2 * KV_BLOCK * kv_dim * KV_BYTES;
-        let (mut free, mut total) = (0usize, 0usize);
-        // SAFETY: plain query.
-        cu(unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) }, "cuMemGetInfo")?;
-        let want = self.pool_bytes.unwrap_or((free / 2).min(8 << 30));
-        let blocks = (want / block_bytes.max(1)).max(1);
-        let mut ptr = 0;
-        cu(
-            // SAFETY: plain allocation (the blocks and the sink); the result is checked.
-            unsafe { sys::cuMemAlloc_v2(&mut ptr, (blocks + 1) * block_bytes) },
-            &format!("cuMemAlloc(KV pool, {blocks} blocks of {block_bytes} bytes)"),
-        )?;
-        let free_list = (0..blocks as u32).rev().collect();
-        *pool = Some(Pool { ptr, blocks, n_layers, kv_dim, free: free_list });
+        let device = &self.shared.device;
+        let cap = match self.pool_bytes {
+            Some(bytes) => bytes,
+            None => device.kv_budget()?.limit(),
+        };
+        // The model's blocks, and the sink (block 0) below them.
+        let blocks = (cap / block_bytes.max(1)).max(1) + 1;
+        let mut mem = GrowableBuffer::new(device, block_bytes, blocks, POOL_CHUNK).map_err(|e| match e {
+            CudaError::OverBudget { used, limit, .. } => {
+                EngineError::KvPoolFull { backend: "cuda", needed: 1, free: 0, device_budget: Some((used, limit)) }
+            }
+            e => e.into(),
+        })?;
+        // The sink's chunk is always mapped.
+        mem.grow_to(1).map_err(|e| match e {
+            CudaError::OverBudget { used, limit, .. } => {
+                EngineError::KvPoolFull { backend: "cuda", needed: 1, free: 0, device_budget: Some((used, limit)) }
+            }
+            e => e.into(),
+        })?;
+        let blocks = mem.plan().max_units;
+        let free = (1..mem.mapped_units() as u32).collect();
+        *pool = Some(Pool { mem, n_layers, kv_dim, free });
         drop(pool);
         // The pass parameters and block tables long enough for the whole pool (a pass's
         // caches are distinct, so their tables together list at most every block once).
         let ints = TABLES + blocks + 1;
-        let mut inner = self.lock();
-        inner.params = Some((DevBuf::new(&self.shared, ints * 4)?, Pinned::new(ints * 4)?));
+        let params = (DevBuf::new(&self.shared, ints * 4)?, PinnedBuffer::new(device, ints * 4)?);
+        self.lock().params = Some(params);
         Ok(())
     }
 
-    /// Gives `cache` the blocks for `adding` more positions; returns the pool's address, its
-    /// layer count and its sink block (see [`Pool::blocks`]).
+    /// Gives `cache` the blocks for `adding` more positions (mapping more of the pool when the
+    /// free ones are too few); returns the pool's address, its layer count and its sink block
+    /// (see [`Pool::free`]).
     fn take_blocks(&self, cache: &mut CudaCache, adding: usize) -> Result<(u64, usize, usize), EngineError> {
         if !Arc::ptr_eq(&cache.shared, &self.shared) {
             return Err(fail("this KV cache belongs to another model's backend".into()));
@@ -589,13 +546,13 @@ impl Cuda {
         let p = pool.as_mut().ok_or_else(|| fail("no KV pool (make caches with new_cache)".into()))?;
         let need = (cache.len + adding).div_ceil(KV_BLOCK).saturating_sub(cache.blocks.len());
         if need > p.free.len() {
-            return Err(EngineError::KvPoolFull { backend: "cuda", needed: need, free: p.free.len() });
+            p.grow(&self.shared.device, need)?;
         }
-        // The free list is a stack whose top is the lowest block: a cache's blocks ascend, so
-        // that its runs of consecutive blocks are long (one DMA each when parked).
-        let at = p.free.len() - need;
-        cache.blocks.extend(p.free.drain(at..).rev());
-        Ok((p.ptr, p.n_layers, p.blocks))
+        // The lowest free blocks first: a cache's blocks ascend, so that its runs of
+        // consecutive blocks are long (one DMA each when parked), and the pool's top stays
+        // free to be given back.
+        cache.blocks.extend((0..need).map_while(|_| p.free.pop_first()));
+        Ok((p.mem.ptr(), p.n_layers, 0))
     }
 
     /// Calls `f(stream, device address, first block index in the cache, blocks)` for each
@@ -614,7 +571,7 @@ impl Cuda {
         }
         let pool_ptr = {
             let pool = self.shared.pool.lock().unwrap_or_else(|e| e.into_inner());
-            pool.as_ref().ok_or_else(|| fail("no KV pool".into()))?.ptr
+            pool.as_ref().ok_or_else(|| fail("no KV pool".into()))?.mem.ptr()
         };
         self.shared.current()?;
         let runs = self.lock();
@@ -627,15 +584,15 @@ impl Cuda {
             while n < most && i + n < used.len() && used[i + n] == used[i] + n as u32 {
                 n += 1;
             }
-            if let Err(e) = f(runs.stream, pool_ptr + u64::from(used[i]) * block_bytes, i, n) {
+            if let Err(e) = f(runs.stream.raw(), pool_ptr + u64::from(used[i]) * block_bytes, i, n) {
                 // SAFETY: our stream; what was queued finishes before the error is returned.
-                unsafe { sys::cuStreamSynchronize(runs.stream) };
+                unsafe { sys::cuStreamSynchronize(runs.stream.raw()) };
                 return Err(e);
             }
             i += n;
         }
         // SAFETY: waits for our own stream.
-        cu(unsafe { sys::cuStreamSynchronize(runs.stream) }, "cuStreamSynchronize(KV runs)")
+        cu(unsafe { sys::cuStreamSynchronize(runs.stream.raw()) }, "cuStreamSynchronize(KV runs)")
     }
 
     /// A cache of `context` positions holding `len`, its pool blocks written by
@@ -680,52 +637,47 @@ impl Cuda {
         }
     }
 
-    /// Positions the KV pool holds in all, and free now.
+    /// Positions the KV pool may hold in all (its cap: `pool_bytes`, or the device's whole
+    /// KV budget, in blocks), and may take now (its free blocks, and those the device's
+    /// budget could still map for it: other models on the GPU draw on the same budget).
     pub fn pool_positions(&self) -> (usize, usize) {
         let pool = self.shared.pool.lock().unwrap_or_else(|e| e.into_inner());
-        pool.as_ref().map_or((0, 0), |p| (p.blocks * KV_BLOCK, p.free.len() * KV_BLOCK))
+        pool.as_ref()
+            .map_or((0, 0), |p| ((p.mem.plan().max_units - 1) * KV_BLOCK, p.available(&self.shared.device) * KV_BLOCK))
     }
 }
 
-/// A pinned buffer for staging runs of KV blocks (taken from the kept pinned buffers, given
-/// back when dropped).
-struct Staging<'a> {
-    shared: &'a Shared,
-    ptr: usize,
-    cap: usize,
+/// A pinned buffer for staging runs of KV blocks (from the device's kept pinned buffers,
+/// given back when dropped).
+struct Staging {
+    buf: PinnedBuffer,
 }
 
-impl<'a> Staging<'a> {
+impl Staging {
     /// Room for the largest run [`Cuda::block_runs`] makes with [`STAGING`] for `blocks`
     /// blocks of `block_bytes`.
-    fn new(shared: &'a Shared, block_bytes: usize, blocks: usize) -> Result<Staging<'a>, EngineError> {
+    fn new(shared: &Shared, block_bytes: usize, blocks: usize) -> Result<Staging, EngineError> {
         let bytes = ((STAGING / block_bytes).max(1) * block_bytes).min(blocks * block_bytes).max(4);
-        let (ptr, cap) = shared.take_pinned(bytes)?;
-        Ok(Staging { shared, ptr, cap })
+        Ok(Staging { buf: PinnedBuffer::new(&shared.device, bytes)? })
     }
 
     /// The first `n` bf16 values of the buffer (as bits).
     fn values(&mut self, n: usize) -> &mut [u16] {
-        assert!(n * KV_BYTES <= self.cap, "a run of {n} values in a staging buffer of {} bytes", self.cap);
+        let cap = self.buf.capacity();
+        assert!(n * KV_BYTES <= cap, "a run of {n} values in a staging buffer of {cap} bytes");
         // SAFETY: the buffer holds `cap` ≥ `n * 2` bytes, page-aligned (so aligned for u16),
         // owned by this value alone; any bit pattern is a u16.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u16, n) }
-    }
-}
-
-impl Drop for Staging<'_> {
-    fn drop(&mut self) {
-        self.shared.give_pinned(self.ptr, self.cap);
+        unsafe { std::slice::from_raw_parts_mut(self.buf.ptr() as *mut u16, n) }
     }
 }
 
 /// A CUDA session's KV cache parked in pinned host memory, in the pool's block layout
 /// (`[block][layer][K|V][position][kv_dim]`), so that it comes back by DMA alone.
 pub struct PinnedKv {
-    ptr: *mut u8,
+    /// The pinned buffer (its capacity ≥ `bytes`: buffers are reused), given back to the
+    /// device's kept buffers when dropped.
+    buf: PinnedBuffer,
     bytes: usize,
-    /// The pinned buffer's size (≥ `bytes`: buffers are reused).
-    cap: usize,
     blocks: usize,
     n_layers: usize,
     kv_dim: usize,
@@ -733,21 +685,9 @@ pub struct PinnedKv {
     shared: Arc<Shared>,
 }
 
-// SAFETY: the pinned buffer is owned by this value alone and only read after `park` wrote it.
-unsafe impl Send for PinnedKv {}
-// SAFETY: as above; shared access only reads.
-unsafe impl Sync for PinnedKv {}
-
 impl std::fmt::Debug for PinnedKv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PinnedKv").field("len", &self.len).field("bytes", &self.bytes).finish_non_exhaustive()
-    }
-}
-
-impl Drop for PinnedKv {
-    fn drop(&mut self) {
-        // Kept for the next park (or freed): nothing reads it after this.
-        self.shared.give_pinned(self.ptr as usize, self.cap);
     }
 }
 
@@ -757,7 +697,7 @@ impl PinnedKv {
         let n = self.blocks * self.n_layers * 2 * KV_BLOCK * self.kv_dim;
         // SAFETY: the buffer holds `bytes` = `n * 2` bytes written by `park`, aligned for u16
         // (page-aligned pinned memory); nothing writes it after `park`.
-        unsafe { std::slice::from_raw_parts(self.ptr as *const u16, n) }
+        unsafe { std::slice::from_raw_parts(self.buf.ptr() as *const u16, n) }
     }
 }
 
@@ -891,7 +831,7 @@ impl CudaOps<'_> {
                 1,
                 1,
                 0,
-                self.inner.stream,
+                self.inner.stream.raw(),
                 ptrs.as_mut_ptr(),
                 std::ptr::null_mut(),
             )
@@ -927,7 +867,7 @@ impl CudaOps<'_> {
         // SAFETY: w holds n × k bf16, xb m × k bf16, out m × n f32, all device memory.
         let st = unsafe {
             blas::cublasGemmEx(
-                self.inner.blas,
+                self.inner.stream.blas(),
                 blas::cublasOperation_t::CUBLAS_OP_T,
                 blas::cublasOperation_t::CUBLAS_OP_N,
                 w.rows as i32,
@@ -976,13 +916,13 @@ impl CudaOps<'_> {
         // as tokens (≤ MAX_CHUNK); nothing else writes this region during the pass, and the
         // pass ends synchronised before the next one rewrites it.
         let r = unsafe {
-            let at = (mirror.ptr as *mut i32).add(TILE);
+            let at = (mirror.ptr() as *mut i32).add(TILE);
             std::ptr::copy_nonoverlapping(descs.as_ptr(), at, descs.len());
             sys::cuMemcpyHtoDAsync_v2(
                 self.step_ptr + (TILE * 4) as u64,
                 at as *const c_void,
                 descs.len() * 4,
-                self.inner.stream,
+                self.inner.stream.raw(),
             )
         };
         if let Err(e) = cu(r, "cuMemcpyHtoDAsync(tiles)") {
@@ -1384,12 +1324,11 @@ impl Backend for Cuda {
         let block_bytes = cache.n_layers * 2 * KV_BLOCK * cache.kv_dim * KV_BYTES;
         let blocks = cache.len.div_ceil(KV_BLOCK).min(cache.blocks.len());
         let bytes = (blocks * block_bytes).max(1);
-        let (ptr, cap) = self.shared.take_pinned(bytes)?;
+        let buf = PinnedBuffer::new(&self.shared.device, bytes)?;
         self.shared.current()?;
         let image = PinnedKv {
-            ptr: ptr as *mut u8,
+            buf,
             bytes,
-            cap,
             blocks,
             n_layers: cache.n_layers,
             kv_dim: cache.kv_dim,
@@ -1400,7 +1339,7 @@ impl Backend for Cuda {
         // at once (`block_runs` waits for them).
         let (t, mut runs) = (std::time::Instant::now(), 0);
         self.block_runs(cache, usize::MAX, |stream, dev, first, n| {
-            let dst = (image.ptr as usize + first * block_bytes) as *mut c_void;
+            let dst = (image.buf.ptr() as usize + first * block_bytes) as *mut c_void;
             runs += 1;
             // SAFETY: `dev` starts `n` pool blocks; `dst` has room for them (the image holds
             // every block the cache uses) and is pinned, and it outlives the copy
@@ -1434,7 +1373,7 @@ impl Backend for Cuda {
         let block_bytes = n_layers * 2 * KV_BLOCK * kv_dim * KV_BYTES;
         let (t, mut runs) = (std::time::Instant::now(), 0);
         let cache = self.filled_cache((n_layers, kv_dim, context, img.len), usize::MAX, |stream, dev, first, n| {
-            let src = (img.ptr as usize + first * block_bytes) as *const c_void;
+            let src = (img.buf.ptr() as usize + first * block_bytes) as *const c_void;
             runs += 1;
             // SAFETY: as in `park`, the other way: `src` holds the image's blocks `first..`,
             // borrowed until `filled_cache` has synchronised the stream.
@@ -1471,11 +1410,11 @@ impl Backend for Cuda {
         let mut guard = self.lock();
         let inner = &mut *guard;
         let rows = if n == n_seqs && !hidden { inner.rows_for(n_seqs) } else { n_seqs };
-        let stream = inner.stream;
+        let stream = inner.stream.raw();
         let (step_ptr, table_ptr) = {
             let (dev, host) = inner.params.as_ref().ok_or_else(|| fail("no step parameters".into()))?;
-            let room = host.len / 4;
-            let ints = host.ptr as *mut i32;
+            let room = host.len() / 4;
+            let ints = host.ptr() as *mut i32;
             let mut table_len = 0;
             let mut t = 0;
             // SAFETY: the pinned mirror holds TABLES + pool blocks + 1 ints; tokens and rows
@@ -1535,12 +1474,14 @@ impl Backend for Cuda {
             segs.push((row, s.tokens.len()));
             row += s.tokens.len();
         }
-        let logits = match graphable.then(|| inner.graphs.get(&n_seqs).copied()).flatten() {
-            Some((exec, logits)) => {
-                // SAFETY: the graph was recorded from this backend's kernels on buffers that
-                // are still allocated (scratch chunks are never freed) for a pass of the same
-                // shape, and reads positions and tables from the parameters just uploaded.
-                cu(unsafe { sys::cuGraphLaunch(exec, stream) }, "cuGraphLaunch")?;
+        let recorded = if graphable { inner.graphs.get(&n_seqs).map(|(_, logits)| *logits) } else { None };
+        let logits = match recorded {
+            Some(logits) => {
+                // The graph was recorded from this backend's kernels on buffers that are still
+                // allocated (scratch chunks are never freed, the pool's range never moves) for
+                // a pass of the same shape, and reads positions and tables from the
+                // parameters just uploaded.
+                inner.graphs[&n_seqs].0.launch(&inner.stream)?;
                 logits
             }
             None => {
@@ -1581,15 +1522,8 @@ impl Cuda {
         (step_ptr, table_ptr, pool_ptr, n_layers): (u64, u64, u64, usize),
         record: bool,
     ) -> Result<CudaAct, EngineError> {
-        let stream = inner.stream;
         if record {
-            cu(
-                // SAFETY: starts recording the work issued on our stream by this thread.
-                unsafe {
-                    sys::cuStreamBeginCapture_v2(stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                },
-                "cuStreamBeginCapture",
-            )?;
+            inner.stream.begin_capture()?;
         }
         let mut ops = CudaOps {
             inner,
@@ -1615,29 +1549,17 @@ impl Cuda {
         if !record {
             return result;
         }
-        let mut graph = std::ptr::null_mut();
-        // SAFETY: ends the capture begun above (also on failure, so the stream is usable
-        // again); the graph is destroyed once instantiated.
-        let ended = cu(unsafe { sys::cuStreamEndCapture(stream, &mut graph) }, "cuStreamEndCapture");
-        let logits = match (result, ended) {
-            (Ok(l), Ok(())) => l,
-            (Err(e), _) | (_, Err(e)) => {
-                if !graph.is_null() {
-                    // SAFETY: the graph captured (if any) is not used.
-                    unsafe { sys::cuGraphDestroy(graph) };
-                }
+        // The capture ends on failure too, so the stream is usable again.
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                inner.stream.discard_capture();
                 return Err(e);
             }
         };
-        let mut exec = std::ptr::null_mut();
-        // SAFETY: `graph` is the valid graph just captured.
-        unsafe {
-            let r = sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0);
-            sys::cuGraphDestroy(graph);
-            cu(r, "cuGraphInstantiate")?;
-            cu(sys::cuGraphLaunch(exec, stream), "cuGraphLaunch")?;
-        }
-        inner.graphs.insert(n_seqs, (exec, logits));
+        let graph = inner.stream.end_capture()?;
+        graph.launch(&inner.stream)?;
+        inner.graphs.insert(n_seqs, (graph, logits));
         Ok(logits)
     }
 }
@@ -1681,7 +1603,7 @@ fn finish(
     logits: CudaAct,
     wants: &[Want<'_>],
 ) -> Result<Vec<Output>, EngineError> {
-    let stream = inner.stream;
+    let stream = inner.stream.raw();
     let (vocab, rows) = (logits.width, wants.len());
     let on_gpu = |s: &crate::sampler::Sampler, gpu_sampling: bool| {
         s.is_greedy() || (gpu_sampling && (1..=SAMPLE_MAX_K).contains(&s.top_k))
@@ -1761,18 +1683,18 @@ fn finish(
             launch_raw(inner.f.sample, (1, 1, 1), 1024, stream, &mut a)?;
         }
     }
-    if host_rows && inner.host_out.as_ref().is_none_or(|h| h.len < rows * vocab * 4) {
-        inner.host_out = Some(Pinned::new(rows * vocab * 4)?);
+    if host_rows && inner.host_out.as_ref().is_none_or(|h| h.len() < rows * vocab * 4) {
+        inner.host_out = Some(PinnedBuffer::new(&shared.device, rows * vocab * 4)?);
     }
     let (_, mirror) = inner.params.as_ref().expect("checked above");
     // SAFETY: the mirror holds OUTW + MAX_SEQS ints ≥ OUTW + rows; the pinned logits buffer
     // (when used) holds rows × vocab floats, as does the logits activation; the stream is
     // synchronised before either is read.
     let (words, host_logits) = unsafe {
-        let words = (mirror.ptr as *mut i32).add(OUTW);
+        let words = (mirror.ptr() as *mut i32).add(OUTW);
         cu(sys::cuMemcpyDtoHAsync_v2(words as *mut c_void, word, rows * 4, stream), "cuMemcpyDtoHAsync(tokens)")?;
         let host_logits = if host_rows {
-            let h = inner.host_out.as_ref().expect("just made").ptr;
+            let h = inner.host_out.as_ref().expect("just made").ptr();
             cu(
                 sys::cuMemcpyDtoHAsync_v2(h as *mut c_void, logits.ptr, rows * vocab * 4, stream),
                 "cuMemcpyDtoHAsync(logits)",
