@@ -31,7 +31,8 @@ case ${STEP:-1} in
   tar -xJf .dev/engine.tar.xz -C $B
   [[ -f /tmp/l1b/tokenizer.json ]] || $B/synth_weights --out /tmp/l1b --shape llama-3.2-1b --dtype bf16 | tail -1
   step "CUDA tests"
-  SHOAL_TEST_MODEL=$SMOL $B/test-cuda --test-threads=1 2>&1 | grep -v "^  \|^stack\|^note" | tail -30 ;;
+  SHOAL_TEST_MODEL=$SMOL $B/test-cuda --test-threads=1 2>&1 | grep -v "^  \|^stack\|^note" | tail -30
+  SHOAL_TEST_MODEL=$SMOL $B/test-cuda_device 2>&1 | grep -v "^  \|^stack\|^note" | tail -12 ;;
 4)
   for i in $(seq 1 100); do [[ -f /tmp/lc/status ]] && break; sleep 5; done
   step "llama.cpp build"; tail -2 /tmp/lc/build.log

@@ -21,9 +21,10 @@ if [[ "${1:-}" == engine ]]; then
   cp "$(cargo bench --no-run -p shoal-host --bench nn_ttft --message-format=json 2>/dev/null | artifact nn_ttft)" "$stage/nn_ttft"
   cp "$(cargo bench --no-run -p shoal-actor --bench snapshot --message-format=json 2>/dev/null | artifact snapshot)" "$stage/snapshot"
   cp "$(cargo test --release --no-run -p shoal-engine --test cuda --message-format=json 2>/dev/null | artifact cuda)" "$stage/test-cuda"
+  cp "$(cargo test --release --no-run -p shoal-engine --test cuda_device --message-format=json 2>/dev/null | artifact cuda_device)" "$stage/test-cuda_device"
   cp target/release/shoal "$stage/"
   cp target/guests/wasm32-wasip1/release/{chat,nnchat}.wasm "$stage/"
-  strip "$stage"/logits "$stage"/synth_weights "$stage"/gguf_to_hf "$stage"/generate "$stage"/batch "$stage"/nn_ttft "$stage"/snapshot "$stage"/shoal "$stage"/test-cuda
+  strip "$stage"/logits "$stage"/synth_weights "$stage"/gguf_to_hf "$stage"/generate "$stage"/batch "$stage"/nn_ttft "$stage"/snapshot "$stage"/shoal "$stage"/test-cuda "$stage"/test-cuda_device
   mkdir -p .dev
   tar -cJf .dev/engine.tar.xz -C "$stage" .
   rm -rf "$stage"
