@@ -52,8 +52,13 @@ case ${STEP:-1} in
   $B/generate --model /tmp/l1b --backend cuda --prompt 4096 --gen 128 --repeat 3
   $B/generate --model /tmp/l1b --backend cuda --prompt 128 --gen 128 --repeat 3 ;;
 6)
+  # Output to files, not a pipe: a daemon left behind by `timeout` would hold a pipe open.
+  # Fresh stores: actors checkpointed by an earlier run would come back and count.
+  rm -rf /tmp/batch-store-*
   step "chat actors in the daemon, SmolLM2"
-  timeout 250 python3 scripts/daemon_batch.py $B/shoal $SMOL cuda 1,16,64,256 128
+  timeout -k 5 250 python3 scripts/daemon_batch.py $B/shoal $SMOL cuda 1,16,64,256 128 >/tmp/daemon.txt 2>&1 </dev/null
+  tail -c 3000 /tmp/daemon.txt; rm -rf /tmp/batch-store-*
   step "256 idle actors beside 64 active"
-  IDLE=256 timeout 250 python3 scripts/daemon_batch.py $B/shoal $SMOL cuda 64 128 ;;
+  IDLE=256 timeout -k 5 250 python3 scripts/daemon_batch.py $B/shoal $SMOL cuda 64 128 >/tmp/idle.txt 2>&1 </dev/null
+  tail -c 1500 /tmp/idle.txt ;;
 esac

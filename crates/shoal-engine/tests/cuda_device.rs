@@ -61,9 +61,12 @@ fn two_models_on_one_gpu_share_the_device_and_one_kv_budget() {
     let source = shoal_engine::backend::cuda::KERNELS_SOURCE;
     assert!(Arc::ptr_eq(&device.module("engine", source).unwrap(), &device.module("engine", source).unwrap()));
 
-    // Both pools exist (their first chunk, with the sink, is mapped).
-    let mut ca = a.new_cache(1 << 24).unwrap();
-    let mut cb = b.new_cache(1 << 24).unwrap();
+    // Both pools exist (their first chunk, with the sink, is mapped). The caches are made on
+    // the backends, not the models, so that one may hold more positions than the model's
+    // context: enough to ask for the whole budget.
+    let (layers, kv_dim) = (a.config().n_layers, a.config().kv_dim());
+    let mut ca = a.backend().new_cache(layers, kv_dim, 1 << 24).unwrap();
+    let mut cb = b.backend().new_cache(layers, kv_dim, 1 << 24).unwrap();
     let budget = device.kv_budget().unwrap();
     let start = budget.used();
     let (_, a_free0) = a.backend().pool_positions();
