@@ -3,13 +3,14 @@
 (docs/benchmarks.md, "Many actors, one GPU"). Usage:
   daemon_batch.py SHOAL MODEL.gguf BACKEND N[,N...] [MAX_TOKENS]
 For each N: a fresh daemon, N chat actors (greedy, MAX_TOKENS each, default 128), one message
-each, all at once; the replies are read as they stream. Prints one JSON line per N: streamed
+each, all at once; the replies are read as they stream (one event loop, a connection per
+actor, each line timed when its bytes are read). Prints one JSON line per N: streamed
 pieces (about one per token) per second in all, from the first request to the last piece, the
 gap between one actor's pieces (p50/p99), and how many answers came back whole.
 With IDLE=K in the environment, K more actors are spawned first and each answers one short
 message (16 tokens), then stays idle holding its session while the N answer; the line adds
 the GPU memory in use before the daemon's actors, after the idle ones and at the end."""
-import json, os, subprocess, sys, threading, time, urllib.request
+import asyncio, json, os, subprocess, sys, threading, time, urllib.request
 
 shoal, model, backend = sys.argv[1], sys.argv[2], sys.argv[3]
 ns = [int(x) for x in sys.argv[4].split(",")]
@@ -61,17 +62,44 @@ def run(n):
     args = ["--temperature", "0", "--max-tokens", max_tokens]
     ids = [json.loads(call("POST", "/v1/actors", json.dumps({"module": "chat", "args": args}).encode()))["id"] for _ in range(n)]
     pieces, gaps, whole, last, errors = {}, [], {}, [0.0], []
-    lock = threading.Lock()
 
-    def ask(i):
-        r = urllib.request.Request(f"http://{addr}/v1/actors/{i}/messages", data=PROMPT, method="POST")
+    async def ask(i):
+        # One connection per actor on one event loop: each line is timed when its bytes are
+        # read, with no client threads between the socket and the clock.
+        host, port = addr.rsplit(":", 1)
         count, t_prev, my = 0, None, []
         try:
-            with urllib.request.urlopen(r, timeout=600) as f:
-                for line in f:
+            r, w = await asyncio.open_connection(host, int(port))
+            w.write(f"POST /v1/actors/{i}/messages HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {len(PROMPT)}\r\n"
+                    f"Connection: close\r\n\r\n".encode() + PROMPT)
+            await w.drain()
+            head = await r.readuntil(b"\r\n\r\n")
+            status = head.split(b" ", 2)[1].decode()
+            chunked = b"chunked" in head.lower()
+            if status != "200":
+                errors.append(f"HTTP {status} {(await r.read(200)).decode(errors='replace')}")
+                w.close()
+                return
+            buf = b""
+            while True:
+                if chunked:
+                    size = int((await r.readuntil(b"\r\n")).strip().split(b";")[0], 16)
+                    if size == 0:
+                        break
+                    data = await r.readexactly(size + 2)
+                    data = data[:-2]
+                else:
+                    data = await r.read(65536)
+                    if not data:
+                        break
+                now = time.time()
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
                     m = json.loads(line)
                     if "chunk" in m:
-                        now = time.time()
                         count += 1
                         if t_prev is not None:
                             my.append(now - t_prev)
@@ -80,18 +108,18 @@ def run(n):
                         whole[i] = True
                     if "error" in m:
                         errors.append(str(m["error"])[:200])
-        except Exception as e:  # an HTTP error status, a reset connection: counted, shown
-            body = e.read().decode(errors="replace")[:200] if hasattr(e, "read") else ""
-            errors.append(f"{e} {body}".strip())
-        with lock:
-            pieces[i] = count
-            gaps.extend(my)
-            last[0] = max(last[0], t_prev or 0)
+            w.close()
+        except Exception as e:  # a reset connection, a malformed reply: counted, shown
+            errors.append(f"{type(e).__name__}: {e}"[:200])
+        pieces[i] = count
+        gaps.extend(my)
+        last[0] = max(last[0], t_prev or 0)
+
+    async def ask_all():
+        await asyncio.gather(*(ask(i) for i in ids))
 
     t0 = time.time()
-    ts = [threading.Thread(target=ask, args=(i,)) for i in ids]
-    for t in ts: t.start()
-    for t in ts: t.join()
+    asyncio.run(ask_all())
     wall = last[0] - t0
     gpu2 = gpu()
     listed = len(json.loads(call("GET", "/v1/actors"))["actors"])
