@@ -31,6 +31,10 @@ enum Command {
     Run(cmd::run::Args),
     /// List the compute backends: available or why not, adapter, in-place import.
     Devices(cmd::devices::Args),
+    /// Measure a model's prefill and decode speed on this machine (like llama-bench):
+    /// `--prompt` tokens at once, then `--gen` one at a time, `--repeat` runs; `--json` for
+    /// one JSON object per run.
+    Bench(cmd::bench::Args),
     /// Run the built-in demo: a GEMM computed by the host on the guest's own memory
     /// and checked element by element by the guest, then a chat answer.
     Demo(cmd::demo::Args),
@@ -82,6 +86,7 @@ fn main() {
         Command::Run(a) => cmd::run::run(a),
         Command::Devices(a) => cmd::devices::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
         Command::Chat(a) => cmd::chat::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Ps(a) => cmd::ctl::ps(a),

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod bench;
 pub mod chat;
 pub mod ctl;
 pub mod demo;
@@ -142,6 +143,12 @@ pub fn models(
                 let p = std::path::PathBuf::from(spec);
                 let n = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| spec.clone());
                 (n, p)
+            }
+            // A name has no slashes or extension; anything else is a path that is not there.
+            None if spec.contains(['/', '\\']) || spec.ends_with(".gguf") => {
+                anyhow::bail!(
+                    "--model {spec}: no such file or directory (a GGUF file, a Hugging Face directory, or a model's name)"
+                )
             }
             None => {
                 chosen = spec.clone();
