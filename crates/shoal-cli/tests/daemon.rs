@@ -716,7 +716,10 @@ fn requests_of_the_wrong_shape_are_400s_that_name_the_field() {
     assert_refused(snap(json!({"key": "ok", "extra": 1})), &[400], "extra", "an unknown field");
     assert!(!dir.join("etc").exists() && !Path::new("/etc/CURRENT").exists());
     // Keys that are not there, or not keys.
-    assert_eq!(post(a, "/v1/snapshots/nokey/restore", &json!({})).0, 404);
+    let (status, e) = post(a, "/v1/snapshots/nokey/restore", &json!({}));
+    assert_eq!(status, 404);
+    // OpenAI's error shape, `code` a string even where the error names none.
+    assert_eq!((&e["error"]["type"], &e["error"]["code"]), (&json!("not_found_error"), &json!("not_found")), "{e}");
     assert_eq!(call(a, "DELETE", "/v1/snapshots/nokey", b"").0, 404);
     for path in ["..%2Fx", "..%2F..%2Fetc", "%2e%2e", ".daemon", "%2edaemon", "a%00b", "..", "%2F"] {
         let del = call(a, "DELETE", &format!("/v1/snapshots/{path}"), b"");

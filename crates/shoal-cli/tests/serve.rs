@@ -287,7 +287,12 @@ fn a_chat_longer_than_the_context_is_a_400_and_the_actor_answers_the_next_one() 
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(s, 200, "{v}");
     assert!(v["choices"][0]["message"]["content"].as_str().unwrap().contains("Paris"), "{v}");
-    // One actor served all three: the failures left it usable.
+    // Every answer has its own id.
+    let (_, again) = chat("What is the capital of France?", false);
+    let again: Value = serde_json::from_slice(&again).unwrap();
+    let (a, b) = (v["id"].as_str().unwrap(), again["id"].as_str().unwrap());
+    assert!(a.starts_with("chatcmpl-") && b.starts_with("chatcmpl-") && a != b, "{a} {b}");
+    // One actor served them all: the failures left it usable.
     let (_, list) = call(&d.addr, "GET", "/v1/actors", b"");
     let list: Value = serde_json::from_slice(&list).unwrap();
     assert_eq!(list["actors"].as_array().unwrap().len(), 1, "{list}");

@@ -1,6 +1,8 @@
 //! The daemon's errors as HTTP answers, in one place: every handler returns [`ApiError`],
 //! and [`ApiError::from`] maps the registry's, the store's and the actors' errors to their
-//! status. The body is the OpenAI shape, `{"error": {"message", "type", "code"}}`.
+//! status. The body is the OpenAI shape, `{"error": {"message", "type", "param", "code"}}`,
+//! `code` always a string (the error's own, such as `context_length_exceeded`, or what its
+//! status means).
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -61,7 +63,26 @@ impl ApiError {
             _ => "server_error",
         };
         json!({"error": {"message": self.message, "type": kind, "param": self.param,
-                         "code": self.code.map_or_else(|| json!(self.status.as_u16()), |c| json!(c))}})
+                         "code": self.code.unwrap_or_else(|| status_code(self.status))}})
+    }
+}
+
+/// OpenAI's `code` (a string) for an error that names none: what its status means.
+fn status_code(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "invalid_request",
+        401 => "invalid_api_key",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 => "request_timeout",
+        409 => "conflict",
+        413 => "request_too_large",
+        422 => "unprocessable",
+        429 => "rate_limit_exceeded",
+        431 => "headers_too_large",
+        503 => "overloaded",
+        _ => "server_error",
     }
 }
 

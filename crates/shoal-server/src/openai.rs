@@ -102,6 +102,24 @@ struct ChatRequest {
 
 /// The most tokens one answer may ask for.
 const MAX_TOKENS: i64 = 1 << 20;
+
+/// A completion id no other answer of this daemon, nor of another run of it, has:
+/// `chatcmpl-` then 12 hex digits drawn when the daemon started (its clock and process id)
+/// and a count of the answers since.
+fn completion_id() -> String {
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let start = *START.get_or_init(|| {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |t| t.as_nanos() as u64);
+        // A splitmix64 step, so that close start times give unrelated prefixes.
+        let mut z = nanos ^ (u64::from(std::process::id()) << 32);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) & 0xffff_ffff_ffff
+    });
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("chatcmpl-{start:012x}{n:08x}")
+}
 /// The most messages of one request.
 const MAX_MESSAGES: usize = 4096;
 
@@ -325,7 +343,7 @@ pub async fn completions(State(app): State<Arc<App>>, body: Body) -> Result<Resp
     let answer = Answer {
         app: app.clone(),
         id,
-        cid: format!("chatcmpl-shoal-{id}-{created}"),
+        cid: completion_id(),
         created,
         model: c.model.clone(),
         conversation: c.conversation,
