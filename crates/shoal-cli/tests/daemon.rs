@@ -763,6 +763,15 @@ fn requests_of_the_wrong_shape_are_400s_that_name_the_field() {
             (json!({"messages": [{"role": "wizard", "content": "hi"}]}), "role"),
             (json!({"messages": [{"role": "user", "content": 5}]}), "messages"),
             (json!({}), "messages"),
+            // Fields shoal does not honour yet are refused, not dropped; unknown ones too.
+            (json!({"messages": user, "stop": ["\n"]}), "stop"),
+            (json!({"messages": user, "stop": "END"}), "stop"),
+            (json!({"messages": user, "logprobs": true}), "logprobs"),
+            (json!({"messages": user, "tools": [{"type": "function"}]}), "tools"),
+            (json!({"messages": user, "response_format": {"type": "json_object"}}), "response_format"),
+            (json!({"messages": user, "stream_options": {"include_usage": true}}), "stream_options"),
+            (json!({"messages": user, "presence_penalty": 0.5}), "presence_penalty"),
+            (json!({"messages": user, "temprature": 0.5}), "temprature"),
         ];
         for (body, names) in cases {
             let t0 = Instant::now();

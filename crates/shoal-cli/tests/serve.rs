@@ -292,6 +292,20 @@ fn a_chat_longer_than_the_context_is_a_400_and_the_actor_answers_the_next_one() 
     let again: Value = serde_json::from_slice(&again).unwrap();
     let (a, b) = (v["id"].as_str().unwrap(), again["id"].as_str().unwrap());
     assert!(a.starts_with("chatcmpl-") && b.starts_with("chatcmpl-") && a != b, "{a} {b}");
+    // Fields set to what changes nothing are accepted (clients send them so).
+    let quiet = json!({"model": "smollm2", "temperature": 0, "max_tokens": 8, "stop": null, "logprobs": false,
+                       "user": "u1", "tools": [], "stream_options": {"include_usage": false},
+                       "response_format": {"type": "text"}, "presence_penalty": 0,
+                       "messages": [{"role": "user", "content": "What is the capital of France?"}]});
+    let (s, body) = call(&d.addr, "POST", "/v1/chat/completions", &serde_json::to_vec(&quiet).unwrap());
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+    // One model, as OpenAI's API describes it.
+    let (s, body) = call(&d.addr, "GET", "/v1/models/smollm2", b"");
+    let m: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((s, &m["id"], &m["object"]), (200, &json!("smollm2"), &json!("model")), "{m}");
+    let (s, body) = call(&d.addr, "GET", "/v1/models/nope", b"");
+    let e: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!((s, &e["error"]["code"]), (404, &json!("model_not_found")), "{e}");
     // One actor served them all: the failures left it usable.
     let (_, list) = call(&d.addr, "GET", "/v1/actors", b"");
     let list: Value = serde_json::from_slice(&list).unwrap();

@@ -185,12 +185,24 @@ pub async fn modules(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiErro
     Ok(Json(json!({"modules": names})))
 }
 
+fn model_object(name: &str) -> Value {
+    json!({"id": name, "object": "model", "created": 0, "owned_by": "shoal"})
+}
+
 pub async fn models(State(app): State<Arc<App>>) -> Json<Value> {
-    let data: Vec<Value> = app
-        .models
-        .names()
-        .into_iter()
-        .map(|n| json!({"id": n, "object": "model", "created": 0, "owned_by": "shoal"}))
-        .collect();
+    let data: Vec<Value> = app.models.names().iter().map(|n| model_object(n)).collect();
     Json(json!({"object": "list", "data": data}))
+}
+
+/// `GET /v1/models/{id}`: one model, as OpenAI's API describes it, or a 404.
+pub async fn model(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    if app.models.names().iter().any(|n| *n == id) {
+        return Ok(Json(model_object(&id)));
+    }
+    Err(ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no model named `{}` (GET /v1/models lists them)", crate::error::shown(&id, 64)),
+    )
+    .code("model_not_found")
+    .param("model"))
 }

@@ -174,6 +174,7 @@ fn router(app: Arc<App>, guard: Arc<Guard>) -> Router {
         .route("/v1/snapshots/{key}/restore", post(api::restore))
         .route("/v1/modules", get(api::modules))
         .route("/v1/models", get(api::models))
+        .route("/v1/models/{id}", get(api::model))
         .route("/v1/chat/completions", post(openai::completions))
         .fallback(not_found)
         .method_not_allowed_fallback(not_allowed)

@@ -98,6 +98,34 @@ struct ChatRequest {
     top_p: Option<f64>,
     seed: Option<i64>,
     n: Option<i64>,
+    /// Accepted and ignored: they change nothing in the answer.
+    #[serde(default, rename = "user")]
+    _user: Option<Value>,
+    #[serde(default, rename = "store")]
+    _store: Option<Value>,
+    #[serde(default, rename = "metadata")]
+    _metadata: Option<Value>,
+    /// Fields shoal does not honour yet: refused (a 400 naming the field) unless absent or
+    /// set to what changes nothing, rather than dropped silently.
+    #[serde(flatten)]
+    unsupported: std::collections::BTreeMap<String, Value>,
+}
+
+/// Whether `v` for the OpenAI field `name` asks for nothing shoal leaves out.
+fn changes_nothing(name: &str, v: &Value) -> bool {
+    match (name, v) {
+        (_, Value::Null) => true,
+        ("stop" | "tools" | "functions" | "logit_bias", v) => {
+            v.as_array().is_some_and(|a| a.is_empty()) || v.as_object().is_some_and(|o| o.is_empty())
+        }
+        ("logprobs" | "parallel_tool_calls", Value::Bool(b)) => !b || name == "parallel_tool_calls",
+        ("top_logprobs", v) => v.as_u64() == Some(0),
+        ("tool_choice" | "function_call", v) => v.as_str() == Some("none") || v.as_str() == Some("auto"),
+        ("response_format", v) => v.get("type").and_then(Value::as_str) == Some("text"),
+        ("presence_penalty" | "frequency_penalty", v) => v.as_f64() == Some(0.0),
+        ("stream_options", v) => v.get("include_usage").is_none_or(|u| *u == Value::Bool(false)),
+        _ => false,
+    }
 }
 
 /// The most tokens one answer may ask for.
@@ -136,8 +164,36 @@ struct Checked {
     msg: String,
 }
 
+/// The fields of OpenAI's request that shoal knows and does not honour yet.
+const NOT_YET: [&str; 13] = [
+    "stop",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "response_format",
+    "stream_options",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+];
+
 fn check(r: ChatRequest, default_model: &str) -> Result<Checked, ApiError> {
     let bad = |m: String, p: &'static str| ApiError::bad(m).param(p);
+    for (name, v) in &r.unsupported {
+        if changes_nothing(name, v) {
+            continue;
+        }
+        let shown = crate::error::shown(name, 48);
+        let (message, param) = match NOT_YET.iter().find(|n| **n == name) {
+            Some(n) => (format!("`{n}` is not supported by shoal yet; leave it out (or null) and ask again"), *n),
+            None => (format!("`{shown}` is not a field of a chat completion request"), "body"),
+        };
+        return Err(ApiError::bad(message).code("unsupported_parameter").param(param));
+    }
     if let Some(n) = r.n
         && n != 1
     {
