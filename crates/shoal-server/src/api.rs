@@ -196,7 +196,7 @@ pub async fn models(State(app): State<Arc<App>>) -> Json<Value> {
 
 /// `GET /v1/models/{id}`: one model, as OpenAI's API describes it, or a 404.
 pub async fn model(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
-    if app.models.names().iter().any(|n| *n == id) {
+    if app.models.names().contains(&id) {
         return Ok(Json(model_object(&id)));
     }
     Err(ApiError::new(
