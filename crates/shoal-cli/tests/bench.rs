@@ -63,3 +63,47 @@ fn bench_refuses_a_missing_file_and_more_tokens_than_the_context() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("past smollm2's context of 8192 tokens"), "{err}");
 }
+
+#[test]
+fn bench_refuses_forged_truncated_and_empty_model_files_without_panicking() {
+    let dir = std::env::temp_dir().join(format!("shoal-bench-files-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("not-a-model")).unwrap();
+    let mut cases = vec![
+        ("empty.gguf", Vec::new()),
+        ("text.gguf", b"this is not a model\n".repeat(100)),
+        // A GGUF header claiming 2^62 tensors and 2^62 metadata entries.
+        (
+            "forged.gguf",
+            [&b"GGUF"[..], &3u32.to_le_bytes(), &(1u64 << 62).to_le_bytes(), &(1u64 << 62).to_le_bytes()].concat(),
+        ),
+    ];
+    if let Some(real) = model() {
+        // The real file cut off after its first 64 KiB: its header promises what is not there.
+        let mut b = std::fs::read(real).unwrap();
+        b.truncate(64 << 10);
+        cases.push(("truncated.gguf", b));
+    }
+    let mut paths: Vec<_> = cases
+        .into_iter()
+        .map(|(name, bytes)| {
+            let p = dir.join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        })
+        .collect();
+    paths.push(dir.join("not-a-model"));
+    for p in paths {
+        let t0 = std::time::Instant::now();
+        let out = shoal()
+            .args(["bench", "--backend", "cpu", "--prompt", "4", "--gen", "1", "--repeat", "1", "--model"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{}: {err}", p.display());
+        assert!(err.contains("shoal: error:") && !err.contains("panicked"), "{}: {err}", p.display());
+        assert!(t0.elapsed() < std::time::Duration::from_secs(20), "{}: {:?}", p.display(), t0.elapsed());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1262,3 +1262,52 @@ fn an_abandoned_openai_request_frees_its_actor() {
     assert!(openai_actors(a).len() <= 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---------------------------------------------------------------------------------------
+// 9. The OpenAI surface added for clients: model ids in paths, fields not honoured yet
+
+#[test]
+fn model_ids_in_paths_and_unknown_fields_are_refused_quickly_and_shown_escaped() {
+    let dir = tmp("openai-surface");
+    let d = start(&dir.join("store"), None, &[]);
+    let a = &d.addr;
+    let long = "m".repeat(8000);
+    let ids = ["nope", "..%2F..%2Fetc%2Fpasswd", "%00", "smollm2%0d%0aX-Evil:%201", "%F0%9F%92%A3", long.as_str()];
+    for id in ids {
+        let t0 = Instant::now();
+        let (s, body) = call(a, "GET", &format!("/v1/models/{id}"), b"");
+        assert!(t0.elapsed() < Duration::from_secs(2), "{id}: {:?}", t0.elapsed());
+        let v: Value =
+            serde_json::from_slice(&body).unwrap_or_else(|_| panic!("{id}: {}", String::from_utf8_lossy(&body)));
+        assert_eq!((s, &v["error"]["code"]), (404, &json!("model_not_found")), "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.len() < 400 && !msg.chars().any(|c| c.is_control()), "{msg:?}");
+    }
+    // Every request past the listing's own route still gets the list.
+    let (s, _) = call(a, "GET", "/v1/models", b"");
+    assert_eq!(s, 200);
+
+    // Ten thousand unknown fields, and one whose name is 100 KB: a 400 naming (a shown part
+    // of) the first, at once, and the daemon unmoved.
+    let mut many = serde_json::Map::new();
+    many.insert("messages".into(), json!([{"role": "user", "content": "hi"}]));
+    for i in 0..10_000 {
+        many.insert(format!("x{i:05}"), json!(i));
+    }
+    let huge =
+        format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"hi\"}}], \"{}\": 1}}", "k".repeat(100_000));
+    for body in [serde_json::to_vec(&Value::Object(many)).unwrap(), huge.into_bytes()] {
+        let t0 = Instant::now();
+        let (s, reply) = call(a, "POST", "/v1/chat/completions", &body);
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        let v: Value = serde_json::from_slice(&reply).unwrap();
+        assert_eq!(
+            (s, &v["error"]["code"], &v["error"]["param"]),
+            (400, &json!("unsupported_parameter"), &json!("body")),
+            "{v}"
+        );
+        assert!(v["error"]["message"].as_str().unwrap().len() < 200, "{v}");
+    }
+    assert!(actors(a).is_empty(), "a refused completion left an actor");
+    let _ = std::fs::remove_dir_all(&dir);
+}

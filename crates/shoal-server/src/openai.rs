@@ -111,23 +111,6 @@ struct ChatRequest {
     unsupported: std::collections::BTreeMap<String, Value>,
 }
 
-/// Whether `v` for the OpenAI field `name` asks for nothing shoal leaves out.
-fn changes_nothing(name: &str, v: &Value) -> bool {
-    match (name, v) {
-        (_, Value::Null) => true,
-        ("stop" | "tools" | "functions" | "logit_bias", v) => {
-            v.as_array().is_some_and(|a| a.is_empty()) || v.as_object().is_some_and(|o| o.is_empty())
-        }
-        ("logprobs" | "parallel_tool_calls", Value::Bool(b)) => !b || name == "parallel_tool_calls",
-        ("top_logprobs", v) => v.as_u64() == Some(0),
-        ("tool_choice" | "function_call", v) => v.as_str() == Some("none") || v.as_str() == Some("auto"),
-        ("response_format", v) => v.get("type").and_then(Value::as_str) == Some("text"),
-        ("presence_penalty" | "frequency_penalty", v) => v.as_f64() == Some(0.0),
-        ("stream_options", v) => v.get("include_usage").is_none_or(|u| *u == Value::Bool(false)),
-        _ => false,
-    }
-}
-
 /// The most tokens one answer may ask for.
 const MAX_TOKENS: i64 = 1 << 20;
 
@@ -148,6 +131,7 @@ fn completion_id() -> String {
     let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!("chatcmpl-{start:012x}{n:08x}")
 }
+
 /// The most messages of one request.
 const MAX_MESSAGES: usize = 4096;
 
@@ -164,33 +148,37 @@ struct Checked {
     msg: String,
 }
 
-/// The fields of OpenAI's request that shoal knows and does not honour yet.
-const NOT_YET: [&str; 13] = [
-    "stop",
-    "logprobs",
-    "top_logprobs",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "functions",
-    "function_call",
-    "response_format",
-    "stream_options",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
+fn empty(v: &Value) -> bool {
+    v.as_array().is_some_and(|a| a.is_empty()) || v.as_object().is_some_and(|o| o.is_empty())
+}
+
+/// The fields of OpenAI's request that shoal knows and does not honour yet, each with the
+/// values that ask for nothing shoal would leave out (null always does).
+const NOT_YET: [(&str, fn(&Value) -> bool); 13] = [
+    ("stop", empty),
+    ("logprobs", |v| *v == Value::Bool(false)),
+    ("top_logprobs", |v| v.as_u64() == Some(0)),
+    ("tools", empty),
+    ("tool_choice", |v| matches!(v.as_str(), Some("none" | "auto"))),
+    ("parallel_tool_calls", Value::is_boolean),
+    ("functions", empty),
+    ("function_call", |v| matches!(v.as_str(), Some("none" | "auto"))),
+    ("response_format", |v| v.get("type").and_then(Value::as_str) == Some("text")),
+    ("stream_options", |v| v.get("include_usage").is_none_or(|u| *u == Value::Bool(false))),
+    ("presence_penalty", |v| v.as_f64() == Some(0.0)),
+    ("frequency_penalty", |v| v.as_f64() == Some(0.0)),
+    ("logit_bias", empty),
 ];
 
 fn check(r: ChatRequest, default_model: &str) -> Result<Checked, ApiError> {
     let bad = |m: String, p: &'static str| ApiError::bad(m).param(p);
-    for (name, v) in &r.unsupported {
-        if changes_nothing(name, v) {
-            continue;
-        }
-        let shown = crate::error::shown(name, 48);
-        let (message, param) = match NOT_YET.iter().find(|n| **n == name) {
-            Some(n) => (format!("`{n}` is not supported by shoal yet; leave it out (or null) and ask again"), *n),
-            None => (format!("`{shown}` is not a field of a chat completion request"), "body"),
+    for (name, v) in r.unsupported.iter().filter(|(_, v)| !v.is_null()) {
+        let (message, param) = match NOT_YET.iter().find(|(n, _)| n == name) {
+            Some((_, inert)) if inert(v) => continue,
+            Some((n, _)) => (format!("`{n}` is not supported by shoal yet; leave it out (or null) and ask again"), *n),
+            None => {
+                (format!("`{}` is not a field of a chat completion request", crate::error::shown(name, 48)), "body")
+            }
         };
         return Err(ApiError::bad(message).code("unsupported_parameter").param(param));
     }
