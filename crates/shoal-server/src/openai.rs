@@ -148,13 +148,16 @@ struct Checked {
     msg: String,
 }
 
+/// Whether a field's value asks for nothing shoal would leave out.
+type Inert = fn(&Value) -> bool;
+
 fn empty(v: &Value) -> bool {
     v.as_array().is_some_and(|a| a.is_empty()) || v.as_object().is_some_and(|o| o.is_empty())
 }
 
 /// The fields of OpenAI's request that shoal knows and does not honour yet, each with the
 /// values that ask for nothing shoal would leave out (null always does).
-const NOT_YET: [(&str, fn(&Value) -> bool); 13] = [
+const NOT_YET: [(&str, Inert); 13] = [
     ("stop", empty),
     ("logprobs", |v| *v == Value::Bool(false)),
     ("top_logprobs", |v| v.as_u64() == Some(0)),
