@@ -250,6 +250,35 @@ extern "C" __global__ void shoal_kv_store(bf16* pool, const float* k, const floa
     }
 }
 
+// The end of a decode attention block: merges its warps' online softmaxes (maxima `sm_m`,
+// sums `sm_l`, weighted values `acc(warp, head, dim)`) and writes one partial record per query
+// head of the group to `part` ([token][q head][split] records of (max, sum, acc[head_dim])),
+// which shoal_attention_merge combines across splits.
+template <typename Acc>
+__device__ __forceinline__ void write_split(float* part, const float (*sm_m)[MAX_GROUP], const float (*sm_l)[MAX_GROUP],
+                                            Acc acc, int t, int kvh, int group, int n_heads, int head_dim) {
+    int split = blockIdx.z, splits = gridDim.z, rec = head_dim + 2;
+    for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) {
+        int g = i / head_dim, d = i % head_dim;
+        float mx = NEG_INF;
+        for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, sm_m[w][g]);
+        float sum = 0.0f, a = 0.0f;
+        if (mx != NEG_INF) {
+            for (int w = 0; w < ATT_WARPS; w++) {
+                float f = expf(sm_m[w][g] - mx);
+                sum += sm_l[w][g] * f;
+                a += acc(w, g, d) * f;
+            }
+        }
+        float* r = part + (((u64)t * n_heads + kvh * group + g) * splits + split) * rec;
+        if (d == 0) {
+            r[0] = mx;
+            r[1] = sum;
+        }
+        r[2 + d] = a;
+    }
+}
+
 // Causal attention, split over positions. Block (kv head, token, split) handles the query
 // heads sharing one key/value head, so each key and value row is read once for all of
 // them; its warps take positions split*ATT_WARPS + warp, + splits*ATT_WARPS, ... with an
@@ -315,26 +344,8 @@ shoal_attention(float* part, const float* q, const bf16* pool, const int* step, 
         for (int d = 0; d < MAX_PER_LANE; d++) sm_acc[warp][g][lane + 32 * d] = acc[g][d];
     }
     __syncthreads();
-    int rec = head_dim + 2;
-    for (int i = threadIdx.x; i < group * head_dim; i += blockDim.x) {
-        int g = i / head_dim, d = i % head_dim;
-        float mx = NEG_INF;
-        for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, sm_m[w][g]);
-        float sum = 0.0f, a = 0.0f;
-        if (mx != NEG_INF) {
-            for (int w = 0; w < ATT_WARPS; w++) {
-                float f = expf(sm_m[w][g] - mx);
-                sum += sm_l[w][g] * f;
-                a += sm_acc[w][g][d] * f;
-            }
-        }
-        float* r = part + (((u64)t * n_heads + kvh * group + g) * splits + split) * rec;
-        if (d == 0) {
-            r[0] = mx;
-            r[1] = sum;
-        }
-        r[2 + d] = a;
-    }
+    write_split(part, sm_m, sm_l, [&](int w, int g, int d) { return sm_acc[w][g][d]; }, t, kvh, group, n_heads,
+                head_dim);
 }
 
 // Causal attention for passes with prompt chunks, one block per (key/value head, tile): a tile
@@ -556,26 +567,8 @@ __device__ __forceinline__ void attention_chunks(float* part, const float* q, co
         }
     }
     __syncthreads();
-    int rec = HD + 2;
-    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
-        int g = i / HD, d = i % HD;
-        float mx = NEG_INF;
-        for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, sm_m[w][g]);
-        float sum = 0.0f, a = 0.0f;
-        if (mx != NEG_INF) {
-            for (int w = 0; w < ATT_WARPS; w++) {
-                float f = expf(sm_m[w][g] - mx);
-                sum += sm_l[w][g] * f;
-                a += ((const float*)vs[w])[g * HD + d] * f;
-            }
-        }
-        float* r = part + (((u64)t * n_heads + kvh * group + g) * splits + split) * rec;
-        if (d == 0) {
-            r[0] = mx;
-            r[1] = sum;
-        }
-        r[2 + d] = a;
-    }
+    write_split(part, sm_m, sm_l, [&](int w, int g, int d) { return ((const float*)vs[w])[g * HD + d]; }, t, kvh,
+                group, n_heads, HD);
 }
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
