@@ -5,6 +5,8 @@
 
 CARGO ?= cargo
 SHOAL := target/release/shoal
+# The guests' own unit tests run natively (the guests' workspace builds for Wasm by default).
+HOST_TARGET := $(shell rustc -vV | sed -n 's/^host: //p')
 export XDG_RUNTIME_DIR ?= /tmp
 # NVRTC from PyPI (scripts/setup.sh --test), for the kernel compile test.
 NVRTC_LIB := $(CURDIR)/.cache/nvrtc/nvidia/cu13/lib
@@ -32,6 +34,7 @@ test: setup-test
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 	cd guests && $(CARGO) clippy --release -- -D warnings
 	cd guests && $(CARGO) clippy --release --target wasm32-wasip2 -p nncomponent-guest -- -D warnings
+	cd guests && $(CARGO) test --release -p chat-guest --lib --target $(HOST_TARGET)
 	$(MAKE) --no-print-directory check-metal
 	$(CARGO) build --release -p shoal-cli
 	scripts/check-demo.sh $(SHOAL)

@@ -176,3 +176,35 @@ impl ChatMessage {
         }
     }
 }
+
+/// One record (8 bytes) of what `session_decode_top` writes: a token and its
+/// log-probability under the model (natural log, before temperature or truncation).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[repr(C)]
+pub struct TokenLogprob {
+    /// The token.
+    pub id: u32,
+    /// Its log-probability (`-inf` for an impossible token).
+    pub logprob: f32,
+}
+
+const _: () = assert!(size_of::<TokenLogprob>() == TokenLogprob::SIZE);
+
+impl TokenLogprob {
+    /// Bytes of the record.
+    pub const SIZE: usize = 8;
+    /// The most alternatives one call reports (as OpenAI's `top_logprobs`).
+    pub const MAX_TOP: usize = 20;
+
+    /// The record's bytes.
+    pub fn to_bytes(&self) -> [u8; Self::SIZE] {
+        let mut b = [0u8; Self::SIZE];
+        le::put_u32(&mut b, offset_of!(Self, id), self.id);
+        le::put_u32(&mut b, offset_of!(Self, logprob), self.logprob.to_bits());
+        b
+    }
+    /// Decodes the record.
+    pub fn from_bytes(b: &[u8; Self::SIZE]) -> Self {
+        TokenLogprob { id: le::u32(b, offset_of!(Self, id)), logprob: le::f32(b, offset_of!(Self, logprob)) }
+    }
+}

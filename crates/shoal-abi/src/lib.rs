@@ -57,7 +57,12 @@ pub mod wasi_nn;
 mod tests;
 
 pub use compute::{DeviceInfo, GemmDesc, GemmHandles, LastOp, View};
-pub use infer::{ChatMessage, ModelInfo, SamplerParams};
+pub use infer::{ChatMessage, ModelInfo, SamplerParams, TokenLogprob};
+
+/// The sampling temperature every front end of shoal uses when none is given: `shoal chat`,
+/// the chat actor, the daemon's OpenAI endpoints and wasi-nn's default options. Low enough
+/// that small models answer plain questions correctly, high enough not to loop.
+pub const DEFAULT_TEMPERATURE: f32 = 0.7;
 
 /// The import module name of this ABI version.
 pub const MODULE: &str = "shoal_v1";

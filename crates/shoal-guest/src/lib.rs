@@ -71,6 +71,14 @@ mod sys {
         pub fn session_free(session: u32) -> i32;
         pub fn session_eval(session: u32, ids: *const u32, n: u32, logits: *mut f32, cap: u32) -> i32;
         pub fn session_decode(session: u32, ids: *const u32, n: u32, params: *const u8, out: *mut u32) -> i32;
+        pub fn session_decode_top(
+            session: u32,
+            ids: *const u32,
+            n: u32,
+            params: *const u8,
+            top: u32,
+            out: *mut u8,
+        ) -> i32;
         pub fn session_len(session: u32, out: *mut u32) -> i32;
         pub fn session_truncate(session: u32, n: u32) -> i32;
     }
@@ -587,6 +595,20 @@ pub struct SamplerParams {
     pub seed: u64,
 }
 
+impl SamplerParams {
+    /// The ABI's record of these settings.
+    fn record(&self) -> [u8; abi::SamplerParams::SIZE] {
+        abi::SamplerParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        }
+        .to_bytes()
+    }
+}
+
 impl Default for SamplerParams {
     fn default() -> Self {
         SamplerParams { temperature: 0.0, top_k: 40, top_p: 0.95, repetition_penalty: 1.0, seed: 0 }
@@ -624,18 +646,35 @@ impl Session {
 
     /// Runs `ids` through the model and samples the next token.
     pub fn decode(&mut self, ids: &[u32], params: &SamplerParams) -> Result<u32> {
-        let p = abi::SamplerParams {
-            temperature: params.temperature,
-            top_k: params.top_k,
-            top_p: params.top_p,
-            repetition_penalty: params.repetition_penalty,
-            seed: params.seed,
-        }
-        .to_bytes();
+        let p = params.record();
         let mut next = 0u32;
         // SAFETY: names `ids`, the sampler record and a writable u32.
         check(unsafe { sys::session_decode(self.handle, ids.as_ptr(), ids.len() as u32, p.as_ptr(), &mut next) })?;
         Ok(next)
+    }
+
+    /// Like [`Session::decode`], and also returns the chosen token's log-probability and the
+    /// `top` most likely tokens with theirs (most likely first; `top` at most
+    /// [`abi::TokenLogprob::MAX_TOP`]): `(chosen, alternatives)`.
+    pub fn decode_top(
+        &mut self,
+        ids: &[u32],
+        params: &SamplerParams,
+        top: u32,
+    ) -> Result<(abi::TokenLogprob, alloc::vec::Vec<abi::TokenLogprob>)> {
+        let p = params.record();
+        let mut out = vec![0u8; (1 + top as usize) * abi::TokenLogprob::SIZE];
+        // SAFETY: names `ids`, the sampler record and `out`, room for `1 + top` records.
+        check(unsafe {
+            sys::session_decode_top(self.handle, ids.as_ptr(), ids.len() as u32, p.as_ptr(), top, out.as_mut_ptr())
+        })?;
+        let mut records = out.chunks_exact(abi::TokenLogprob::SIZE).map(|c| {
+            let mut b = [0u8; abi::TokenLogprob::SIZE];
+            b.copy_from_slice(c);
+            abi::TokenLogprob::from_bytes(&b)
+        });
+        let chosen = records.next().unwrap_or_default();
+        Ok((chosen, records.collect()))
     }
 
     /// Tokens in the cache.

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use shoal_abi::{ChatMessage, ModelInfo, SamplerParams};
+use shoal_abi::{ChatMessage, ModelInfo, SamplerParams, TokenLogprob};
 use shoal_engine::models::{Cache, EngineError};
 use shoal_engine::sampler::Sampler;
 use shoal_engine::template::Message;
@@ -40,7 +40,8 @@ struct Session {
     _charge: Charge,
     /// Every token evaluated, for the repetition penalty.
     history: Vec<u32>,
-    /// Tokens sampled so far (the sampler's step).
+    /// Tokens sampled so far (kept in snapshots; draws are keyed by position, see
+    /// [`draw_key`]).
     step: u64,
 }
 
@@ -362,6 +363,34 @@ fn session_eval<T: InferHost>(
     Ok(())
 }
 
+/// The sampler a guest's record asks for.
+fn sampler_of(p: &SamplerParams) -> Sampler {
+    Sampler {
+        temperature: p.temperature,
+        top_k: p.top_k as usize,
+        top_p: p.top_p,
+        repetition_penalty: p.repetition_penalty,
+        seed: p.seed,
+    }
+}
+
+/// The last 64 tokens of the session's history followed by `tokens`: the window the
+/// repetition penalty looks at.
+fn penalty_window(s: &Session, tokens: &[u32]) -> Vec<u32> {
+    let mut window: Vec<u32> = s.history[s.history.len().saturating_sub(63)..].to_vec();
+    window.extend_from_slice(&tokens[tokens.len().saturating_sub(64)..]);
+    let start = window.len().saturating_sub(64);
+    window.drain(..start);
+    window
+}
+
+/// The key of the random draw for the token that follows `tokens`: its position in the
+/// sequence. The same conversation (the same tokens before it) and the same seed draw the
+/// same, whatever the session evaluated before (a pool actor reused, a cache truncated).
+fn draw_key(s: &Session, tokens: &[u32]) -> u64 {
+    (s.cache.len() + tokens.len()) as u64
+}
+
 fn session_decode<T: InferHost>(
     caller: &mut Caller<'_, T>,
     handle: u32,
@@ -374,25 +403,82 @@ fn session_decode<T: InferHost>(
     let vocab = session_mut(caller, handle)?.model.llama.config().vocab_size;
     let tokens = read_tokens(caller, &mem, ids, n, vocab)?;
     let p = SamplerParams::from_bytes(&read_array::<{ SamplerParams::SIZE }>(&*caller, &mem, params)?);
-    let sampler = Sampler {
-        temperature: p.temperature,
-        top_k: p.top_k as usize,
-        top_p: p.top_p,
-        repetition_penalty: p.repetition_penalty,
-        seed: p.seed,
-    };
+    let sampler = sampler_of(&p);
     check_writable(&*caller, &mem, token_out, 4)?;
     let t0 = Instant::now();
     let s = session_mut(caller, handle)?;
     check_room(s, tokens.len())?;
-    let mut window: Vec<u32> = s.history[s.history.len().saturating_sub(63)..].to_vec();
-    window.extend_from_slice(&tokens[tokens.len().saturating_sub(64)..]);
-    let window = &window[window.len().saturating_sub(64)..];
-    let next = s.model.llama.forward_sample(&tokens, &mut s.cache, &sampler, window, s.step)?;
+    let window = penalty_window(s, &tokens);
+    let key = draw_key(s, &tokens);
+    let next = s.model.llama.forward_sample(&tokens, &mut s.cache, &sampler, &window, key)?;
     s.history.extend_from_slice(&tokens);
     s.step += 1;
     record(caller, tokens.len(), t0);
     write(caller, &mem, token_out, &next.to_le_bytes())
+}
+
+/// `session_decode` that also reports log-probabilities: writes `1 + top` [`TokenLogprob`]
+/// records, the chosen token's then the `top` most likely tokens', most likely first. The
+/// log-probabilities are the model's own (a log-softmax of the logits, before temperature,
+/// penalty or truncation); the choice is the sampler's, drawn as `session_decode` draws.
+fn session_decode_top<T: InferHost>(
+    caller: &mut Caller<'_, T>,
+    handle: u32,
+    ids: u32,
+    n: u32,
+    params: u32,
+    top: u32,
+    out: u32,
+) -> Result<(), GuestError> {
+    let mem = memory(caller)?;
+    let vocab = session_mut(caller, handle)?.model.llama.config().vocab_size;
+    let tokens = read_tokens(caller, &mem, ids, n, vocab)?;
+    let p = SamplerParams::from_bytes(&read_array::<{ SamplerParams::SIZE }>(&*caller, &mem, params)?);
+    let sampler = sampler_of(&p);
+    if top as usize > TokenLogprob::MAX_TOP {
+        return Err(err(
+            Kind::InvalidArgument,
+            format!("{top} alternatives asked for; at most {}", TokenLogprob::MAX_TOP),
+        ));
+    }
+    let records = 1 + top as usize;
+    check_writable(&*caller, &mem, out, records * TokenLogprob::SIZE)?;
+    let (window, key) = {
+        let s = session_mut(caller, handle)?;
+        check_room(s, tokens.len())?;
+        (penalty_window(s, &tokens), draw_key(s, &tokens))
+    };
+    let logits = eval(caller, handle, &tokens)?;
+    session_mut(caller, handle)?.step += 1;
+    let next = sampler.sample(&logits, &window, key).unwrap_or(0);
+    let lp = log_softmax(&logits);
+    let mut order: Vec<u32> = (0..lp.len() as u32).collect();
+    let k = (top as usize).min(order.len());
+    let desc = |a: &u32, b: &u32| lp[*b as usize].total_cmp(&lp[*a as usize]).then(a.cmp(b));
+    if k > 0 && k < order.len() {
+        order.select_nth_unstable_by(k - 1, desc);
+    }
+    order.truncate(k);
+    order.sort_unstable_by(desc);
+    let mut bytes = Vec::with_capacity(records * TokenLogprob::SIZE);
+    for id in std::iter::once(next).chain(order) {
+        bytes.extend_from_slice(
+            &TokenLogprob { id, logprob: lp.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY) }.to_bytes(),
+        );
+    }
+    bytes.resize(records * TokenLogprob::SIZE, 0);
+    write(caller, &mem, out, &bytes)
+}
+
+/// Natural-log probabilities of `logits` (NaN counts as impossible).
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().filter(|v| !v.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return vec![f32::NEG_INFINITY; logits.len()];
+    }
+    let sum: f64 = logits.iter().filter(|v| !v.is_nan()).map(|&v| ((v - max) as f64).exp()).sum();
+    let log_sum = sum.ln() as f32;
+    logits.iter().map(|&v| if v.is_nan() { f32::NEG_INFINITY } else { v - max - log_sum }).collect()
 }
 
 fn session_len<T: InferHost>(caller: &mut Caller<'_, T>, handle: u32, out: u32) -> Result<(), GuestError> {
@@ -467,6 +553,14 @@ pub(crate) fn add_to_linker<T: InferHost>(linker: &mut Linker<T>) -> wasmtime::R
         |mut c: Caller<'_, T>, s: u32, ids: u32, n: u32, params: u32, out: u32| {
             let r = session_decode(&mut c, s, ids, n, params, out);
             finish(&mut c, "session_decode", r)
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "session_decode_top",
+        |mut c: Caller<'_, T>, s: u32, ids: u32, n: u32, params: u32, top: u32, out: u32| {
+            let r = session_decode_top(&mut c, s, ids, n, params, top, out);
+            finish(&mut c, "session_decode_top", r)
         },
     )?;
     linker.func_wrap(MODULE, "session_len", |mut c: Caller<'_, T>, s: u32, out: u32| {

@@ -28,6 +28,7 @@
 pub mod budget;
 mod compute;
 pub mod digest;
+pub mod embed;
 pub mod error;
 mod guest;
 mod infer;

@@ -64,7 +64,13 @@ impl Default for Options {
             ctx_size: 4096,
             n_predict: None,
             // The llama.cpp plugin's defaults.
-            sampler: Sampler { temperature: 0.8, top_k: 40, top_p: 0.95, repetition_penalty: 1.1, seed: 42 },
+            sampler: Sampler {
+                temperature: shoal_abi::DEFAULT_TEMPERATURE,
+                top_k: 40,
+                top_p: 0.95,
+                repetition_penalty: 1.1,
+                seed: 42,
+            },
             reverse_prompt: None,
             stream_stdout: false,
             log: false,
@@ -479,12 +485,7 @@ fn embed(cx: &mut Context) -> Result<(), NnError> {
     let model = cx.model.clone();
     // Its own cache: an embedding is of this text alone.
     let _charge = cx.quota.kv_cache(&model, ids.len())?;
-    let mut cache = model.llama.new_cache(ids.len())?;
-    let mut h = model.llama.hidden(&ids, &mut cache)?;
-    let norm = h.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>().sqrt();
-    if norm > 0.0 {
-        h.iter_mut().for_each(|v| *v = (f64::from(*v) / norm) as f32);
-    }
+    let h = crate::embed::embedding(&model, &ids)?;
     cx.input_tokens = ids.len();
     cx.output_tokens = 0;
     cx.reused_tokens = 0;

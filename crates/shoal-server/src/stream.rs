@@ -20,7 +20,7 @@ use shoal_actor::Event;
 use tokio::sync::mpsc as amp;
 
 /// Lines buffered between the actor's queue and the socket.
-const LINES: usize = 8;
+pub(crate) const LINES: usize = 8;
 
 /// Splits a reply's bytes into text and binary parts, holding back a UTF-8 character cut
 /// at the end of a part until the next.
@@ -84,17 +84,29 @@ fn line(v: &Value) -> Bytes {
 /// queue) and calls `abandoned`.
 pub fn pump(
     events: impl Iterator<Item = Event> + Send + 'static,
-    mut encode: impl FnMut(Event) -> Vec<Bytes> + Send + 'static,
+    encode: impl FnMut(Event) -> Vec<Bytes> + Send + 'static,
+    abandoned: impl FnOnce() + Send + 'static,
+) -> Body {
+    pump_until(events, |ev| matches!(ev, Event::Done(_)), encode, abandoned)
+}
+
+/// [`pump`] for any kind of event: the stream ends after an event `last` says is the last,
+/// or when the events end.
+pub fn pump_until<E: Send + 'static>(
+    events: impl Iterator<Item = E> + Send + 'static,
+    last: impl Fn(&E) -> bool + Send + 'static,
+    mut encode: impl FnMut(E) -> Vec<Bytes> + Send + 'static,
     abandoned: impl FnOnce() + Send + 'static,
 ) -> Body {
     let (tx, out) = amp::channel::<Bytes>(LINES);
     tokio::task::spawn_blocking(move || {
         let mut events = events;
         for ev in events.by_ref() {
-            let end = matches!(ev, Event::Done(_));
+            let end = last(&ev);
             for piece in encode(ev) {
                 if tx.blocking_send(piece).is_err() {
                     drop(events);
+                    drop(encode);
                     abandoned();
                     return;
                 }

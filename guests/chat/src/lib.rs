@@ -16,11 +16,18 @@
 //! turns, the system prompt kept, until it fits (`truncate`). Either way a turn that fails
 //! leaves the conversation as it was before it: the next one works.
 
+pub mod api;
+pub mod json;
+
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Instant;
 
-use shoal_guest::abi::Status;
+use shoal_guest::abi::{Status, TokenLogprob};
 use shoal_guest::{Model, SamplerParams, Session};
+
+use crate::api::{Finish, Usage};
+use crate::json::Json;
 
 /// What to do with a conversation longer than the session's context.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +49,8 @@ pub struct Args {
     pub prompts: Vec<String>,
     pub stats: bool,
     pub bench: Option<(usize, usize, usize)>,
+    /// What the OpenAI endpoint asked for, when the message came from it (see [`api`]).
+    pub api: Option<api::Options>,
 }
 
 /// Why a turn failed.
@@ -78,13 +87,14 @@ impl From<String> for TurnError {
 pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
     let mut a = Args {
         model: "smollm2".into(),
-        params: SamplerParams::default(),
+        params: SamplerParams { temperature: shoal_guest::abi::DEFAULT_TEMPERATURE, ..SamplerParams::default() },
         max_tokens: 256,
         context: 0,
         context_policy: ContextPolicy::Error,
         prompts: Vec::new(),
         stats: false,
         bench: None,
+        api: None,
     };
     let mut it = args.into_iter();
     while let Some(flag) = it.next() {
@@ -131,6 +141,23 @@ pub struct Chat {
     messages: Vec<(String, String)>,
     /// Tokens in the session's cache, in order.
     seen: Vec<u32>,
+    /// Token pieces looked up for JSON mode.
+    pieces: BTreeMap<u32, Vec<u8>>,
+}
+
+/// A chosen token, with its log-probability and the alternatives' when they were asked for.
+struct Pick {
+    id: u32,
+    /// Its text forced in (JSON mode when no token could continue): no token id stands.
+    forced: Option<Vec<u8>>,
+    logprobs: Option<(TokenLogprob, Vec<TokenLogprob>)>,
+}
+
+/// The answer being made: its bytes, what has been sent, and JSON mode's state.
+struct Answer {
+    bytes: Vec<u8>,
+    sent: usize,
+    json: Option<Json>,
 }
 
 impl Chat {
@@ -138,12 +165,12 @@ impl Chat {
     pub fn new(a: &Args) -> Result<Chat, String> {
         let model = Model::open(&a.model).map_err(|e| e.to_string())?;
         let session = Session::new(&model, a.context).map_err(|e| e.to_string())?;
-        Ok(Chat { model, session, messages: Vec::new(), seen: Vec::new() })
+        Ok(Chat { model, session, messages: Vec::new(), seen: Vec::new(), pieces: BTreeMap::new() })
     }
 
-    /// Answers one user turn, streaming the reply; returns (tokens generated, seconds). When
-    /// it fails, the conversation is as it was before.
-    pub fn turn(&mut self, user: &str, a: &Args, out: &mut impl Write) -> Result<(u32, f64), TurnError> {
+    /// Answers one user turn, streaming the reply; returns what it took. When it fails, the
+    /// conversation is as it was before.
+    pub fn turn(&mut self, user: &str, a: &Args, out: &mut impl Write) -> Result<Usage, TurnError> {
         let mut messages = self.messages.clone();
         messages.push(("user".into(), user.into()));
         self.answer(messages, a, out)
@@ -152,7 +179,7 @@ impl Chat {
     /// Replaces the conversation with `messages` (ending with a user turn) and answers it;
     /// the cache still serves whatever prefix the new conversation shares with the old. When
     /// it fails, the conversation is the old one still.
-    pub fn answer(&mut self, messages: Messages, a: &Args, out: &mut impl Write) -> Result<(u32, f64), TurnError> {
+    pub fn answer(&mut self, messages: Messages, a: &Args, out: &mut impl Write) -> Result<Usage, TurnError> {
         let before = std::mem::replace(&mut self.messages, messages);
         let r = self.respond(a, out);
         if r.is_err() {
@@ -175,18 +202,36 @@ impl Chat {
         true
     }
 
-    /// Evaluates the conversation's prompt (past the prefix the session has already seen)
-    /// and samples the answer's first token; under [`ContextPolicy::Truncate`] drops the
-    /// oldest turns until it fits.
-    fn prefill(&mut self, a: &Args) -> Result<(u32, Vec<u32>), TurnError> {
+    /// The tokens of the conversation's prompt (with the generation prompt), or of the raw
+    /// text of a completion.
+    fn prompt(&self, raw: Option<&str>) -> Result<Vec<u32>, TurnError> {
+        let prompt = match raw {
+            Some(text) => self.model.tokenize(text, true)?,
+            None => {
+                let msgs: Vec<(&str, &str)> = self.messages.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
+                let text = self.model.render(&msgs, true)?;
+                self.model.tokenize(&text, true)?
+            }
+        };
+        if prompt.is_empty() {
+            return Err(TurnError::Other("the prompt is no tokens".into()));
+        }
+        Ok(prompt)
+    }
+
+    /// Evaluates the prompt (past the prefix the session has already seen) and chooses the
+    /// answer's first token; under [`ContextPolicy::Truncate`] drops the oldest turns of a
+    /// conversation until it fits. Returns the pick, the tokens evaluated, and the prompt's
+    /// length and its tokens served from the cache.
+    fn prefill(
+        &mut self,
+        a: &Args,
+        raw: Option<&str>,
+        answer: &Answer,
+    ) -> Result<(Pick, Vec<u32>, u32, u32), TurnError> {
         let mut dropped = 0;
         loop {
-            let msgs: Vec<(&str, &str)> = self.messages.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
-            let text = self.model.render(&msgs, true)?;
-            let prompt = self.model.tokenize(&text, true)?;
-            if prompt.is_empty() {
-                return Err(TurnError::Other("the conversation renders to no tokens".into()));
-            }
+            let prompt = self.prompt(raw)?;
             // Reuse the cache for the prefix the session has already seen.
             let common = self.seen.iter().zip(&prompt).take_while(|(x, y)| x == y).count();
             let common = common.min(prompt.len() - 1);
@@ -195,29 +240,33 @@ impl Chat {
                 self.seen.truncate(common);
             }
             // A call that fails leaves the session's cache as it was: `seen` still holds.
-            match self.session.decode(&prompt[common..], &a.params) {
+            match self.pick(&prompt[common..], a, answer) {
                 Ok(next) => {
                     if dropped > 0 {
                         eprintln!("chat: dropped the {dropped} oldest turns to fit the context");
                     }
-                    return Ok((next, prompt[common..].to_vec()));
+                    return Ok((next, prompt[common..].to_vec(), prompt.len() as u32, common as u32));
                 }
                 Err(e) if e.code == Status::ContextFull.code() => {
-                    if a.context_policy == ContextPolicy::Truncate && self.drop_oldest_turn() {
+                    if raw.is_none() && a.context_policy == ContextPolicy::Truncate && self.drop_oldest_turn() {
                         dropped += 1;
                         continue;
                     }
                     // The host's message names the call, then `context_length_exceeded: ...`.
                     let why =
                         e.message.split_once("context_length_exceeded:").map_or(e.message.as_str(), |(_, r)| r).trim();
-                    let hint = match a.context_policy {
-                        ContextPolicy::Truncate => "even with only the system prompt and the last message; shorten it",
-                        ContextPolicy::Error => {
+                    let hint = match (raw, a.context_policy) {
+                        (Some(_), _) => "shorten it",
+                        (None, ContextPolicy::Truncate) => {
+                            "even with only the system prompt and the last message; shorten it"
+                        }
+                        (None, ContextPolicy::Error) => {
                             "shorten it (a chat started with --context-policy truncate drops its oldest turns instead)"
                         }
                     };
+                    let what = if raw.is_some() { "prompt" } else { "conversation" };
                     return Err(TurnError::ContextFull(format!(
-                        "context_length_exceeded: the conversation is {} tokens, more than this chat's context holds ({why}); {hint}",
+                        "context_length_exceeded: the {what} is {} tokens, more than this chat's context holds ({why}); {hint}",
                         prompt.len()
                     )));
                 }
@@ -226,56 +275,173 @@ impl Chat {
         }
     }
 
-    fn respond(&mut self, a: &Args, out: &mut impl Write) -> Result<(u32, f64), TurnError> {
-        let err = |e: shoal_guest::Error| e.to_string();
-        let mut reply = Vec::<u8>::new();
-        let mut printed = 0usize;
+    /// A token's text, looked up once.
+    fn piece_of(&mut self, id: u32) -> Result<&[u8], shoal_guest::Error> {
+        if !self.pieces.contains_key(&id) {
+            let p = self.model.piece(id)?;
+            self.pieces.insert(id, p);
+        }
+        Ok(&self.pieces[&id])
+    }
+
+    /// Whether token `id` may come next in JSON mode.
+    fn fits(&mut self, id: u32, json: &Json) -> Result<bool, shoal_guest::Error> {
+        if self.is_stop(id) {
+            return Ok(json.done());
+        }
+        Ok(json.feed(self.piece_of(id)?).is_some())
+    }
+
+    fn is_stop(&self, id: u32) -> bool {
+        self.model.info.stop.contains(&id) || Some(id) == self.model.info.eos
+    }
+
+    /// Runs `input` and chooses the next token: the sampler's, or in JSON mode the first of
+    /// the sampler's choice and the most likely alternatives that keeps the answer valid JSON.
+    fn pick(&mut self, input: &[u32], a: &Args, answer: &Answer) -> Result<Pick, shoal_guest::Error> {
+        let want = a.api.as_ref().and_then(|o| o.logprobs);
+        let json = answer.json.as_ref();
+        if want.is_none() && json.is_none() {
+            let id = self.session.decode(input, &a.params)?;
+            return Ok(Pick { id, forced: None, logprobs: None });
+        }
+        let top = if json.is_some() { TokenLogprob::MAX_TOP as u32 } else { want.unwrap_or(0) };
+        let (chosen, alts) = self.session.decode_top(input, &a.params, top)?;
+        let keep = |alts: &[TokenLogprob]| alts[..alts.len().min(want.unwrap_or(0) as usize)].to_vec();
+        let Some(json) = json else {
+            return Ok(Pick { id: chosen.id, forced: None, logprobs: Some((chosen, keep(&alts))) });
+        };
+        let json = json.clone();
+        for c in std::iter::once(chosen).chain(alts.iter().copied()) {
+            if self.fits(c.id, &json)? {
+                let logprobs = want.map(|_| (c, keep(&alts)));
+                return Ok(Pick { id: c.id, forced: None, logprobs });
+            }
+        }
+        // None of the likely tokens continues the JSON: close it.
+        Ok(Pick { id: 0, forced: Some(json.closing()), logprobs: None })
+    }
+
+    fn respond(&mut self, a: &Args, out: &mut impl Write) -> Result<Usage, TurnError> {
+        self.generate(a, None, out)
+    }
+
+    /// Continues the raw text `prompt` (no chat template; a completion), streaming the
+    /// continuation. The conversation is left as it was.
+    pub fn complete(&mut self, prompt: &str, a: &Args, out: &mut impl Write) -> Result<Usage, TurnError> {
+        self.generate(a, Some(prompt), out)
+    }
+
+    fn generate(&mut self, a: &Args, raw: Option<&str>, out: &mut impl Write) -> Result<Usage, TurnError> {
+        let tagged = a.api.is_some();
+        let stops: &[Vec<u8>] = a.api.as_ref().map_or(&[], |o| &o.stop);
+        let mut answer =
+            Answer { bytes: Vec::new(), sent: 0, json: a.api.as_ref().filter(|o| o.json).map(|_| Json::default()) };
         let t0 = Instant::now();
-        let (mut next, mut input) = if a.max_tokens > 0 { self.prefill(a)? } else { (0, Vec::new()) };
+        let mut usage = Usage::default();
+        let mut finish = Finish::Length;
         let mut generated = 0;
-        while generated < a.max_tokens {
-            if generated > 0 {
-                next = match self.session.decode(&input, &a.params) {
-                    Ok(t) => t,
-                    Err(e) if e.code == Status::ContextFull.code() => {
-                        // The answer so far stands; the next turn makes room or fails clearly.
-                        eprintln!("\nchat: the context is full");
-                        break;
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-            }
-            self.seen.extend_from_slice(&input);
-            generated += 1;
-            if self.model.info.stop.contains(&next) || Some(next) == self.model.info.eos {
-                // Keep the stop token in the conversation's cache on the next turn.
-                break;
-            }
-            reply.extend(self.model.piece(next).map_err(err)?);
-            // Send whole UTF-8 characters as they complete.
-            let valid = match std::str::from_utf8(&reply[printed..]) {
-                Ok(s) => s.len(),
-                Err(e) => e.valid_up_to(),
-            };
-            if valid > 0 {
-                let sent = out.write_all(&reply[printed..printed + valid]).and_then(|()| out.flush());
-                printed += valid;
-                if sent.is_err() {
+        if a.max_tokens > 0 {
+            let (mut pick, mut input, prompt, cached) = self.prefill(a, raw, &answer)?;
+            usage.prompt = prompt;
+            usage.cached = cached;
+            loop {
+                if generated > 0 {
+                    pick = match self.pick(&input, a, &answer) {
+                        Ok(p) => p,
+                        Err(e) if e.code == Status::ContextFull.code() => {
+                            // The answer so far stands; the next turn makes room or fails clearly.
+                            eprintln!("\nchat: the context is full");
+                            break;
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                }
+                self.seen.extend_from_slice(&input);
+                if let Some(text) = pick.forced {
+                    answer.bytes.extend_from_slice(&text);
+                    finish = Finish::Stop;
+                    break;
+                }
+                generated += 1;
+                if let Some((chosen, alts)) = &pick.logprobs
+                    && tagged
+                {
+                    let _ = out.write_all(&api::logprob_part(chosen, alts));
+                }
+                if self.is_stop(pick.id) {
+                    // Keep the stop token in the conversation's cache on the next turn.
+                    finish = Finish::Stop;
+                    break;
+                }
+                let piece = self.piece_of(pick.id).map_err(|e| e.to_string())?.to_vec();
+                answer.bytes.extend_from_slice(&piece);
+                if let Some(j) = &answer.json {
+                    answer.json = j.feed(&piece);
+                }
+                // A stop sequence ends the answer before it; text that may begin one waits.
+                let (end, hold) = api::stop_at(&answer.bytes[answer.sent..], stops);
+                if let Some(end) = end {
+                    answer.bytes.truncate(answer.sent + end);
+                    finish = Finish::Stop;
+                    break;
+                }
+                if !send(out, &mut answer, hold, tagged) {
                     // No one reads the answer any more (the client went away): stop making it.
                     break;
                 }
+                if answer.json.as_ref().is_some_and(Json::done) {
+                    finish = Finish::Stop;
+                    break;
+                }
+                if generated >= a.max_tokens {
+                    break;
+                }
+                input = vec![pick.id];
             }
-            input = vec![next];
+        }
+        send(out, &mut answer, 0, tagged);
+        // Bytes left that are not UTF-8 go as they are.
+        if answer.sent < answer.bytes.len() {
+            let rest = answer.bytes[answer.sent..].to_vec();
+            let _ = out.write_all(&if tagged { [b"t".as_slice(), &rest].concat() } else { rest });
+            answer.sent = answer.bytes.len();
         }
         let secs = t0.elapsed().as_secs_f64();
-        let _ = writeln!(out);
+        usage.completion = generated;
+        usage.finish = finish;
+        if tagged {
+            let _ = out.write_all(&usage.part());
+        } else {
+            let _ = writeln!(out);
+        }
         let _ = out.flush();
-        self.messages.push(("assistant".into(), String::from_utf8_lossy(&reply).into_owned()));
+        if raw.is_none() {
+            self.messages.push(("assistant".into(), String::from_utf8_lossy(&answer.bytes).into_owned()));
+        }
         if a.stats {
             eprintln!("[{generated} tokens in {secs:.2} s, {:.1} tokens/s]", generated as f64 / secs.max(1e-9));
         }
-        Ok((generated, secs))
+        usage.seconds = secs;
+        Ok(usage)
     }
+}
+
+/// Sends the answer's whole UTF-8 characters not sent yet, but the last `hold` bytes (which
+/// may begin a stop sequence); false when no one reads any more.
+fn send(out: &mut impl Write, answer: &mut Answer, hold: usize, tagged: bool) -> bool {
+    let end = answer.bytes.len() - hold.min(answer.bytes.len() - answer.sent);
+    let valid = match std::str::from_utf8(&answer.bytes[answer.sent..end]) {
+        Ok(s) => s.len(),
+        Err(e) => e.valid_up_to(),
+    };
+    if valid == 0 {
+        return true;
+    }
+    let text = &answer.bytes[answer.sent..answer.sent + valid];
+    let r = if tagged { out.write_all(&[b"t".as_slice(), text].concat()) } else { out.write_all(text) };
+    answer.sent += valid;
+    r.and_then(|()| out.flush()).is_ok()
 }
 
 /// Replies, as an actor, as they are written.
@@ -295,43 +461,6 @@ impl Write for ReplyWriter {
 /// A conversation: (role, content) pairs.
 pub type Messages = Vec<(String, String)>;
 
-/// A message that carries a whole conversation (what `shoal serve`'s OpenAI endpoint sends):
-///
-/// ```text
-/// \x01chat/1\n
-/// key=value\n ...        (optional: max_tokens, temperature, seed, top_p, top_k)
-/// \n
-/// role\x1fcontent\x1e ... (the messages, the last one the user's)
-/// ```
-pub fn parse_conversation(msg: &str, base: &Args) -> Option<Result<(Args, Messages), String>> {
-    let rest = msg.strip_prefix("\x01chat/1\n")?;
-    Some((|| {
-        let (head, body) = rest.split_once("\n\n").unwrap_or((rest, ""));
-        let mut a = Args { prompts: Vec::new(), bench: None, ..base.clone() };
-        for line in head.lines().filter(|l| !l.is_empty()) {
-            let (k, v) = line.split_once('=').ok_or_else(|| format!("`{line}` is not key=value"))?;
-            let bad = |_| format!("bad {k}: `{v}`");
-            match k {
-                "max_tokens" => a.max_tokens = v.parse().map_err(|_| format!("bad {k}: `{v}`"))?,
-                "temperature" => a.params.temperature = v.parse().map_err(bad)?,
-                "top_p" => a.params.top_p = v.parse().map_err(|_| format!("bad {k}: `{v}`"))?,
-                "top_k" => a.params.top_k = v.parse().map_err(|_| format!("bad {k}: `{v}`"))?,
-                "seed" => a.params.seed = v.parse().map_err(|_| format!("bad {k}: `{v}`"))?,
-                _ => return Err(format!("unknown setting `{k}`")),
-            }
-        }
-        let mut msgs = Vec::new();
-        for rec in body.split('\x1e').filter(|r| !r.is_empty()) {
-            let (role, content) = rec.split_once('\x1f').ok_or("a message without a role")?;
-            msgs.push((role.to_string(), content.to_string()));
-        }
-        if msgs.last().is_none_or(|(r, _)| r != "user") {
-            return Err("the conversation must end with a user message".into());
-        }
-        Ok((a, msgs))
-    })())
-}
-
 /// How an actor's handler says why it failed: a reply part that starts with these bytes is
 /// the error's message, not part of the answer (`shoal_actor::ERROR_MARK`, docs/abi.md
 /// "Actors").
@@ -346,8 +475,7 @@ fn fail(code: i32, message: &str) -> i32 {
 /// The handler's code for a conversation that does not fit in the context (the status's).
 const CODE_CONTEXT_FULL: i32 = Status::ContextFull.code();
 
-/// The chat as an actor: one message, one user turn (or a whole conversation: see
-/// [`parse_conversation`]). A failed turn replies its error with the error mark and
+/// The chat as an actor: one message, one user turn (or an API request: see [`api`]). A failed turn replies its error with the error mark and
 /// returns non-zero ([`CODE_CONTEXT_FULL`] when the conversation does not fit).
 pub struct ChatActor {
     chat: Result<(Args, Chat), String>,
@@ -367,8 +495,9 @@ impl shoal_guest::actor::Actor for ChatActor {
         let Ok(user) = std::str::from_utf8(msg) else {
             return fail(2, "chat: the message is not UTF-8");
         };
-        let r = match parse_conversation(user, a) {
-            Some(Ok((settings, msgs))) => chat.answer(msgs, &settings, &mut ReplyWriter),
+        let r = match api::parse(user, a) {
+            Some(Ok((settings, api::Request::Chat(msgs)))) => chat.answer(msgs, &settings, &mut ReplyWriter),
+            Some(Ok((settings, api::Request::Complete(prompt)))) => chat.complete(&prompt, &settings, &mut ReplyWriter),
             Some(Err(e)) => Err(TurnError::Other(e)),
             None => chat.turn(user, a, &mut ReplyWriter),
         };

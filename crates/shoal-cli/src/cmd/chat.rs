@@ -27,7 +27,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t)]
     backend: BackendChoice,
     /// Sampling temperature; 0 is greedy (deterministic).
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = shoal_abi::DEFAULT_TEMPERATURE)]
     temperature: f32,
     /// Seed for sampling: the same seed gives the same answer.
     #[arg(long, default_value_t = 0)]
