@@ -56,6 +56,16 @@ if (( want_test )); then
   fi
 fi
 
+# OpenAI's Python client, for the daemon's OpenAI tests (tests/openai.rs): into .cache, once.
+if (( want_test )); then
+  pyclient=.cache/pyclient
+  if [[ ! -d $pyclient/openai-1.109.1.dist-info ]]; then
+    say "installing OpenAI's Python client for the tests (pip install --target $pyclient openai==1.109.1)"
+    rm -rf "$pyclient"
+    python3 -m pip install -q --disable-pip-version-check --target "$pyclient" openai==1.109.1
+  fi
+fi
+
 # The default model (SmolLM2-135M-Instruct), for the engine's tests: fetched once.
 if (( want_test )); then
   scripts/fetch-model.sh >/dev/null

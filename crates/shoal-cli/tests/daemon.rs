@@ -763,13 +763,17 @@ fn requests_of_the_wrong_shape_are_400s_that_name_the_field() {
             (json!({"messages": [{"role": "wizard", "content": "hi"}]}), "role"),
             (json!({"messages": [{"role": "user", "content": 5}]}), "messages"),
             (json!({}), "messages"),
-            // Fields shoal does not honour yet are refused, not dropped; unknown ones too.
-            (json!({"messages": user, "stop": ["\n"]}), "stop"),
-            (json!({"messages": user, "stop": "END"}), "stop"),
-            (json!({"messages": user, "logprobs": true}), "logprobs"),
+            (json!({"messages": user, "n": 0}), "n"),
+            // Honoured fields with values out of range, named.
+            (json!({"messages": user, "stop": ["a", "b", "c", "d", "e"]}), "stop"),
+            (json!({"messages": user, "stop": ""}), "stop"),
+            (json!({"messages": user, "stop": ["x".repeat(257)]}), "stop"),
+            (json!({"messages": user, "logprobs": true, "top_logprobs": 21}), "top_logprobs"),
+            (json!({"messages": user, "top_logprobs": 2}), "top_logprobs"),
+            (json!({"messages": user, "response_format": {"type": "json_schema"}}), "response_format"),
+            (json!({"messages": user, "stream_options": {"include_usage": "yes"}}), "stream_options"),
+            // Fields shoal does not honour are refused, not dropped; unknown ones too.
             (json!({"messages": user, "tools": [{"type": "function"}]}), "tools"),
-            (json!({"messages": user, "response_format": {"type": "json_object"}}), "response_format"),
-            (json!({"messages": user, "stream_options": {"include_usage": true}}), "stream_options"),
             (json!({"messages": user, "presence_penalty": 0.5}), "presence_penalty"),
             (json!({"messages": user, "temprature": 0.5}), "temprature"),
         ];

@@ -73,6 +73,7 @@ const IMPORTS: &str = r#"
   (import "shoal_v1" "session_eval" (func $session_eval (param i32 i32 i32 i32 i32) (result i32)))
   (import "shoal_v1" "session_len" (func $session_len (param i32 i32) (result i32)))
   (import "shoal_v1" "session_truncate" (func $session_truncate (param i32 i32) (result i32)))
+  (import "shoal_v1" "session_decode_top" (func $session_decode_top (param i32 i32 i32 i32 i32 i32) (result i32)))
 "#;
 
 #[test]
@@ -128,6 +129,28 @@ fn bad_inference_calls_get_their_status() {
             "(call $session_eval (i32.load (i32.const 0x104)) (i32.const 0x200) (i32.const 2) (i32.const 0x10000) (i32.const 49152))",
             0,
         ),
+        // The sampler record at 0x400 is zeros: greedy.
+        (
+            "top_too_many",
+            "(call $session_decode_top (i32.load (i32.const 0x104)) (i32.const 0x200) (i32.const 1) (i32.const 0x400) (i32.const 21) (i32.const 0x20000))",
+            1,
+        ),
+        (
+            "top_past_memory",
+            "(call $session_decode_top (i32.load (i32.const 0x104)) (i32.const 0x200) (i32.const 1) (i32.const 0x400) (i32.const 2) (i32.const 0x3fff0))",
+            2,
+        ),
+        (
+            "top",
+            "(call $session_decode_top (i32.load (i32.const 0x104)) (i32.const 0x200) (i32.const 1) (i32.const 0x400) (i32.const 3) (i32.const 0x20000))",
+            0,
+        ),
+        // Greedy: the chosen token is the most likely, and its log-probability at most 0.
+        (
+            "top_records",
+            "(i32.or (i32.ne (i32.load (i32.const 0x20000)) (i32.load (i32.const 0x20008))) (f32.gt (f32.load (i32.const 0x20004)) (f32.const 0)))",
+            0,
+        ),
         ("len", "(call $session_len (i32.load (i32.const 0x104)) (i32.const 0x108))", 0),
         ("truncate_past_len", "(call $session_truncate (i32.load (i32.const 0x104)) (i32.const 9))", 1),
         ("truncate", "(call $session_truncate (i32.load (i32.const 0x104)) (i32.const 1))", 0),
@@ -147,7 +170,8 @@ fn bad_inference_calls_get_their_status() {
         "(module\n{IMPORTS}\n  (memory (export \"memory\") 4)\n  (data (i32.const 0x10) \"smollm2\")\n  (data (i32.const 0x20) \"nope\")\n  (data (i32.const 0x40) \"What is the capital of France?\")\n{funcs}  (func (export \"run\")\n{calls}  ))"
     );
     let stats = rt.call_export(wat.as_bytes(), "run").unwrap_or_else(|e| panic!("{e:?}\n{wat}"));
-    assert_eq!(stats.calls, checks.len() as u64 + 1, "{stats:?}");
+    // Every check but `top_records` is one host call.
+    assert_eq!(stats.calls, checks.len() as u64, "{stats:?}");
     assert_eq!(stats.errors, checks.iter().filter(|c| c.2 != 0).count() as u64 + 1, "{stats:?}");
 }
 

@@ -4,8 +4,6 @@
 //! actor's message (guests/chat `api`, docs/abi.md "The chat actor's API messages"), one per
 //! choice.
 
-use std::collections::BTreeMap;
-
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -63,11 +61,25 @@ struct ResponseFormat {
     kind: String,
 }
 
+/// A request's fields, taken one by one: each typed on its own, so that a wrong type is a
+/// 400 naming its field; what is left at the end was not asked for.
+struct Fields(serde_json::Map<String, Value>);
+
+impl Fields {
+    fn take<T: serde::de::DeserializeOwned>(&mut self, name: &'static str) -> Result<Option<T>, ApiError> {
+        match self.0.remove(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => serde_json::from_value(v).map(Some).map_err(|e| {
+                let e = shown(&e.to_string(), 160);
+                ApiError::bad(format!("`{name}` is not what it should be: {e}")).param(name)
+            }),
+        }
+    }
+}
+
 /// The fields both endpoints share.
-#[derive(Deserialize)]
 struct Common {
     model: Option<String>,
-    #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
     max_tokens: Option<i64>,
@@ -76,45 +88,43 @@ struct Common {
     seed: Option<i64>,
     n: Option<i64>,
     stop: Option<Stop>,
-    /// Accepted and ignored: they change nothing in the answer.
-    #[serde(default, rename = "user")]
-    _user: Option<Value>,
-    #[serde(default, rename = "store")]
-    _store: Option<Value>,
-    #[serde(default, rename = "metadata")]
-    _metadata: Option<Value>,
 }
 
-#[derive(Deserialize)]
-pub struct ChatRequest {
-    messages: Vec<Message>,
-    max_completion_tokens: Option<i64>,
-    logprobs: Option<bool>,
-    top_logprobs: Option<i64>,
-    response_format: Option<ResponseFormat>,
-    #[serde(flatten)]
-    common: Common,
-    /// Fields shoal does not honour: refused (a 400 naming the field) unless absent or set
-    /// to what changes nothing.
-    #[serde(flatten)]
-    unsupported: BTreeMap<String, Value>,
+impl Common {
+    fn take(f: &mut Fields) -> Result<Common, ApiError> {
+        // Accepted and ignored: they change nothing in the answer.
+        for ignored in ["user", "store", "metadata"] {
+            f.0.remove(ignored);
+        }
+        Ok(Common {
+            model: f.take("model")?,
+            stream: f.take("stream")?.unwrap_or(false),
+            stream_options: f.take("stream_options")?,
+            max_tokens: f.take("max_tokens")?,
+            temperature: f.take("temperature")?,
+            top_p: f.take("top_p")?,
+            seed: f.take("seed")?,
+            n: f.take("n")?,
+            stop: f.take("stop")?,
+        })
+    }
 }
+
+/// A chat completion request's body.
+#[derive(Deserialize)]
+#[serde(transparent)]
+pub struct ChatRequest(serde_json::Map<String, Value>);
+
+/// A completion request's body.
+#[derive(Deserialize)]
+#[serde(transparent)]
+pub struct CompletionRequest(serde_json::Map<String, Value>);
 
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Prompt {
     One(String),
     Many(Vec<String>),
-}
-
-#[derive(Deserialize)]
-pub struct CompletionRequest {
-    prompt: Prompt,
-    logprobs: Option<i64>,
-    #[serde(flatten)]
-    common: Common,
-    #[serde(flatten)]
-    unsupported: BTreeMap<String, Value>,
 }
 
 /// Whether a field's value asks for nothing shoal would leave out.
@@ -140,8 +150,8 @@ const NOT_HONOURED: [(&str, Inert); 11] = [
     ("suffix", |v| v.as_str() == Some("")),
 ];
 
-fn refuse_unsupported(fields: &BTreeMap<String, Value>, what: &str) -> Result<(), ApiError> {
-    for (name, v) in fields.iter().filter(|(_, v)| !v.is_null()) {
+fn refuse_unsupported(fields: &Fields, what: &str) -> Result<(), ApiError> {
+    for (name, v) in fields.0.iter().filter(|(_, v)| !v.is_null()) {
         let (message, param) = match NOT_HONOURED.iter().find(|(n, _)| n == name) {
             Some((_, inert)) if inert(v) => continue,
             Some((n, _)) => (format!("`{n}` is not supported by shoal; leave it out (or null) and ask again"), *n),
@@ -237,9 +247,16 @@ fn clean(s: &str) -> String {
 
 /// Checks a chat completion request.
 pub fn chat(r: ChatRequest, default_model: &str) -> Result<Checked, ApiError> {
-    refuse_unsupported(&r.unsupported, "chat completion")?;
-    let c = &r.common;
-    let logprobs = match (r.logprobs, r.top_logprobs) {
+    let mut f = Fields(r.0);
+    let messages: Vec<Message> =
+        f.take("messages")?.ok_or_else(|| bad("`messages` is missing: give the conversation".into(), "messages"))?;
+    let max_completion_tokens: Option<i64> = f.take("max_completion_tokens")?;
+    let logprobs: Option<bool> = f.take("logprobs")?;
+    let top_logprobs: Option<i64> = f.take("top_logprobs")?;
+    let response_format: Option<ResponseFormat> = f.take("response_format")?;
+    let c = &Common::take(&mut f)?;
+    refuse_unsupported(&f, "chat completion")?;
+    let logprobs = match (logprobs, top_logprobs) {
         (Some(true), k) => {
             let k = k.unwrap_or(0);
             if !(0..=MAX_TOP_LOGPROBS).contains(&k) {
@@ -252,7 +269,7 @@ pub fn chat(r: ChatRequest, default_model: &str) -> Result<Checked, ApiError> {
         }
         _ => None,
     };
-    let json = match r.response_format.as_ref().map(|f| f.kind.as_str()) {
+    let json = match response_format.as_ref().map(|f| f.kind.as_str()) {
         None | Some("text") => false,
         Some("json_object") => true,
         Some(k) => {
@@ -264,13 +281,13 @@ pub fn chat(r: ChatRequest, default_model: &str) -> Result<Checked, ApiError> {
             .param("response_format"));
         }
     };
-    let max_tokens = r.max_completion_tokens.or(c.max_tokens).unwrap_or(256);
+    let max_tokens = max_completion_tokens.or(c.max_tokens).unwrap_or(256);
     let (settings, n) = settings(c, max_tokens, logprobs, json)?;
-    if r.messages.is_empty() || r.messages.len() > MAX_MESSAGES {
+    if messages.is_empty() || messages.len() > MAX_MESSAGES {
         return Err(bad(format!("give 1 to {MAX_MESSAGES} messages"), "messages"));
     }
-    let mut conversation = Vec::with_capacity(r.messages.len());
-    for (i, m) in r.messages.into_iter().enumerate() {
+    let mut conversation = Vec::with_capacity(messages.len());
+    for (i, m) in messages.into_iter().enumerate() {
         if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
             let role = shown(&m.role, 32);
             return Err(bad(
@@ -321,9 +338,13 @@ pub fn chat(r: ChatRequest, default_model: &str) -> Result<Checked, ApiError> {
 
 /// Checks a (legacy) completion request: one prompt (a list of one is taken too).
 pub fn completion(r: CompletionRequest, default_model: &str) -> Result<Checked, ApiError> {
-    refuse_unsupported(&r.unsupported, "completion")?;
-    let c = &r.common;
-    let prompt = match r.prompt {
+    let mut f = Fields(r.0);
+    let prompt: Prompt =
+        f.take("prompt")?.ok_or_else(|| bad("`prompt` is missing: give the text to continue".into(), "prompt"))?;
+    let logprobs: Option<i64> = f.take("logprobs")?;
+    let c = &Common::take(&mut f)?;
+    refuse_unsupported(&f, "completion")?;
+    let prompt = match prompt {
         Prompt::One(p) => p,
         Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
         Prompt::Many(v) => {
@@ -333,7 +354,7 @@ pub fn completion(r: CompletionRequest, default_model: &str) -> Result<Checked, 
     if prompt.is_empty() {
         return Err(bad("the prompt is empty".into(), "prompt"));
     }
-    let logprobs = match r.logprobs {
+    let logprobs = match logprobs {
         None => None,
         Some(k) if (0..=5).contains(&k) => Some(k as u32),
         Some(k) => return Err(bad(format!("`logprobs` is {k}; give 0 to 5"), "logprobs")),
