@@ -55,7 +55,8 @@ enum Command {
     /// and checked element by element by the guest, then a chat answer.
     Demo(cmd::demo::Args),
     /// Chat with a model through the chat actor (one user turn per --prompt, or stdin);
-    /// --save and --resume keep the conversation, KV cache included, across runs.
+    /// --save and --resume keep the conversation, KV cache included, across runs (a resumed
+    /// chat is saved back where it came from).
     Chat(cmd::chat::Args),
     /// Run the daemon: many actors sharing the loaded models, managed over HTTP (loopback
     /// unless given an API key), with an OpenAI-compatible /v1/chat/completions; actors are

@@ -15,10 +15,6 @@ use super::{BackendChoice, EXIT_DEADLINE, EXIT_KILLED, Failure, LimitArgs, open_
 /// Flags of `shoal run`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The module: a WASI command (wasm32-wasip1 module, binary .wasm or text .wat, or a
-    /// wasm32-wasip2 component). Shoal's flags come before it; everything after it is passed
-    /// to the guest, flags included (`app.wasm --prompt hi`; a `--` first is dropped).
-    module: PathBuf,
     /// A host directory the guest may open, read and write, as WasmEdge takes it: HOST:GUEST
     /// (`--dir .:.`), or DIR for the same path on both sides. Repeatable. Without it the guest
     /// sees no files at all.
@@ -46,21 +42,37 @@ pub struct Args {
     deadline: Option<f64>,
     #[command(flatten)]
     limits: LimitArgs,
-    /// Arguments passed to the guest: everything after the module.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
-    args: Vec<String>,
+    /// The module, then the guest's arguments. The module is a WASI command (a wasm32-wasip1
+    /// module, binary .wasm or text .wat, or a wasm32-wasip2 component). Shoal's flags come
+    /// before it; everything after it is passed to the guest, flags included, even those
+    /// shoal also has (`app.wasm --model NAME --prompt hi`; a `--` right after the module is
+    /// dropped).
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "MODULE [ARGS]")]
+    command: Vec<String>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
+    let mut command = a.command.into_iter();
+    let module = PathBuf::from(command.next().unwrap_or_default());
+    let module_name = module.to_string_lossy().into_owned();
+    anyhow::ensure!(
+        !module_name.starts_with('-'),
+        "unknown option `{module_name}` (shoal run's options come before the module; see shoal run --help)"
+    );
+    let mut args: Vec<String> = command.collect();
+    // `app.wasm -- ARGS`: the `--` is shoal's, not the guest's.
+    if args.first().is_some_and(|s| s == "--") {
+        args.remove(0);
+    }
     let dirs = a.dirs.iter().map(|d| dir(d)).collect::<anyhow::Result<Vec<_>>>()?;
     let env = a.env.iter().map(|e| env_var(e)).collect::<anyhow::Result<Vec<_>>>()?;
     let mut specs = a.models.clone();
     for p in &a.nn_preload {
         specs.push(nn_preload(p)?);
     }
-    let wasm = std::fs::read(&a.module).with_context(|| format!("cannot read {}", a.module.display()))?;
+    let wasm = std::fs::read(&module).with_context(|| format!("cannot read {}", module.display()))?;
     let device = open_device(a.backend)?;
-    log::info!("running {} on {}", a.module.display(), device.info().name);
+    log::info!("running {} on {}", module.display(), device.info().name);
     let engine = super::engine_for(&device);
     let models = if specs.is_empty() && shoal_host::default_model_path().is_none() {
         std::sync::Arc::new(shoal_host::Models::with_engine(engine))
@@ -68,13 +80,8 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         super::models(&specs, engine)?.0
     };
     let runtime = Runtime::with_models(device, models)?;
-    let name = a.module.file_name().map(|n| n.to_string_lossy().into_owned());
+    let name = module.file_name().map(|n| n.to_string_lossy().into_owned());
     let limits = a.limits.limits(a.deadline.map(Duration::from_secs_f64));
-    // `app.wasm -- ARGS` as before trailing arguments: the `--` is shoal's, not the guest's.
-    let mut args = a.args;
-    if args.first().is_some_and(|s| s == "--") {
-        args.remove(0);
-    }
     let opts = RunOptions { args, program_name: name, limits, dirs, env, ..Default::default() };
     let outcome = match runtime.run(&wasm, &opts) {
         Ok(o) => o,
@@ -83,24 +90,31 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
                 code: EXIT_DEADLINE,
                 message: format!(
                     "{} ran past its deadline of {} s and was stopped (raise --deadline)",
-                    a.module.display(),
+                    module.display(),
                     a.deadline.unwrap_or(0.0)
                 ),
             }
             .into());
         }
         Err(HostError::Killed) => {
-            return Err(Failure { code: EXIT_KILLED, message: format!("{} was killed", a.module.display()) }.into());
+            return Err(Failure { code: EXIT_KILLED, message: format!("{} was killed", module.display()) }.into());
         }
         Err(HostError::Trap(e)) if e.downcast_ref::<shoal_host::NnFailure>().is_some() => {
             // The guest stopped itself (a panic, an unwrap) on a wasi-nn error: the error is
             // what to fix; the guest's backtrace is for `RUST_LOG=debug`.
             let nn = e.downcast_ref::<shoal_host::NnFailure>().map(|f| f.0.clone()).unwrap_or_default();
             log::debug!("the guest's trap: {e:?}");
-            anyhow::bail!("{} stopped ({}) after wasi-nn failed: {nn}", a.module.display(), e.root_cause());
+            anyhow::bail!("{} stopped ({}) after wasi-nn failed: {nn}", module.display(), e.root_cause());
         }
-        Err(e) => return Err(anyhow::Error::new(e).context(format!("running {}", a.module.display()))),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("running {}", module.display()))),
     };
+    if outcome.exit_code != 0
+        && let Some(e) = &outcome.stats.last_error
+    {
+        // What the guest did not say: why its last host call failed (a model name not
+        // preloaded, say).
+        eprintln!("shoal: {} exited with code {}; its last failed host call: {e}", module.display(), outcome.exit_code);
+    }
     Ok(outcome.exit_code)
 }
 
