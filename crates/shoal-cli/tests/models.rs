@@ -106,6 +106,8 @@ fn pull_installs_the_checked_model_into_the_data_directory_then_finds_it_by_name
     std::fs::write(own.join("forged.gguf"), b"GGUF\x03\0\0\0\xff\xff\xff\xff\xff\xff\xff\xff").unwrap();
     std::fs::write(own.join("empty.gguf"), b"").unwrap();
     std::fs::write(own.join("notes.txt"), b"not a model").unwrap();
+    // A FIFO would block whoever opens it for reading.
+    assert!(Command::new("mkfifo").arg(own.join("fifo.gguf")).status().unwrap().success());
     let out = show(
         "models",
         cmd().arg("models").env("SHOAL_MODELS", &own).env("XDG_DATA_HOME", &data).current_dir(&d).output().unwrap(),
@@ -123,6 +125,7 @@ fn pull_installs_the_checked_model_into_the_data_directory_then_finds_it_by_name
     assert!(smol.contains("98.4 MB") && smol.contains("llama") && smol.contains("Q4_1"), "{smol}");
     assert!(line("forged", &own.join("forged.gguf")).contains("unreadable"));
     assert!(line("empty", &own.join("empty.gguf")).contains("unreadable"));
+    assert!(line("fifo", &own.join("fifo.gguf")).contains("not a regular file"));
     assert!(!table.contains("notes"), "{table}");
     let out = cmd().args(["models", "--json"]).env("SHOAL_MODELS", &own).output().unwrap();
     let rows: Vec<serde_json::Value> =

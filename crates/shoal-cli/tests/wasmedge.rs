@@ -126,6 +126,11 @@ fn dir_forms_and_a_missing_directory() {
     // DIR alone: the same path on both sides.
     let out = run_in(&d, &["--backend", "cpu", "--dir", "data", "probe.wat"]);
     assert_eq!(out.status.code(), Some(0));
+    // A symlink out of the preopened directory is not followed.
+    std::fs::create_dir(d.join("jail")).unwrap();
+    std::os::unix::fs::symlink("../in.txt", d.join("jail/in.txt")).unwrap();
+    let out = run_in(&d, &["--backend", "cpu", "--dir", "jail", "probe.wat"]);
+    assert_eq!(out.status.code(), Some(10));
     // No --dir: the guest sees no files.
     let out = run_in(&d, &["--backend", "cpu", "probe.wat"]);
     assert_eq!(out.status.code(), Some(10));
