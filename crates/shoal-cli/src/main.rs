@@ -8,7 +8,7 @@ mod cmd;
 
 use clap::{Parser, Subcommand};
 
-const EXIT_CODES: &str = "\
+const AFTER_HELP: &str = "\
 Exit codes:
   0    success (for `run`: the guest's own exit code is passed through)
   1    a check failed (the demo found wrong results)
@@ -27,7 +27,7 @@ Environment:
 
 /// Sandboxed WebAssembly actors that compute on the GPU with zero copies.
 #[derive(Parser)]
-#[command(name = "shoal", version, about, after_help = EXIT_CODES)]
+#[command(name = "shoal", version, about, after_help = AFTER_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -36,8 +36,8 @@ pub struct Args {
 enum Which {
     /// The GEMM reference check.
     Gemm,
-    /// A chat answer from the default model (`smollm2`, from the models directory: `shoal
-    /// pull smollm2`) through the chat guest.
+    /// A chat answer through the chat guest, from --model's model or the default one
+    /// (`smollm2`, from the models directory: `shoal pull smollm2`).
     Chat,
 }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use shoal_gpu::{BackendKind, Device};
 
-/// A failure with its own exit code (see `EXIT_CODES` in main.rs); other errors exit with 2.
+/// A failure with its own exit code (see `AFTER_HELP` in main.rs); other errors exit with 2.
 #[derive(Debug)]
 pub struct Failure {
     /// The process's exit code.

