@@ -40,8 +40,8 @@ pub struct Args {
     /// A user turn; repeat for several, answered in order. Without it, chat reads stdin.
     #[arg(long = "prompt")]
     prompts: Vec<String>,
-    /// After each answer, print its tokens, time and tokens/s to stderr (new and resumed
-    /// chats alike).
+    /// After each answer's last token, print its tokens (the answer as the model's tokenizer
+    /// reads it), time and tokens/s to stderr; new and resumed chats alike.
     #[arg(long)]
     stats: bool,
     /// After the last turn, write a snapshot of the chat (its memory and KV cache) to DIR
