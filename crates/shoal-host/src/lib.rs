@@ -47,7 +47,9 @@ pub use compute::ABI_VERSION;
 pub use error::{GuestError, Status};
 pub use infer::{InferState, SessionState};
 pub use instance::{GlobalValue, Instance, InstanceOptions, InstanceState, Prepared};
-pub use models::{DEFAULT_MODEL, LoadedModel, Models, default_model_path, engine_for};
+pub use models::{
+    DEFAULT_MODEL, DEFAULT_MODEL_FILE, LoadedModel, Models, default_model_path, engine_for, model_dirs, user_models_dir,
+};
 pub use nn::{ContextState, GraphState, NnState};
 use shoal_gpu::Device;
 use shoal_memory::GuestMemoryCreator;
@@ -118,6 +120,23 @@ pub struct RunOptions {
     pub measure_rss: bool,
     /// What the guest may use (memory, context, a deadline over the whole run).
     pub limits: Limits,
+    /// Host directories the guest may open, read-write, as (host path, guest path): WasmEdge's
+    /// `--dir HOST:GUEST`. None by default.
+    pub dirs: Vec<(std::path::PathBuf, String)>,
+    /// The guest's environment variables (none by default).
+    pub env: Vec<(String, String)>,
+}
+
+/// The error a wasi-nn call last returned to a guest that then trapped (a guest that
+/// unwraps it, say): the context of [`HostError::Trap`]'s error, so that a caller can say
+/// what went wrong instead of printing the guest's backtrace.
+#[derive(Clone, Debug)]
+pub struct NnFailure(pub String);
+
+impl std::fmt::Display for NnFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "after the wasi-nn error `{}`", self.0)
+    }
 }
 
 /// What a run ended with.
@@ -155,13 +174,21 @@ impl wasmtime_wasi::WasiView for ComponentState {
     }
 }
 
-/// WASI for a command run with `opts`: its arguments, stdin and stderr inherited, stdout
-/// inherited or captured (the pipe returned).
-fn wasi_for(opts: &RunOptions) -> (WasiCtxBuilder, Option<MemoryOutputPipe>) {
+/// WASI for a command run with `opts`: its arguments, environment and directories, stdin
+/// and stderr inherited, stdout inherited or captured (the pipe returned). A directory that
+/// cannot be opened is an error.
+fn wasi_for(opts: &RunOptions) -> Result<(WasiCtxBuilder, Option<MemoryOutputPipe>), HostError> {
+    use wasmtime_wasi::FsPerms;
     let mut wasi = WasiCtxBuilder::new();
     let mut argv = vec![opts.program_name.clone().unwrap_or_else(|| "guest.wasm".into())];
     argv.extend(opts.args.iter().cloned());
     wasi.args(&argv).inherit_stderr().inherit_stdin();
+    wasi.envs(&opts.env);
+    for (host, guest) in &opts.dirs {
+        wasi.preopened_dir(host, guest, FsPerms::ReadWrite).map_err(|e| {
+            HostError::Instantiate(e.context(format!("cannot open the directory {} for the guest", host.display())))
+        })?;
+    }
     let pipe = opts.capture_stdout.then(|| MemoryOutputPipe::new(64 << 20));
     match &pipe {
         Some(p) => {
@@ -171,7 +198,7 @@ fn wasi_for(opts: &RunOptions) -> (WasiCtxBuilder, Option<MemoryOutputPipe>) {
             wasi.inherit_stdout();
         }
     }
-    (wasi, pipe)
+    Ok((wasi, pipe))
 }
 
 /// Whether `wasm` is a component (rather than a core module).
@@ -249,7 +276,7 @@ impl Runtime {
 
     /// Runs a compiled WASI command to completion.
     pub fn run_module(&self, module: &Module, opts: &RunOptions) -> Result<RunOutcome, HostError> {
-        let (mut wasi, pipe) = wasi_for(opts);
+        let (mut wasi, pipe) = wasi_for(opts)?;
         let state =
             HostState::new(wasi.build_p1(), self.device.clone(), self.models.clone(), &opts.limits, opts.measure_rss);
         let mut store = state::bounded_store(&self.engine, state);
@@ -268,7 +295,13 @@ impl Runtime {
             Ok(()) => 0,
             Err(e) => match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
                 Some(exit) => exit.0,
-                None => return Err(instance::stopped(&interrupt, e, HostError::Trap)),
+                None => {
+                    let e = match store.data_mut().nn.last_error.take() {
+                        Some(nn) => e.context(NnFailure(nn)),
+                        None => e,
+                    };
+                    return Err(instance::stopped(&interrupt, e, HostError::Trap));
+                }
             },
         };
         let stats = store.data_mut().stats();
@@ -291,7 +324,7 @@ impl Runtime {
             })
             .as_ref()
             .map_err(|e| HostError::Engine(wasmtime::Error::msg(e.clone())))?;
-        let (mut wasi, pipe) = wasi_for(opts);
+        let (mut wasi, pipe) = wasi_for(opts)?;
         let quota = budget::Quota::new(&opts.limits);
         let state = ComponentState {
             wasi: wasi.build(),

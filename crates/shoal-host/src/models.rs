@@ -11,7 +11,7 @@ use shoal_engine::tokenizer::Tokenizer;
 
 /// The name of the built-in default model.
 pub const DEFAULT_MODEL: &str = "smollm2";
-/// Its file name (fetched by `scripts/fetch-model.sh` into `models/`).
+/// Its file name (fetched by `shoal pull smollm2`, or `scripts/fetch-model.sh` into `models/`).
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// A model ready to run: weights, tokenizer, chat template, stop tokens.
@@ -208,19 +208,48 @@ fn finish(
     }
 }
 
-/// Where the default model is looked for: `$SHOAL_MODELS`, `./models`, and `models/` in the
-/// folders above the executable, up to a checkout's root (`target/release/shoal`, or a test
-/// or bench in `target/release/deps/`).
-pub fn default_model_path() -> Option<PathBuf> {
-    let mut dirs = Vec::new();
-    if let Some(d) = std::env::var_os("SHOAL_MODELS") {
-        dirs.push(PathBuf::from(d));
+/// The user's models directory, where `shoal pull` puts models: `$SHOAL_MODELS` if set,
+/// else `$XDG_DATA_HOME/shoal/models`, else `~/.local/share/shoal/models` (`None` without a
+/// home directory). It may not exist yet.
+pub fn user_models_dir() -> Option<PathBuf> {
+    let set = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(d) = set("SHOAL_MODELS") {
+        return Some(d);
     }
-    dirs.push(PathBuf::from("models"));
+    if let Some(d) = set("XDG_DATA_HOME").filter(|d| d.is_absolute()) {
+        return Some(d.join("shoal").join("models"));
+    }
+    set("HOME").map(|h| h.join(".local").join("share").join("shoal").join("models"))
+}
+
+/// Where models are looked for by name, in order: the user's models directory
+/// ([`user_models_dir`]), `./models`, and the `models/` of the checkout the executable was
+/// built in (`target/release/shoal`, or a test or bench in `target/release/deps/`: a folder
+/// with a `Cargo.toml` up to three levels above it).
+/// Each directory once; some may not exist.
+pub fn model_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = user_models_dir().into_iter().collect();
+    dirs.push(std::env::current_dir().map_or_else(|_| PathBuf::from("models"), |d| d.join("models")));
     if let Ok(exe) = std::env::current_exe() {
-        dirs.extend(exe.ancestors().skip(2).take(3).map(|d| d.join("models")));
+        // Only a checkout's (a folder with a Cargo.toml): never `/tmp/models` or `/models`
+        // above a binary installed elsewhere, which anyone could have filled.
+        dirs.extend(
+            exe.ancestors().skip(2).take(3).filter(|d| d.join("Cargo.toml").is_file()).map(|d| d.join("models")),
+        );
     }
-    dirs.into_iter().map(|d| d.join(DEFAULT_MODEL_FILE)).find(|p| p.is_file())
+    let mut seen = Vec::new();
+    dirs.retain(|d| {
+        let key = d.canonicalize().unwrap_or_else(|_| d.clone());
+        let new = !seen.contains(&key);
+        seen.push(key);
+        new
+    });
+    dirs
+}
+
+/// Where the default model is: the first of [`model_dirs`] that holds its file.
+pub fn default_model_path() -> Option<PathBuf> {
+    model_dirs().into_iter().map(|d| d.join(DEFAULT_MODEL_FILE)).find(|p| p.is_file())
 }
 
 /// The engine models run on when guests compute on `device`: CUDA on an NVIDIA GPU, else

@@ -15,8 +15,8 @@ use super::BackendChoice;
 /// Flags of `shoal bench`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// The model: a known name (`smollm2`), a GGUF file or Hugging Face directory, or
-    /// NAME=PATH.
+    /// The model: a name from the models directory (`smollm2`; `shoal models` lists them),
+    /// a GGUF file or Hugging Face directory, or NAME=PATH.
     #[arg(long, default_value = shoal_host::DEFAULT_MODEL)]
     model: String,
     /// The backend whose engine runs it (CUDA's on an NVIDIA GPU, the CPU's otherwise).

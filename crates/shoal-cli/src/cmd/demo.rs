@@ -1,4 +1,4 @@
-//! `shoal demo [gemm] [--backend B] [--size N]... [--json]`
+//! `shoal demo [gemm|chat] [--backend B] [--model NAME] [--size N]... [--async] [--json]`
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
@@ -9,19 +9,25 @@ use super::{BackendChoice, open_device};
 /// Flags of `shoal demo`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Which demo (only `gemm` for now; the default runs all).
+    /// Which demo: gemm or chat. Without it, both: the GEMM check, then (if it passed) the
+    /// chat answer.
     #[arg(value_enum)]
     which: Option<Which>,
-    /// The compute backend.
+    /// The compute backend (the chat's model runs on CUDA's engine on an NVIDIA GPU, else on
+    /// the CPU engine).
     #[arg(long, value_enum, default_value_t)]
     backend: BackendChoice,
-    /// Matrix size N (N×N·N×N); repeat for several. Default 128.
+    /// The chat demo's model: a name from the models directory (default `smollm2`), a GGUF
+    /// file, or NAME=PATH.
+    #[arg(long)]
+    model: Option<String>,
+    /// GEMM matrix size N (N×N·N×N); repeat for several. Default 128.
     #[arg(long = "size")]
     sizes: Vec<u32>,
-    /// Use the asynchronous submit + fence path.
+    /// GEMM: use the asynchronous submit + fence path.
     #[arg(long = "async")]
     asynchronous: bool,
-    /// Print one JSON object per size instead of a report.
+    /// Print JSON instead of a report: one object per GEMM size, one for the chat.
     #[arg(long)]
     json: bool,
 }
@@ -30,7 +36,8 @@ pub struct Args {
 enum Which {
     /// The GEMM reference check.
     Gemm,
-    /// A chat answer from the default model through the chat guest.
+    /// A chat answer through the chat guest, from --model's model or the default one
+    /// (`smollm2`, from the models directory: `shoal pull smollm2`).
     Chat,
 }
 
@@ -78,7 +85,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
 /// A chat answer to "What is the capital of France?", greedy, with tokens/s.
 fn chat(a: &Args) -> anyhow::Result<i32> {
     let device = open_device(a.backend)?;
-    let (models, name) = super::models(&[], super::engine_for(&device))?;
+    let (models, name) = super::models(a.model.as_slice(), super::engine_for(&device))?;
     let runtime = Runtime::with_models(device, models.clone())?;
     let t0 = std::time::Instant::now();
     let model = models.get(&name).map_err(anyhow::Error::msg)?;

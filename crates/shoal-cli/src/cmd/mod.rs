@@ -6,6 +6,8 @@ pub mod ctl;
 pub mod demo;
 pub mod devices;
 mod http;
+pub mod models;
+pub mod pull;
 pub mod run;
 pub mod serve;
 
@@ -14,7 +16,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use shoal_gpu::{BackendKind, Device};
 
-/// A failure with its own exit code (see `EXIT_CODES` in main.rs); other errors exit with 2.
+/// A failure with its own exit code (see `AFTER_HELP` in main.rs); other errors exit with 2.
 #[derive(Debug)]
 pub struct Failure {
     /// The process's exit code.
@@ -124,56 +126,57 @@ pub fn open_device(choice: BackendChoice) -> anyhow::Result<Arc<Device>> {
 pub use shoal_host::engine_for;
 
 /// Builds the host's model registry from `--model` values: `NAME=PATH`, a bare `PATH`
-/// (a GGUF file or a Hugging Face directory, named after it), or a bare known name; the
-/// default model is always known when its file is found (`scripts/fetch-model.sh`, which
-/// `make demo` runs). Models load on `engine`.
+/// (a GGUF file or a Hugging Face directory, named after it), or a bare name, found in the
+/// models directories ([`crate::catalog::resolve`]: `$SHOAL_MODELS` or the user's data
+/// directory, then a checkout's `models/`). Without one, the default model (`smollm2`).
+/// Models load on `engine`.
 pub fn models(
     specs: &[String],
     engine: shoal_engine::models::EngineKind,
 ) -> anyhow::Result<(Arc<shoal_host::Models>, String)> {
     let models = Arc::new(shoal_host::Models::with_engine(engine));
+    let mut chosen = shoal_host::DEFAULT_MODEL.to_string();
     if let Some(p) = shoal_host::default_model_path() {
         models.add(shoal_host::DEFAULT_MODEL, &p);
     }
-    let mut chosen = shoal_host::DEFAULT_MODEL.to_string();
     for spec in specs {
-        let (name, path) = match spec.split_once('=') {
-            Some((n, p)) => (n.to_string(), std::path::PathBuf::from(p)),
-            None if std::path::Path::new(spec).exists() => {
-                let p = std::path::PathBuf::from(spec);
-                let n = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| spec.clone());
-                (n, p)
-            }
-            // A name has no slashes or extension; anything else is a path that is not there.
-            None if spec.contains(['/', '\\']) || spec.ends_with(".gguf") => {
-                anyhow::bail!(
-                    "--model {spec}: no such file or directory (a GGUF file, a Hugging Face directory, or a model's name)"
-                )
-            }
-            None => {
-                chosen = spec.clone();
-                continue;
-            }
-        };
-        anyhow::ensure!(
-            path.exists(),
-            "--model {spec}: nothing at {} (a GGUF file or a Hugging Face directory)",
-            path.display()
-        );
-        models.add(&name, &path);
-        chosen = name;
+        chosen = add_model(&models, spec)?;
     }
     if !models.names().contains(&chosen) {
-        anyhow::bail!(
-            "no model named `{chosen}`{}: fetch the default one with `scripts/fetch-model.sh` (make demo does), or name a GGUF file with --model NAME=PATH",
-            if chosen == shoal_host::DEFAULT_MODEL {
-                " (its file was not found in ./models or $SHOAL_MODELS)"
-            } else {
-                ""
-            }
-        );
+        // Only the default model can be missing here: every --model was added or refused.
+        return Err(crate::catalog::resolve(&chosen).unwrap_err().into());
     }
     Ok((models, chosen))
+}
+
+/// Adds one `--model` value to `models`; the name it is known by.
+fn add_model(models: &shoal_host::Models, spec: &str) -> anyhow::Result<String> {
+    use std::path::{Path, PathBuf};
+    let (name, path) = match spec.split_once('=') {
+        Some((n, p)) => {
+            anyhow::ensure!(!n.is_empty() && !p.is_empty(), "--model {spec}: expected NAME=PATH, NAME or PATH");
+            (n.to_string(), PathBuf::from(p))
+        }
+        None if Path::new(spec).exists() => {
+            let p = PathBuf::from(spec);
+            (crate::catalog::name_of(&p), p)
+        }
+        None if crate::catalog::is_name(spec) => {
+            if models.names().iter().any(|n| n == spec) {
+                return Ok(spec.to_string());
+            }
+            let p = crate::catalog::resolve(spec)?;
+            (spec.to_string(), p)
+        }
+        None => (crate::catalog::name_of(Path::new(spec)), PathBuf::from(spec)),
+    };
+    anyhow::ensure!(
+        path.exists(),
+        "--model {spec}: no such file: {} (give a GGUF file, a Hugging Face directory, or a model's name)",
+        path.display()
+    );
+    models.add(&name, &path);
+    Ok(name)
 }
 
 #[cfg(test)]
