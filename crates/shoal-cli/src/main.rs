@@ -4,6 +4,7 @@
 //! (one module per subcommand under `cmd/`).
 
 mod cmd;
+mod logging;
 
 use clap::{Parser, Subcommand};
 
@@ -15,7 +16,11 @@ Exit codes:
        a guest that trapped)
   3    `send`: the actor answered with an error (its handler failed, or it has stopped)
   124  `run`: the guest ran past --deadline and was stopped
-  137  `run`: the guest was killed";
+  137  `run`: the guest was killed
+
+Logging (stderr): shoal logs at info, its dependencies at warn (wgpu and naga at error).
+RUST_LOG=debug raises shoal's own crates only; name a crate to see its logs too, e.g.
+RUST_LOG=info,wgpu_hal=debug (a RUST_LOG with `=` is used as it is).";
 
 /// Sandboxed WebAssembly actors that compute on the GPU with zero copies.
 #[derive(Parser)]
@@ -66,6 +71,9 @@ enum Command {
     Restore(cmd::ctl::Restore),
     /// Stop an actor at once, even inside a handler that never returns, and forget it.
     Kill(cmd::ctl::Id),
+    /// Talk to an actor on the terminal: each line read is sent as a message and its reply
+    /// streamed back. Ctrl-D (end of input) detaches; the actor keeps running.
+    Attach(cmd::attach::Args),
     /// List the snapshots in the daemon's store (`shoal snapshots rm KEY` deletes one).
     Snapshots(cmd::ctl::Snapshots),
 }
@@ -77,10 +85,7 @@ fn main() {
         // SAFETY: first thing in main, before any other thread exists.
         unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
     }
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("warn,wgpu_hal=error,wgpu_core=error,naga=error"),
-    )
-    .init();
+    logging::init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => cmd::run::run(a),
@@ -98,6 +103,7 @@ fn main() {
         Command::Restore(a) => cmd::ctl::restore(a),
         Command::Move(a) => cmd::ctl::move_to(a),
         Command::Kill(a) => cmd::ctl::kill(a),
+        Command::Attach(a) => cmd::attach::run(a),
         Command::Snapshots(a) => cmd::ctl::snapshots(a),
     };
     match result {

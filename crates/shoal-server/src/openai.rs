@@ -536,6 +536,7 @@ impl Answer {
             conversation.push(("assistant".into(), self.text.clone()));
             put(&self.app, Pooled { id: self.id, model: self.model.clone(), conversation });
         }
+        self.app.metrics.tokens(completion as u64);
         let finish = if completion as u64 >= self.max_tokens { "length" } else { "stop" };
         (json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}), finish)
     }
