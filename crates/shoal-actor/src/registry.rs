@@ -429,6 +429,7 @@ impl Registry {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn add(
         &self,
         seat: Seat<'_>,

@@ -120,21 +120,22 @@ fn start_bound(mut cmd: std::process::Command) -> Bound {
     let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
     let err = BufReader::new(child.stderr.take().unwrap());
     let log = Arc::new(Mutex::new(Vec::new()));
+    // Killed and waited for when dropped, whatever happens next.
+    let mut d = Bound { child, addr: String::new(), log: log.clone() };
     let (tx, rx) = mpsc::channel();
-    let kept = log.clone();
     std::thread::spawn(move || {
         for line in err.lines().map_while(Result::ok) {
-            kept.lock().unwrap().push(line.clone());
+            log.lock().unwrap().push(line.clone());
             let _ = tx.send(line);
         }
     });
-    loop {
+    while d.addr.is_empty() {
         let line = rx.recv_timeout(Duration::from_secs(60)).expect("shoal serve says it is bound");
         if let Some(rest) = line.split("bound http://").nth(1) {
-            let addr = rest.trim_end_matches(|c: char| !c.is_ascii_digit()).split(';').next().unwrap().to_string();
-            return Bound { child, addr, log };
+            d.addr = rest.split(';').next().unwrap().to_string();
         }
     }
+    d
 }
 
 #[test]
