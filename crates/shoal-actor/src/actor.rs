@@ -115,6 +115,8 @@ pub struct ActorStatus {
 /// A running actor (see the module docs). Dropping it kills it ([`Actor::kill`]); to let it
 /// finish the messages in its mailbox first, [`Actor::stop`] it.
 pub struct Actor {
+    /// The span its thread runs in.
+    span: tracing::Span,
     tx: mpsc::Sender<Command>,
     thread: Option<JoinHandle<()>>,
     status: Arc<Mutex<ActorStatus>>,
@@ -194,11 +196,20 @@ impl Actor {
             Arc::new(Mutex::new(ActorStatus { state: "idle".into(), messages: 0, memory_bytes: inst.memory_size() }));
         let queued = Arc::new(AtomicUsize::new(0));
         let (st, q) = (status.clone(), queued.clone());
+        // What the actor's thread logs (its guest's stderr too) is in this span; its id is
+        // recorded once the registry has given it one.
+        let span = tracing::info_span!("actor", actor = tracing::field::Empty);
+        let entered = span.clone();
         let thread = std::thread::Builder::new()
             .name("shoal-actor".into())
-            .spawn(move || run(&runtime, &mut inst, rx, &st, &q, &config))
+            .spawn(move || entered.in_scope(|| run(&runtime, &mut inst, rx, &st, &q, &config)))
             .map_err(|e| ActorError::Stopped(format!("cannot start a thread: {e}")))?;
-        Ok(Actor { tx, thread: Some(thread), status, queued, prepared, interrupt })
+        Ok(Actor { tx, thread: Some(thread), status, queued, prepared, interrupt, span })
+    }
+
+    /// Names the actor in what its thread logs (`actor=ID`).
+    pub fn set_id(&self, id: u64) {
+        self.span.record("actor", id);
     }
 
     /// Puts `msg` in the mailbox; the reply streams through the receiver, which holds at most

@@ -442,6 +442,7 @@ impl Registry {
     ) -> Result<u64, RegistryError> {
         // On failure the actor is dropped (killed) and the seat given back.
         let id = self.new_id()?;
+        actor.set_id(id);
         let created = now_secs();
         let e = Entry::labelled(id, module_name, module, tag, labels, created, persistent, Slot::Running(actor));
         let mut actors = lock(&self.actors);
@@ -633,6 +634,7 @@ impl Registry {
         let i = *lock(&e.runtime);
         let module = self.module_for(&e.module, i)?;
         let actor = Actor::restore(self.runtimes[i].clone(), module, (**snap).clone(), self.config.clone())?;
+        actor.set_id(id);
         *lock(&e.live) = Some(Live::of(&actor));
         *slot = Slot::Running(actor);
         e.changed();
@@ -693,6 +695,7 @@ impl Registry {
                 let snap = a.snapshot()?;
                 let bytes = snapshot_bytes(&snap);
                 let moved = Actor::restore(self.runtimes[to].clone(), module, snap, self.config.clone())?;
+                moved.set_id(id);
                 *lock(&e.live) = Some(Live::of(&moved));
                 if let Slot::Running(old) = std::mem::replace(&mut *slot, Slot::Running(moved)) {
                     e.retire(&old);
@@ -882,7 +885,9 @@ impl Registry {
         let slot = if rec.paused {
             Slot::Paused(Arc::new(snap))
         } else {
-            Slot::Running(Actor::restore(self.runtimes[0].clone(), module.clone(), snap, self.config.clone())?)
+            let a = Actor::restore(self.runtimes[0].clone(), module.clone(), snap, self.config.clone())?;
+            a.set_id(id);
+            Slot::Running(a)
         };
         j.keep_above(id)?;
         let labels = Labels { name: rec.name.clone().filter(|n| check_name(n).is_ok()), model: rec.model.clone() };

@@ -326,3 +326,47 @@ fn cors_for_allowed_origins_only() {
     assert_eq!(r.status, 200);
     assert!(!r.head.contains("access-control-"), "{}", r.head);
 }
+
+/// An actor that writes a line to its stderr for each message, then echoes it.
+const TALKER: &str = r#"(module
+  (import "shoal_v1" "reply" (func $reply (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 2000) "\00\08\00\00\0f\00\00\00")
+  (data (i32.const 2048) "guest says hi\1b\n")
+  (func (export "shoal_actor_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "shoal_actor_message") (param $p i32) (param $len i32) (result i32)
+    (drop (call $fd_write (i32.const 2) (i32.const 2000) (i32.const 1) (i32.const 2016)))
+    (drop (call $reply (local.get $p) (local.get $len)))
+    (i32.const 0)))"#;
+
+#[test]
+fn log_lines_of_a_message_name_the_actor_and_its_request() {
+    let dir = tmp("ops-actorlog");
+    let mods = modules_dir(&dir, &[("talker", TALKER)]);
+    let d = start(&dir.join("store"), Some(&mods), &[]);
+    let (s, v) = post(&d.addr, "/v1/actors", &json!({"module": "talker", "name": "chatty"}));
+    assert_eq!(s, 201, "{v}");
+    let id = v["id"].as_u64().unwrap();
+    let r = request(&d.addr, "POST", "/v1/actors/chatty/messages", &[("x-request-id", "talk-1")], b"yo");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let actor = format!("actor={id}");
+    assert!(
+        eventually(Duration::from_secs(10), || d
+            .stderr()
+            .lines()
+            .any(|l| l.contains("guest says hi") && l.contains(&actor) && l.contains("shoal_host::guest"))),
+        "no guest line naming the actor: {}",
+        d.stderr()
+    );
+    // The escape character is escaped: a guest cannot write terminal codes into the log.
+    assert!(!d.stderr().contains('\u{1b}'), "{}", d.stderr());
+    assert!(
+        eventually(Duration::from_secs(10), || d
+            .stderr()
+            .lines()
+            .any(|l| l.contains("talk-1") && l.contains(&actor) && l.contains("status=200"))),
+        "no request line naming the actor: {}",
+        d.stderr()
+    );
+}

@@ -163,7 +163,12 @@ impl Runtime {
         let mut wasi = WasiCtxBuilder::new();
         let mut argv = vec![opts.program_name.clone().unwrap_or_else(|| "actor.wasm".into())];
         argv.extend(opts.args.iter().cloned());
-        wasi.args(&argv).inherit_stderr();
+        wasi.args(&argv);
+        if self.log_stderr {
+            wasi.stderr(crate::guest_log::GuestStderr::default());
+        } else {
+            wasi.inherit_stderr();
+        }
         let state = HostState::new(wasi.build_p1(), self.device.clone(), self.models.clone(), &opts.limits, false);
         crate::state::bounded_store(&self.engine, state)
     }

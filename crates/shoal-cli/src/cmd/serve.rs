@@ -193,7 +193,10 @@ impl Loader {
             models.get(&name).map_err(anyhow::Error::msg)?;
             log::info!("loaded model {name} in {:.1?}", t.elapsed());
         }
-        let runtime = Arc::new(Runtime::with_models(device.clone(), models.clone())?);
+        let mut runtime = Runtime::with_models(device.clone(), models.clone())?;
+        // Guests' stderr as log lines naming their actor.
+        runtime.log_guest_stderr(true);
+        let runtime = Arc::new(runtime);
         let store: Arc<dyn SnapshotStore> = Arc::new(LocalStore::new(&self.store_dir));
         let mut registry = Registry::new(runtime, store.clone(), self.actor_config);
         registry.set_max_actors(self.max_actors);
@@ -202,7 +205,9 @@ impl Loader {
             // Actors can be moved to the CPU engine (its models load there on first use).
             let (cpu_models, _) = super::models(self.models.as_slice(), shoal_engine::models::EngineKind::Cpu)?;
             let cpu = Arc::new(shoal_gpu::Device::open(shoal_gpu::BackendKind::Cpu)?);
-            registry.add_runtime(Arc::new(Runtime::with_models(cpu, cpu_models)?));
+            let mut cpu = Runtime::with_models(cpu, cpu_models)?;
+            cpu.log_guest_stderr(true);
+            registry.add_runtime(Arc::new(cpu));
         }
         let chat = registry.module("chat", shoal_guests::CHAT_ACTOR)?;
         let recovered = registry.recover();
