@@ -110,6 +110,9 @@ pub struct ActorStatus {
     pub messages: u64,
     /// Bytes of linear memory.
     pub memory_bytes: usize,
+    /// Bytes charged to its limit besides its linear memory: its sessions' KV caches and
+    /// device buffers.
+    pub kv_bytes: u64,
 }
 
 /// A running actor (see the module docs). Dropping it kills it ([`Actor::kill`]); to let it
@@ -192,8 +195,12 @@ impl Actor {
         };
         let interrupt = inst.interrupt();
         let (tx, rx) = mpsc::channel();
-        let status =
-            Arc::new(Mutex::new(ActorStatus { state: "idle".into(), messages: 0, memory_bytes: inst.memory_size() }));
+        let status = Arc::new(Mutex::new(ActorStatus {
+            state: "idle".into(),
+            messages: 0,
+            memory_bytes: inst.memory_size(),
+            kv_bytes: inst.charged().saturating_sub(inst.memory_size() as u64),
+        }));
         let queued = Arc::new(AtomicUsize::new(0));
         let (st, q) = (status.clone(), queued.clone());
         // What the actor's thread logs (its guest's stderr too) is in this span; its id is
@@ -445,6 +452,7 @@ fn run(
                     let mut s = lock(status);
                     s.messages += 1;
                     s.memory_bytes = inst.memory_size();
+                    s.kv_bytes = inst.charged().saturating_sub(s.memory_bytes as u64);
                     match r {
                         Ok(()) => {
                             s.state = "idle".into();

@@ -229,6 +229,9 @@ pub struct ActorInfo {
     pub messages: u64,
     /// Bytes of linear memory (of the snapshot, when paused).
     pub memory_bytes: usize,
+    /// Bytes of its sessions' KV caches (and device buffers) charged to its limit; when
+    /// paused, its snapshot's KV caches.
+    pub kv_bytes: u64,
     /// Who made it (`api`, `openai`…).
     pub tag: String,
     /// The backend its models run on (`cuda`, `cpu`).
@@ -547,22 +550,30 @@ impl Registry {
             .into_iter()
             .map(|(id, e)| {
                 let before = e.messages_before.load(Ordering::Relaxed);
-                let (state, messages, memory_bytes) = match try_lock(&e.slot) {
+                let (state, messages, memory_bytes, kv_bytes) = match try_lock(&e.slot) {
                     Some(slot) => match &*slot {
                         Slot::Running(a) => {
                             let s = a.status();
-                            (s.state, before + s.messages, s.memory_bytes)
+                            (s.state, before + s.messages, s.memory_bytes, s.kv_bytes)
                         }
-                        Slot::Paused(s) => ("paused".to_string(), before, s.state.memory_pages as usize * 65536),
-                        Slot::Killed => ("stopped: killed".to_string(), before, 0),
+                        Slot::Paused(s) => {
+                            let memory = s.state.memory_pages as usize * 65536;
+                            (
+                                "paused".to_string(),
+                                before,
+                                memory,
+                                snapshot_bytes(s).saturating_sub(s.memory_bytes()) as u64,
+                            )
+                        }
+                        Slot::Killed => ("stopped: killed".to_string(), before, 0, 0),
                     },
                     None => match lock(&e.live).clone() {
                         Some(live) => {
                             let s = lock(&live.status).clone();
                             let state = if s.state == "idle" { "busy".to_string() } else { s.state };
-                            (state, before + s.messages, s.memory_bytes)
+                            (state, before + s.messages, s.memory_bytes, s.kv_bytes)
                         }
-                        None => ("busy".to_string(), before, 0),
+                        None => ("busy".to_string(), before, 0, 0),
                     },
                 };
                 ActorInfo {
@@ -575,6 +586,7 @@ impl Registry {
                     state,
                     messages,
                     memory_bytes,
+                    kv_bytes,
                     tag: e.tag.clone(),
                     backend: self.backend_of(*lock(&e.runtime)),
                     persistent: e.persistent,

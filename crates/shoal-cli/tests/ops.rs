@@ -216,6 +216,9 @@ fn actors_by_name() {
     assert_eq!(code, Some(0), "{ps}");
     let header = ps.lines().next().unwrap();
     let row = ps.lines().find(|l| l.contains(&name)).unwrap_or_else(|| panic!("{ps}"));
+    for col in ["ID", "NAME", "MODULE", "MODEL", "STATE", "KV", "MEMORY", "MESSAGES", "AGE"] {
+        assert!(header.split_whitespace().any(|c| c == col), "no {col}: {header}");
+    }
     for (col, value) in [("NAME", name.as_str()), ("MODULE", "echo"), ("STATE", "idle")] {
         assert_eq!(header.find(col), row.find(value), "{col} misaligned:\n{ps}");
     }
@@ -267,6 +270,7 @@ fn the_openai_endpoints_actors_are_hidden_and_protected() {
     let pool: Vec<Value> = all["actors"].as_array().unwrap().clone();
     assert_eq!(pool.len(), 1, "{all}");
     assert_eq!(pool[0]["pool"], true);
+    assert!(pool[0]["kv_bytes"].as_u64().unwrap() > 0, "its KV cache is counted: {all}");
     let id = pool[0]["id"].as_u64().unwrap();
     for (m, p) in [
         ("POST", format!("/v1/actors/{id}/pause")),
@@ -285,6 +289,7 @@ fn the_openai_endpoints_actors_are_hidden_and_protected() {
     let generated = metric(&m, "shoal_tokens_generated_total").unwrap();
     assert!(generated >= tokens + v["usage"]["completion_tokens"].as_f64().unwrap() && generated > 0.0, "{m}");
     assert_eq!(metric(&m, "shoal_openai_pool_actors"), Some(1.0), "{m}");
+    assert!(metric(&m, "shoal_kv_bytes").unwrap() > 0.0, "{m}");
     let out = shoal().args(["ps", "--all", "--addr", &d.addr]).output().unwrap();
     let ps = String::from_utf8_lossy(&out.stdout);
     assert!(ps.contains(&format!("{id}*")) && ps.contains("(openai)"), "{ps}");

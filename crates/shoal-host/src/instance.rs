@@ -430,6 +430,12 @@ impl Instance {
         self.store.data().interrupt.clone()
     }
 
+    /// The bytes charged to the instance's limit now: its linear memory, device buffers,
+    /// sessions' KV caches and models loaded from bytes.
+    pub fn charged(&self) -> u64 {
+        self.store.data().quota.budget.used()
+    }
+
     /// The most bytes the instance held at once against its limit, and its limit.
     pub fn peak_charged(&self) -> (u64, u64) {
         let b = &self.store.data().quota.budget;

@@ -100,6 +100,7 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Result<Response, ApiError> 
         *g.actors.entry(state).or_default() += 1;
         g.pool_actors += u64::from(a.tag == POOL_TAG && !a.persistent);
         g.memory_bytes += a.memory_bytes as u64;
+        g.kv_bytes += a.kv_bytes;
     }
     Ok(crate::metrics::answer(app.metrics.render(&g)))
 }

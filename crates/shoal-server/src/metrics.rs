@@ -79,6 +79,8 @@ pub struct Gauges {
     pub pool_actors: u64,
     /// Bytes of actors' linear memory (of snapshots, for paused ones).
     pub memory_bytes: u64,
+    /// Bytes of actors' KV caches and device buffers (snapshots' KV caches, for paused ones).
+    pub kv_bytes: u64,
 }
 
 impl Metrics {
@@ -141,6 +143,12 @@ impl Metrics {
         let _ = writeln!(o, "# HELP shoal_actor_memory_bytes Bytes of actors' linear memory (snapshots' when paused).");
         let _ = writeln!(o, "# TYPE shoal_actor_memory_bytes gauge");
         let _ = writeln!(o, "shoal_actor_memory_bytes {}", g.memory_bytes);
+        let _ = writeln!(
+            o,
+            "# HELP shoal_kv_bytes Bytes of actors' KV caches and device buffers (snapshots' when paused)."
+        );
+        let _ = writeln!(o, "# TYPE shoal_kv_bytes gauge");
+        let _ = writeln!(o, "shoal_kv_bytes {}", g.kv_bytes);
         o
     }
 }

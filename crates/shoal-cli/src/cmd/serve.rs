@@ -184,6 +184,7 @@ impl Loader {
             std::thread::sleep(Duration::from_millis(ms.min(60_000)));
         }
         let t0 = std::time::Instant::now();
+        let _spinner = Spinner::start();
         let journal = Journal::open(self.store_dir.join(JOURNAL_DIR))?;
         let device = open_device(self.backend)?;
         let (models, default_model) = models(self.models.as_slice(), super::engine_for(&device))?;
@@ -223,5 +224,43 @@ impl Loader {
         }
         log::info!("loaded in {:.1?}", t0.elapsed());
         Ok(shoal_server::Parts { registry: Arc::new(registry), store, models, chat, default_model })
+    }
+}
+
+/// A spinner on stderr while the models load, when stderr is a terminal (otherwise the log
+/// lines say it); it stops, and clears its line, when dropped.
+struct Spinner {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Spinner {
+    fn start() -> Spinner {
+        use std::io::{IsTerminal, Write};
+        if !std::io::stderr().is_terminal() {
+            return Spinner { stop: None, thread: None };
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let t0 = std::time::Instant::now();
+            for frame in ["|", "/", "-", "\\"].iter().cycle() {
+                eprint!("\r{frame} loading models… {:.0?}", t0.elapsed());
+                let _ = std::io::stderr().flush();
+                if rx.recv_timeout(Duration::from_millis(120)) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                    break;
+                }
+            }
+            eprint!("\r\x1b[2K");
+        });
+        Spinner { stop: Some(tx), thread: Some(thread) }
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
