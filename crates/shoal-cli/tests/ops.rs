@@ -375,3 +375,52 @@ fn log_lines_of_a_message_name_the_actor_and_its_request() {
         d.stderr()
     );
 }
+
+#[test]
+fn attach_talks_line_by_line_and_detaches_at_end_of_input() {
+    use std::io::Write as _;
+    let dir = tmp("ops-attach");
+    let mods = modules_dir(&dir, &[("echo", ECHO)]);
+    let d = start(&dir.join("store"), Some(&mods), &[]);
+    assert_eq!(post(&d.addr, "/v1/actors", &json!({"module": "echo", "name": "pal"})).0, 201);
+    let mut child = shoal()
+        .args(["attach", "pal", "--addr", &d.addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"first line\n\nsecond line\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout, "first line\nsecond line\n", "{out:?}");
+    // Detached, not killed: the actor is there, with both messages.
+    let (_, l) = get(&d.addr, "/v1/actors");
+    let a = &l["actors"][0];
+    assert_eq!((&a["name"], &a["messages"]), (&json!("pal"), &json!(2)), "{l}");
+    // No such actor: an error before anything is read.
+    let out = shoal().args(["attach", "nobody", "--addr", &d.addr]).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+#[test]
+fn names_come_back_with_their_actors_after_a_restart() {
+    let dir = tmp("ops-restart");
+    let mods = modules_dir(&dir, &[("echo", ECHO)]);
+    let store = dir.join("store");
+    let mut d = start(&store, Some(&mods), &[]);
+    let (s, v) = post(&d.addr, "/v1/actors", &json!({"module": "echo", "name": "keeper"}));
+    assert_eq!(s, 201, "{v}");
+    let id = v["id"].as_u64().unwrap();
+    assert_eq!(send(&d.addr, id, "x").unwrap(), "x");
+    d.signal("TERM");
+    assert!(d.wait_exit(Duration::from_secs(60)).is_some_and(|st| st.success()), "{}", d.stderr());
+    let d = start(&store, Some(&mods), &[]);
+    let r = request(&d.addr, "POST", "/v1/actors/keeper/messages", &[], b"back");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (_, l) = get(&d.addr, "/v1/actors");
+    assert_eq!((&l["actors"][0]["id"], &l["actors"][0]["name"]), (&json!(id), &json!("keeper")), "{l}");
+    // Still unique: the name is taken.
+    assert_eq!(post(&d.addr, "/v1/actors", &json!({"module": "echo", "name": "keeper"})).0, 409);
+}
