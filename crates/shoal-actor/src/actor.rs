@@ -113,6 +113,8 @@ pub struct ActorStatus {
     /// Bytes charged to its limit besides its linear memory: its sessions' KV caches and
     /// device buffers.
     pub kv_bytes: u64,
+    /// Positions its sessions' KV caches hold, and can hold, in all.
+    pub context: (usize, usize),
 }
 
 /// A running actor (see the module docs). Dropping it kills it ([`Actor::kill`]); to let it
@@ -200,6 +202,7 @@ impl Actor {
             messages: 0,
             memory_bytes: inst.memory_size(),
             kv_bytes: inst.charged().saturating_sub(inst.memory_size() as u64),
+            context: inst.context_use(),
         }));
         let queued = Arc::new(AtomicUsize::new(0));
         let (st, q) = (status.clone(), queued.clone());
@@ -453,6 +456,7 @@ fn run(
                     s.messages += 1;
                     s.memory_bytes = inst.memory_size();
                     s.kv_bytes = inst.charged().saturating_sub(s.memory_bytes as u64);
+                    s.context = inst.context_use();
                     match r {
                         Ok(()) => {
                             s.state = "idle".into();

@@ -232,6 +232,11 @@ pub struct ActorInfo {
     /// Bytes of its sessions' KV caches (and device buffers) charged to its limit; when
     /// paused, its snapshot's KV caches.
     pub kv_bytes: u64,
+    /// Positions its sessions' KV caches hold (when paused: the tokens its snapshot's
+    /// sessions evaluated), in all.
+    pub context_used: usize,
+    /// Positions its sessions' KV caches can hold, in all.
+    pub context_size: usize,
     /// Who made it (`api`, `openai`…).
     pub tag: String,
     /// The backend its models run on (`cuda`, `cpu`).
@@ -550,30 +555,29 @@ impl Registry {
             .into_iter()
             .map(|(id, e)| {
                 let before = e.messages_before.load(Ordering::Relaxed);
-                let (state, messages, memory_bytes, kv_bytes) = match try_lock(&e.slot) {
+                let (state, messages, memory_bytes, kv_bytes, context) = match try_lock(&e.slot) {
                     Some(slot) => match &*slot {
                         Slot::Running(a) => {
                             let s = a.status();
-                            (s.state, before + s.messages, s.memory_bytes, s.kv_bytes)
+                            (s.state, before + s.messages, s.memory_bytes, s.kv_bytes, s.context)
                         }
                         Slot::Paused(s) => {
                             let memory = s.state.memory_pages as usize * 65536;
-                            (
-                                "paused".to_string(),
-                                before,
-                                memory,
-                                snapshot_bytes(s).saturating_sub(s.memory_bytes()) as u64,
-                            )
+                            let kv = snapshot_bytes(s).saturating_sub(s.memory_bytes()) as u64;
+                            let sessions = &s.state.infer.sessions;
+                            let used = sessions.iter().map(|x| x.history.len().min(x.context)).sum();
+                            let size = sessions.iter().map(|x| x.context).sum();
+                            ("paused".to_string(), before, memory, kv, (used, size))
                         }
-                        Slot::Killed => ("stopped: killed".to_string(), before, 0, 0),
+                        Slot::Killed => ("stopped: killed".to_string(), before, 0, 0, (0, 0)),
                     },
                     None => match lock(&e.live).clone() {
                         Some(live) => {
                             let s = lock(&live.status).clone();
                             let state = if s.state == "idle" { "busy".to_string() } else { s.state };
-                            (state, before + s.messages, s.memory_bytes, s.kv_bytes)
+                            (state, before + s.messages, s.memory_bytes, s.kv_bytes, s.context)
                         }
-                        None => ("busy".to_string(), before, 0, 0),
+                        None => ("busy".to_string(), before, 0, 0, (0, 0)),
                     },
                 };
                 ActorInfo {
@@ -587,6 +591,8 @@ impl Registry {
                     messages,
                     memory_bytes,
                     kv_bytes,
+                    context_used: context.0,
+                    context_size: context.1,
                     tag: e.tag.clone(),
                     backend: self.backend_of(*lock(&e.runtime)),
                     persistent: e.persistent,

@@ -72,7 +72,8 @@ enum Command {
     /// Stop an actor at once, even inside a handler that never returns, and forget it.
     Kill(cmd::ctl::Id),
     /// Talk to an actor on the terminal: each line read is sent as a message and its reply
-    /// streamed back. Ctrl-D (end of input) detaches; the actor keeps running.
+    /// streamed back. Ctrl-D (end of input), or Ctrl-] then Enter, detaches; the actor keeps
+    /// running.
     Attach(cmd::attach::Args),
     /// List the snapshots in the daemon's store (`shoal snapshots rm KEY` deletes one).
     Snapshots(cmd::ctl::Snapshots),

@@ -216,7 +216,7 @@ fn actors_by_name() {
     assert_eq!(code, Some(0), "{ps}");
     let header = ps.lines().next().unwrap();
     let row = ps.lines().find(|l| l.contains(&name)).unwrap_or_else(|| panic!("{ps}"));
-    for col in ["ID", "NAME", "MODULE", "MODEL", "STATE", "KV", "MEMORY", "MESSAGES", "AGE"] {
+    for col in ["ID", "NAME", "MODULE", "MODEL", "STATE", "CONTEXT", "KV", "MEMORY", "MESSAGES", "AGE"] {
         assert!(header.split_whitespace().any(|c| c == col), "no {col}: {header}");
     }
     for (col, value) in [("NAME", name.as_str()), ("MODULE", "echo"), ("STATE", "idle")] {
@@ -271,6 +271,8 @@ fn the_openai_endpoints_actors_are_hidden_and_protected() {
     assert_eq!(pool.len(), 1, "{all}");
     assert_eq!(pool[0]["pool"], true);
     assert!(pool[0]["kv_bytes"].as_u64().unwrap() > 0, "its KV cache is counted: {all}");
+    let (used, size) = (pool[0]["context_used"].as_u64().unwrap(), pool[0]["context_size"].as_u64().unwrap());
+    assert!(used > 0 && used <= size, "{all}");
     let id = pool[0]["id"].as_u64().unwrap();
     for (m, p) in [
         ("POST", format!("/v1/actors/{id}/pause")),
@@ -390,7 +392,7 @@ fn attach_talks_line_by_line_and_detaches_at_end_of_input() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"first line\n\nsecond line\n").unwrap();
+    child.stdin.take().unwrap().write_all(b"first line\n\nsecond line\n\x1d\nnot sent\n").unwrap();
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");

@@ -430,6 +430,11 @@ impl Instance {
         self.store.data().interrupt.clone()
     }
 
+    /// Positions its inference sessions' KV caches hold, and can hold, in all.
+    pub fn context_use(&self) -> (usize, usize) {
+        self.store.data().infer.context_use()
+    }
+
     /// The bytes charged to the instance's limit now: its linear memory, device buffers,
     /// sessions' KV caches and models loaded from bytes.
     pub fn charged(&self) -> u64 {

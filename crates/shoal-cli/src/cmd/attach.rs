@@ -1,6 +1,6 @@
 //! `shoal attach ID|NAME`: a conversation with an actor on the terminal. Each line read
 //! from stdin is sent as one message and its reply streamed back; end of input (Ctrl-D on
-//! a terminal) detaches, and the actor keeps running with its conversation. An actor that
+//! a terminal), or a line holding Ctrl-] (typed, then Enter), detaches, and the actor keeps running with its conversation. An actor that
 //! answers with an error is reported and the conversation goes on; a refusal of the
 //! daemon's (no such actor, paused) ends it.
 
@@ -17,6 +17,9 @@ pub struct Args {
     id: String,
 }
 
+/// Ctrl-]: a line holding it detaches (typed, then Enter).
+const ESCAPE: char = '\x1d';
+
 pub fn run(a: Args) -> anyhow::Result<i32> {
     // The actor exists (and is the user's) before anything is typed.
     let v = call(&a.at, "GET", "/v1/actors", &serde_json::json!({}))?;
@@ -28,7 +31,10 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     }
     let tty = std::io::stdin().is_terminal();
     if tty {
-        eprintln!("attached to {}: type a message and Enter; Ctrl-D detaches (the actor keeps running)", a.id);
+        eprintln!(
+            "attached to {}: type a message and Enter; Ctrl-D (or Ctrl-] and Enter) detaches, the actor keeps running",
+            a.id
+        );
     }
     let stdin = std::io::stdin();
     let mut line = String::new();
@@ -42,6 +48,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             break;
         }
         let text = line.trim_end_matches(['\n', '\r']);
+        if text.contains(ESCAPE) {
+            break;
+        }
         if text.is_empty() {
             continue;
         }

@@ -212,7 +212,7 @@ pub fn ps(a: Ps) -> anyhow::Result<i32> {
         return Ok(0);
     }
     let mut rows = vec![
-        ["ID", "NAME", "MODULE", "MODEL", "STATE", "BACKEND", "KV", "MEMORY", "MESSAGES", "AGE"]
+        ["ID", "NAME", "MODULE", "MODEL", "STATE", "BACKEND", "CONTEXT", "KV", "MEMORY", "MESSAGES", "AGE"]
             .map(String::from)
             .to_vec(),
     ];
@@ -228,13 +228,17 @@ pub fn ps(a: Ps) -> anyhow::Result<i32> {
             text("model").unwrap_or_else(|| "-".into()),
             text("state").unwrap_or_else(|| "?".into()),
             text("backend").unwrap_or_else(|| "?".into()),
+            match x["context_size"].as_u64().unwrap_or(0) {
+                0 => "-".to_string(),
+                n => format!("{}/{n}", x["context_used"].as_u64().unwrap_or(0)),
+            },
             size(x["kv_bytes"].as_u64().unwrap_or(0)),
             size(x["memory_bytes"].as_u64().unwrap_or(0)),
             x["messages"].as_u64().unwrap_or(0).to_string(),
             age(x["age_s"].as_u64().unwrap_or(0)),
         ]);
     }
-    print!("{}", table(&rows, &[true, false, false, false, false, false, true, true, true, true]));
+    print!("{}", table(&rows, &[true, false, false, false, false, false, true, true, true, true, true]));
     if a.all {
         println!("(* the OpenAI endpoint's actors: not managed through the actor API)");
     }
