@@ -189,10 +189,9 @@ impl Loader {
         let device = open_device(self.backend)?;
         let (models, default_model) = models(self.models.as_slice(), super::engine_for(&device))?;
         for name in models.names() {
+            // The host logs each model once loaded, with its time.
             log::info!("loading model {name}…");
-            let t = std::time::Instant::now();
             models.get(&name).map_err(anyhow::Error::msg)?;
-            log::info!("loaded model {name} in {:.1?}", t.elapsed());
         }
         let mut runtime = Runtime::with_models(device.clone(), models.clone())?;
         // Guests' stderr as log lines naming their actor.
