@@ -110,11 +110,18 @@ pub struct ActorStatus {
     pub messages: u64,
     /// Bytes of linear memory.
     pub memory_bytes: usize,
+    /// Bytes charged to its limit besides its linear memory: its sessions' KV caches and
+    /// device buffers.
+    pub kv_bytes: u64,
+    /// Positions its sessions' KV caches hold, and can hold, in all.
+    pub context: (usize, usize),
 }
 
 /// A running actor (see the module docs). Dropping it kills it ([`Actor::kill`]); to let it
 /// finish the messages in its mailbox first, [`Actor::stop`] it.
 pub struct Actor {
+    /// The span its thread runs in.
+    span: tracing::Span,
     tx: mpsc::Sender<Command>,
     thread: Option<JoinHandle<()>>,
     status: Arc<Mutex<ActorStatus>>,
@@ -190,15 +197,29 @@ impl Actor {
         };
         let interrupt = inst.interrupt();
         let (tx, rx) = mpsc::channel();
-        let status =
-            Arc::new(Mutex::new(ActorStatus { state: "idle".into(), messages: 0, memory_bytes: inst.memory_size() }));
+        let status = Arc::new(Mutex::new(ActorStatus {
+            state: "idle".into(),
+            messages: 0,
+            memory_bytes: inst.memory_size(),
+            kv_bytes: inst.charged().saturating_sub(inst.memory_size() as u64),
+            context: inst.context_use(),
+        }));
         let queued = Arc::new(AtomicUsize::new(0));
         let (st, q) = (status.clone(), queued.clone());
+        // What the actor's thread logs (its guest's stderr too) is in this span; its id is
+        // recorded once the registry has given it one.
+        let span = tracing::info_span!("actor", actor = tracing::field::Empty);
+        let entered = span.clone();
         let thread = std::thread::Builder::new()
             .name("shoal-actor".into())
-            .spawn(move || run(&runtime, &mut inst, rx, &st, &q, &config))
+            .spawn(move || entered.in_scope(|| run(&runtime, &mut inst, rx, &st, &q, &config)))
             .map_err(|e| ActorError::Stopped(format!("cannot start a thread: {e}")))?;
-        Ok(Actor { tx, thread: Some(thread), status, queued, prepared, interrupt })
+        Ok(Actor { tx, thread: Some(thread), status, queued, prepared, interrupt, span })
+    }
+
+    /// Names the actor in what its thread logs (`actor=ID`).
+    pub fn set_id(&self, id: u64) {
+        self.span.record("actor", id);
     }
 
     /// Puts `msg` in the mailbox; the reply streams through the receiver, which holds at most
@@ -434,6 +455,8 @@ fn run(
                     let mut s = lock(status);
                     s.messages += 1;
                     s.memory_bytes = inst.memory_size();
+                    s.kv_bytes = inst.charged().saturating_sub(s.memory_bytes as u64);
+                    s.context = inst.context_use();
                     match r {
                         Ok(()) => {
                             s.state = "idle".into();

@@ -132,6 +132,15 @@ pub(crate) struct Record {
     pub(crate) module_sha256: String,
     pub(crate) tag: String,
     pub(crate) paused: bool,
+    /// The actor's name (records of older daemons have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) name: Option<String>,
+    /// The model it was spawned with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) model: Option<String>,
+    /// When it was first spawned (seconds since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) created: Option<u64>,
 }
 
 /// What the journal's `actors/` directory holds.

@@ -28,7 +28,7 @@ mod store;
 
 pub use actor::{Actor, ActorConfig, ActorError, ActorStatus, ERROR_MARK, Event, MAILBOX, REPLY_QUEUE};
 pub use journal::{Checkpointed, Journal, JournalError, Recovered};
-pub use registry::{ActorInfo, Registry, RegistryError, Timing};
+pub use registry::{ActorInfo, Labels, MAX_NAME, Registry, RegistryError, Timing, check_name};
 pub use snapshot::{
     LocalStore, MAX_KEY, ModelRef, Snapshot, SnapshotError, SnapshotStore, WriteReport, is_snapshot_dir, read_dir,
     write_dir,

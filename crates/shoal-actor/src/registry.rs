@@ -23,6 +23,32 @@ use shoal_host::{InstanceOptions, Interrupt, Prepared, Runtime};
 use crate::journal::{Checkpointed, Journal, JournalError, Record, Recovered};
 use crate::{Actor, ActorConfig, ActorError, ActorStatus, Event, Snapshot, SnapshotStore, WriteReport};
 
+/// The longest actor name.
+pub const MAX_NAME: usize = 64;
+
+/// Whether `name` may name an actor: 1 to [`MAX_NAME`] characters of `A-Z a-z 0-9 . _ -`,
+/// not all digits (those are ids). The error shows the name escaped and cut.
+pub fn check_name(name: &str) -> Result<(), RegistryError> {
+    let ok = (1..=MAX_NAME).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !name.bytes().all(|b| b.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::BadName(name.chars().take(80).flat_map(char::escape_default).collect()))
+    }
+}
+
+/// What people know an actor by, besides its id: kept with it across pauses, resumes, moves
+/// and the journal's checkpoints (a snapshot in the store holds none).
+#[derive(Clone, Debug, Default)]
+pub struct Labels {
+    /// Its unique name ([`check_name`]).
+    pub name: Option<String>,
+    /// The model it was spawned with, when the spawner knows it.
+    pub model: Option<String>,
+}
+
 /// The most actors a registry holds unless told otherwise ([`Registry::set_max_actors`]).
 pub const DEFAULT_MAX_ACTORS: usize = 1024;
 
@@ -53,6 +79,15 @@ pub enum RegistryError {
         /// The cap ([`Registry::set_max_actors`]).
         max: usize,
     },
+    /// No actor has that name.
+    #[error("no actor named `{0}` (see `shoal ps`)")]
+    NoSuchName(String),
+    /// A name that is not one (see [`check_name`]).
+    #[error("bad actor name `{0}`: a name is 1 to {MAX_NAME} characters of A-Z a-z 0-9 . _ -, not all digits")]
+    BadName(String),
+    /// A live actor already has that name.
+    #[error("an actor named `{0}` already exists; pick another name or kill it first")]
+    NameTaken(String),
     /// The daemon has no runtime on that backend.
     #[error("no runtime on backend {0}")]
     NoBackend(String),
@@ -100,6 +135,9 @@ struct Entry {
     module_name: String,
     module: Arc<Prepared>,
     tag: String,
+    labels: Labels,
+    /// When it was first spawned (seconds since the Unix epoch).
+    created: u64,
     /// Checkpointed by the journal (not transient).
     persistent: bool,
     slot: Mutex<Slot>,
@@ -120,7 +158,17 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(id: u64, module_name: &str, module: Arc<Prepared>, tag: &str, persistent: bool, slot: Slot) -> Entry {
+    #[allow(clippy::too_many_arguments)]
+    fn labelled(
+        id: u64,
+        module_name: &str,
+        module: Arc<Prepared>,
+        tag: &str,
+        labels: Labels,
+        created: u64,
+        persistent: bool,
+        slot: Slot,
+    ) -> Entry {
         let live = match &slot {
             Slot::Running(a) => Some(Live::of(a)),
             Slot::Paused(_) | Slot::Killed => None,
@@ -130,6 +178,8 @@ impl Entry {
             module_name: module_name.to_string(),
             module,
             tag: tag.to_string(),
+            labels,
+            created,
             persistent,
             slot: Mutex::new(slot),
             live: Mutex::new(live),
@@ -161,6 +211,13 @@ impl Entry {
 pub struct ActorInfo {
     /// Its id.
     pub id: u64,
+    /// Its name, if it was given one.
+    pub name: Option<String>,
+    /// The model it was spawned with, when known.
+    pub model: Option<String>,
+    /// Seconds since it was first spawned (for a recovered actor of an old journal: since
+    /// it was recovered).
+    pub age_s: u64,
     /// The module's name (`chat`, or the file it was read from).
     pub module: String,
     /// The module's SHA-256.
@@ -172,6 +229,14 @@ pub struct ActorInfo {
     pub messages: u64,
     /// Bytes of linear memory (of the snapshot, when paused).
     pub memory_bytes: usize,
+    /// Bytes of its sessions' KV caches (and device buffers) charged to its limit; when
+    /// paused, its snapshot's KV caches.
+    pub kv_bytes: u64,
+    /// Positions its sessions' KV caches hold (when paused: the tokens its snapshot's
+    /// sessions evaluated), in all.
+    pub context_used: usize,
+    /// Positions its sessions' KV caches can hold, in all.
+    pub context_size: usize,
     /// Who made it (`api`, `openai`…).
     pub tag: String,
     /// The backend its models run on (`cuda`, `cpu`).
@@ -234,6 +299,10 @@ impl Drop for Seat<'_> {
             n.fetch_sub(1, Ordering::AcqRel);
         }
     }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -368,6 +437,7 @@ impl Registry {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn add(
         &self,
         seat: Seat<'_>,
@@ -376,13 +446,50 @@ impl Registry {
         tag: &str,
         actor: Actor,
         persistent: bool,
+        labels: Labels,
     ) -> Result<u64, RegistryError> {
         // On failure the actor is dropped (killed) and the seat given back.
         let id = self.new_id()?;
-        let e = Entry::new(id, module_name, module, tag, persistent, Slot::Running(actor));
-        lock(&self.actors).insert(id, Arc::new(e));
+        actor.set_id(id);
+        let created = now_secs();
+        let e = Entry::labelled(id, module_name, module, tag, labels, created, persistent, Slot::Running(actor));
+        let mut actors = lock(&self.actors);
+        if let Some(n) = &e.labels.name
+            && actors.values().any(|x| x.labels.name.as_ref() == Some(n))
+        {
+            return Err(RegistryError::NameTaken(n.clone()));
+        }
+        actors.insert(id, Arc::new(e));
         seat.keep();
         Ok(id)
+    }
+
+    /// Fails when `labels` names an actor wrongly, or with a name a live actor has.
+    fn check_labels(&self, labels: &Labels) -> Result<(), RegistryError> {
+        if let Some(n) = &labels.name {
+            check_name(n)?;
+            if lock(&self.actors).values().any(|x| x.labels.name.as_ref() == Some(n)) {
+                return Err(RegistryError::NameTaken(n.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The id of the actor `id_or_name` names: an id (digits) or a name.
+    pub fn resolve(&self, id_or_name: &str) -> Result<u64, RegistryError> {
+        if !id_or_name.is_empty() && id_or_name.bytes().all(|b| b.is_ascii_digit()) {
+            return id_or_name.parse().map_err(|_| RegistryError::NoSuchName(id_or_name.chars().take(32).collect()));
+        }
+        let actors = lock(&self.actors);
+        actors.values().find(|e| e.labels.name.as_deref() == Some(id_or_name)).map(|e| e.id).ok_or_else(|| {
+            RegistryError::NoSuchName(id_or_name.chars().take(80).flat_map(char::escape_default).collect())
+        })
+    }
+
+    /// Who made actor `id` (its tag) and whether it is persistent.
+    pub fn owner(&self, id: u64) -> Result<(String, bool), RegistryError> {
+        let e = self.entry(id)?;
+        Ok((e.tag.clone(), e.persistent))
     }
 
     /// Starts an actor of `module` with `opts` (their limits replaced by the registry's);
@@ -395,7 +502,21 @@ impl Registry {
         opts: InstanceOptions,
         tag: &str,
     ) -> Result<u64, RegistryError> {
-        self.spawn_as(module_name, module, opts, tag, true)
+        self.spawn_as(module_name, module, opts, tag, true, Labels::default())
+    }
+
+    /// Like [`Registry::spawn`], with a name and a model to show: a bad name, or one a live
+    /// actor has, fails before any instance is made.
+    pub fn spawn_labelled(
+        &self,
+        module_name: &str,
+        module: Arc<Prepared>,
+        opts: InstanceOptions,
+        tag: &str,
+        labels: Labels,
+    ) -> Result<u64, RegistryError> {
+        self.check_labels(&labels)?;
+        self.spawn_as(module_name, module, opts, tag, true, labels)
     }
 
     /// Like [`Registry::spawn`], but the actor is transient: never checkpointed, so never
@@ -407,7 +528,7 @@ impl Registry {
         opts: InstanceOptions,
         tag: &str,
     ) -> Result<u64, RegistryError> {
-        self.spawn_as(module_name, module, opts, tag, false)
+        self.spawn_as(module_name, module, opts, tag, false, Labels::default())
     }
 
     fn spawn_as(
@@ -417,46 +538,61 @@ impl Registry {
         mut opts: InstanceOptions,
         tag: &str,
         persistent: bool,
+        labels: Labels,
     ) -> Result<u64, RegistryError> {
         let seat = self.seat()?;
         opts.limits = shoal_host::Limits { deadline: self.config.init(), ..self.config.limits.clone() };
         let actor = Actor::spawn(self.runtimes[0].clone(), module.clone(), opts, self.config.clone())?;
-        self.add(seat, module_name, module, tag, actor, persistent)
+        self.add(seat, module_name, module, tag, actor, persistent, labels)
     }
 
     /// Every actor, by id. Never waits on a busy actor: an actor whose pause, resume or
     /// snapshot is under way is shown from its running instance's status, as `busy`.
     pub fn list(&self) -> Vec<ActorInfo> {
         let entries: Vec<(u64, Arc<Entry>)> = lock(&self.actors).iter().map(|(k, v)| (*k, v.clone())).collect();
+        let now = now_secs();
         entries
             .into_iter()
             .map(|(id, e)| {
                 let before = e.messages_before.load(Ordering::Relaxed);
-                let (state, messages, memory_bytes) = match try_lock(&e.slot) {
+                let (state, messages, memory_bytes, kv_bytes, context) = match try_lock(&e.slot) {
                     Some(slot) => match &*slot {
                         Slot::Running(a) => {
                             let s = a.status();
-                            (s.state, before + s.messages, s.memory_bytes)
+                            (s.state, before + s.messages, s.memory_bytes, s.kv_bytes, s.context)
                         }
-                        Slot::Paused(s) => ("paused".to_string(), before, s.state.memory_pages as usize * 65536),
-                        Slot::Killed => ("stopped: killed".to_string(), before, 0),
+                        Slot::Paused(s) => {
+                            let memory = s.state.memory_pages as usize * 65536;
+                            let kv = snapshot_bytes(s).saturating_sub(s.memory_bytes()) as u64;
+                            let sessions = &s.state.infer.sessions;
+                            let used = sessions.iter().map(|x| x.history.len().min(x.context)).sum();
+                            let size = sessions.iter().map(|x| x.context).sum();
+                            ("paused".to_string(), before, memory, kv, (used, size))
+                        }
+                        Slot::Killed => ("stopped: killed".to_string(), before, 0, 0, (0, 0)),
                     },
                     None => match lock(&e.live).clone() {
                         Some(live) => {
                             let s = lock(&live.status).clone();
                             let state = if s.state == "idle" { "busy".to_string() } else { s.state };
-                            (state, before + s.messages, s.memory_bytes)
+                            (state, before + s.messages, s.memory_bytes, s.kv_bytes, s.context)
                         }
-                        None => ("busy".to_string(), before, 0),
+                        None => ("busy".to_string(), before, 0, 0, (0, 0)),
                     },
                 };
                 ActorInfo {
                     id,
+                    name: e.labels.name.clone(),
+                    model: e.labels.model.clone(),
+                    age_s: now.saturating_sub(e.created),
                     module: e.module_name.clone(),
                     module_sha256: e.module.sha256.clone(),
                     state,
                     messages,
                     memory_bytes,
+                    kv_bytes,
+                    context_used: context.0,
+                    context_size: context.1,
                     tag: e.tag.clone(),
                     backend: self.backend_of(*lock(&e.runtime)),
                     persistent: e.persistent,
@@ -516,6 +652,7 @@ impl Registry {
         let i = *lock(&e.runtime);
         let module = self.module_for(&e.module, i)?;
         let actor = Actor::restore(self.runtimes[i].clone(), module, (**snap).clone(), self.config.clone())?;
+        actor.set_id(id);
         *lock(&e.live) = Some(Live::of(&actor));
         *slot = Slot::Running(actor);
         e.changed();
@@ -539,6 +676,12 @@ impl Registry {
 
     /// Starts a new (persistent) actor from the store's snapshot `key`; returns its id.
     pub fn restore(&self, key: &str, tag: &str) -> Result<(u64, f64), RegistryError> {
+        self.restore_labelled(key, tag, Labels::default())
+    }
+
+    /// Like [`Registry::restore`], the new actor labelled (a snapshot holds no name).
+    pub fn restore_labelled(&self, key: &str, tag: &str, labels: Labels) -> Result<(u64, f64), RegistryError> {
+        self.check_labels(&labels)?;
         let t0 = Instant::now();
         let seat = self.seat()?;
         let snap = self.store.get(key)?;
@@ -547,7 +690,7 @@ impl Registry {
             .and_then(|k| Some((k.name.clone(), k.compiled.get(&0)?.clone())))
             .ok_or_else(|| RegistryError::UnknownModule(snap.module_sha256.clone()))?;
         let actor = Actor::restore(self.runtimes[0].clone(), module.clone(), snap, self.config.clone())?;
-        let id = self.add(seat, &name, module, tag, actor, true)?;
+        let id = self.add(seat, &name, module, tag, actor, true, labels)?;
         Ok((id, t0.elapsed().as_secs_f64() * 1e3))
     }
 
@@ -570,6 +713,7 @@ impl Registry {
                 let snap = a.snapshot()?;
                 let bytes = snapshot_bytes(&snap);
                 let moved = Actor::restore(self.runtimes[to].clone(), module, snap, self.config.clone())?;
+                moved.set_id(id);
                 *lock(&e.live) = Some(Live::of(&moved));
                 if let Slot::Running(old) = std::mem::replace(&mut *slot, Slot::Running(moved)) {
                     e.retire(&old);
@@ -701,6 +845,9 @@ impl Registry {
             module_sha256: e.module.sha256.clone(),
             tag: e.tag.clone(),
             paused,
+            name: e.labels.name.clone(),
+            model: e.labels.model.clone(),
+            created: Some(e.created),
         };
         let write = || -> Result<usize, JournalError> {
             j.write_module(&record.module_sha256, &source)?;
@@ -756,15 +903,24 @@ impl Registry {
         let slot = if rec.paused {
             Slot::Paused(Arc::new(snap))
         } else {
-            Slot::Running(Actor::restore(self.runtimes[0].clone(), module.clone(), snap, self.config.clone())?)
+            let a = Actor::restore(self.runtimes[0].clone(), module.clone(), snap, self.config.clone())?;
+            a.set_id(id);
+            Slot::Running(a)
         };
         j.keep_above(id)?;
-        let e = Entry::new(id, &rec.module_name, module, &rec.tag, true, slot);
+        let labels = Labels { name: rec.name.clone().filter(|n| check_name(n).is_ok()), model: rec.model.clone() };
+        let created = rec.created.unwrap_or_else(now_secs);
+        let e = Entry::labelled(id, &rec.module_name, module, &rec.tag, labels, created, true, slot);
         // As on disk: clean until it changes.
         *lock(&e.checkpoint) = Some(0);
         let mut actors = lock(&self.actors);
         if actors.contains_key(&id) {
             return Err(RegistryError::WrongState { id, state: "already in the registry" });
+        }
+        if let Some(n) = &e.labels.name
+            && actors.values().any(|x| x.labels.name.as_ref() == Some(n))
+        {
+            return Err(RegistryError::NameTaken(n.clone()));
         }
         actors.insert(id, Arc::new(e));
         seat.keep();

@@ -5,6 +5,7 @@
 
 mod catalog;
 mod cmd;
+mod logging;
 
 use clap::{Parser, Subcommand};
 
@@ -23,7 +24,11 @@ Environment:
                    `--model NAME` looks first (default: $XDG_DATA_HOME/shoal/models, else
                    ~/.local/share/shoal/models); then ./models and a checkout's models/
   SHOAL_PULL_FROM  `shoal pull` takes packages from the wheels in this directory instead of
-                   the package index (no network)";
+                   the package index (no network)
+
+Logging (stderr): shoal logs at info, its dependencies at warn (wgpu and naga at error).
+RUST_LOG=debug raises shoal's own crates only; name a crate to see its logs too, e.g.
+RUST_LOG=info,wgpu_hal=debug (a RUST_LOG with `=` is used as it is).";
 
 /// Sandboxed WebAssembly actors that compute on the GPU with zero copies.
 #[derive(Parser)]
@@ -83,6 +88,10 @@ enum Command {
     Restore(cmd::ctl::Restore),
     /// Stop an actor at once, even inside a handler that never returns, and forget it.
     Kill(cmd::ctl::Id),
+    /// Talk to an actor on the terminal: each line read is sent as a message and its reply
+    /// streamed back. Ctrl-D (end of input), or Ctrl-] then Enter, detaches; the actor keeps
+    /// running.
+    Attach(cmd::attach::Args),
     /// List the snapshots in the daemon's store (`shoal snapshots rm KEY` deletes one).
     Snapshots(cmd::ctl::Snapshots),
 }
@@ -94,10 +103,7 @@ fn main() {
         // SAFETY: first thing in main, before any other thread exists.
         unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
     }
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("warn,wgpu_hal=error,wgpu_core=error,naga=error"),
-    )
-    .init();
+    logging::init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => cmd::run::run(a),
@@ -117,6 +123,7 @@ fn main() {
         Command::Restore(a) => cmd::ctl::restore(a),
         Command::Move(a) => cmd::ctl::move_to(a),
         Command::Kill(a) => cmd::ctl::kill(a),
+        Command::Attach(a) => cmd::attach::run(a),
         Command::Snapshots(a) => cmd::ctl::snapshots(a),
     };
     match result {

@@ -1203,7 +1203,12 @@ fn shoal_snapshots_lists_and_removes() {
 
 /// The OpenAI endpoint's actors of a daemon (tag `openai`).
 fn openai_actors(addr: &str) -> Vec<Value> {
-    actors(addr).into_iter().filter(|a| a["tag"] == "openai").collect()
+    // Listed only on request (`?all=true`): they are the endpoint's, not the user's.
+    let (s, v) = get(addr, "/v1/actors?all=true");
+    assert_eq!(s, 200, "{v}");
+    let all = v["actors"].as_array().cloned().unwrap_or_default();
+    assert!(actors(addr).iter().all(|a| a["tag"] != "openai"), "pool actors listed by default");
+    all.into_iter().filter(|a| a["tag"] == "openai" && a["pool"] == true).collect()
 }
 
 /// An OpenAI request whose client goes away (streamed, after its first event; or not

@@ -616,6 +616,11 @@ impl InferCtx {
     /// backend's own fastest form when `parked` (to be restored soon, in this process), else
     /// portable.
     /// Whether any session is open (each holds a KV cache).
+    /// Positions its sessions' KV caches hold, and can hold, in all.
+    pub(crate) fn context_use(&self) -> (usize, usize) {
+        self.sessions.values().fold((0, 0), |(u, c), s| (u + s.cache.len(), c + s.cache.capacity()))
+    }
+
     pub(crate) fn has_sessions(&self) -> bool {
         !self.sessions.is_empty()
     }

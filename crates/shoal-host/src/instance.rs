@@ -163,7 +163,12 @@ impl Runtime {
         let mut wasi = WasiCtxBuilder::new();
         let mut argv = vec![opts.program_name.clone().unwrap_or_else(|| "actor.wasm".into())];
         argv.extend(opts.args.iter().cloned());
-        wasi.args(&argv).inherit_stderr();
+        wasi.args(&argv);
+        if self.log_stderr {
+            wasi.stderr(crate::guest_log::GuestStderr::default());
+        } else {
+            wasi.inherit_stderr();
+        }
         let state = HostState::new(wasi.build_p1(), self.device.clone(), self.models.clone(), &opts.limits, false);
         crate::state::bounded_store(&self.engine, state)
     }
@@ -423,6 +428,17 @@ impl Instance {
     /// call in progress then fails with [`HostError::Killed`].
     pub fn interrupt(&self) -> Interrupt {
         self.store.data().interrupt.clone()
+    }
+
+    /// Positions its inference sessions' KV caches hold, and can hold, in all.
+    pub fn context_use(&self) -> (usize, usize) {
+        self.store.data().infer.context_use()
+    }
+
+    /// The bytes charged to the instance's limit now: its linear memory, device buffers,
+    /// sessions' KV caches and models loaded from bytes.
+    pub fn charged(&self) -> u64 {
+        self.store.data().quota.budget.used()
     }
 
     /// The most bytes the instance held at once against its limit, and its limit.

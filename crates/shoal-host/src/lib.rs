@@ -31,6 +31,7 @@ pub mod digest;
 pub mod embed;
 pub mod error;
 mod guest;
+pub mod guest_log;
 mod infer;
 pub mod instance;
 pub mod models;
@@ -216,6 +217,8 @@ pub struct Runtime {
     ticker: OnceLock<()>,
     /// The linker of component guests (WASI preview 2 and `wasi:nn`), made on first use.
     components: OnceLock<Result<wasmtime::component::Linker<ComponentState>, String>>,
+    /// Instances' stderr goes to the log ([`guest_log`]) instead of the process's stderr.
+    log_stderr: bool,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -243,9 +246,24 @@ impl Runtime {
         compute::add_to_linker(&mut linker).map_err(HostError::Engine)?;
         infer::add_to_linker(&mut linker).map_err(HostError::Engine)?;
         nn::add_to_linker(&mut linker).map_err(HostError::Engine)?;
-        let runtime = Runtime { engine, linker, device, models, ticker: OnceLock::new(), components: OnceLock::new() };
+        let runtime = Runtime {
+            engine,
+            linker,
+            device,
+            models,
+            ticker: OnceLock::new(),
+            components: OnceLock::new(),
+            log_stderr: false,
+        };
         runtime.start_epoch_ticker();
         Ok(runtime)
+    }
+
+    /// From now on, the stderr of instances made by [`Runtime::instantiate`] and restores
+    /// is logged line by line (target `shoal_host::guest`, at info, in the writing thread's
+    /// span) instead of written to the process's stderr (see [`guest_log`]).
+    pub fn log_guest_stderr(&mut self, on: bool) {
+        self.log_stderr = on;
     }
 
     /// The models guests open by name.

@@ -123,7 +123,9 @@ impl From<RegistryError> for ApiError {
             return ApiError::new(snapshot_status(s), snapshot_message(s));
         }
         let status = match &e {
-            RegistryError::NoSuchActor(_) => StatusCode::NOT_FOUND,
+            RegistryError::NoSuchActor(_) | RegistryError::NoSuchName(_) => StatusCode::NOT_FOUND,
+            RegistryError::BadName(_) => StatusCode::BAD_REQUEST,
+            RegistryError::NameTaken(_) => StatusCode::CONFLICT,
             RegistryError::WrongState { .. } => StatusCode::CONFLICT,
             RegistryError::TooManyActors { .. } | RegistryError::Actor(ActorError::MailboxFull(_)) => {
                 StatusCode::TOO_MANY_REQUESTS

@@ -7,13 +7,17 @@
 //! - **Origin**: browsers send `Origin` on cross-site requests; one is accepted only when it
 //!   was given with `--allow-origin`, so that no web page the user opens can drive the daemon
 //!   (CSRF). Clients that are not browsers send none.
+//! - **CORS**: for an origin given with `--allow-origin` (and only for those), a preflight
+//!   (`OPTIONS` with that `Origin`) is answered 204 with the methods and headers the API
+//!   takes, and every answer carries `Access-Control-Allow-Origin: ORIGIN` and
+//!   `Vary: Origin`. Nothing CORS-related is sent for any other request.
 //! - **API key**: with `--api-key` (or `SHOAL_API_KEY`), every request but `GET /health`
 //!   carries `Authorization: Bearer KEY`, compared in constant time; without it, 401.
 
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -59,9 +63,28 @@ fn shown(h: &HeaderMap, name: header::HeaderName) -> Option<String> {
     })
 }
 
+/// What a preflight allows.
+const CORS_METHODS: &str = "GET, POST, DELETE, OPTIONS";
+const CORS_HEADERS: &str = "authorization, content-type, x-request-id";
+/// How long a browser may keep a preflight's answer, in seconds.
+const CORS_MAX_AGE: &str = "600";
+
 impl Guard {
+    /// The request's `Origin` when it is one of the allowed ones (as sent).
+    pub fn allowed_origin(&self, headers: &HeaderMap) -> Option<HeaderValue> {
+        let origin = headers.get(header::ORIGIN)?;
+        let o = String::from_utf8_lossy(origin.as_bytes()).to_ascii_lowercase();
+        self.origins.contains(&o).then(|| origin.clone())
+    }
+
     /// Why `headers` may not reach the API, if they may not.
     pub fn check(&self, path: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+        self.check_site(headers)?;
+        self.check_key(path, headers)
+    }
+
+    /// Host and Origin.
+    fn check_site(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_ascii_lowercase);
         let Some(host) = host else {
             return Err(ApiError::new(StatusCode::BAD_REQUEST, "a request needs a Host header"));
@@ -89,6 +112,11 @@ impl Guard {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// The API key.
+    fn check_key(&self, path: &str, headers: &HeaderMap) -> Result<(), ApiError> {
         if let Some(key) = &self.api_key
             && path != "/health"
         {
@@ -110,19 +138,45 @@ impl Guard {
     }
 }
 
-/// The middleware: refuses what [`Guard::check`] refuses.
+/// The middleware: refuses what [`Guard::check`] refuses, answers CORS preflights of
+/// allowed origins (without the API key, which browsers do not send on them), and marks
+/// the answers to allowed origins.
 pub async fn layer(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
-    match guard.check(req.uri().path(), req.headers()) {
-        Ok(()) => next.run(req).await,
-        Err(e) => {
-            let unauthorized = e.status == StatusCode::UNAUTHORIZED;
-            let mut r = e.into_response();
-            if unauthorized {
-                r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    let origin = guard.allowed_origin(req.headers());
+    let mut r = match (&origin, req.method()) {
+        (Some(_), &Method::OPTIONS) => match guard.check_site(req.headers()) {
+            Ok(()) => preflight(),
+            Err(e) => e.into_response(),
+        },
+        _ => match guard.check(req.uri().path(), req.headers()) {
+            Ok(()) => next.run(req).await,
+            Err(e) => {
+                let unauthorized = e.status == StatusCode::UNAUTHORIZED;
+                let mut r = e.into_response();
+                if unauthorized {
+                    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                }
+                r
             }
-            r
-        }
+        },
+    };
+    if let Some(o) = origin {
+        let h = r.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, o);
+        h.append(header::VARY, HeaderValue::from_static("Origin"));
     }
+    r
+}
+
+/// A preflight's answer (the origin is added by [`layer`]).
+fn preflight() -> Response {
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    let h = r.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(CORS_METHODS));
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static(CORS_HEADERS));
+    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static(CORS_MAX_AGE));
+    h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("x-request-id"));
+    r
 }
 
 #[cfg(test)]

@@ -36,11 +36,14 @@ use shoal_host::{Models, Prepared};
 
 pub mod api;
 pub mod body;
+mod chatargs;
 pub mod error;
 pub mod guard;
 mod listen;
+pub mod metrics;
 pub mod modules;
 pub mod openai;
+pub mod requests;
 pub mod stream;
 
 pub use error::ApiError;
@@ -133,7 +136,13 @@ pub enum ServerError {
     /// The runtime or the signals could not be set up.
     #[error("cannot start the server: {0}")]
     Io(#[from] std::io::Error),
+    /// The models or the registry could not be loaded (the daemon stops).
+    #[error("{0}")]
+    Load(String),
 }
+
+/// What loads the daemon's parts (models, runtimes, registry) while it already listens.
+pub type Loader = Box<dyn FnOnce() -> Result<Parts, String> + Send>;
 
 /// The daemon's state, shared by the handlers.
 pub struct App {
@@ -146,6 +155,7 @@ pub struct App {
     pub(crate) pool: openai::Pool,
     pub(crate) pool_max: usize,
     pub(crate) body: body::BodyLimits,
+    pub(crate) metrics: Arc<metrics::Metrics>,
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
@@ -158,10 +168,48 @@ async fn not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiErr
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{method} {path} is not part of the API"))
 }
 
+/// What every request but `GET /health` and `GET /metrics` gets while the models load.
+async fn loading() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let e = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the daemon is loading its models and answers nothing else yet; retry in a moment (GET /health says \
+         when it is ready)",
+    )
+    .code("loading");
+    let mut r = e.into_response();
+    r.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+    r
+}
+
+async fn loading_health() -> (StatusCode, axum::Json<serde_json::Value>) {
+    (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"ok": false, "status": "loading"})))
+}
+
+async fn loading_metrics(
+    axum::extract::State(m): axum::extract::State<Arc<metrics::Metrics>>,
+) -> axum::response::Response {
+    metrics::answer(m.render(&metrics::Gauges::default()))
+}
+
+/// The routes while the models load: `/health` says so (503), `/metrics` has the counters,
+/// everything else is a 503.
+fn loading_router(guard: Arc<Guard>, m: Arc<metrics::Metrics>) -> Router {
+    Router::new()
+        .route("/health", get(loading_health))
+        .route("/metrics", get(loading_metrics))
+        .fallback(loading)
+        .with_state(m.clone())
+        .layer(axum::middleware::from_fn_with_state(guard, guard::layer))
+        .layer(axum::middleware::from_fn_with_state(m, requests::layer))
+}
+
 /// The routes.
 fn router(app: Arc<App>, guard: Arc<Guard>) -> Router {
+    let m = app.metrics.clone();
     Router::new()
         .route("/health", get(api::health))
+        .route("/metrics", get(api::metrics))
         .route("/v1/actors", get(api::list).post(api::spawn))
         .route("/v1/actors/{id}", delete(api::kill))
         .route("/v1/actors/{id}/messages", post(api::message))
@@ -182,11 +230,20 @@ fn router(app: Arc<App>, guard: Arc<Guard>) -> Router {
         .method_not_allowed_fallback(not_allowed)
         .with_state(app)
         .layer(axum::middleware::from_fn_with_state(guard, guard::layer))
+        .layer(axum::middleware::from_fn_with_state(m, requests::layer))
 }
 
-/// Serves until SIGTERM or SIGINT, then checkpoints every persistent actor (see the module
-/// docs). `ready` is called with the address listened on once connections are accepted.
-pub fn serve(config: Config, parts: Parts, ready: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
+/// Listens on the configured address at once (a busy port fails here, before anything is
+/// loaded), calls `bound` with the address, then runs `load` on a worker thread while
+/// `GET /health` answers 503 `{"status": "loading"}` and every other request a 503; once
+/// loaded, serves the API and calls `ready`. Serves until SIGTERM or SIGINT, then
+/// checkpoints every persistent actor (see the module docs). A failed load stops it.
+pub fn serve(
+    config: Config,
+    load: Loader,
+    bound: impl FnOnce(SocketAddr),
+    ready: impl FnOnce(SocketAddr, &App),
+) -> Result<(), ServerError> {
     let mut guard = config.guard.clone();
     if !config.addr.ip().is_loopback() {
         if guard.api_key.is_none() {
@@ -200,23 +257,45 @@ pub fn serve(config: Config, parts: Parts, ready: impl FnOnce(SocketAddr)) -> Re
     }
     guard.hosts.iter_mut().for_each(|h| *h = h.to_ascii_lowercase());
     guard.origins.iter_mut().for_each(|o| *o = o.to_ascii_lowercase());
-    let app = Arc::new(App {
-        registry: parts.registry,
-        store: parts.store,
-        models: parts.models,
-        chat: parts.chat,
-        default_model: parts.default_model,
-        modules: ModuleDirs::new(config.module_dirs.clone(), config.max_module_bytes),
-        pool: openai::Pool::default(),
-        pool_max: config.openai_pool,
-        body: body::BodyLimits { max: config.max_body, timeout: config.request_timeout },
-    });
+    let guard = Arc::new(guard);
+    let m = Arc::new(metrics::Metrics::default());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("shoal-serve")
         // Requests wait on actors on blocking threads: one per connection, and spare.
         .max_blocking_threads(config.max_connections * 2 + 16)
         .build()?;
-    let routes = router(app.clone(), Arc::new(guard));
-    rt.block_on(listen::run(config, app, routes, ready))
+    let loading = loading_router(guard.clone(), m.clone());
+    let make = {
+        let config = config.clone();
+        move |parts: Parts| {
+            let app = Arc::new(App {
+                registry: parts.registry,
+                store: parts.store,
+                models: parts.models,
+                chat: parts.chat,
+                default_model: parts.default_model,
+                modules: ModuleDirs::new(config.module_dirs.clone(), config.max_module_bytes),
+                pool: openai::Pool::default(),
+                pool_max: config.openai_pool,
+                body: body::BodyLimits { max: config.max_body, timeout: config.request_timeout },
+                metrics: m,
+            });
+            let routes = router(app.clone(), guard);
+            (app, routes)
+        }
+    };
+    rt.block_on(listen::run(config, loading, load, make, bound, ready))
+}
+
+impl App {
+    /// The names of the models served.
+    pub fn model_names(&self) -> Vec<String> {
+        self.models.names()
+    }
+
+    /// The name of the engine the models run on.
+    pub fn engine(&self) -> String {
+        self.models.engine().name().to_string()
+    }
 }

@@ -82,25 +82,46 @@ async fn checkpoints(app: Arc<App>, every: Duration) {
 
 pub(crate) async fn run(
     config: Config,
-    app: Arc<App>,
-    routes: Router,
-    ready: impl FnOnce(SocketAddr),
+    loading: Router,
+    load: crate::Loader,
+    make: impl FnOnce(crate::Parts) -> (Arc<App>, Router),
+    bound: impl FnOnce(SocketAddr),
+    ready: impl FnOnce(SocketAddr, &App),
 ) -> Result<(), ServerError> {
     let listener =
         TcpListener::bind(config.addr).await.map_err(|source| ServerError::Bind { addr: config.addr, source })?;
     // Handlers are in place before anyone is told the daemon is up.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    ready(listener.local_addr()?);
+    let at = listener.local_addr()?;
+    bound(at);
     let config = Arc::new(config);
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let (stop_tx, stop) = watch::channel(false);
     let mut conns = JoinSet::new();
-    let periodic = config.checkpoint_every.map(|every| tokio::spawn(checkpoints(app.clone(), every)));
+    let mut routes = loading;
+    let mut app: Option<Arc<App>> = None;
+    let mut periodic = None;
+    let mut loader = Some(tokio::task::spawn_blocking(load));
+    let mut make = Some(make);
+    let mut ready = Some(ready);
     let why = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
+            loaded = async { loader.as_mut().expect("guarded").await }, if loader.is_some() => {
+                loader = None;
+                let parts = match loaded {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(e)) => return Err(ServerError::Load(e)),
+                    Err(e) => return Err(ServerError::Load(format!("loading failed: {e}"))),
+                };
+                let (a, r) = (make.take().expect("once"))(parts);
+                routes = r;
+                periodic = config.checkpoint_every.map(|every| tokio::spawn(checkpoints(a.clone(), every)));
+                (ready.take().expect("once"))(at, &a);
+                app = Some(a);
+            }
             r = listener.accept() => match r {
                 Ok((sock, _)) => match permits.clone().try_acquire_owned() {
                     Ok(permit) => {
@@ -135,6 +156,10 @@ pub(crate) async fn run(
     if let Some(p) = periodic {
         p.abort();
     }
+    let Some(app) = app else {
+        eprintln!("shoal serve: {why} while loading: stopped before serving anything");
+        return Ok(());
+    };
     let reg = app.registry.clone();
     let pooled = app.pool.ids();
     let wait = config.shutdown_wait;

@@ -137,51 +137,129 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
 
     let store_dir = a.store.unwrap_or_else(default_store);
     std::fs::create_dir_all(&store_dir).with_context(|| format!("creating the store {}", store_dir.display()))?;
-    let journal = Journal::open(store_dir.join(JOURNAL_DIR))?;
-
-    let device = open_device(a.backend)?;
-    let (models, default_model) = models(a.model.as_slice(), super::engine_for(&device))?;
-    for name in models.names() {
-        models.get(&name).map_err(anyhow::Error::msg)?;
-    }
-    let runtime = Arc::new(Runtime::with_models(device.clone(), models.clone())?);
-    let actor_config = ActorConfig {
-        deadline: Some(deadline),
-        init_deadline: Some(Duration::from_secs_f64(a.init_deadline)),
-        limits: a.limits.limits(None),
+    let keyed = if config.guard.api_key.is_some() { "API key required" } else { "no API key: loopback only" };
+    let load = Loader {
+        backend: a.backend,
+        models: a.model,
+        actor_config: ActorConfig {
+            deadline: Some(deadline),
+            init_deadline: Some(Duration::from_secs_f64(a.init_deadline)),
+            limits: a.limits.limits(None),
+        },
+        store_dir: store_dir.clone(),
+        max_actors: a.max_actors,
     };
-    let store: Arc<dyn SnapshotStore> = Arc::new(LocalStore::new(&store_dir));
-    let mut registry = Registry::new(runtime, store.clone(), actor_config);
-    registry.set_max_actors(a.max_actors);
-    registry.set_journal(journal);
-    if models.engine() != shoal_engine::models::EngineKind::Cpu {
-        // Actors can be moved to the CPU engine (its models load there on first use).
-        let (cpu_models, _) = super::models(a.model.as_slice(), shoal_engine::models::EngineKind::Cpu)?;
-        let cpu = Arc::new(shoal_gpu::Device::open(shoal_gpu::BackendKind::Cpu)?);
-        registry.add_runtime(Arc::new(Runtime::with_models(cpu, cpu_models)?));
-    }
-    let chat = registry.module("chat", shoal_guests::CHAT_ACTOR)?;
-    let recovered = registry.recover();
-    if !recovered.is_empty() {
-        let ok: Vec<String> =
-            recovered.iter().filter(|r| r.result.is_ok()).map(|r| format!("{} ({})", r.id, r.module)).collect();
-        eprintln!("shoal serve: brought back {} actors from the store: {}", ok.len(), ok.join(", "));
-        for r in &recovered {
-            if let Err(e) = &r.result {
-                eprintln!("shoal serve: actor {} ({}) not brought back: {e}", r.id, r.module);
+    let shown_store = store_dir.display().to_string();
+    shoal_server::serve(
+        config,
+        Box::new(move || load.load().map_err(|e| format!("{e:#}"))),
+        |at| eprintln!("shoal serve: bound http://{at}; loading models (GET /health answers 503 until ready)"),
+        |at, app| {
+            eprintln!(
+                "shoal serve: listening on http://{at} (models: {}; engine: {}; snapshots in {shown_store}; {keyed})",
+                app.model_names().join(", "),
+                app.engine()
+            );
+        },
+    )?;
+    Ok(0)
+}
+
+/// Test-only: milliseconds `shoal serve` waits before loading its models, so that tests can
+/// watch the daemon answer while it loads. Not for production use.
+pub const TEST_LOAD_DELAY_ENV: &str = "SHOAL_TEST_LOAD_DELAY_MS";
+
+/// What `shoal serve` loads once it listens.
+struct Loader {
+    backend: BackendChoice,
+    models: Vec<String>,
+    actor_config: ActorConfig,
+    store_dir: PathBuf,
+    max_actors: usize,
+}
+
+impl Loader {
+    fn load(self) -> anyhow::Result<shoal_server::Parts> {
+        if let Some(ms) = std::env::var(TEST_LOAD_DELAY_ENV).ok().and_then(|v| v.parse::<u64>().ok()) {
+            std::thread::sleep(Duration::from_millis(ms.min(60_000)));
+        }
+        let t0 = std::time::Instant::now();
+        let _spinner = Spinner::start();
+        let journal = Journal::open(self.store_dir.join(JOURNAL_DIR))?;
+        let device = open_device(self.backend)?;
+        let (models, default_model) = models(self.models.as_slice(), super::engine_for(&device))?;
+        for name in models.names() {
+            // The host logs each model once loaded, with its time.
+            log::info!("loading model {name}…");
+            models.get(&name).map_err(anyhow::Error::msg)?;
+        }
+        let mut runtime = Runtime::with_models(device.clone(), models.clone())?;
+        // Guests' stderr as log lines naming their actor.
+        runtime.log_guest_stderr(true);
+        let runtime = Arc::new(runtime);
+        let store: Arc<dyn SnapshotStore> = Arc::new(LocalStore::new(&self.store_dir));
+        let mut registry = Registry::new(runtime, store.clone(), self.actor_config);
+        registry.set_max_actors(self.max_actors);
+        registry.set_journal(journal);
+        if models.engine() != shoal_engine::models::EngineKind::Cpu {
+            // Actors can be moved to the CPU engine (its models load there on first use).
+            let (cpu_models, _) = super::models(self.models.as_slice(), shoal_engine::models::EngineKind::Cpu)?;
+            let cpu = Arc::new(shoal_gpu::Device::open(shoal_gpu::BackendKind::Cpu)?);
+            let mut cpu = Runtime::with_models(cpu, cpu_models)?;
+            cpu.log_guest_stderr(true);
+            registry.add_runtime(Arc::new(cpu));
+        }
+        let chat = registry.module("chat", shoal_guests::CHAT_ACTOR)?;
+        let recovered = registry.recover();
+        if !recovered.is_empty() {
+            let ok: Vec<String> =
+                recovered.iter().filter(|r| r.result.is_ok()).map(|r| format!("{} ({})", r.id, r.module)).collect();
+            eprintln!("shoal serve: brought back {} actors from the store: {}", ok.len(), ok.join(", "));
+            for r in &recovered {
+                if let Err(e) = &r.result {
+                    eprintln!("shoal serve: actor {} ({}) not brought back: {e}", r.id, r.module);
+                }
             }
         }
+        log::info!("loaded in {:.1?}", t0.elapsed());
+        Ok(shoal_server::Parts { registry: Arc::new(registry), store, models, chat, default_model })
     }
-    let registry = Arc::new(registry);
-    let parts = shoal_server::Parts { registry, store, models: models.clone(), chat, default_model };
-    let names = models.names().join(", ");
-    let engine = models.engine().name();
-    let keyed = if config.guard.api_key.is_some() { "API key required" } else { "no API key: loopback only" };
-    shoal_server::serve(config, parts, |at| {
-        eprintln!(
-            "shoal serve: listening on http://{at} (models: {names}; engine: {engine}; snapshots in {}; {keyed})",
-            store_dir.display()
-        );
-    })?;
-    Ok(0)
+}
+
+/// A spinner on stderr while the models load, when stderr is a terminal (otherwise the log
+/// lines say it); it stops, and clears its line, when dropped.
+struct Spinner {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Spinner {
+    fn start() -> Spinner {
+        use std::io::{IsTerminal, Write};
+        if !std::io::stderr().is_terminal() {
+            return Spinner { stop: None, thread: None };
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let t0 = std::time::Instant::now();
+            for frame in ["|", "/", "-", "\\"].iter().cycle() {
+                eprint!("\r{frame} loading models… {:.0?}", t0.elapsed());
+                let _ = std::io::stderr().flush();
+                if rx.recv_timeout(Duration::from_millis(120)) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                    break;
+                }
+            }
+            eprint!("\r\x1b[2K");
+        });
+        Spinner { stop: Some(tx), thread: Some(thread) }
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

@@ -12,7 +12,7 @@
 //! the token's position, see docs/abi.md); without a seed each request draws a fresh one.
 //!
 //! Requests are typed ([`request`]): wrong types and values are 400s naming the field, and
-//! fields shoal does not honour are refused by name.
+//! fields shoal does not honour (and unknown ones) are refused by name, never dropped.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -365,6 +365,7 @@ async fn answer(app: Arc<App>, c: Checked) -> Result<Response, ApiError> {
                 }
             }
             choice.finish();
+            a.metrics.tokens(choice.usage.map_or(0, |u| u.completion));
             let answered = r.is_ok().then(|| key.answered(&choice.text));
             settle(&a, &h, s.id, &meta.model, answered);
             if let Err(e) = r {
@@ -528,6 +529,7 @@ fn stream_answer(
                 Event::Done(r) => {
                     ended += 1;
                     let rest = choices[i].finish();
+                    a.metrics.tokens(choices[i].usage.map_or(0, |u| u.completion));
                     if !rest.is_empty() {
                         out.push(meta.event(i, Some(&rest), Value::Null, Value::Null, no_usage()));
                     }
