@@ -21,9 +21,9 @@ for _ in $(seq 120); do
   sleep 0.5
 done
 curl -s localhost:7433/health; echo
-PYTHONPATH=/tmp/pyc/pyclient timeout 300 python3 crates/shoal-cli/tests/openai_client.py 127.0.0.1:7433 \
+PYTHONPATH=/tmp/pyc/pyclient timeout 300 python3 crates/shoal-cli/tests/openai_client.py 127.0.0.1:7433 --batch-variant \
   > "$OUT/client.log" 2>&1
-echo "client exit: $?"; tail -5 "$OUT/client.log"
+echo "client exit: $?"; tail -8 "$OUT/client.log"
 curl -s localhost:7433/metrics > "$OUT/metrics.txt"; grep -E "^shoal_" "$OUT/metrics.txt" | head -40
 pkill -f "[/]tmp/shoal serve"
 sleep 1; tail -5 "$OUT/daemon.log"

@@ -12,6 +12,10 @@ import sys
 import openai
 
 addr = sys.argv[1]
+# On CUDA a pass of several sequences rounds (bf16) differently from a pass of one, so a
+# choice answered beside others may differ from the same seed answered alone: the GPU run
+# (scripts/gpu-openai.sh) says so with --batch-variant, and that one comparison is left out.
+batch_variant = "--batch-variant" in sys.argv[2:]
 client = openai.OpenAI(base_url=f"http://{addr}/v1", api_key="unused", max_retries=0, timeout=300)
 checks = 0
 
@@ -64,12 +68,15 @@ r = client.chat.completions.create(n=3, seed=11, **hot)
 check(sorted(c.index for c in r.choices) == [0, 1, 2], r.choices)
 check(len({c.message.content for c in r.choices}) > 1, "three choices, one answer")
 one = client.chat.completions.create(n=1, seed=11, **hot).choices[0].message.content
-check(r.choices[0].message.content == one, "choice 0 is the request's seed's answer")
+if batch_variant:
+    print("left out on this backend: choice 0 of n=3 against the same seed alone (batched rounding)")
+else:
+    check(r.choices[0].message.content == one, "choice 0 is the request's seed's answer")
 seen = {}
 for chunk in client.chat.completions.create(n=2, seed=11, stream=True, **hot):
     for c in chunk.choices:
         seen[c.index] = seen.get(c.index, "") + (c.delta.content or "")
-check(seen.get(0) == one and 1 in seen, f"streamed choices: {seen}")
+check(1 in seen and (batch_variant or seen.get(0) == one), f"streamed choices: {seen}")
 
 # logprobs and top_logprobs: one entry per token, the text's tokens, log-probabilities ≤ 0.
 r = client.chat.completions.create(model="smollm2", messages=Q, temperature=0, max_tokens=12, logprobs=True,

@@ -240,7 +240,7 @@ impl Chat {
                 self.seen.truncate(common);
             }
             // A call that fails leaves the session's cache as it was: `seen` still holds.
-            match self.pick(&prompt[common..], a, answer) {
+            match self.first(&prompt[common..], common, a, answer) {
                 Ok(next) => {
                     if dropped > 0 {
                         eprintln!("chat: dropped the {dropped} oldest turns to fit the context");
@@ -273,6 +273,24 @@ impl Chat {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Evaluates a prompt's tokens past the cached `common` and chooses the answer's first
+    /// token. The last prompt token runs alone, as every later token does: its logits then
+    /// come from the same kernels whatever the cache held before, so on a GPU (where a pass of
+    /// many tokens rounds differently from a pass of one) the same request and seed get the
+    /// same answer whether its prefix was cached or not. On failure the cache is as it was.
+    fn first(&mut self, rest: &[u32], common: usize, a: &Args, answer: &Answer) -> Result<Pick, shoal_guest::Error> {
+        let (head, last) = rest.split_at(rest.len() - 1);
+        if head.is_empty() {
+            return self.pick(last, a, answer);
+        }
+        self.session.eval(head)?;
+        let r = self.pick(last, a, answer);
+        if r.is_err() {
+            let _ = self.session.truncate(common as u32);
+        }
+        r
     }
 
     /// A token's text, looked up once.
