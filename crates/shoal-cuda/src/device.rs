@@ -167,6 +167,19 @@ impl Device {
         check(unsafe { sys::cuCtxSynchronize() }, "cuCtxSynchronize")
     }
 
+    /// The devices this process has open now (none is opened by asking).
+    pub fn opened() -> Vec<Arc<Device>> {
+        let devices = DEVICES.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<Arc<Device>> = devices.values().filter_map(Weak::upgrade).collect();
+        v.sort_by_key(|d| d.attrs.ordinal);
+        v
+    }
+
+    /// The KV budget, if a model has asked for it yet (see [`Device::kv_budget`]).
+    pub fn kv_budget_made(&self) -> Option<&KvBudget> {
+        self.kv.get()
+    }
+
     /// (free, total) device memory now, in bytes.
     pub fn memory_info(&self) -> Result<(usize, usize), CudaError> {
         self.bind()?;

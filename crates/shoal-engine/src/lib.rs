@@ -39,6 +39,7 @@ pub mod backend;
 pub mod batch;
 pub mod cpu;
 pub mod gguf;
+pub mod gpu;
 pub mod interrupt;
 pub mod kv;
 mod mapped;

@@ -88,8 +88,8 @@ pub async fn list(State(app): State<Arc<App>>, Query(q): Query<ListQuery>) -> Re
 /// `GET /metrics`.
 pub async fn metrics(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
     let reg = app.registry.clone();
-    let actors = blocking(move || reg.list()).await?;
-    let mut g = crate::metrics::Gauges { ready: true, ..Default::default() };
+    let (actors, gpus) = blocking(move || (reg.list(), shoal_engine::gpu::memory())).await?;
+    let mut g = crate::metrics::Gauges { ready: true, gpus, ..Default::default() };
     for a in &actors {
         let state = match a.state.as_str() {
             "idle" => "idle",

@@ -83,6 +83,8 @@ pub struct Gauges {
     pub memory_bytes: u64,
     /// Bytes of actors' KV caches and device buffers (snapshots' KV caches, for paused ones).
     pub kv_bytes: u64,
+    /// The GPUs the daemon uses.
+    pub gpus: Vec<shoal_engine::gpu::GpuMemory>,
 }
 
 impl Metrics {
@@ -154,8 +156,35 @@ impl Metrics {
         );
         let _ = writeln!(o, "# TYPE shoal_kv_bytes gauge");
         let _ = writeln!(o, "shoal_kv_bytes {}", g.kv_bytes);
+        type Field = fn(&shoal_engine::gpu::GpuMemory) -> u64;
+        let gpu: [(&str, &str, Field); 4] = [
+            ("shoal_gpu_memory_used_bytes", "Bytes in use on the GPU (by every process).", |m| m.used),
+            ("shoal_gpu_memory_total_bytes", "Bytes of the GPU's memory.", |m| m.total),
+            ("shoal_gpu_kv_used_bytes", "Bytes of the GPU's KV budget mapped to models' KV pools.", |m| m.kv_used),
+            ("shoal_gpu_kv_budget_bytes", "The KV budget shared by the models on the GPU.", |m| m.kv_limit),
+        ];
+        for (name, help, field) in gpu {
+            let _ = writeln!(o, "# HELP {name} {help}");
+            let _ = writeln!(o, "# TYPE {name} gauge");
+            for m in &g.gpus {
+                let _ = writeln!(o, "{name}{{gpu=\"{}\",name=\"{}\"}} {}", m.ordinal, label(&m.name), field(m));
+            }
+        }
         o
     }
+}
+
+/// A label value as the text format writes it (`\`, `"` and newlines escaped).
+fn label(s: &str) -> String {
+    s.chars().take(128).fold(String::new(), |mut o, c| {
+        match c {
+            '\\' => o.push_str("\\\\"),
+            '"' => o.push_str("\\\""),
+            '\n' => o.push_str("\\n"),
+            c => o.push(c),
+        }
+        o
+    })
 }
 
 /// The exposition as an answer, with Prometheus' content type.
@@ -168,6 +197,24 @@ pub fn answer(text: String) -> axum::response::Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpus_are_one_line_each_with_names_escaped() {
+        let gpu = shoal_engine::gpu::GpuMemory {
+            ordinal: 1,
+            name: "Odd \"GPU\"\nnext".into(),
+            used: 5,
+            total: 80,
+            kv_used: 2,
+            kv_limit: 8,
+        };
+        let text = Metrics::default().render(&Gauges { gpus: vec![gpu], ..Default::default() });
+        let line = text.lines().find(|l| l.starts_with("shoal_gpu_memory_used_bytes{")).expect("a GPU line");
+        assert_eq!(line, r#"shoal_gpu_memory_used_bytes{gpu="1",name="Odd \"GPU\"\nnext"} 5"#);
+        assert!(text.lines().any(|l| l.ends_with("} 8") && l.starts_with("shoal_gpu_kv_budget_bytes{")), "{text}");
+        let none = Metrics::default().render(&Gauges::default());
+        assert!(!none.lines().any(|l| l.starts_with("shoal_gpu_memory_used_bytes{")), "no GPU, no line");
+    }
 
     #[test]
     fn routes_are_templates() {

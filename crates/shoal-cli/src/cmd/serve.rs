@@ -226,40 +226,24 @@ impl Loader {
     }
 }
 
-/// A spinner on stderr while the models load, when stderr is a terminal (otherwise the log
-/// lines say it); it stops, and clears its line, when dropped.
-struct Spinner {
-    stop: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+/// A spinner on stderr while the models load (indicatif draws only when stderr is a
+/// terminal; otherwise the log lines say it); it clears its line when dropped.
+struct Spinner(indicatif::ProgressBar);
 
 impl Spinner {
     fn start() -> Spinner {
-        use std::io::{IsTerminal, Write};
-        if !std::io::stderr().is_terminal() {
-            return Spinner { stop: None, thread: None };
-        }
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let t0 = std::time::Instant::now();
-            for frame in ["|", "/", "-", "\\"].iter().cycle() {
-                eprint!("\r{frame} loading models… {:.0?}", t0.elapsed());
-                let _ = std::io::stderr().flush();
-                if rx.recv_timeout(Duration::from_millis(120)) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
-                    break;
-                }
-            }
-            eprint!("\r\x1b[2K");
-        });
-        Spinner { stop: Some(tx), thread: Some(thread) }
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} loading models… {elapsed}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+        Spinner(bar)
     }
 }
 
 impl Drop for Spinner {
     fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.0.finish_and_clear();
     }
 }

@@ -188,7 +188,7 @@ mod tests {
         assert_eq!(c.finish_reason(), "stop");
         c.push(b"u12 4 3 maybe", 8);
         assert_eq!(c.usage, None);
-        assert_eq!(c.text, "Hello");
+        assert_eq!(c.text, "Helloé");
         let mut d = Choice::new(1);
         for _ in 0..5 {
             d.push(b"l1:-1", 2);
