@@ -62,7 +62,7 @@ if (( want_test )); then
   if [[ ! -d $pyclient/openai-1.109.1.dist-info ]]; then
     say "installing OpenAI's Python client for the tests (pip install --target $pyclient openai==1.109.1)"
     rm -rf "$pyclient"
-    python3 -m pip install -q --disable-pip-version-check --target "$pyclient" openai==1.109.1
+    python3 -m pip install -q --disable-pip-version-check --no-warn-conflicts --target "$pyclient" openai==1.109.1
   fi
 fi
 
