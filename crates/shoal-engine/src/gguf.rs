@@ -429,7 +429,7 @@ pub enum GgufError {
     /// The file ends before something it declares.
     #[error(
         "GGUF file truncated or corrupt: {what} needs {needed} bytes at offset {offset}, but only {available} \
-         remain; the file may be an incomplete download (fetch it again, e.g. with scripts/fetch-model.sh)"
+         remain; the file may be an incomplete download (fetch it again, e.g. with `shoal pull NAME`)"
     )]
     Truncated {
         /// What was being read (file-derived names in it escaped and cut).
