@@ -15,7 +15,39 @@
 //!   text already holds BOS: tokenize it with `parse_special` and add no other BOS. (The Llama 3.1
 //!   template's automatic "Cutting Knowledge Date" system message is not reproduced.)
 //!
+//! - **Any other template** ([`ChatTemplate::Jinja`], [`JinjaTemplate`]): the file's own Jinja
+//!   run by `minijinja` (with Python's string methods, as Hugging Face templates use them, and
+//!   `raise_exception`), given `messages`, `add_generation_prompt`, `bos_token` and
+//!   `eos_token`. A template is untrusted input: at most [`MAX_TEMPLATE_BYTES`], compiled
+//!   when the model loads (a template that does not compile fails the load, never a silent
+//!   fallback), and each rendering bounded in work ([`RENDER_FUEL`]) and output
+//!   ([`MAX_RENDER_BYTES`]).
+//!
 //! Special tokens appear as text in the rendered prompt: encode it with `parse_special = true`.
+
+use std::sync::Arc;
+
+/// The largest chat template taken.
+pub const MAX_TEMPLATE_BYTES: usize = 64 << 10;
+/// The most work one rendering may do (minijinja's fuel: about one unit per instruction).
+pub const RENDER_FUEL: u64 = 20_000_000;
+/// The most text one rendering may write.
+pub const MAX_RENDER_BYTES: usize = 16 << 20;
+
+/// Why a chat template cannot be used or rendered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    /// The template is larger than [`MAX_TEMPLATE_BYTES`].
+    #[error("the chat template is {0} bytes; at most {MAX_TEMPLATE_BYTES} are taken")]
+    TooLarge(usize),
+    /// The template does not compile.
+    #[error("the chat template does not compile: {0}")]
+    Syntax(String),
+    /// Rendering failed: the template raised an error, used something shoal does not
+    /// provide, or ran past its bounds.
+    #[error("the chat template failed: {0}")]
+    Render(String),
+}
 
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +76,98 @@ pub enum ChatTemplate {
     },
     /// Llama 3.
     Llama3,
+    /// The model's own Jinja template.
+    Jinja(Arc<JinjaTemplate>),
 }
+
+/// A model's own Jinja chat template, checked and compiled once (see the module docs).
+#[derive(Debug, PartialEq, Eq)]
+pub struct JinjaTemplate {
+    source: String,
+    bos: String,
+    eos: String,
+}
+
+/// Collects a rendering, refusing past [`MAX_RENDER_BYTES`].
+struct Bounded(Vec<u8>);
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RENDER_BYTES {
+            return Err(std::io::Error::other(format!("the rendering is past {MAX_RENDER_BYTES} bytes")));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl JinjaTemplate {
+    /// Checks and compiles `source`; `bos` and `eos` are the texts of the model's BOS and EOS
+    /// tokens (empty when it has none).
+    pub fn new(source: &str, bos: &str, eos: &str) -> Result<JinjaTemplate, TemplateError> {
+        if source.len() > MAX_TEMPLATE_BYTES {
+            return Err(TemplateError::TooLarge(source.len()));
+        }
+        let t = JinjaTemplate { source: source.to_owned(), bos: bos.to_owned(), eos: eos.to_owned() };
+        t.environment().map_err(|e| TemplateError::Syntax(describe(&e)))?;
+        Ok(t)
+    }
+
+    /// The template's text.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    fn environment(&self) -> Result<minijinja::Environment<'static>, minijinja::Error> {
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_fuel(Some(RENDER_FUEL));
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template_owned("chat", self.source.clone())?;
+        Ok(env)
+    }
+
+    /// Renders `messages` (see [`ChatTemplate::render`]).
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, TemplateError> {
+        let fail = |e: minijinja::Error| TemplateError::Render(describe(&e));
+        let env = self.environment().map_err(|e| TemplateError::Syntax(describe(&e)))?;
+        let t = env.get_template("chat").map_err(fail)?;
+        let msgs: Vec<minijinja::Value> = messages
+            .iter()
+            .map(|m| minijinja::context! { role => m.role.as_str(), content => m.content.as_str() })
+            .collect();
+        let ctx = minijinja::context! {
+            messages => msgs,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos.as_str(),
+            eos_token => self.eos.as_str(),
+        };
+        let mut out = Bounded(Vec::new());
+        t.render_captured_to(ctx, &mut out).map_err(fail)?;
+        String::from_utf8(out.0).map_err(|e| TemplateError::Render(e.to_string()))
+    }
+}
+
+/// An error of minijinja, with its cause, on one line.
+fn describe(e: &minijinja::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(c) = src {
+        s += &format!(": {c}");
+        src = c.source();
+    }
+    s.chars().take(512).collect()
+}
+
+/// Tokens that end a turn in the chat templates of common model families.
+const TURN_ENDS: [&str; 5] = ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>"];
 
 /// SmolLM2's default system message, as its template writes it.
 pub const SMOLLM2_DEFAULT_SYSTEM: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
@@ -109,6 +232,18 @@ fn unescape_jinja(s: &str) -> String {
 }
 
 impl ChatTemplate {
+    /// The template of a model file whose chat template is `jinja`: a family shoal renders
+    /// itself ([`detect`]), else the Jinja itself, checked and compiled (`bos` and `eos`: the
+    /// texts of its BOS and EOS tokens). A file without a template gets ChatML (`None` says
+    /// so, for the caller to tell the user).
+    pub fn from_file(jinja: Option<&str>, bos: &str, eos: &str) -> Result<Option<ChatTemplate>, TemplateError> {
+        let Some(src) = jinja else { return Ok(None) };
+        if let Some(t) = detect(src) {
+            return Ok(Some(t));
+        }
+        JinjaTemplate::new(src, bos, eos).map(|t| Some(ChatTemplate::Jinja(Arc::new(t))))
+    }
+
     /// ChatML with no default system message.
     pub fn chat_ml() -> ChatTemplate {
         ChatTemplate::ChatMl { default_system: None }
@@ -121,9 +256,13 @@ impl ChatTemplate {
 
     /// The prompt text for a conversation; with `add_generation_prompt`, ending with the header
     /// of the assistant's turn so that the model writes the reply.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> String {
+    ///
+    /// Fails only for a [`ChatTemplate::Jinja`] template (it raised an error, or ran past its
+    /// bounds).
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, TemplateError> {
         let mut out = String::new();
         match self {
+            ChatTemplate::Jinja(t) => return t.render(messages, add_generation_prompt),
             ChatTemplate::ChatMl { default_system } => {
                 if let (Some(system), Some(first)) = (default_system, messages.first())
                     && first.role != "system"
@@ -157,14 +296,17 @@ impl ChatTemplate {
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// The texts of the tokens that end the assistant's turn.
-    pub fn stop_tokens(&self) -> &'static [&'static str] {
+    /// For a Jinja template, the usual end-of-turn tokens its text writes (the model's EOS
+    /// ends a turn too; the loader adds it).
+    pub fn stop_tokens(&self) -> Vec<&'static str> {
         match self {
-            ChatTemplate::ChatMl { .. } => &["<|im_end|>"],
-            ChatTemplate::Llama3 => &["<|eot_id|>"],
+            ChatTemplate::ChatMl { .. } => vec!["<|im_end|>"],
+            ChatTemplate::Llama3 => vec!["<|eot_id|>"],
+            ChatTemplate::Jinja(t) => TURN_ENDS.iter().copied().filter(|e| t.source.contains(e)).collect(),
         }
     }
 }

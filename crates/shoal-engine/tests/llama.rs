@@ -66,7 +66,7 @@ fn smollm2_config_is_read_from_the_file() {
 #[test]
 fn smollm2_answers_the_capital_of_france() {
     let Some(m) = smollm2() else { return };
-    let prompt = m.template.render(&[Message::new("user", "What is the capital of France?")], true);
+    let prompt = m.template.render(&[Message::new("user", "What is the capital of France?")], true).unwrap();
     let tokens = m.tokenizer.encode(&prompt, true);
     let im_end = m.tokenizer.token_id("<|im_end|>").expect("<|im_end|> is a token");
     let mut cache = m.model.new_cache(512).unwrap();

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 use shoal_engine::gguf::GgufFile;
-use shoal_engine::template::{self, ChatTemplate, Message};
+use shoal_engine::template::{self, ChatTemplate, Message, TemplateError};
 use shoal_engine::tokenizer::{PreTokenizer, StreamDecoder, TokenType, Tokenizer, TokenizerError};
 
 /// Pre-tokenizer splits computed with Python's `regex` module and the original expressions
@@ -434,7 +434,7 @@ fn chatml_renders_like_the_smollm2_template() {
     let t = template::detect(SMOLLM2_JINJA).unwrap();
     let user = [Message::new("user", "What is the capital of France?")];
     assert_eq!(
-        t.render(&user, true),
+        t.render(&user, true).unwrap(),
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
          <|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     );
@@ -445,13 +445,13 @@ fn chatml_renders_like_the_smollm2_template() {
         Message::new("user", " spaces kept \n"),
     ];
     assert_eq!(
-        t.render(&with_system, false),
+        t.render(&with_system, false).unwrap(),
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
          <|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\n spaces kept \n<|im_end|>\n"
     );
-    assert_eq!(t.render(&[], true), "<|im_start|>assistant\n");
+    assert_eq!(t.render(&[], true).unwrap(), "<|im_start|>assistant\n");
     assert_eq!(
-        ChatTemplate::chat_ml().render(&user, false),
+        ChatTemplate::chat_ml().render(&user, false).unwrap(),
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
     );
 }
@@ -460,7 +460,7 @@ fn chatml_renders_like_the_smollm2_template() {
 fn llama3_renders_like_its_template() {
     let msgs = [Message::new("system", "Be brief. "), Message::new("user", "\nHi there\n")];
     assert_eq!(
-        ChatTemplate::Llama3.render(&msgs, true),
+        ChatTemplate::Llama3.render(&msgs, true).unwrap(),
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>\
          <|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>\
          <|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -544,7 +544,7 @@ fn smollm2_chat_prompt_matches_hugging_face() {
     assert_eq!(jinja, SMOLLM2_JINJA);
     let t = template::detect(jinja).expect("ChatML");
     assert_eq!(t, ChatTemplate::smollm2());
-    let prompt = t.render(&[Message::new("user", "What is the capital of France?")], true);
+    let prompt = t.render(&[Message::new("user", "What is the capital of France?")], true).unwrap();
     assert_eq!(tok.encode(&prompt, true), HF_SMOLLM2_PROMPT);
     let stop = t.stop_tokens().iter().map(|s| tok.token_id(s).unwrap()).collect::<Vec<_>>();
     assert_eq!(stop, [2]);
@@ -605,4 +605,48 @@ fn smollm2_encodes_quickly() {
     let ids = tok.encode(&spaces, false);
     println!("100000 spaces: {} tokens in {:?}", ids.len(), start.elapsed());
     assert_eq!(tok.decode(&ids), spaces);
+}
+
+/// Gemma's chat template as its GGUF files carry it (no ChatML, no Llama 3).
+const GEMMA_JINJA: &str = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}";
+
+#[test]
+fn a_models_own_jinja_template_is_rendered_and_its_errors_are_errors() {
+    let from = |src: &str| ChatTemplate::from_file(Some(src), "<bos>", "<eos>");
+    // The families shoal renders itself stay as they were; a file with none says so.
+    assert_eq!(from(SMOLLM2_JINJA), Ok(Some(ChatTemplate::smollm2())));
+    assert_eq!(ChatTemplate::from_file(None, "", ""), Ok(None));
+
+    let gemma = from(GEMMA_JINJA).unwrap().expect("a template");
+    assert!(matches!(gemma, ChatTemplate::Jinja(_)), "{gemma:?}");
+    let turn = [Message::new("user", "  Hi there "), Message::new("assistant", "Hello!"), Message::new("user", "Bye")];
+    assert_eq!(
+        gemma.render(&turn, true).unwrap(),
+        "<bos><start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n\
+         <start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+    );
+    assert_eq!(gemma.stop_tokens(), ["<end_of_turn>"]);
+    // The template's own errors come back as errors, with its words.
+    let e = gemma.render(&[Message::new("system", "be brief"), Message::new("user", "Hi")], true).unwrap_err();
+    assert!(matches!(&e, TemplateError::Render(m) if m.contains("System role not supported")), "{e}");
+    let e = gemma.render(&[Message::new("assistant", "x")], true).unwrap_err();
+    assert!(e.to_string().contains("must alternate"), "{e}");
+
+    // Python's string methods, as Hugging Face templates use them.
+    let py = from("{% for m in messages %}{{ m.content.strip().upper() }}|{{ m.role.startswith('us') }}{% endfor %}")
+        .unwrap()
+        .unwrap();
+    assert_eq!(py.render(&[Message::new("user", " hi ")], false).unwrap(), "HI|True");
+
+    // Hostile templates: refused when the model loads, or bounded when rendered.
+    assert!(matches!(from("{% for m in messages %}{{ m.content "), Err(TemplateError::Syntax(_))));
+    assert!(matches!(from(&"x".repeat(template::MAX_TEMPLATE_BYTES + 1)), Err(TemplateError::TooLarge(_))));
+    let spin = from("{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}").unwrap().unwrap();
+    assert!(matches!(spin.render(&turn, true), Err(TemplateError::Render(_))), "fuel bounds the work");
+    let bomb = from("{% for i in range(50000) %}{{ messages[0].content }}{% endfor %}").unwrap().unwrap();
+    let big = [Message::new("user", "y".repeat(1024))];
+    let e = bomb.render(&big, true).unwrap_err();
+    assert!(e.to_string().contains("bytes"), "the output is bounded: {e}");
+    let unknown = from("{{ strftime_now('%Y') }}").unwrap().unwrap();
+    assert!(matches!(unknown.render(&turn, true), Err(TemplateError::Render(_))));
 }

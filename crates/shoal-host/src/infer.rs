@@ -225,7 +225,7 @@ fn chat_render<T: InferHost>(
         let content = read_str(&*caller, &mem, r.content_ptr, r.content_len)?;
         messages.push(Message::new(role, content));
     }
-    let text = m.template.render(&messages, add_gen != 0);
+    let text = m.template.render(&messages, add_gen != 0).map_err(|e| err(Kind::InvalidArgument, e.to_string()))?;
     write_sized(caller, &mem, text.as_bytes(), out, cap, len_out)
 }
 

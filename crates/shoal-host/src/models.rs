@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use shoal_engine::gguf::GgufFile;
 use shoal_engine::models::{EngineKind, Model};
-use shoal_engine::template::{self, ChatTemplate};
+use shoal_engine::template::{ChatTemplate, TemplateError};
 use shoal_engine::tokenizer::Tokenizer;
 
 /// The name of the built-in default model.
@@ -151,12 +151,25 @@ fn load(name: &str, path: &Path, engine: EngineKind) -> Result<LoadedModel, Stri
     let json =
         std::fs::read_to_string(path.join("tokenizer.json")).map_err(|e| what(&format!("tokenizer.json: {e}")))?;
     let tokenizer = Tokenizer::from_tokenizer_json(&json).map_err(|e| what(&e))?;
-    let template = std::fs::read_to_string(path.join("tokenizer_config.json"))
+    let config = std::fs::read_to_string(path.join("tokenizer_config.json"))
         .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("chat_template").and_then(|t| t.as_str()).and_then(template::detect))
-        .unwrap_or_else(ChatTemplate::chat_ml);
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    let jinja = config.as_ref().and_then(|v| v.get("chat_template")).and_then(|t| t.as_str());
+    let template = chat_template(name, jinja, &tokenizer).map_err(|e| what(&e))?;
     Ok(finish(name, path, llama, tokenizer, template, t0))
+}
+
+/// A model's chat template from its file's Jinja (see [`ChatTemplate::from_file`]); a file
+/// without one gets ChatML, and a warning that says so.
+fn chat_template(name: &str, jinja: Option<&str>, tokenizer: &Tokenizer) -> Result<ChatTemplate, TemplateError> {
+    let text = |id: Option<u32>| id.and_then(|i| tokenizer.token_str(i)).unwrap_or_default().to_owned();
+    match ChatTemplate::from_file(jinja, &text(tokenizer.bos()), &text(tokenizer.eos()))? {
+        Some(t) => Ok(t),
+        None => {
+            log::warn!("model `{name}` carries no chat template: conversations are rendered as ChatML");
+            Ok(ChatTemplate::chat_ml())
+        }
+    }
 }
 
 /// A model from a parsed GGUF file (`path` is where it came from, for messages).
@@ -165,11 +178,8 @@ fn from_gguf(name: &str, path: &Path, file: &GgufFile, engine: EngineKind) -> Re
     let what = |e: &dyn std::fmt::Display| format!("model `{name}` ({}): {e}", path.display());
     let llama = Model::load_gguf(file, engine).map_err(|e| what(&e))?;
     let tokenizer = Tokenizer::from_gguf(file).map_err(|e| what(&e))?;
-    let template = file
-        .get("tokenizer.chat_template")
-        .and_then(|v| v.as_str())
-        .and_then(template::detect)
-        .unwrap_or_else(ChatTemplate::chat_ml);
+    let jinja = file.get("tokenizer.chat_template").and_then(|v| v.as_str());
+    let template = chat_template(name, jinja, &tokenizer).map_err(|e| what(&e))?;
     Ok(finish(name, path, llama, tokenizer, template, t0))
 }
 
