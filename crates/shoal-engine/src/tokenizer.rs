@@ -828,6 +828,38 @@ impl Tokenizer {
         self.eos = eos.filter(|&id| (id as usize) < self.tokens.len());
     }
 
+    /// Takes BOS, EOS and whether to add BOS from a Hugging Face directory's
+    /// `tokenizer_config.json` (`bos_token`, `eos_token`: a token's text, or `{"content": text}`;
+    /// `add_bos_token`), then, for what it leaves unsaid, from `config.json`'s `bos_token_id`
+    /// and `eos_token_id` (a number, or a list whose first entry is taken). A token named that
+    /// the vocabulary does not hold, or an id past it, is left unset.
+    pub fn apply_hf_config(
+        &mut self,
+        tokenizer_config: Option<&serde_json::Value>,
+        config: Option<&serde_json::Value>,
+    ) {
+        let text =
+            |v: &serde_json::Value| v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str())).map(str::to_owned);
+        let named = |key: &str| tokenizer_config.and_then(|c| c.get(key)).and_then(text);
+        let numbered = |key: &str| {
+            config.and_then(|c| c.get(key)).and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(|f| f.as_u64())))
+        };
+        let id = |this: &Self, key: &str, id_key: &str| match named(key) {
+            Some(t) => this.token_id(&t),
+            None => numbered(id_key).and_then(|n| u32::try_from(n).ok()),
+        };
+        let (bos, eos) = (id(self, "bos_token", "bos_token_id"), id(self, "eos_token", "eos_token_id"));
+        if bos.is_some() {
+            self.set_bos(bos);
+        }
+        if eos.is_some() {
+            self.set_eos(eos);
+        }
+        if let Some(add) = tokenizer_config.and_then(|c| c.get("add_bos_token")).and_then(|v| v.as_bool()) {
+            self.add_bos = add && self.bos.is_some();
+        }
+    }
+
     /// Whether the model expects BOS before a prompt (`tokenizer.ggml.add_bos_token`; false when
     /// absent). Chat templates that write BOS themselves (Llama 3) already include it.
     pub fn add_bos(&self) -> bool {

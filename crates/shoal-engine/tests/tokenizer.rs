@@ -388,6 +388,20 @@ fn tokenizer_json_matches_the_gguf_form() {
     assert_eq!(from_json.bos(), None);
     from_json.set_eos(Some(n as u32 - 2));
     assert_eq!(from_json.eos(), Some(n as u32 - 2));
+    // A Hugging Face directory's BOS and EOS: tokenizer_config.json by text (plain or as an
+    // object), then config.json by id for what it leaves unsaid; names not in the vocabulary
+    // and ids past it are left unset.
+    let mut hf = Tokenizer::from_tokenizer_json(&json.to_string()).unwrap();
+    let tc = serde_json::json!({"bos_token": {"content": "<tool>"}, "eos_token": "<|eot_id|>", "add_bos_token": true});
+    hf.apply_hf_config(Some(&tc), Some(&serde_json::json!({"bos_token_id": 1, "eos_token_id": 2})));
+    assert_eq!((hf.bos(), hf.eos(), hf.add_bos()), (Some(n as u32 - 1), Some(n as u32 - 2), true));
+    let mut by_id = Tokenizer::from_tokenizer_json(&json.to_string()).unwrap();
+    by_id.apply_hf_config(None, Some(&serde_json::json!({"bos_token_id": 3, "eos_token_id": [5, 6]})));
+    assert_eq!((by_id.bos(), by_id.eos(), by_id.add_bos()), (Some(3), Some(5), false));
+    let mut bad = Tokenizer::from_tokenizer_json(&json.to_string()).unwrap();
+    let tc = serde_json::json!({"bos_token": "<nope>", "add_bos_token": true});
+    bad.apply_hf_config(Some(&tc), Some(&serde_json::json!({"eos_token_id": u64::MAX})));
+    assert_eq!((bad.bos(), bad.eos(), bad.add_bos()), (None, None, false));
 
     // The SmolLM form: Digits then ByteLevel.
     let mut smol = json.clone();

@@ -150,10 +150,16 @@ fn load(name: &str, path: &Path, engine: EngineKind) -> Result<LoadedModel, Stri
     let llama = Model::load_safetensors(path, engine).map_err(|e| what(&e))?;
     let json =
         std::fs::read_to_string(path.join("tokenizer.json")).map_err(|e| what(&format!("tokenizer.json: {e}")))?;
-    let tokenizer = Tokenizer::from_tokenizer_json(&json).map_err(|e| what(&e))?;
-    let config = std::fs::read_to_string(path.join("tokenizer_config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    let mut tokenizer = Tokenizer::from_tokenizer_json(&json).map_err(|e| what(&e))?;
+    // Small JSON files of the directory; a missing or unreadable one says nothing.
+    let small_json = |file: &str| {
+        let f = std::fs::File::open(path.join(file)).ok()?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::Read::take(f, 4 << 20), &mut text).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text).ok()
+    };
+    let config = small_json("tokenizer_config.json");
+    tokenizer.apply_hf_config(config.as_ref(), small_json("config.json").as_ref());
     let jinja = config.as_ref().and_then(|v| v.get("chat_template")).and_then(|t| t.as_str());
     let template = chat_template(name, jinja, &tokenizer).map_err(|e| what(&e))?;
     Ok(finish(name, path, llama, tokenizer, template, t0))
